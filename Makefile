@@ -1,0 +1,50 @@
+# The two commands from the README: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PYTEST_WORKERS ?= 2
+
+.PHONY: all demo test lint typecheck unit bench soak clean sysdeps venv
+
+all: test
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+sysdeps:
+	@bash scripts/system-deps.sh
+
+lint: venv
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: venv
+	$(BIN)/mypy --strict src
+
+unit: venv sysdeps
+	$(BIN)/pytest -n $(PYTEST_WORKERS) -q
+
+test: venv sysdeps lint typecheck unit
+
+demo: venv sysdeps
+	$(BIN)/otaguard demo --out demo-out
+
+bench: venv sysdeps
+	$(BIN)/python bench/crypto.py
+	$(BIN)/python bench/manifest.py
+	$(BIN)/python bench/device.py
+	$(BIN)/python bench/delta.py
+
+soak: venv sysdeps
+	$(BIN)/pytest -q -m soak --hypothesis-profile=soak -p no:randomly
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache demo-out

@@ -1,0 +1,174 @@
+"""Bounded, strict CBOR decoding on top of cbor2.
+
+cbor2 is a fine general-purpose codec but it is permissive: it accepts duplicate map keys (the
+last one silently wins), indefinite-length items, non-minimal heads, and nests as deep as the
+input asks. Any of those lets two parsers disagree about what a signed document says, so every
+signed structure in otaguard is first walked by :func:`check_well_formed`, which enforces
+limits and a deterministic profile on the raw bytes, and only then handed to cbor2 to build
+Python objects. The walk never allocates in proportion to a declared length: a length larger
+than the remaining input is rejected before anything is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+
+from .errors import ErrorCode, FormatError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Hard limits for one decode. Defaults suit a manifest or trust document."""
+
+    max_size: int = 64 * 1024
+    max_depth: int = 16
+    max_items: int = 4096
+    # Deterministic encoding (RFC 8949 §4.2.1, minus key sorting): minimal heads, definite
+    # lengths only. Required for anything we sign so that re-encoding is byte-identical.
+    deterministic: bool = True
+    sorted_keys: bool = False
+    allow_floats: bool = False
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class _Walker:
+    __slots__ = ("data", "items", "limits", "n")
+
+    def __init__(self, data: bytes, limits: Limits) -> None:
+        self.data = data
+        self.n = len(data)
+        self.limits = limits
+        self.items = 0
+
+    def fail(self, code: ErrorCode, detail: str, pos: int) -> FormatError:
+        return FormatError(code, f"{detail} at byte {pos}")
+
+    def head(self, pos: int) -> tuple[int, int, int, int]:
+        """Return (major, ai, argument, next_pos)."""
+        if pos >= self.n:
+            raise self.fail(ErrorCode.MALFORMED, "truncated CBOR (missing item head)", pos)
+        ib = self.data[pos]
+        major, ai = ib >> 5, ib & 0x1F
+        pos += 1
+        if ai < 24:
+            return major, ai, ai, pos
+        if ai in (24, 25, 26, 27):
+            width = 1 << (ai - 24)
+            if pos + width > self.n:
+                raise self.fail(ErrorCode.MALFORMED, "truncated CBOR (item head)", pos)
+            arg = int.from_bytes(self.data[pos : pos + width], "big")
+            if self.limits.deterministic and major != 7:
+                minimum = {24: 24, 25: 0x100, 26: 0x10000, 27: 0x100000000}[ai]
+                if arg < minimum:
+                    raise self.fail(ErrorCode.MALFORMED, "non-minimal CBOR integer/length", pos)
+            return major, ai, arg, pos + width
+        if ai == 31:
+            raise self.fail(ErrorCode.MALFORMED, "indefinite-length CBOR item not allowed", pos)
+        raise self.fail(ErrorCode.MALFORMED, f"reserved CBOR additional info {ai}", pos)
+
+    def item(self, pos: int, depth: int) -> int:
+        if depth > self.limits.max_depth:
+            raise self.fail(ErrorCode.TOO_LARGE, "CBOR nesting deeper than allowed", pos)
+        self.items += 1
+        if self.items > self.limits.max_items:
+            raise self.fail(ErrorCode.TOO_LARGE, "too many CBOR items", pos)
+        start = pos
+        major, ai, arg, pos = self.head(pos)
+        if major in (0, 1):
+            return pos
+        if major in (2, 3):
+            if arg > self.n - pos:
+                raise self.fail(ErrorCode.MALFORMED, "CBOR string longer than input", start)
+            end = pos + arg
+            if major == 3:
+                try:
+                    self.data[pos:end].decode("utf-8")
+                except UnicodeDecodeError:
+                    raise self.fail(
+                        ErrorCode.MALFORMED, "invalid UTF-8 in text string", pos
+                    ) from None
+            return end
+        if major == 4:
+            if arg > self.n - pos:  # each element needs at least one byte
+                raise self.fail(ErrorCode.MALFORMED, "CBOR array longer than input", start)
+            for _ in range(arg):
+                pos = self.item(pos, depth + 1)
+            return pos
+        if major == 5:
+            if arg * 2 > self.n - pos:
+                raise self.fail(ErrorCode.MALFORMED, "CBOR map longer than input", start)
+            seen: set[bytes] = set()
+            prev: bytes | None = None
+            for _ in range(arg):
+                kstart = pos
+                pos = self.item(pos, depth + 1)
+                key = self.data[kstart:pos]
+                if key in seen:
+                    raise self.fail(ErrorCode.MALFORMED, "duplicate CBOR map key", kstart)
+                if self.limits.sorted_keys and prev is not None and key <= prev:
+                    raise self.fail(ErrorCode.MALFORMED, "CBOR map keys not in order", kstart)
+                seen.add(key)
+                prev = key
+                pos = self.item(pos, depth + 1)
+            return pos
+        if major == 6:
+            return self.item(pos, depth + 1)
+        # major 7: simple values and floats
+        if ai in (25, 26, 27):
+            if not self.limits.allow_floats:
+                raise self.fail(ErrorCode.MALFORMED, "floating-point value not allowed", start)
+            return pos
+        if ai == 24 and arg < 32:
+            raise self.fail(ErrorCode.MALFORMED, "badly encoded CBOR simple value", start)
+        if ai < 20 or ai == 24:
+            raise self.fail(ErrorCode.MALFORMED, "unassigned CBOR simple value", start)
+        return pos  # false, true, null, undefined
+
+
+def check_well_formed(data: bytes, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Raise FormatError unless ``data`` is exactly one well-formed CBOR item within limits."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise FormatError(ErrorCode.MALFORMED, "expected bytes")
+    if len(data) > limits.max_size:
+        raise FormatError(
+            ErrorCode.TOO_LARGE, f"{len(data)} bytes exceeds the limit of {limits.max_size}"
+        )
+    if len(data) == 0:
+        raise FormatError(ErrorCode.MALFORMED, "empty input")
+    walker = _Walker(bytes(data), limits)
+    end = walker.item(0, 0)
+    if end != len(data):
+        raise FormatError(ErrorCode.MALFORMED, f"trailing bytes after CBOR item at byte {end}")
+
+
+def loads(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """Decode one CBOR item after the strict walk. Never raises anything but FormatError."""
+    check_well_formed(data, limits)
+    try:
+        return cbor2.loads(bytes(data))
+    except Exception as exc:  # cbor2 raises several types; none may escape untyped
+        raise FormatError(ErrorCode.MALFORMED, f"CBOR decode failed: {exc}") from None
+
+
+def dumps(obj: Any) -> bytes:
+    """Deterministic (canonical) encoding, so re-encoding a decoded document is stable."""
+    return cbor2.dumps(obj, canonical=True)
+
+
+Tag = cbor2.CBORTag
+
+
+def expect_tag(obj: Any, tag: int, what: str, *, required: bool = True) -> Any:
+    """Unwrap CBOR tag ``tag`` (e.g. 18 for COSE_Sign1, 107 for SUIT_Envelope)."""
+    if isinstance(obj, cbor2.CBORTag):
+        if obj.tag != tag:
+            raise FormatError(ErrorCode.MALFORMED, f"{what}: unexpected CBOR tag {obj.tag}")
+        return obj.value
+    if required:
+        raise FormatError(ErrorCode.MALFORMED, f"{what}: missing CBOR tag {tag}")
+    return obj

@@ -1,0 +1,118 @@
+"""Shared CLI plumbing: output, error reporting, and how a command obtains a signer.
+
+Secrets never travel on the command line (it is visible in ``ps`` and shell history): PINs and
+passphrases come from environment variables or an interactive prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ..crypto.algorithms import CoseAlg, parse_alg_name
+from ..crypto.cose import Signer
+from ..errors import ErrorCode, OtaError, UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+PIN_ENV = "OTAGUARD_PKCS11_PIN"
+PASSPHRASE_ENV = "OTAGUARD_KEY_PASSPHRASE"
+MODULE_ENV = "OTAGUARD_PKCS11_MODULE"
+
+
+def emit(data: Any, as_json: bool, text: Callable[[Any], str] | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True, default=_json_default))
+    else:
+        click.echo(text(data) if text else _plain(data))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, bytes):
+        return obj.hex()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def _plain(data: Any) -> str:
+    if isinstance(data, dict):
+        width = max((len(str(k)) for k in data), default=0)
+        return "\n".join(
+            f"{k:<{width}}  {_json_default(v) if isinstance(v, bytes) else v}"
+            for k, v in data.items()
+        )
+    return str(data)
+
+
+def secret_from_env_or_prompt(env: str, prompt: str, *, confirm: bool = False) -> bytes:
+    value = os.environ.get(env)
+    if value:
+        return value.encode()
+    if not sys.stdin.isatty():
+        raise OtaError(ErrorCode.PIN, f"{prompt} required: set {env} (no terminal to prompt)")
+    entered: str = click.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
+    return entered.encode()
+
+
+def signer_options(func: F) -> F:
+    """Options that select a signing key: a PKCS#11 URI, or a development key file."""
+    opts = [
+        click.option(
+            "--pkcs11-uri",
+            metavar="URI",
+            help="Key in an HSM, e.g. 'pkcs11:token=ota;object=release-2026'. "
+            f"PIN from ${PIN_ENV} or a prompt.",
+        ),
+        click.option(
+            "--pkcs11-module",
+            metavar="PATH",
+            envvar=MODULE_ENV,
+            help=f"PKCS#11 module (.so); default from ${MODULE_ENV} or SoftHSM2.",
+        ),
+        click.option(
+            "--key-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="DEVELOPMENT ONLY: encrypted PKCS#8 key file; passphrase from "
+            f"${PASSPHRASE_ENV} or a prompt.",
+        ),
+        click.option(
+            "--alg",
+            "alg_name",
+            metavar="ALG",
+            help="COSE algorithm: ed25519 (default for Ed25519 keys), eddsa, "
+            "esp256 (default for P-256), es256.",
+        ),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def load_signer(
+    pkcs11_uri: str | None, pkcs11_module: str | None, key_file: Path | None, alg_name: str | None
+) -> Signer:
+    alg: CoseAlg | None = parse_alg_name(alg_name) if alg_name else None
+    if bool(pkcs11_uri) == bool(key_file):
+        raise UsageError(ErrorCode.USAGE, "give exactly one of --pkcs11-uri or --key-file")
+    if key_file is not None:
+        from ..crypto.software import SoftwareSigner
+
+        click.echo(
+            "WARNING: --key-file is for development only; production keys belong in "
+            "an HSM (--pkcs11-uri).",
+            err=True,
+        )
+        passphrase = secret_from_env_or_prompt(PASSPHRASE_ENV, "Key passphrase")
+        return SoftwareSigner.load(key_file, passphrase, alg)
+    from ..crypto.pkcs11 import Pkcs11Signer
+
+    assert pkcs11_uri is not None
+    pin = secret_from_env_or_prompt(PIN_ENV, "Token PIN")
+    return Pkcs11Signer.open(pkcs11_uri, pin=pin.decode(), module=pkcs11_module, alg=alg)

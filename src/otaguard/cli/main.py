@@ -1,0 +1,64 @@
+"""The ``otaguard`` command. One sub-command group per area; errors become one line + exit code.
+
+Exit codes: 0 success, 1 a typed rejection (the line names its E_ code), 2 usage error,
+130 interrupted. No stack trace ever reaches the user; set OTAGUARD_DEBUG=1 to see one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import ErrorCode, OtaError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="otaguard")
+@click.option("-v", "--verbose", is_flag=True, help="Log more detail to stderr.")
+def cli(verbose: bool) -> None:
+    """otaguard: sign, ship and install firmware updates that devices can trust."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# Sub-command groups register here (one import + add_command each).
+from .keys import keys  # noqa: E402
+
+cli.add_command(keys)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        rv = cli.main(args=argv, prog_name="otaguard", standalone_mode=False)
+    except OtaError as err:
+        click.echo(f"otaguard: error {err.code.value}: {err.detail}", err=True)
+        return 2 if err.code == ErrorCode.USAGE else 1
+    except click.exceptions.Abort:
+        click.echo("otaguard: interrupted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("otaguard: interrupted", err=True)
+        return 130
+    except Exception as exc:  # last line of defence: a bug, never a trace for the user
+        if os.environ.get("OTAGUARD_DEBUG"):
+            raise
+        click.echo(
+            f"otaguard: error {ErrorCode.INTERNAL.value}: {type(exc).__name__}: {exc}", err=True
+        )
+        return 1
+    # In non-standalone mode click returns ctx.exit() codes (and command return values).
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

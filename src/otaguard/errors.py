@@ -1,0 +1,184 @@
+"""Stable error codes and the one exception hierarchy every layer raises.
+
+Codes are part of the public interface: devices report them to the server, the CLI prints them,
+operators grep logs for them. A code is never renamed or reused for a different meaning; new
+failure kinds get new codes. Callers branch on ``err.code``, never on message text.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    # --- input shape -------------------------------------------------------------------------
+    MALFORMED = "E_MALFORMED"  # not well-formed CBOR/PEM/JSON, wrong types, missing fields
+    TOO_LARGE = "E_TOO_LARGE"  # an object over its hard size/depth/count limit
+    UNSUPPORTED = "E_UNSUPPORTED"  # well-formed but uses a feature we do not implement
+    CRITICAL_UNKNOWN = "E_CRITICAL_UNKNOWN"  # unknown element that must be understood
+    VERSION = "E_VERSION"  # wrong document/manifest format version
+    USAGE = "E_USAGE"  # bad command-line or API arguments
+    # --- cryptography --------------------------------------------------------------------
+    ALGORITHM = "E_ALGORITHM"  # algorithm or key type not allowed (RSA, unknown COSE alg)
+    SIGNATURE = "E_SIGNATURE"  # a signature does not verify
+    DIGEST = "E_DIGEST"  # a digest over received bytes does not match the signed one
+    KEY_FORMAT = "E_KEY_FORMAT"  # a key that cannot be parsed/decrypted
+    # --- trust -------------------------------------------------------------------------------
+    UNTRUSTED_KEY = "E_UNTRUSTED_KEY"  # signer not in the trusted key list
+    KEY_EXPIRED = "E_KEY_EXPIRED"  # outside the authorization's validity window
+    KEY_REVOKED = "E_KEY_REVOKED"
+    KEY_SCOPE = "E_KEY_SCOPE"  # key not authorized for this vendor/class
+    KEY_ROLE = "E_KEY_ROLE"  # key lacks the role (firmware/keylist) for this document
+    THRESHOLD = "E_THRESHOLD"  # fewer distinct trusted signatures than policy requires
+    REPLAY = "E_REPLAY"  # version/sequence not above the stored one
+    EMPTY_KEYLIST = "E_EMPTY_KEYLIST"  # an update would leave no usable key
+    NO_AUTH = "E_NO_AUTH"  # no authentication block at all
+    # --- keys / HSM -------------------------------------------------------------------------
+    PIN = "E_PIN"  # wrong or missing PIN/passphrase
+    TOKEN_NOT_FOUND = "E_TOKEN_NOT_FOUND"
+    KEY_NOT_FOUND = "E_KEY_NOT_FOUND"
+    HSM = "E_HSM"  # any other PKCS#11 failure
+    EXISTS = "E_EXISTS"  # refusing to overwrite an existing key/file/object
+    # --- manifest conditions (checked on device before download) ------------------------
+    VENDOR_ID = "E_VENDOR_ID"
+    CLASS_ID = "E_CLASS_ID"
+    MIN_VERSION = "E_MIN_VERSION"
+    SECURITY_COUNTER = "E_SECURITY_COUNTER"
+    EXPIRED = "E_EXPIRED"  # manifest use-before passed
+    IMAGE_SIZE = "E_IMAGE_SIZE"
+    IMAGE_DIGEST = "E_IMAGE_DIGEST"
+    # --- signing service -------------------------------------------------------------------
+    POLICY = "E_POLICY"  # signing request refused by policy
+    DOWNGRADE = "E_DOWNGRADE"  # version not monotonic without authorization
+    AUTH = "E_AUTH"  # missing/invalid credential
+    FORBIDDEN = "E_FORBIDDEN"  # credential valid but role insufficient
+    AUDIT_CHAIN = "E_AUDIT_CHAIN"  # audit record edited/removed/reordered
+    AUDIT_SEAL = "E_AUDIT_SEAL"  # seal signature invalid or tail truncated after a seal
+    # --- device ------------------------------------------------------------------------------
+    FLASH = "E_FLASH"  # flash read/program/erase failure
+    POWER_CUT = "E_POWER_CUT"  # injected power loss (simulation only)
+    SLOT_FULL = "E_SLOT_FULL"  # image does not fit the slot
+    NO_VALID_SLOT = "E_NO_VALID_SLOT"
+    STORAGE = "E_STORAGE"  # secure-storage record unreadable in both copies
+    OTP_WRITTEN = "E_OTP_WRITTEN"  # write-once area already programmed
+    COUNTER_DECREASE = "E_COUNTER_DECREASE"
+    SELF_TEST = "E_SELF_TEST"
+    STATE = "E_STATE"  # operation not valid in the current state
+    TRANSPORT = "E_TRANSPORT"  # network/file transport failure
+    # --- delta -------------------------------------------------------------------------------
+    DELTA_BASE = "E_DELTA_BASE"  # patch is for another base image
+    DELTA_CORRUPT = "E_DELTA_CORRUPT"  # truncated/corrupt patch stream
+    DELTA_BOUNDS = "E_DELTA_BOUNDS"  # patch would read/write outside the slot
+    DELTA_BOMB = "E_DELTA_BOMB"  # decompression exceeds the declared/allowed size
+    # --- server ------------------------------------------------------------------------------
+    CERT = "E_CERT"  # client certificate missing/invalid/other CA
+    CERT_REVOKED = "E_CERT_REVOKED"
+    RATE_LIMIT = "E_RATE_LIMIT"
+    NOT_FOUND = "E_NOT_FOUND"
+    CONFLICT = "E_CONFLICT"
+    RANGE = "E_RANGE"
+    IDENTITY = "E_IDENTITY"  # device reports for a serial that is not its certificate's
+    CAMPAIGN = "E_CAMPAIGN"
+    INCOMPATIBLE = "E_INCOMPATIBLE"  # release cannot be installed by the target
+    DATABASE = "E_DATABASE"
+    INTERNAL = "E_INTERNAL"
+
+
+class OtaError(Exception):
+    """Base of every error otaguard raises on purpose.
+
+    ``detail`` is a one-line human explanation; it must never contain secrets (PINs,
+    passphrases, private key material).
+    """
+
+    default_code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, code: ErrorCode | None = None, detail: str = "") -> None:
+        self.code: ErrorCode = code if code is not None else self.default_code
+        self.detail = detail
+        super().__init__(f"{self.code.value}: {detail}" if detail else self.code.value)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"error": self.code.value, "detail": self.detail}
+
+
+class FormatError(OtaError):
+    """Input that is not the document it claims to be (shape, size, encoding)."""
+
+    default_code = ErrorCode.MALFORMED
+
+
+class CryptoError(OtaError):
+    """A cryptographic check failed or a key/algorithm is not acceptable."""
+
+    default_code = ErrorCode.SIGNATURE
+
+
+class TrustError(OtaError):
+    """A signer is not trusted for this document, or a trust-state change is refused."""
+
+    default_code = ErrorCode.UNTRUSTED_KEY
+
+
+class KeyStoreError(OtaError):
+    """HSM or key-file access failed."""
+
+    default_code = ErrorCode.HSM
+
+
+class ManifestConditionError(OtaError):
+    """A verified manifest does not apply to this device (model, version, counter, expiry)."""
+
+    default_code = ErrorCode.STATE
+
+
+class PolicyError(OtaError):
+    """The signing service refused a request."""
+
+    default_code = ErrorCode.POLICY
+
+
+class AuditError(OtaError):
+    """The audit log is not intact."""
+
+    default_code = ErrorCode.AUDIT_CHAIN
+
+    def __init__(
+        self, code: ErrorCode | None = None, detail: str = "", record: int | None = None
+    ) -> None:
+        super().__init__(code, detail)
+        self.record = record
+
+
+class DeviceError(OtaError):
+    """A device-side operation failed; the running firmware is untouched."""
+
+    default_code = ErrorCode.STATE
+
+
+class FlashError(DeviceError):
+    default_code = ErrorCode.FLASH
+
+
+class PowerCut(FlashError):
+    """Injected power loss. Only the flash simulator raises it; the device 'reboots' after."""
+
+    default_code = ErrorCode.POWER_CUT
+
+
+class DeltaError(OtaError):
+    default_code = ErrorCode.DELTA_CORRUPT
+
+
+class ServerError(OtaError):
+    """An update-server request was refused. ``status`` is the HTTP status to send."""
+
+    default_code = ErrorCode.INTERNAL
+
+    def __init__(self, code: ErrorCode | None = None, detail: str = "", status: int = 400) -> None:
+        super().__init__(code, detail)
+        self.status = status
+
+
+class UsageError(OtaError):
+    default_code = ErrorCode.USAGE

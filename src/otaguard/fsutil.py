@@ -1,0 +1,68 @@
+"""Crash-safe file writes: nothing half-written is ever left at the destination path."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import ErrorCode, OtaError
+
+
+def atomic_write(
+    path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644, overwrite: bool = True
+) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over ``path``."""
+    dest = Path(path)
+    if not overwrite and dest.exists():
+        raise OtaError(ErrorCode.EXISTS, f"{dest} already exists; refusing to overwrite")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        if not overwrite:
+            # link() fails if the destination appeared meanwhile: no silent clobbering.
+            try:
+                os.link(tmp, dest)
+            except FileExistsError:
+                raise OtaError(ErrorCode.EXISTS, f"{dest} already exists") from None
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def read_limited(path: str | os.PathLike[str], limit: int) -> bytes:
+    """Read a whole file, refusing anything larger than ``limit`` before reading it."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > limit:
+            raise OtaError(ErrorCode.TOO_LARGE, f"{p} is {size} bytes; limit is {limit}")
+        with p.open("rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise OtaError(ErrorCode.NOT_FOUND, f"{p} does not exist") from None
+    except IsADirectoryError:
+        raise OtaError(ErrorCode.USAGE, f"{p} is a directory") from None
+    if len(data) > limit:
+        raise OtaError(ErrorCode.TOO_LARGE, f"{p} grew past the limit of {limit} bytes")
+    return data
