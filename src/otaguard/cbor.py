@@ -150,9 +150,22 @@ def loads(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
     """Decode one CBOR item after the strict walk. Never raises anything but FormatError."""
     check_well_formed(data, limits)
     try:
-        return cbor2.loads(bytes(data))
+        return _thaw(cbor2.loads(bytes(data)))
     except Exception as exc:  # cbor2 raises several types; none may escape untyped
         raise FormatError(ErrorCode.MALFORMED, f"CBOR decode failed: {exc}") from None
+
+
+def _thaw(obj: Any) -> Any:
+    """cbor2 decodes everything under a tag as tuples/frozendicts; give callers one shape.
+
+    Map keys stay as decoded (they must remain hashable)."""
+    if isinstance(obj, list | tuple):
+        return [_thaw(x) for x in obj]
+    if isinstance(obj, dict | cbor2.frozendict):
+        return {k: _thaw(v) for k, v in obj.items()}
+    if isinstance(obj, cbor2.CBORTag):
+        return cbor2.CBORTag(obj.tag, _thaw(obj.value))
+    return obj
 
 
 def dumps(obj: Any) -> bytes:
