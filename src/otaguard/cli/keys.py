@@ -89,7 +89,10 @@ def _describe(kl: KeyList, now: int) -> dict[str, Any]:
                 "alg": a.alg.name,
                 "roles": sorted(r.value for r in t.roles),
                 "scopes": [
-                    {"vendor_id": str(s.vendor_id), "class_ids": sorted(str(c) for c in s.class_ids)}
+                    {
+                        "vendor_id": str(s.vendor_id),
+                        "class_ids": sorted(str(c) for c in s.class_ids),
+                    }
                     for s in t.scopes
                 ],
                 "not_before": _iso(t.not_before),
@@ -123,8 +126,9 @@ def _render(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _generate(kind: KeyKind, key_file: Path | None, pkcs11_uri: str | None,
-              pkcs11_module: str | None) -> PublicKey:
+def _generate(
+    kind: KeyKind, key_file: Path | None, pkcs11_uri: str | None, pkcs11_module: str | None
+) -> PublicKey:
     if bool(key_file) == bool(pkcs11_uri):
         raise UsageError(ErrorCode.USAGE, "give exactly one of --pkcs11-uri or --key-file")
     if key_file is not None:
@@ -133,11 +137,14 @@ def _generate(kind: KeyKind, key_file: Path | None, pkcs11_uri: str | None,
         click.echo("WARNING: software key files are for development only.", err=True)
         passphrase = secret_from_env_or_prompt(PASSPHRASE_ENV, "New key passphrase", confirm=True)
         return SoftwareSigner.generate(key_file, kind, passphrase)
-    from ..crypto.pkcs11 import generate_keypair
+    from ..crypto.pkcs11 import generate_keypair, parse_pkcs11_uri
 
     assert pkcs11_uri is not None
+    uri = parse_pkcs11_uri(pkcs11_uri)
+    if not uri.object:
+        raise UsageError(ErrorCode.USAGE, "the PKCS#11 URI must name the new key: object=LABEL")
     pin = secret_from_env_or_prompt(PIN_ENV, "Token PIN")
-    return generate_keypair(pkcs11_uri, kind, pin=pin.decode(), module=pkcs11_module)
+    return generate_keypair(uri, uri.object, kind, pin=pin.decode(), module=pkcs11_module)
 
 
 @click.group()
@@ -148,15 +155,30 @@ def keys() -> None:
 def _generate_options(func: Any) -> Any:
     for opt in reversed(
         [
-            click.option("--kind", type=click.Choice(["ed25519", "p256"]), default="ed25519",
-                         show_default=True, help="Key type (RSA is refused)."),
-            click.option("--pkcs11-uri", metavar="URI",
-                         help="Generate inside this token: 'pkcs11:token=T;object=LABEL'."),
+            click.option(
+                "--kind",
+                type=click.Choice(["ed25519", "p256"]),
+                default="ed25519",
+                show_default=True,
+                help="Key type (RSA is refused).",
+            ),
+            click.option(
+                "--pkcs11-uri",
+                metavar="URI",
+                help="Generate inside this token: 'pkcs11:token=T;object=LABEL'.",
+            ),
             click.option("--pkcs11-module", metavar="PATH", envvar="OTAGUARD_PKCS11_MODULE"),
-            click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path),
-                         help="DEVELOPMENT ONLY: write an encrypted PKCS#8 file here."),
-            click.option("--out-public", type=click.Path(dir_okay=False, path_type=Path),
-                         required=True, help="Where to write the public key (PEM)."),
+            click.option(
+                "--key-file",
+                type=click.Path(dir_okay=False, path_type=Path),
+                help="DEVELOPMENT ONLY: write an encrypted PKCS#8 file here.",
+            ),
+            click.option(
+                "--out-public",
+                type=click.Path(dir_okay=False, path_type=Path),
+                required=True,
+                help="Where to write the public key (PEM).",
+            ),
             click.option("--json", "as_json", is_flag=True),
         ]
     ):
@@ -166,31 +188,63 @@ def _generate_options(func: Any) -> Any:
 
 @keys.command("init-root")
 @_generate_options
-def init_root(kind: KeyKind, pkcs11_uri: str | None, pkcs11_module: str | None,
-              key_file: Path | None, out_public: Path, as_json: bool) -> None:
+def init_root(
+    kind: KeyKind,
+    pkcs11_uri: str | None,
+    pkcs11_module: str | None,
+    key_file: Path | None,
+    out_public: Path,
+    as_json: bool,
+) -> None:
     """Create the offline root key (in an HSM, or an encrypted file for development)."""
     pub = _generate(kind, key_file, pkcs11_uri, pkcs11_module)
     atomic_write(out_public, pub.to_pem(), overwrite=False)
-    emit({"role": "root", "kid": pub.key_id.hex(), "kind": pub.kind,
-          "public_key": str(out_public), "otp_hash": pub.thumbprint.hex()}, as_json)
+    emit(
+        {
+            "role": "root",
+            "kid": pub.key_id.hex(),
+            "kind": pub.kind,
+            "public_key": str(out_public),
+            "otp_hash": pub.thumbprint.hex(),
+        },
+        as_json,
+    )
 
 
 @keys.command("generate")
 @_generate_options
-def generate(kind: KeyKind, pkcs11_uri: str | None, pkcs11_module: str | None,
-             key_file: Path | None, out_public: Path, as_json: bool) -> None:
+def generate(
+    kind: KeyKind,
+    pkcs11_uri: str | None,
+    pkcs11_module: str | None,
+    key_file: Path | None,
+    out_public: Path,
+    as_json: bool,
+) -> None:
     """Create an operational signing key; authorize it with `keys authorize`."""
     pub = _generate(kind, key_file, pkcs11_uri, pkcs11_module)
     atomic_write(out_public, pub.to_pem(), overwrite=False)
     emit({"kid": pub.key_id.hex(), "kind": pub.kind, "public_key": str(out_public)}, as_json)
 
 
-def _write_new_list(signer: Signer, keylist: Path, auths: list[bytes], revoked: set[bytes],
-                    threshold: int, previous: KeyList | None) -> KeyList:
+def _write_new_list(
+    signer: Signer,
+    keylist: Path,
+    auths: list[bytes],
+    revoked: set[bytes],
+    threshold: int,
+    previous: KeyList | None,
+) -> KeyList:
     version = previous.version + 1 if previous else 1
     issued = max(_now(), previous.issued_at if previous else 0)
-    data = sign_keylist(signer, version=version, authorizations=auths, revoked=revoked,
-                        threshold=threshold, issued_at=issued)
+    data = sign_keylist(
+        signer,
+        version=version,
+        authorizations=auths,
+        revoked=revoked,
+        threshold=threshold,
+        issued_at=issued,
+    )
     root = signer.public_key
     kl = parse_keylist(data, root, {root.key_id: root})  # verify before writing
     # A list devices would refuse must never be written.
@@ -203,26 +257,59 @@ def _write_new_list(signer: Signer, keylist: Path, auths: list[bytes], revoked: 
 
 @keys.command("authorize")
 @signer_options
-@click.option("--public-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              required=True, help="The operational key to authorize (PEM).")
+@click.option(
+    "--public-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="The operational key to authorize (PEM).",
+)
 @click.option("--vendor", required=True, help="Vendor DNS domain, e.g. hvac.example.com.")
-@click.option("--class", "classes", multiple=True, metavar="MODEL:HWREV",
-              help="Restrict to these model:hw-rev classes (repeatable; default: all).")
-@click.option("--roles", default="firmware", show_default=True,
-              help="Comma-separated roles: firmware, keylist.")
+@click.option(
+    "--class",
+    "classes",
+    multiple=True,
+    metavar="MODEL:HWREV",
+    help="Restrict to these model:hw-rev classes (repeatable; default: all).",
+)
+@click.option(
+    "--roles",
+    default="firmware",
+    show_default=True,
+    help="Comma-separated roles: firmware, keylist.",
+)
 @click.option("--valid-days", type=click.IntRange(1, 760), default=365, show_default=True)
 @click.option("--not-before", metavar="ISO8601", help="Start of validity (default: now).")
 @click.option("--name", default="", help="Human label, e.g. release-2026H2.")
-@click.option("--keylist", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Key list to add the key to (created at version 1 if missing).")
+@click.option(
+    "--keylist",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Key list to add the key to (created at version 1 if missing).",
+)
 @click.option("--threshold", type=click.IntRange(1, 16), help="Set the list's k-of-n threshold.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the authorization document alone.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the authorization document alone.",
+)
 @click.option("--json", "as_json", is_flag=True)
-def authorize(pkcs11_uri: str | None, pkcs11_module: str | None, key_file: Path | None,
-              alg_name: str | None, public_key: Path, vendor: str, classes: tuple[str, ...],
-              roles: str, valid_days: int, not_before: str | None, name: str, keylist: Path,
-              threshold: int | None, out: Path | None, as_json: bool) -> None:
+def authorize(
+    pkcs11_uri: str | None,
+    pkcs11_module: str | None,
+    key_file: Path | None,
+    alg_name: str | None,
+    public_key: Path,
+    vendor: str,
+    classes: tuple[str, ...],
+    roles: str,
+    valid_days: int,
+    not_before: str | None,
+    name: str,
+    keylist: Path,
+    threshold: int | None,
+    out: Path | None,
+    as_json: bool,
+) -> None:
     """Root-sign an operational key's authorization and add it to the key list."""
     from ..manifest.ids import class_id, vendor_id
 
@@ -246,29 +333,54 @@ def authorize(pkcs11_uri: str | None, pkcs11_module: str | None, key_file: Path 
         raise OtaError(ErrorCode.KEY_REVOKED, f"key {key.key_id.hex()} was revoked")
     nbf = _parse_time(not_before, _now())
     auth = issue_authorization(
-        root, key, roles=role_set, scopes=[Scope(vid, frozenset(cids))], not_before=nbf,
-        not_after=nbf + valid_days * 86400, name=name, issued_at=_now(),
+        root,
+        key,
+        roles=role_set,
+        scopes=[Scope(vid, frozenset(cids))],
+        not_before=nbf,
+        not_after=nbf + valid_days * 86400,
+        name=name,
+        issued_at=_now(),
     )
     auths = [a.raw for a in previous.authorizations] if previous else []
     kl = _write_new_list(
-        root, keylist, [*auths, auth], set(previous.revoked) if previous else set(),
-        threshold or (previous.threshold if previous else 1), previous,
+        root,
+        keylist,
+        [*auths, auth],
+        set(previous.revoked) if previous else set(),
+        threshold or (previous.threshold if previous else 1),
+        previous,
     )
     if out is not None:
         atomic_write(out, auth)
-    emit({"kid": key.key_id.hex(), "keylist": str(keylist), "keylist_version": kl.version,
-          "roles": sorted(r.value for r in role_set), "not_after": _iso(nbf + valid_days * 86400)},
-         as_json)
+    emit(
+        {
+            "kid": key.key_id.hex(),
+            "keylist": str(keylist),
+            "keylist_version": kl.version,
+            "roles": sorted(r.value for r in role_set),
+            "not_after": _iso(nbf + valid_days * 86400),
+        },
+        as_json,
+    )
 
 
 @keys.command("revoke")
 @signer_options
-@click.option("--keylist", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              required=True)
+@click.option(
+    "--keylist", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True
+)
 @click.option("--kid", required=True, help="Key id (hex) to revoke.")
 @click.option("--json", "as_json", is_flag=True)
-def revoke(pkcs11_uri: str | None, pkcs11_module: str | None, key_file: Path | None,
-           alg_name: str | None, keylist: Path, kid: str, as_json: bool) -> None:
+def revoke(
+    pkcs11_uri: str | None,
+    pkcs11_module: str | None,
+    key_file: Path | None,
+    alg_name: str | None,
+    keylist: Path,
+    kid: str,
+    as_json: bool,
+) -> None:
     """Root-sign a new key list that removes and revokes a key."""
     try:
         kid_bytes = bytes.fromhex(kid)
@@ -279,19 +391,24 @@ def revoke(pkcs11_uri: str | None, pkcs11_module: str | None, key_file: Path | N
     if previous.key(kid_bytes) is None and kid_bytes not in previous.revoked:
         raise OtaError(ErrorCode.KEY_NOT_FOUND, f"key {kid} is not in the key list")
     auths = [a.raw for a in previous.authorizations if a.key_id != kid_bytes]
-    kl = _write_new_list(root, keylist, auths, set(previous.revoked) | {kid_bytes},
-                         previous.threshold, previous)
+    kl = _write_new_list(
+        root, keylist, auths, set(previous.revoked) | {kid_bytes}, previous.threshold, previous
+    )
     emit({"revoked": kid, "keylist_version": kl.version}, as_json)
 
 
 @keys.command("list")
 @click.option("--keylist", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--root-public", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--trust", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A trust bundle (instead of --keylist + --root-public).")
+@click.option(
+    "--trust",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A trust bundle (instead of --keylist + --root-public).",
+)
 @click.option("--json", "as_json", is_flag=True)
-def list_keys(keylist: Path | None, root_public: Path | None, trust: Path | None,
-              as_json: bool) -> None:
+def list_keys(
+    keylist: Path | None, root_public: Path | None, trust: Path | None, as_json: bool
+) -> None:
     """Show a (verified) key list: keys, roles, validity, revocations."""
     if trust is not None:
         bundle = TrustBundle.load(read_limited(trust, MAX_KEYLIST + 4096))
@@ -304,10 +421,12 @@ def list_keys(keylist: Path | None, root_public: Path | None, trust: Path | None
 
 
 @keys.command("export-trust")
-@click.option("--root-public", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              required=True)
-@click.option("--keylist", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              required=True)
+@click.option(
+    "--root-public", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True
+)
+@click.option(
+    "--keylist", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True
+)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--json", "as_json", is_flag=True)
 def export_trust(root_public: Path, keylist: Path, out: Path, as_json: bool) -> None:
@@ -316,5 +435,13 @@ def export_trust(root_public: Path, keylist: Path, out: Path, as_json: bool) -> 
     bundle = TrustBundle(root, read_limited(keylist, MAX_KEYLIST))
     bundle.store()  # refuse to export anything a device would refuse
     atomic_write(out, bundle.to_bytes())
-    emit({"bundle": str(out), "root_kid": root.key_id.hex(), "otp_hash": root.thumbprint.hex(),
-          "keylist_version": bundle.store().version, "sha256": bundle.fingerprint()}, as_json)
+    emit(
+        {
+            "bundle": str(out),
+            "root_kid": root.key_id.hex(),
+            "otp_hash": root.thumbprint.hex(),
+            "keylist_version": bundle.store().version,
+            "sha256": bundle.fingerprint(),
+        },
+        as_json,
+    )

@@ -32,6 +32,23 @@ def cli(verbose: bool) -> None:
 from .keys import keys  # noqa: E402
 
 cli.add_command(keys)
+from .fleet import fleet  # noqa: E402
+from .manifest import manifest  # noqa: E402
+from .server import server  # noqa: E402
+
+cli.add_command(fleet)
+cli.add_command(server)
+from .audit import audit  # noqa: E402
+from .release import release  # noqa: E402
+from .signing import signing  # noqa: E402
+
+cli.add_command(audit)
+cli.add_command(release)
+cli.add_command(signing)
+cli.add_command(manifest)
+from .device import device  # noqa: E402
+
+cli.add_command(device)
 
 
 def main(argv: list[str] | None = None) -> int:

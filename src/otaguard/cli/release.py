@@ -1,0 +1,222 @@
+"""``otaguard release create``: build output → signed release directory.
+
+Two ways to sign: in-process with an HSM key (``--pkcs11-uri``) or a development key file, or
+remotely via the signing service (``--signing-url``, token from ``$OTAGUARD_SIGNING_TOKEN``),
+which is what CI uses so that it never holds a key. Either way the signing goes through the
+same policy / audit path (:class:`~otaguard.signing.service.SigningService`).
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..crypto.algorithms import HashAlg, hash_alg
+from ..crypto.keys import PublicKey
+from ..errors import ErrorCode, UsageError
+from ..fsutil import read_limited
+from ..signing.audit import DEFAULT_SEAL_EVERY, AuditHead, AuditLog
+from ..signing.client import TOKEN_ENV, SigningClient
+from ..signing.policy import Policy, Requester, Role, SigningRequest
+from ..signing.release import build_release, parse_expires
+from ..signing.service import SigningService
+from ..signing.state import SigningState
+from .common import emit, load_signer, signer_options
+
+MAX_PEM = 16 * 1024
+MAX_POLICY = 256 * 1024
+
+
+@click.group()
+def release() -> None:
+    """Create signed releases (SUIT manifest + image + summary)."""
+
+
+def _summary_text(s: dict[str, Any]) -> str:
+    return (
+        f"release {s['model']}/{s['hw_rev']} {s['version']} (sequence {s['sequence']}, "
+        f"security counter {s['security_counter']})\n"
+        f"  image     {s['image']['size']} bytes {s['image']['digest_alg']}:"
+        f"{s['image']['digest']}\n"
+        f"  manifest  {s['manifest']['size']} bytes, signed by "
+        f"{', '.join(s['signer_key_ids'])}\n"
+        f"  audit     record {s['audit']['seq']} ({s['signed_by']})"
+    )
+
+
+@release.command("create")
+@click.option("--image", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--vendor", required=True, help="Vendor DNS domain (vendor-id = UUID5 of it).")
+@click.option("--model", required=True)
+@click.option("--hw-rev", required=True, help="Hardware revision (class-id = model + hw-rev).")
+@click.option("--version", "version", required=True, metavar="X.Y.Z")
+@click.option("--min-version", metavar="X.Y.Z", help="Minimum running version required.")
+@click.option("--security-counter", type=click.IntRange(min=0), required=True)
+@click.option("--expires", metavar="WHEN", help="+30d, +12h, YYYY-MM-DD or ISO datetime.")
+@click.option("--uri", help="Where devices fetch the image.")
+@click.option("--description", help="Human-readable text carried in the manifest.")
+@click.option("--digest-alg", default="sha256", show_default=True, help="sha256 or sha384.")
+@click.option(
+    "--downgrade", is_flag=True, help="Request a version downgrade (security officer only)."
+)
+@signer_options
+@click.option("--signing-url", metavar="URL", help=f"Signing service; token from ${TOKEN_ENV}.")
+@click.option(
+    "--signing-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CA certificate for the signing service's TLS.",
+)
+@click.option(
+    "--trust-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    multiple=True,
+    help="Public key (PEM) the remote signature must verify with (pinning).",
+)
+@click.option(
+    "--audit-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Audit log for in-process signing (required with a local key).",
+)
+@click.option(
+    "--state",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Signing state DB (default: AUDIT_LOG.state.sqlite).",
+)
+@click.option("--policy", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--requester", help="Requester id for the local policy (default local:$USER).")
+@click.option("--seal-every", type=click.IntRange(min=1), default=DEFAULT_SEAL_EVERY)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--json", "as_json", is_flag=True)
+def create(
+    image: Path,
+    vendor: str,
+    model: str,
+    hw_rev: str,
+    version: str,
+    min_version: str | None,
+    security_counter: int,
+    expires: str | None,
+    uri: str | None,
+    description: str | None,
+    digest_alg: str,
+    downgrade: bool,
+    pkcs11_uri: str | None,
+    pkcs11_module: str | None,
+    key_file: Path | None,
+    alg_name: str | None,
+    signing_url: str | None,
+    signing_ca: Path | None,
+    trust_key: tuple[Path, ...],
+    audit_log: Path | None,
+    state: Path | None,
+    policy: Path | None,
+    requester: str | None,
+    seal_every: int,
+    out: Path,
+    as_json: bool,
+) -> None:
+    """Sign IMAGE for one model/hardware revision and write the release directory OUT."""
+    now = int(time.time())
+    alg: HashAlg = hash_alg(digest_alg)
+    expires_at = parse_expires(expires, now)
+    pins = [PublicKey.from_pem(read_limited(p, MAX_PEM)) for p in trust_key]
+
+    def make_request(digest: bytes, size: int) -> SigningRequest:
+        req = SigningRequest(
+            image_digest=digest,
+            digest_alg=alg,
+            image_size=size,
+            vendor=vendor,
+            model=model,
+            hw_rev=hw_rev,
+            version=version,
+            min_version=min_version,
+            security_counter=security_counter,
+            expires=expires_at,
+            uri=uri,
+            description=description,
+            downgrade=downgrade,
+        )
+        req.validate()
+        return req
+
+    if signing_url:
+        if pkcs11_uri or key_file or audit_log or policy or state:
+            raise UsageError(
+                ErrorCode.USAGE,
+                "--signing-url excludes local signing options (--pkcs11-uri/--key-file/"
+                "--audit-log/--policy/--state): the service signs and audits",
+            )
+        token = os.environ.get(TOKEN_ENV, "")
+        with SigningClient(signing_url, token, ca_file=signing_ca) as client:
+            keys_box: list[PublicKey] = []
+
+            def sign_remote(req: SigningRequest) -> tuple[bytes, AuditHead]:
+                r = client.sign(req)
+                return r.envelope, r.audit
+
+            def remote_keys() -> list[PublicKey]:
+                if pins:
+                    return pins
+                keys_box.append(client.public_key())
+                return keys_box
+
+            result = build_release(
+                out,
+                image,
+                alg,
+                make_request,
+                sign_remote,
+                remote_keys,
+                now,
+                signed_by=f"service {signing_url}",
+            )
+    else:
+        if audit_log is None:
+            raise UsageError(
+                ErrorCode.USAGE, "local signing needs --audit-log (every signature is audited)"
+            )
+        signer = load_signer(pkcs11_uri, pkcs11_module, key_file, alg_name)
+        who = Requester(requester or f"local:{getpass.getuser()}", Role.SECURITY_OFFICER)
+        pol = (
+            Policy.from_json(read_limited(policy, MAX_POLICY))
+            if policy is not None
+            else Policy.allow_all(who.id)
+        )
+        st = SigningState(state or audit_log.with_name(audit_log.name + ".state.sqlite"))
+        try:
+            log = AuditLog.open(audit_log, signer, seal_every=seal_every)
+            service = SigningService(signer, pol, log, st)
+            try:
+
+                def sign_local(req: SigningRequest) -> tuple[bytes, AuditHead]:
+                    signed = service.sign_release(req, who)
+                    return signed.envelope, signed.audit
+
+                result = build_release(
+                    out,
+                    image,
+                    alg,
+                    make_request,
+                    sign_local,
+                    lambda: [signer.public_key, *pins],
+                    now,
+                    signed_by=f"local {who.id}",
+                )
+            finally:
+                service.close()  # seals the audit log: a closed log ends with a seal
+        finally:
+            st.close()
+            close = getattr(signer, "close", None)
+            if callable(close):
+                close()
+    if result.summary.get("downgrade"):
+        click.echo("WARNING: this release is an authorized version DOWNGRADE", err=True)
+    emit(result.summary, as_json, _summary_text)
+    if not as_json:
+        click.echo(f"  written   {result.out}")

@@ -1,0 +1,323 @@
+"""What a requester may sign: pure decisions over a request, a credential and the last release.
+
+The service asks :func:`check_request` before anything touches the key. Each refusal raises a
+:class:`PolicyError` with its own code so CI can tell "not yours to sign" (E_POLICY) from
+"older than what is out there" (E_DOWNGRADE) from "would lower the rollback floor"
+(E_SECURITY_COUNTER). Only a security-officer credential may set ``downgrade``; even then the
+security counter never goes down, because that counter is what devices burn into their
+monotonic storage.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from ..crypto.algorithms import HASH_SIZES, HashAlg, hash_alg
+from ..errors import ErrorCode, FormatError, OtaError, PolicyError
+from ..manifest.ids import class_id, vendor_id
+from ..manifest.model import MAX_UINT64, MAX_URI
+from ..manifest.version import compare_versions, parse_version
+
+MAX_POLICY_FILE = 256 * 1024
+MAX_DESCRIPTION = 512
+DAY = 86400
+
+
+class Role(StrEnum):
+    RELEASE = "release"  # may request signatures within its policy grants
+    SECURITY_OFFICER = "security-officer"  # may also authorize version downgrades
+    VIEWER = "viewer"  # authenticated, may not sign (health/public-key only)
+
+
+SIGNING_ROLES = frozenset({Role.RELEASE, Role.SECURITY_OFFICER})
+
+
+@dataclass(frozen=True)
+class Requester:
+    """Who asks: an id from an authenticated credential, and that credential's role."""
+
+    id: str
+    role: Role
+
+
+@dataclass(frozen=True)
+class SigningRequest:
+    image_digest: bytes
+    digest_alg: HashAlg
+    image_size: int
+    vendor: str  # vendor DNS domain; vendor_id = UUID5(DNS, vendor)
+    model: str
+    hw_rev: str
+    version: str
+    min_version: str | None
+    security_counter: int
+    expires: int | None  # POSIX seconds
+    uri: str | None
+    description: str | None = None
+    downgrade: bool = False  # explicit rollback authorization (security officer only)
+
+    @property
+    def vendor_id(self) -> uuid.UUID:
+        return vendor_id(self.vendor)
+
+    @property
+    def class_id(self) -> uuid.UUID:
+        return class_id(self.vendor_id, self.model, self.hw_rev)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image_digest": self.image_digest.hex(),
+            "digest_alg": "sha256" if self.digest_alg == HashAlg.SHA256 else "sha384",
+            "image_size": self.image_size,
+            "vendor": self.vendor,
+            "model": self.model,
+            "hw_rev": self.hw_rev,
+            "version": self.version,
+            "min_version": self.min_version,
+            "security_counter": self.security_counter,
+            "expires": self.expires,
+            "uri": self.uri,
+            "description": self.description,
+            "downgrade": self.downgrade,
+        }
+
+    @classmethod
+    def from_dict(cls, d: object) -> SigningRequest:
+        """Parse and range-check a JSON request; E_MALFORMED names the bad field."""
+        if not isinstance(d, dict):
+            raise FormatError(ErrorCode.MALFORMED, "signing request must be a JSON object")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise FormatError(ErrorCode.MALFORMED, f"unknown request fields {sorted(unknown)}")
+        try:
+            alg = hash_alg(d.get("digest_alg", "sha256"))
+        except OtaError as err:
+            raise FormatError(ErrorCode.MALFORMED, err.detail) from None
+        digest_hex = _str(d, "image_digest")
+        if not re.fullmatch(r"[0-9a-fA-F]+", digest_hex) or len(digest_hex) != 2 * HASH_SIZES[alg]:
+            raise FormatError(
+                ErrorCode.MALFORMED, f"image_digest must be {HASH_SIZES[alg]} bytes of hex"
+            )
+        req = cls(
+            image_digest=bytes.fromhex(digest_hex),
+            digest_alg=alg,
+            image_size=_uint(d, "image_size"),
+            vendor=_str(d, "vendor", 253),
+            model=_str(d, "model", 128),
+            hw_rev=_str(d, "hw_rev", 128),
+            version=_str(d, "version", 64),
+            min_version=_opt_str(d, "min_version", 64),
+            security_counter=_uint(d, "security_counter"),
+            expires=_opt_uint(d, "expires"),
+            uri=_opt_str(d, "uri", MAX_URI),
+            description=_opt_str(d, "description", MAX_DESCRIPTION),
+            downgrade=_bool(d, "downgrade"),
+        )
+        req.validate()
+        return req
+
+    def validate(self) -> None:
+        parse_version(self.version)
+        if self.min_version is not None:
+            parse_version(self.min_version)
+        # Derivations validate the names (non-empty, no ':' in the model).
+        _ = self.class_id
+
+
+def _str(d: dict[str, Any], name: str, limit: int = 1024) -> str:
+    v = d.get(name)
+    if not isinstance(v, str) or not v or len(v) > limit:
+        raise FormatError(ErrorCode.MALFORMED, f"{name} must be a non-empty string <= {limit}")
+    return v
+
+
+def _opt_str(d: dict[str, Any], name: str, limit: int) -> str | None:
+    return None if d.get(name) is None else _str(d, name, limit)
+
+
+def _uint(d: dict[str, Any], name: str) -> int:
+    v = d.get(name)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_UINT64:
+        raise FormatError(ErrorCode.MALFORMED, f"{name} must be an unsigned 64-bit integer")
+    return v
+
+
+def _opt_uint(d: dict[str, Any], name: str) -> int | None:
+    return None if d.get(name) is None else _uint(d, name)
+
+
+def _bool(d: dict[str, Any], name: str) -> bool:
+    v = d.get(name, False)
+    if not isinstance(v, bool):
+        raise FormatError(ErrorCode.MALFORMED, f"{name} must be true or false")
+    return v
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One permission: vendor domain + model/hw-rev glob patterns (``*`` = any)."""
+
+    vendor: str
+    model: str = "*"
+    hw_rev: str = "*"
+
+    def covers(self, req: SigningRequest) -> bool:
+        return (
+            (self.vendor == "*" or self.vendor.lower() == req.vendor.strip().lower())
+            and fnmatch.fnmatchcase(req.model, self.model)
+            and fnmatch.fnmatchcase(req.hw_rev, self.hw_rev)
+        )
+
+
+@dataclass(frozen=True)
+class LastRelease:
+    """What the service last signed for one class (model + hw revision)."""
+
+    version: str
+    security_counter: int
+    sequence: int
+
+
+@dataclass(frozen=True)
+class Policy:
+    grants: dict[str, tuple[Grant, ...]]  # requester id -> what it may sign
+    require_expiry: bool = True
+    max_validity_days: int = 366
+    digest_algs: frozenset[HashAlg] = frozenset({HashAlg.SHA256, HashAlg.SHA384})
+    max_image_size: int = 1 << 30
+    uri_prefixes: tuple[str, ...] = ()  # empty = any URI
+    sources: list[str] = field(default_factory=list, compare=False)
+
+    @classmethod
+    def allow_all(cls, requester: str) -> Policy:
+        """The in-process CLI's policy: the local user may sign anything (it holds the key)."""
+        return cls(grants={requester: (Grant("*", "*", "*"),)}, require_expiry=False)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Policy:
+        """Policy file (JSON)::
+
+        {"version": 1,
+         "requesters": {"ci-main": [{"vendor": "example.com", "model": "thermo-*",
+                                      "hw_rev": "*"}]},
+         "require_expiry": true, "max_validity_days": 366,
+         "digest_algs": ["sha256", "sha384"], "max_image_size": 1073741824,
+         "uri_prefixes": ["https://updates.example.com/"]}
+        """
+        if len(data) > MAX_POLICY_FILE:
+            raise FormatError(ErrorCode.TOO_LARGE, "policy file too large")
+        try:
+            obj = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise FormatError(ErrorCode.MALFORMED, f"policy is not JSON: {exc}") from None
+        if not isinstance(obj, dict) or obj.get("version") != 1:
+            raise FormatError(ErrorCode.MALFORMED, 'policy must be an object with "version": 1')
+        allowed = {
+            "version",
+            "requesters",
+            "require_expiry",
+            "max_validity_days",
+            "digest_algs",
+            "max_image_size",
+            "uri_prefixes",
+        }
+        if set(obj) - allowed:
+            raise FormatError(
+                ErrorCode.MALFORMED, f"unknown policy keys {sorted(set(obj) - allowed)}"
+            )
+        reqs = obj.get("requesters")
+        if not isinstance(reqs, dict):
+            raise FormatError(ErrorCode.MALFORMED, "policy.requesters must be an object")
+        grants: dict[str, tuple[Grant, ...]] = {}
+        for rid, items in reqs.items():
+            if not isinstance(items, list):
+                raise FormatError(ErrorCode.MALFORMED, f"grants of {rid!r} must be a list")
+            gl = []
+            for g in items:
+                if not isinstance(g, dict) or set(g) - {"vendor", "model", "hw_rev"}:
+                    raise FormatError(ErrorCode.MALFORMED, f"bad grant for {rid!r}: {g!r}")
+                vals = [g.get("vendor"), g.get("model", "*"), g.get("hw_rev", "*")]
+                if not all(isinstance(v, str) and v for v in vals):
+                    raise FormatError(ErrorCode.MALFORMED, f"bad grant for {rid!r}: {g!r}")
+                gl.append(Grant(str(vals[0]), str(vals[1]), str(vals[2])))
+            grants[rid] = tuple(gl)
+        try:
+            algs = frozenset(hash_alg(a) for a in obj.get("digest_algs", ["sha256", "sha384"]))
+        except OtaError as err:
+            raise FormatError(ErrorCode.MALFORMED, err.detail) from None
+        days = obj.get("max_validity_days", 366)
+        size = obj.get("max_image_size", 1 << 30)
+        prefixes = obj.get("uri_prefixes", [])
+        req_exp = obj.get("require_expiry", True)
+        if not isinstance(days, int) or days <= 0 or not isinstance(size, int) or size <= 0:
+            raise FormatError(ErrorCode.MALFORMED, "max_validity_days/max_image_size must be > 0")
+        if not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes):
+            raise FormatError(ErrorCode.MALFORMED, "uri_prefixes must be a list of strings")
+        if not isinstance(req_exp, bool):
+            raise FormatError(ErrorCode.MALFORMED, "require_expiry must be a boolean")
+        return cls(grants, req_exp, days, algs, size, tuple(prefixes))
+
+
+def check_request(
+    policy: Policy,
+    req: SigningRequest,
+    requester: Requester | None,
+    last: LastRelease | None,
+    now: int,
+) -> None:
+    """Raise PolicyError (E_AUTH, E_FORBIDDEN, E_POLICY, E_DOWNGRADE, E_SECURITY_COUNTER)."""
+    if requester is None or not requester.id:
+        raise PolicyError(ErrorCode.AUTH, "no authenticated requester")
+    if requester.role not in SIGNING_ROLES:
+        raise PolicyError(ErrorCode.FORBIDDEN, f"role {requester.role.value!r} may not sign")
+    if req.downgrade and requester.role != Role.SECURITY_OFFICER:
+        raise PolicyError(
+            ErrorCode.FORBIDDEN, "only a security-officer credential may authorize a downgrade"
+        )
+    grants = policy.grants.get(requester.id, ())
+    if not any(g.covers(req) for g in grants):
+        raise PolicyError(
+            ErrorCode.POLICY,
+            f"requester {requester.id!r} may not sign for {req.vendor} {req.model}/{req.hw_rev}",
+        )
+    if req.digest_alg not in policy.digest_algs:
+        raise PolicyError(ErrorCode.POLICY, f"digest algorithm {req.digest_alg.name} not allowed")
+    if req.image_size == 0 or req.image_size > policy.max_image_size:
+        raise PolicyError(ErrorCode.POLICY, f"image size {req.image_size} outside policy")
+    if req.expires is None:
+        if policy.require_expiry:
+            raise PolicyError(ErrorCode.POLICY, "policy requires an expiry (bounds a freeze)")
+    else:
+        if req.expires <= now:
+            raise PolicyError(ErrorCode.POLICY, "expiry is in the past")
+        if req.expires - now > policy.max_validity_days * DAY:
+            raise PolicyError(
+                ErrorCode.POLICY, f"expiry more than {policy.max_validity_days} days ahead"
+            )
+    if policy.uri_prefixes and (
+        req.uri is None or not any(req.uri.startswith(p) for p in policy.uri_prefixes)
+    ):
+        raise PolicyError(ErrorCode.POLICY, f"uri {req.uri!r} not under an allowed prefix")
+    if req.min_version is not None and compare_versions(req.min_version, req.version) > 0:
+        raise PolicyError(ErrorCode.POLICY, "min_version is above version")
+    if last is None:
+        return
+    if req.security_counter < last.security_counter:
+        raise PolicyError(
+            ErrorCode.SECURITY_COUNTER,
+            f"security counter {req.security_counter} is below the last signed "
+            f"{last.security_counter} for this model (never allowed)",
+        )
+    if compare_versions(req.version, last.version) <= 0 and not req.downgrade:
+        raise PolicyError(
+            ErrorCode.DOWNGRADE,
+            f"version {req.version} is not above the last signed {last.version}; a downgrade "
+            "needs explicit security-officer authorization",
+        )

@@ -1,0 +1,206 @@
+"""A release directory: ``manifest.suit`` + ``image.bin`` + ``release.json``, written atomically.
+
+The directory is assembled under a temporary name next to the destination and renamed into
+place only when complete, so a crash or a refused signature never leaves a half-written
+release. The image is hashed while it is copied into the temporary directory and it is *that*
+digest which is signed, so a build output that changes under our feet cannot end up with a
+manifest for different bytes than the ones shipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..crypto.algorithms import HashAlg, StreamingHasher
+from ..crypto.keys import PublicKey
+from ..errors import ErrorCode, OtaError, UsageError
+from ..manifest.verify import VerifiedManifest, verify_envelope
+from ..trust.model import StaticKeys
+from .audit import AuditHead
+from .policy import SigningRequest
+
+MANIFEST_FILE = "manifest.suit"
+IMAGE_FILE = "image.bin"
+SUMMARY_FILE = "release.json"
+RELEASE_FORMAT = 1
+_CHUNK = 1 << 20
+_REL = re.compile(r"^\+(\d{1,5})([dhm])$")
+
+
+def parse_expires(text: str | None, now: int) -> int | None:
+    """``+30d`` / ``+12h`` / ``+90m``, an ISO date (end of that day, UTC) or ISO datetime."""
+    if text is None or text == "":
+        return None
+    m = _REL.match(text.strip())
+    if m:
+        n, unit = int(m.group(1)), m.group(2)
+        return now + n * {"d": 86400, "h": 3600, "m": 60}[unit]
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text.strip()):
+            d = dt.date.fromisoformat(text.strip())
+            end = dt.datetime.combine(d, dt.time(23, 59, 59), tzinfo=dt.UTC)
+            return int(end.timestamp())
+        t = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            ErrorCode.USAGE, f"--expires {text!r}: want +30d, +12h, YYYY-MM-DD or ISO datetime"
+        ) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return int(t.timestamp())
+
+
+def copy_and_hash(src: Path, dst: Path, alg: HashAlg) -> tuple[bytes, int]:
+    h = StreamingHasher(alg)
+    try:
+        with src.open("rb") as fi, dst.open("xb") as fo:
+            while chunk := fi.read(_CHUNK):
+                h.update(chunk)
+                fo.write(chunk)
+            fo.flush()
+            os.fsync(fo.fileno())
+    except FileNotFoundError:
+        raise OtaError(ErrorCode.NOT_FOUND, f"{src} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(ErrorCode.USAGE, f"{src} is a directory") from None
+    return h.digest(), h.length
+
+
+def check_envelope(
+    envelope: bytes, keys: Sequence[PublicKey], req: SigningRequest, now: int
+) -> VerifiedManifest:
+    """Verify a freshly signed envelope and that it says exactly what was requested."""
+    vm = verify_envelope(envelope, StaticKeys(list(keys)), now=now)
+    info = vm.info
+    expected = {
+        "vendor_id": req.vendor_id,
+        "class_id": req.class_id,
+        "digest_alg": req.digest_alg,
+        "image_digest": req.image_digest,
+        "image_size": req.image_size,
+        "version": req.version,
+        "min_version": req.min_version,
+        "security_counter": req.security_counter,
+        "expires": req.expires,
+        "uri": req.uri,
+    }
+    for name, want in expected.items():
+        if getattr(info, name) != want:
+            raise OtaError(
+                ErrorCode.INTERNAL, f"signed manifest differs from the request in {name}"
+            )
+    return vm
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    out: Path
+    summary: dict[str, Any]
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with path.open("xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def build_release(
+    out: Path,
+    image: Path,
+    digest_alg: HashAlg,
+    make_request: Callable[[bytes, int], SigningRequest],
+    sign: Callable[[SigningRequest], tuple[bytes, AuditHead]],
+    verify_keys: Callable[[], Sequence[PublicKey]],
+    now: int,
+    *,
+    signed_by: str,
+) -> ReleaseResult:
+    """Assemble ``out``: copy+hash image → request → sign → verify → summary → rename.
+
+    ``make_request(digest, size)`` builds the request from the copied image's digest;
+    ``sign(request)`` returns (envelope, audit anchor); ``verify_keys()`` gives the keys the
+    envelope must verify with.
+    """
+    out = Path(out)
+    if out.exists():
+        raise OtaError(ErrorCode.EXISTS, f"{out} already exists; refusing to overwrite a release")
+    parent = out.parent if str(out.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
+    tmp.mkdir(mode=0o755)
+    try:
+        digest, size = copy_and_hash(image, tmp / IMAGE_FILE, digest_alg)
+        req = make_request(digest, size)
+        envelope, audit = sign(req)
+        keys = verify_keys()
+        vm = check_envelope(envelope, keys, req, now)
+        _write_file(tmp / MANIFEST_FILE, envelope)
+        info = vm.info
+        summary: dict[str, Any] = {
+            "format": RELEASE_FORMAT,
+            "vendor": req.vendor,
+            "vendor_id": str(info.vendor_id),
+            "model": req.model,
+            "hw_rev": req.hw_rev,
+            "class_id": str(info.class_id),
+            "version": info.version,
+            "min_version": info.min_version,
+            "security_counter": info.security_counter,
+            "sequence": info.sequence_number,
+            "expires": info.expires,
+            "expires_iso": (
+                dt.datetime.fromtimestamp(info.expires, dt.UTC).isoformat()
+                if info.expires is not None
+                else None
+            ),
+            "uri": info.uri,
+            "image": {
+                "file": IMAGE_FILE,
+                "size": size,
+                "digest_alg": "sha256" if info.digest_alg == HashAlg.SHA256 else "sha384",
+                "digest": digest.hex(),
+            },
+            "manifest": {
+                "file": MANIFEST_FILE,
+                "size": len(envelope),
+                "suit_digest": vm.manifest_digest.hex(),
+                "sha256": hashlib.sha256(envelope).hexdigest(),
+            },
+            "signer_key_ids": [s.key_id.hex() for s in vm.signers],
+            "signed_by": signed_by,
+            "audit": {"seq": audit.seq, "hash": audit.hash},
+            "downgrade": req.downgrade,
+        }
+        _write_file(
+            tmp / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n"
+        )
+        _fsync_dir(tmp)
+        if out.exists():
+            raise OtaError(ErrorCode.EXISTS, f"{out} appeared meanwhile; refusing to overwrite")
+        os.rename(tmp, out)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ReleaseResult(out, summary)

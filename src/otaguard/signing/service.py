@@ -1,0 +1,232 @@
+"""The signing service: policy check → manifest → HSM signature → self-check → audit record.
+
+Used in-process by ``otaguard release create`` and behind HTTP by ``otaguard signing serve``
+(:mod:`.http`). One request at a time: the state transaction (SQLite ``BEGIN IMMEDIATE``) and
+the audit file lock serialize signers across threads and processes, so sequence numbers and the
+per-model version/counter floors can never be raced.
+
+Nothing leaves :meth:`SigningService.sign_release` unless (1) the policy allowed it, (2) the
+envelope verifies with the signer's public key and says exactly what was requested, and (3) the
+audit record is on disk (fsync). If the process dies after the audit append but before the
+state commit, :func:`reconcile` replays the record into the state on the next start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..crypto.algorithms import HashAlg
+from ..crypto.cose import Signer
+from ..errors import ErrorCode, OtaError, PolicyError
+from ..manifest.build import build_envelope
+from ..manifest.model import ManifestInfo
+from ..manifest.verify import verify_envelope
+from ..trust.model import StaticKeys
+from .audit import AuditHead, AuditLog, read_records, verify_log
+from .policy import Policy, Requester, SigningRequest, check_request
+from .state import SigningState
+
+log = logging.getLogger("otaguard.signing")
+
+OP_SIGN = "sign-manifest"
+OP_REFUSED = "sign-refused"
+
+
+@dataclass(frozen=True)
+class SignedRelease:
+    envelope: bytes
+    info: ManifestInfo
+    manifest_digest: bytes  # encoded SUIT_Digest the signatures cover
+    key_ids: tuple[str, ...]  # hex kids of the signers
+    audit: AuditHead  # the audit record of this signature
+
+    @property
+    def sequence(self) -> int:
+        return self.info.sequence_number
+
+
+def manifest_info(req: SigningRequest, sequence: int) -> ManifestInfo:
+    text = {"model": req.model, "hw_rev": req.hw_rev, "vendor_domain": req.vendor}
+    if req.description:
+        text["description"] = req.description
+    return ManifestInfo(
+        sequence_number=sequence,
+        vendor_id=req.vendor_id,
+        class_id=req.class_id,
+        digest_alg=HashAlg(req.digest_alg),
+        image_digest=req.image_digest,
+        image_size=req.image_size,
+        version=req.version,
+        min_version=req.min_version,
+        security_counter=req.security_counter,
+        expires=req.expires,
+        uri=req.uri,
+        text=text,
+    )
+
+
+def _alg_name(alg: HashAlg) -> str:
+    return "sha256" if alg == HashAlg.SHA256 else "sha384"
+
+
+def reconcile(state: SigningState, audit: AuditLog) -> None:
+    """Check the audit log against the state's anchor, then replay records the state missed.
+
+    The anchor check is what detects a log truncated back to an earlier seal (E_AUDIT_SEAL) or
+    swapped for another log (E_AUDIT_CHAIN): the state remembers the last record it saw.
+    """
+    with state.transaction() as tx:
+        anchor = tx.anchor()
+        verify_log(audit.path, audit.trusted, allow_unsealed_tail=True, expect_head=anchor)
+        start = -1 if anchor is None else anchor.seq
+        last: AuditHead | None = None
+        for rec in read_records(audit.path):
+            last = AuditHead(rec.seq, rec.hash)
+            if rec.seq <= start or rec.op != OP_SIGN:
+                continue
+            s = rec.subject
+            log.warning("signing state missed audit record %d; replaying it", rec.seq)
+            prev = tx.last_release(s["class_id"])
+            if prev is None or prev.sequence < s["sequence"]:
+                tx.record_release(
+                    s["class_id"],
+                    s["vendor"],
+                    s["model"],
+                    s["hw_rev"],
+                    s["version"],
+                    s["security_counter"],
+                    s["sequence"],
+                    rec.time,
+                )
+            tx.observe_sequence(s["sequence"])
+        if last is not None:
+            tx.set_anchor(last)
+
+
+class SigningService:
+    def __init__(
+        self,
+        signer: Signer,
+        policy: Policy,
+        audit_log: AuditLog,
+        state: SigningState,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.signer = signer
+        self.policy = policy
+        self.audit = audit_log
+        self.state = state
+        self._clock = clock
+        self._lock = threading.Lock()
+        reconcile(state, audit_log)
+
+    def sign_release(self, request: SigningRequest, requester: Requester | None) -> SignedRelease:
+        """Sign ``request`` for ``requester`` or raise PolicyError/OtaError with its code."""
+        with self._lock:
+            try:
+                return self._sign(request, requester)
+            except PolicyError as err:
+                if requester is not None and err.code != ErrorCode.AUTH:
+                    self._record_refusal(request, requester, err)
+                raise
+
+    def record_event(self, actor: str, op: str, subject: dict[str, Any]) -> AuditHead:
+        """Audit a key-management operation (authorize-key, revoke, keylist-update, ...)."""
+        with self._lock, self.state.transaction() as tx:
+            head = self.audit.append(actor, op, subject)
+            tx.set_anchor(self.audit.head)  # a seal may have followed the record
+            return head
+
+    def close(self) -> None:
+        """Seal the audit log (a closed log must end with a seal) and record the anchor."""
+        with self._lock:
+            self.audit.close()
+            with self.state.transaction() as tx:
+                # close() sealed under our lock; the log's head is now the final seal.
+                tx.set_anchor(self.audit.head)
+
+    # --- internals ---------------------------------------------------------------------------
+    def _sign(self, req: SigningRequest, requester: Requester | None) -> SignedRelease:
+        now = int(self._clock())
+        req.validate()
+        with self.state.transaction() as tx:
+            class_hex = str(req.class_id)
+            check_request(self.policy, req, requester, tx.last_release(class_hex), now)
+            assert requester is not None
+            sequence = tx.next_sequence(now)
+            info = manifest_info(req, sequence)
+            envelope = build_envelope(info, [self.signer])
+            verified = self._self_check(envelope, info, now)
+            key_ids = tuple(k.key_id.hex() for k in (self.signer.public_key,))
+            subject = {
+                "class_id": class_hex,
+                "vendor_id": str(info.vendor_id),
+                "vendor": req.vendor,
+                "model": req.model,
+                "hw_rev": req.hw_rev,
+                "version": req.version,
+                "min_version": req.min_version,
+                "security_counter": req.security_counter,
+                "sequence": sequence,
+                "expires": req.expires,
+                "uri": req.uri,
+                "digest_alg": _alg_name(info.digest_alg),
+                "image_digest": req.image_digest.hex(),
+                "image_size": req.image_size,
+                "downgrade": req.downgrade,
+                "role": requester.role.value,
+                "key_ids": list(key_ids),
+                "manifest_digest": verified.hex(),
+                "envelope_sha256": hashlib.sha256(envelope).hexdigest(),
+            }
+            head = self.audit.append(requester.id, OP_SIGN, subject)
+            tx.record_release(
+                class_hex, req.vendor, req.model, req.hw_rev, req.version,
+                req.security_counter, sequence, now,
+            )  # fmt: skip
+            tx.set_anchor(self.audit.head)
+        log.info("signed %s %s seq %d for %s", req.model, req.version, sequence, requester.id)
+        return SignedRelease(envelope, info, verified, key_ids, head)
+
+    def _self_check(self, envelope: bytes, info: ManifestInfo, now: int) -> bytes:
+        """Verify what we are about to hand out, with the signer's own public key."""
+        try:
+            vm = verify_envelope(envelope, StaticKeys([self.signer.public_key]), now=now)
+        except OtaError as err:
+            raise OtaError(
+                ErrorCode.INTERNAL, f"self-check of the new envelope failed: {err}"
+            ) from None
+        if vm.info != info:
+            raise OtaError(ErrorCode.INTERNAL, "self-check: envelope does not say what was asked")
+        return vm.manifest_digest
+
+    def _record_refusal(self, req: SigningRequest, requester: Requester, err: OtaError) -> None:
+        try:
+            with self.state.transaction() as tx:
+                head = self.audit.append(
+                    requester.id,
+                    OP_REFUSED,
+                    {
+                        "error": err.code.value,
+                        "detail": err.detail,
+                        "role": requester.role.value,
+                        "model": req.model,
+                        "hw_rev": req.hw_rev,
+                        "vendor": req.vendor,
+                        "version": req.version,
+                        "security_counter": req.security_counter,
+                        "image_digest": req.image_digest.hex(),
+                        "downgrade": req.downgrade,
+                    },
+                )
+                tx.set_anchor(self.audit.head)
+                log.info("refused request audited as record %d", head.seq)
+        except OtaError as exc:  # the refusal stands even if it cannot be logged
+            log.error("could not audit a refused request: %s", exc)
