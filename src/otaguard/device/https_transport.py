@@ -1,0 +1,249 @@
+"""The device's HTTPS client for the update server (implements ``device.transport.Transport``).
+
+Trust is pinned, never the system store: the TLS context trusts only the fleet CA the device
+was provisioned with, and optionally also requires the server certificate's SPKI SHA-256 to
+be one of a configured set (so even another certificate from the same CA is refused). The
+device authenticates with its client certificate.
+
+Failures back off exponentially with full jitter, honouring the server's ``Retry-After`` on
+429/503, so a fleet that lost its server does not come back as a synchronized stampede.
+Image downloads resume with HTTP Range from the offset the agent asks for; a server that
+ignores the range (200 instead of 206) is handled by skipping the prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import ssl
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ..errors import DeviceError, ErrorCode, OtaError
+
+MAX_MANIFEST = 64 * 1024
+MAX_JSON = 64 * 1024
+CHUNK = 64 * 1024
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+def pinned_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verify + hostname check on, no system CAs
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cafile=str(ca_file))
+    ctx.load_cert_chain(str(cert_file), str(key_file))
+    return ctx
+
+
+class HttpsTransport:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        ca_file: Path,
+        cert_file: Path,
+        key_file: Path,
+        spki_pins: set[str] | None = None,
+        status: Callable[[], dict[str, Any]] | None = None,
+        max_attempts: int = 6,
+        base_delay: float = 0.5,
+        max_delay: float = 300.0,
+        timeout: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._pins = {p.lower() for p in spki_pins} if spki_pins else None
+        self._status = status
+        self.max_attempts = max_attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self._sleep = sleep
+        self._rng = rng or random.SystemRandom()
+        self._client = httpx.Client(
+            base_url=self.base_url,
+            verify=pinned_context(ca_file, cert_file, key_file),
+            timeout=timeout,
+            follow_redirects=False,
+        )
+        self.update: dict[str, Any] | None = None
+        self.last_checkin: dict[str, Any] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return self.base_url
+
+    def close(self) -> None:
+        self._client.close()
+
+    # --- plumbing ------------------------------------------------------------------------------
+    def _check_pin(self, response: httpx.Response) -> None:
+        if self._pins is None:
+            return
+        stream = response.extensions.get("network_stream")
+        sslobj = stream.get_extra_info("ssl_object") if stream is not None else None
+        der = sslobj.getpeercert(True) if sslobj is not None else None
+        if not der:
+            raise DeviceError(ErrorCode.CERT, "cannot read the server certificate for pinning")
+        spki = (
+            x509.load_der_x509_certificate(der)
+            .public_key()
+            .public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        if hashlib.sha256(spki).hexdigest() not in self._pins:
+            response.close()
+            raise DeviceError(ErrorCode.CERT, "server certificate does not match the SPKI pin")
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        cap = min(self.max_delay, self.base_delay * (2**attempt))
+        delay = self._rng.uniform(0, cap)  # full jitter
+        if retry_after is not None and retry_after.strip().isdigit():
+            delay = max(delay, min(float(retry_after), self.max_delay))
+        return delay
+
+    def _request(self, method: str, url: str, **kw: Any) -> httpx.Response:
+        """Send with retries; return a response whose status is not retryable (body unread)."""
+        last: str = ""
+        for attempt in range(self.max_attempts):
+            retry_after: str | None = None
+            try:
+                req = self._client.build_request(method, url, **kw)
+                resp = self._client.send(req, stream=True)
+                self._check_pin(resp)
+                if resp.status_code not in RETRY_STATUSES:
+                    return resp
+                retry_after = resp.headers.get("retry-after")
+                last = f"HTTP {resp.status_code}"
+                resp.close()
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if attempt + 1 < self.max_attempts:
+                self._sleep(self._delay(attempt, retry_after))
+        raise DeviceError(ErrorCode.TRANSPORT, f"{method} {url} failed: {last}")
+
+    @staticmethod
+    def _error(resp: httpx.Response) -> OtaError:
+        try:
+            body = resp.read()[:MAX_JSON]
+            obj = json.loads(body)
+            code = ErrorCode(obj["error"])
+            detail = str(obj.get("detail", ""))
+        except (ValueError, KeyError, TypeError):
+            code, detail = ErrorCode.TRANSPORT, f"HTTP {resp.status_code}"
+        finally:
+            resp.close()
+        return DeviceError(code, f"server: {detail}")
+
+    def _json(self, method: str, url: str, body: dict[str, Any] | None = None) -> Any:
+        resp = self._request(method, url, json=body)
+        if resp.status_code >= 400:
+            raise self._error(resp)
+        try:
+            data = resp.read()
+        finally:
+            resp.close()
+        if len(data) > MAX_JSON:
+            raise DeviceError(ErrorCode.TOO_LARGE, "server response too large")
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise DeviceError(ErrorCode.MALFORMED, "server response is not JSON") from None
+
+    # --- API -----------------------------------------------------------------------------------
+    def checkin(self, facts: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        body = facts if facts is not None else (self._status() if self._status else {})
+        result = self._json("POST", "/v1/checkin", body)
+        if not isinstance(result, dict):
+            raise DeviceError(ErrorCode.MALFORMED, "check-in response is not an object")
+        self.last_checkin = result
+        upd = result.get("update")
+        self.update = upd if isinstance(upd, dict) else None
+        return self.update
+
+    def _need_update(self) -> dict[str, Any]:
+        if self.update is None:
+            self.checkin()
+        if self.update is None:
+            raise DeviceError(ErrorCode.NOT_FOUND, "no update offered")
+        return self.update
+
+    def fetch_manifest(self) -> bytes:
+        upd = self._need_update()
+        resp = self._request("GET", str(upd["manifest_url"]))
+        if resp.status_code != 200:
+            raise self._error(resp)
+        try:
+            buf = bytearray()
+            for chunk in resp.iter_bytes():
+                buf += chunk
+                if len(buf) > MAX_MANIFEST:
+                    raise DeviceError(ErrorCode.TOO_LARGE, "manifest over the size limit")
+        except httpx.TransportError as exc:
+            raise DeviceError(ErrorCode.TRANSPORT, f"manifest download: {exc}") from None
+        finally:
+            resp.close()
+        return bytes(buf)
+
+    def open_image(self, offset: int) -> Iterator[bytes]:
+        upd = self._need_update()
+        headers = {"Range": f"bytes={offset}-"} if offset > 0 else {}
+        resp = self._request("GET", str(upd["image_url"]), headers=headers)
+        if resp.status_code == 416:
+            resp.close()
+            return
+        if resp.status_code not in (200, 206):
+            raise self._error(resp)
+        skip = offset if resp.status_code == 200 else 0
+        try:
+            for chunk in resp.iter_bytes(CHUNK):
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk = chunk[cut:]
+                    skip -= cut
+                    if not chunk:
+                        continue
+                yield chunk
+        except httpx.TransportError as exc:
+            raise DeviceError(ErrorCode.TRANSPORT, f"image download interrupted: {exc}") from None
+        finally:
+            resp.close()
+
+    def report(self, event: dict[str, Any]) -> None:
+        """Send a status report; retried with the same report_id, so it is counted once."""
+        body = dict(event)
+        if "state" not in body:
+            # The agent's events: {"event": "installed"|"error"|..., ...}
+            name = str(body.get("event", "unknown"))
+            body["state"] = "failed" if name == "error" else name.replace("-", "_")[:32]
+        if "suspects" in body and "detail" not in body:
+            body["detail"] = json.dumps(body["suspects"])[:500]
+        body.setdefault("report_id", uuid.uuid4().hex)
+        if self.update is not None:
+            body.setdefault("manifest_digest", self.update.get("manifest_digest"))
+        allowed = {"report_id", "state", "manifest_digest", "error", "version", "detail", "serial"}
+        self._json("POST", "/v1/reports", {k: v for k, v in body.items() if k in allowed})
+
+    def keylist(self, etag: str | None = None) -> tuple[bytes, str] | None:
+        """The published key-list document and its ETag; None if unchanged since ``etag``."""
+        headers = {"If-None-Match": etag} if etag else {}
+        resp = self._request("GET", "/v1/keylist", headers=headers)
+        if resp.status_code == 304:
+            resp.close()
+            return None
+        if resp.status_code != 200:
+            raise self._error(resp)
+        try:
+            data = resp.read()
+        finally:
+            resp.close()
+        return data, resp.headers.get("etag", "")

@@ -1,0 +1,224 @@
+"""Admin API (minimal for now): bearer tokens with roles, release upload, assignment, devices.
+
+Roles: ``viewer`` reads; ``operator`` assigns releases (campaigns later); ``release-manager``
+uploads images and releases; ``security-officer`` revokes devices and publishes key lists.
+Tokens are stored as SHA-256 only.
+
+Release upload is where the "server holds no signing key" property is enforced from the other
+side: the server refuses a manifest that does not verify against its trust anchors, and checks
+the uploaded image against the signed digest and size, so it never offers devices something
+they would have to refuse.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..crypto.algorithms import HashAlg, StreamingHasher
+from ..errors import ErrorCode, OtaError, ServerError
+from . import store
+from .blobs import check_name
+
+if TYPE_CHECKING:
+    from .app import UpdateServer
+
+PERMISSIONS: dict[str, frozenset[str]] = {
+    "read": frozenset({"viewer", "operator", "release-manager", "security-officer"}),
+    "assign": frozenset({"operator"}),
+    "release": frozenset({"release-manager"}),
+    "security": frozenset({"security-officer"}),
+}
+
+
+async def authorize(srv: UpdateServer, request: Request, permission: str) -> str:
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ServerError(ErrorCode.AUTH, "bearer token required", 401)
+
+    def lookup() -> tuple[str, str] | None:
+        with srv.db.read() as conn:
+            return store.token_role(conn, token.strip())
+
+    found = await run_in_threadpool(lookup)
+    if found is None:
+        raise ServerError(ErrorCode.AUTH, "unknown or revoked token", 401)
+    name, role = found
+    if role not in PERMISSIONS[permission]:
+        raise ServerError(ErrorCode.FORBIDDEN, f"role {role!r} may not {permission}", 403)
+    return name
+
+
+def admin_routes(srv: UpdateServer) -> list[Route]:
+    async def upload_image(request: Request) -> Response:
+        await authorize(srv, request, "release")
+        cl = request.headers.get("content-length")
+        if cl is not None and cl.isdigit() and int(cl) > srv.settings.max_image:
+            raise ServerError(ErrorCode.TOO_LARGE, "image over the upload limit", 413)
+        name, size = await srv.blobs.put_async(request.stream(), srv.settings.max_image)
+        return JSONResponse({"blob": name, "size": size}, status_code=201)
+
+    async def create_release(request: Request) -> Response:
+        who = await authorize(srv, request, "release")
+        image_blob = check_name(request.query_params.get("image", ""))
+        envelope = await srv.read_body(request, srv.settings.max_envelope)
+        resolver = srv.trust.resolver
+        if resolver is None:
+            raise ServerError(
+                ErrorCode.UNTRUSTED_KEY, "server has no trust anchors configured", 409
+            )
+        values = await run_in_threadpool(_verify_release, srv, envelope, image_blob, resolver)
+        values["uploaded_by"] = who
+
+        def insert() -> int:
+            with srv.db.write() as conn:
+                return store.insert_release(conn, values)
+
+        rid = await run_in_threadpool(insert)
+        out = {k: values[k] for k in ("version", "model", "hw_rev", "manifest_digest")}
+        return JSONResponse({"id": rid, **out}, status_code=201)
+
+    async def assign(request: Request) -> Response:
+        await authorize(srv, request, "assign")
+        body = await srv.read_json(request)
+        serial, release_id = body.get("serial"), body.get("release_id")
+        if not isinstance(serial, str) or not isinstance(release_id, int):
+            raise ServerError(ErrorCode.MALFORMED, "need serial (str) and release_id (int)", 400)
+
+        def work() -> None:
+            with srv.db.write() as conn:
+                _assign(conn, serial, release_id)
+
+        await run_in_threadpool(work)
+        return JSONResponse({"serial": serial, "release_id": release_id}, status_code=201)
+
+    async def device(request: Request) -> Response:
+        await authorize(srv, request, "read")
+        serial = request.path_params["serial"]
+
+        def work() -> dict[str, Any]:
+            with srv.db.read() as conn:
+                dev = store.device_by_serial(conn, serial)
+                if dev is None:
+                    raise ServerError(ErrorCode.NOT_FOUND, f"no device {serial}", 404)
+                return store.device_view(conn, dev)
+
+        return JSONResponse(await run_in_threadpool(work))
+
+    async def revoke(request: Request) -> Response:
+        await authorize(srv, request, "security")
+        serial = request.path_params["serial"]
+
+        def work() -> None:
+            with srv.db.write() as conn:
+                store.revoke_device(conn, serial)
+
+        await run_in_threadpool(work)
+        return JSONResponse({"serial": serial, "revoked": True})
+
+    async def put_keylist(request: Request) -> Response:
+        await authorize(srv, request, "security")
+        doc = await srv.read_body(request, srv.settings.max_envelope)
+        version = await run_in_threadpool(_publish_keylist, srv, doc)
+        return JSONResponse({"version": version}, status_code=201)
+
+    return [
+        Route("/admin/v1/images", upload_image, methods=["POST"]),
+        Route("/admin/v1/releases", create_release, methods=["POST"]),
+        Route("/admin/v1/assignments", assign, methods=["POST"]),
+        Route("/admin/v1/devices/{serial}", device, methods=["GET"]),
+        Route("/admin/v1/devices/{serial}/revoke", revoke, methods=["POST"]),
+        Route("/admin/v1/keylist", put_keylist, methods=["PUT"]),
+    ]
+
+
+def _verify_release(
+    srv: UpdateServer, envelope: bytes, image_blob: str, resolver: Any
+) -> dict[str, Any]:
+    from ..manifest.ids import class_id
+    from ..manifest.verify import verify_envelope
+
+    vm = verify_envelope(envelope, resolver, max_size=srv.settings.max_envelope)
+    info = vm.info
+    model, hw_rev = info.text.get("model"), info.text.get("hw_rev")
+    if not model or not hw_rev:
+        raise ServerError(ErrorCode.MALFORMED, "manifest text lacks model/hw_rev", 400)
+    if class_id(info.vendor_id, model, hw_rev) != info.class_id:
+        raise ServerError(ErrorCode.CLASS_ID, "class-id does not match model/hw_rev text", 400)
+    size = srv.blobs.size(image_blob)
+    if size is None:
+        raise ServerError(ErrorCode.NOT_FOUND, "image blob not uploaded", 404)
+    if size != info.image_size:
+        raise ServerError(
+            ErrorCode.IMAGE_SIZE, f"image is {size} bytes, manifest says {info.image_size}", 400
+        )
+    hasher = StreamingHasher(info.digest_alg)
+    for chunk in srv.blobs.open_range(image_blob, 0, max(size - 1, 0)):
+        hasher.update(chunk)
+    if size and hasher.digest() != info.image_digest:
+        raise ServerError(ErrorCode.IMAGE_DIGEST, "image does not match the signed digest", 400)
+    envelope_blob = srv.blobs.put(vm.envelope)
+    return {
+        "model": model,
+        "hw_rev": hw_rev,
+        "vendor_id": str(info.vendor_id),
+        "class_id": str(info.class_id),
+        "version": info.version,
+        "min_version": info.min_version,
+        "security_counter": info.security_counter,
+        "sequence_number": info.sequence_number,
+        "expires": info.expires,
+        "digest_alg": "sha-256" if info.digest_alg == HashAlg.SHA256 else "sha-384",
+        "manifest_digest": vm.manifest_digest.hex(),
+        "envelope_blob": envelope_blob,
+        "image_digest": info.image_digest.hex(),
+        "image_size": info.image_size,
+        "image_blob": image_blob,
+        "signers": json.dumps([s.key_id.hex() for s in vm.signers]),
+        "description": info.text.get("description"),
+    }
+
+
+def _assign(conn: Connection, serial: str, release_id: int) -> None:
+    from ..manifest.ids import class_id
+
+    dev = store.device_by_serial(conn, serial)
+    if dev is None:
+        raise ServerError(ErrorCode.NOT_FOUND, f"no device {serial}", 404)
+    rel = store.release_by_id(conn, release_id)
+    if rel is None:
+        raise ServerError(ErrorCode.NOT_FOUND, f"no release {release_id}", 404)
+    if str(class_id(uuid.UUID(rel.vendor_id), dev.model, dev.hw_rev)) != rel.class_id:
+        raise ServerError(
+            ErrorCode.INCOMPATIBLE,
+            f"release {release_id} is for {rel.model}/{rel.hw_rev}, device is "
+            f"{dev.model}/{dev.hw_rev}",
+            409,
+        )
+    store.assign(conn, dev.id, release_id, None)
+
+
+def _publish_keylist(srv: UpdateServer, doc: bytes) -> int:
+    from ..trust.store import TrustStore
+
+    current = srv.trust.resolver
+    if not isinstance(current, TrustStore):
+        raise ServerError(ErrorCode.UNTRUSTED_KEY, "key lists need a trust bundle (root)", 409)
+    try:
+        new = current.apply_update(doc)
+    except OtaError as err:
+        raise ServerError(
+            err.code, err.detail, 409 if err.code == ErrorCode.REPLAY else 400
+        ) from None
+    with srv.db.write() as conn:
+        store.put_keylist(conn, new.version, doc)
+    srv.trust.replace(new)
+    return new.version

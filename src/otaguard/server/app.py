@@ -1,0 +1,641 @@
+"""The update server's ASGI app: device API (mTLS identity) and the minimal admin API.
+
+Device identity comes only from a verified client certificate: the TLS stack's (our own
+listener, see :mod:`.mtls`) or, behind a TLS-terminating proxy, the ``X-Client-Cert`` header —
+honoured only from configured proxy addresses and re-verified against the fleet CA. The
+certificate must also be the one the database holds for that serial and not revoked.
+
+Every refusal is JSON ``{"error": code, "detail": ...}`` with a status from the error. The
+server holds no signing key: releases are verified on upload against the trust anchors it is
+configured with, and devices verify them again.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import re
+import threading
+import time
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from cryptography import x509
+from sqlalchemy import Connection, Row
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..errors import ErrorCode, OtaError, ServerError
+from ..trust.model import KeyResolver
+from . import store
+from .blobs import LocalBlobStore, check_name
+from .ca import fingerprint, serial_of, verify_forwarded_cert
+from .db import Database
+from .mtls import PEER_CERT_KEY
+from .ratelimit import ProbeDetector, RateLimit, TokenBuckets, retry_after_header
+
+log = logging.getLogger("otaguard.server")
+T = TypeVar("T")
+
+IpNet = ipaddress.IPv4Network | ipaddress.IPv6Network
+ENVELOPE_TYPE = "application/suit-envelope+cose"
+KEYLIST_TYPE = "application/cose; cose-type=cose-sign1"
+MAX_JSON_ITEMS = 64
+_REPORT_ID = re.compile(r"\A[A-Za-z0-9_.:-]{1,64}\Z")
+_STATE = re.compile(r"\A[a-z_]{1,32}\Z")
+_ERROR = re.compile(r"\AE_[A-Z0-9_]{1,30}\Z")
+_VERSION = re.compile(r"\A[0-9]{1,9}(\.[0-9]{1,9}){0,3}\Z")
+_HEX = re.compile(r"\A[0-9a-f]{1,256}\Z")
+DONE_STATES = frozenset({"confirmed", "success", "installed_confirmed"})
+FAILED_STATES = frozenset({"failed", "rejected", "reverted", "aborted"})
+WORKING_STATES = frozenset({"downloading", "downloaded", "installing", "installed", "rebooting"})
+
+
+@dataclass
+class ServerSettings:
+    ca_cert: x509.Certificate
+    trusted_proxies: tuple[IpNet, ...] = ()
+    device_rate: RateLimit = field(default_factory=lambda: RateLimit(rate=5.0, burst=30))
+    ip_rate: RateLimit = field(default_factory=lambda: RateLimit(rate=200.0, burst=1000))
+    probe_threshold: int = 20
+    probe_window: float = 60.0
+    probe_event_interval: float = 10.0
+    max_device_body: int = 64 * 1024
+    max_envelope: int = 64 * 1024
+    max_image: int = 1 << 30
+    lastseen_interval: int = 60
+    poll_interval: int = 300
+
+
+class TrustState:
+    """The anchors releases are checked against on upload (replaceable at run time)."""
+
+    def __init__(self, resolver: KeyResolver | None) -> None:
+        self._resolver = resolver
+        self._lock = threading.Lock()
+
+    @property
+    def resolver(self) -> KeyResolver | None:
+        return self._resolver
+
+    def replace(self, resolver: KeyResolver) -> None:
+        with self._lock:
+            self._resolver = resolver
+
+
+class RateLimited(ServerError):
+    def __init__(self, detail: str, retry_after: float) -> None:
+        super().__init__(ErrorCode.RATE_LIMIT, detail, 429)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Identity:
+    serial: str
+    fingerprint: str
+
+
+def error_response(err: OtaError, status: int, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(err.to_dict(), status_code=status, headers=headers)
+
+
+def _status_of(err: OtaError) -> int:
+    if isinstance(err, ServerError):
+        return err.status
+    return {
+        ErrorCode.NOT_FOUND: 404,
+        ErrorCode.TOO_LARGE: 413,
+        ErrorCode.CONFLICT: 409,
+        ErrorCode.EXISTS: 409,
+        ErrorCode.REPLAY: 409,
+        ErrorCode.AUTH: 401,
+        ErrorCode.FORBIDDEN: 403,
+        ErrorCode.CERT: 403,
+        ErrorCode.CERT_REVOKED: 403,
+        ErrorCode.INTERNAL: 500,
+        ErrorCode.DATABASE: 503,
+    }.get(err.code, 400)
+
+
+class _IpLimitMiddleware:
+    """Per-client-IP token bucket, applied before any authentication work."""
+
+    def __init__(self, app: ASGIApp, buckets: TokenBuckets) -> None:
+        self.app = app
+        self.buckets = buckets
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            client = scope.get("client")
+            ip = client[0] if client else "?"
+            wait = self.buckets.take(ip)
+            if wait > 0:
+                resp = error_response(
+                    ServerError(ErrorCode.RATE_LIMIT, "too many requests from this address", 429),
+                    429,
+                    {"Retry-After": retry_after_header(wait)},
+                )
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class UpdateServer:
+    """State shared by all requests of one server process."""
+
+    def __init__(
+        self,
+        db: Database,
+        blobs: LocalBlobStore,
+        settings: ServerSettings,
+        trust: TrustState | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.db = db
+        self.blobs = blobs
+        self.settings = settings
+        self.trust = trust or TrustState(None)
+        self.device_buckets = TokenBuckets(settings.device_rate, clock=clock)
+        self.ip_buckets = TokenBuckets(settings.ip_rate, clock=clock)
+        self.probes = ProbeDetector(settings.probe_threshold, settings.probe_window, clock=clock)
+        self._clock = clock
+        self._last_probe_event: dict[str, float] = {}
+        self._cert_cache: OrderedDict[bytes, Identity] = OrderedDict()
+        self._fwd_cache: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
+
+    # --- app -----------------------------------------------------------------------------------
+    def asgi(self, part: str = "device") -> ASGIApp:
+        """The device API (for the mTLS listener) or the admin API (for its own listener).
+
+        They are separate apps on separate listeners: the device listener requires a client
+        certificate in the handshake, the admin listener authenticates bearer tokens, and
+        neither serves the other's routes.
+        """
+        from .admin import admin_routes
+
+        if part == "device":
+            routes = [
+                Route("/v1/checkin", self.checkin, methods=["POST"]),
+                Route("/v1/reports", self.reports, methods=["POST"]),
+                Route("/v1/manifests/{digest}", self.manifest, methods=["GET"]),
+                Route("/v1/images/{digest}", self.image, methods=["GET"]),
+                Route("/v1/keylist", self.keylist, methods=["GET"]),
+            ]
+        elif part == "admin":
+            routes = admin_routes(self)
+        else:
+            raise ValueError(part)
+        routes.append(Route("/healthz", self.health, methods=["GET"]))
+        app = Starlette(
+            routes=routes,
+            exception_handlers={
+                OtaError: self._on_error,
+                404: self._on_404,
+                405: self._on_405,
+                Exception: self._on_crash,
+            },
+        )
+        return _IpLimitMiddleware(app, self.ip_buckets)
+
+    async def _on_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, OtaError)
+        status = _status_of(exc)
+        headers = {"Retry-After": "5"} if status == 503 else None
+        if isinstance(exc, RateLimited):
+            headers = {"Retry-After": retry_after_header(exc.retry_after)}
+        return error_response(exc, status, headers)
+
+    async def _on_404(self, request: Request, exc: Exception) -> Response:
+        return error_response(OtaError(ErrorCode.NOT_FOUND, "no such endpoint"), 404)
+
+    async def _on_405(self, request: Request, exc: Exception) -> Response:
+        return error_response(OtaError(ErrorCode.USAGE, "method not allowed"), 405)
+
+    async def _on_crash(self, request: Request, exc: Exception) -> Response:
+        log.exception("internal error on %s", request.url.path)
+        return error_response(OtaError(ErrorCode.INTERNAL, "internal server error"), 500)
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    # --- identity ------------------------------------------------------------------------------
+    def _is_proxy(self, ip: str | None) -> bool:
+        if ip is None or not self.settings.trusted_proxies:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.settings.trusted_proxies)
+
+    def _identity_from_der(self, der: bytes) -> Identity:
+        ident = self._cert_cache.get(der)
+        if ident is None:
+            try:
+                cert = x509.load_der_x509_certificate(der)
+            except ValueError:
+                raise ServerError(ErrorCode.CERT, "unparsable client certificate", 403) from None
+            ident = Identity(serial_of(cert), fingerprint(der))
+            self._cert_cache[der] = ident
+            if len(self._cert_cache) > 50_000:
+                self._cert_cache.popitem(last=False)
+        return ident
+
+    def _identity_from_header(self, value: str) -> Identity:
+        cached = self._fwd_cache.get(value)
+        now = time.time()
+        if cached is not None and now <= cached[1]:
+            return cached[0]
+        pem = urllib.parse.unquote(value).encode()
+        try:
+            cert = x509.load_pem_x509_certificate(pem)
+        except ValueError:
+            raise ServerError(
+                ErrorCode.CERT, "forwarded client certificate unparsable", 403
+            ) from None
+        serial = verify_forwarded_cert(self.settings.ca_cert, cert)
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        ident = Identity(serial, fingerprint(cert.public_bytes(Encoding.DER)))
+        self._fwd_cache[value] = (ident, cert.not_valid_after_utc.timestamp())
+        if len(self._fwd_cache) > 50_000:
+            self._fwd_cache.popitem(last=False)
+        return ident
+
+    async def identify(self, request: Request) -> Identity:
+        """Who is calling: the verified certificate's serial, then the per-device limit."""
+        ip = request.client.host if request.client else None
+        header = request.headers.get("x-client-cert")
+        der: bytes | None = request.scope.get(PEER_CERT_KEY)
+        if header is not None:
+            if not self._is_proxy(ip):
+                await run_in_threadpool(self._probe, None, ip, "forged_header", request.url.path)
+                raise ServerError(
+                    ErrorCode.CERT,
+                    "X-Client-Cert is accepted only from configured proxies",
+                    403,
+                )
+            ident = self._identity_from_header(header)
+        elif der:
+            ident = self._identity_from_der(der)
+        else:
+            raise ServerError(ErrorCode.CERT, "client certificate required", 401)
+        wait = self.device_buckets.take(ident.serial)
+        if wait > 0:
+            await self._rate_limited(ident, ip, request.url.path)
+            raise RateLimited(f"device over its request rate; retry after {wait:.1f} s", wait)
+        return ident
+
+    async def _rate_limited(self, ident: Identity, ip: str | None, path: str) -> None:
+        flag = self.probes.hit(ident.serial)
+        now = self._clock()
+        last = self._last_probe_event.get(ident.serial, -1e18)
+        if flag or now - last >= self.settings.probe_event_interval:
+            self._last_probe_event[ident.serial] = now
+            await run_in_threadpool(self._record_limit, ident.serial, ip, path, flag)
+
+    def _record_limit(self, serial: str, ip: str | None, path: str, flag: bool) -> None:
+        with self.db.write() as conn:
+            dev = store.device_by_serial(conn, serial)
+            dev_id = dev.id if dev is not None else None
+            store.record_probe(conn, device_id=dev_id, ip=ip, kind="rate_limit", path=path)
+            if flag and dev_id is not None:
+                store.flag_suspect(
+                    conn,
+                    dev_id,
+                    f"possible probe: {self.settings.probe_threshold} rate-limit refusals "
+                    f"within {self.settings.probe_window:.0f} s",
+                )
+
+    def _probe(
+        self, device_id: int | None, ip: str | None, kind: str, path: str, detail: str = ""
+    ) -> None:
+        with self.db.write() as conn:
+            store.record_probe(
+                conn, device_id=device_id, ip=ip, kind=kind, path=path, detail=detail
+            )
+
+    def _device_work(
+        self,
+        ident: Identity,
+        request: Request,
+        fn: Callable[[Connection, Row[Any]], T],
+        *,
+        write: bool,
+    ) -> T:
+        """Check the device row (enrolled, this cert, not revoked), then run ``fn`` in the
+        same transaction. Refusals are recorded in their own transaction."""
+        ip = request.client.host if request.client else None
+        refusal: ServerError | None = None
+        device_id: int | None = None
+        with self.db.write() if write else self.db.read() as conn:
+            dev = store.device_by_serial(conn, ident.serial)
+            if dev is None:
+                refusal = ServerError(ErrorCode.CERT, "device is not enrolled", 403)
+            elif dev.revoked:
+                device_id = dev.id
+                refusal = ServerError(ErrorCode.CERT_REVOKED, "device certificate revoked", 403)
+            elif dev.cert_fingerprint != ident.fingerprint:
+                device_id = dev.id
+                refusal = ServerError(
+                    ErrorCode.CERT_REVOKED, "certificate superseded by re-enrollment", 403
+                )
+            else:
+                return fn(conn, dev)
+        self._probe(device_id, ip, refusal.code.value, request.url.path, refusal.detail)
+        raise refusal
+
+    async def _run(
+        self,
+        request: Request,
+        fn: Callable[[Connection, Row[Any]], T],
+        *,
+        write: bool,
+    ) -> T:
+        ident = await self.identify(request)
+        return await run_in_threadpool(self._device_work, ident, request, fn, write=write)
+
+    # --- request bodies ------------------------------------------------------------------------
+    @staticmethod
+    async def read_body(request: Request, limit: int) -> bytes:
+        cl = request.headers.get("content-length")
+        if cl is not None:
+            if not cl.isdigit():
+                raise ServerError(ErrorCode.MALFORMED, "bad Content-Length", 400)
+            if int(cl) > limit:
+                raise ServerError(ErrorCode.TOO_LARGE, f"body over {limit} bytes", 413)
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise ServerError(ErrorCode.TOO_LARGE, f"body over {limit} bytes", 413)
+        return bytes(buf)
+
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        body = await self.read_body(request, self.settings.max_device_body)
+        try:
+            obj = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise ServerError(ErrorCode.MALFORMED, "body is not JSON", 400) from None
+        if not isinstance(obj, dict) or len(obj) > MAX_JSON_ITEMS:
+            raise ServerError(ErrorCode.MALFORMED, "body must be a JSON object", 400)
+        return obj
+
+    # --- device endpoints ----------------------------------------------------------------------
+    async def checkin(self, request: Request) -> Response:
+        ident = await self.identify(request)
+        body = await self.read_json(request)
+        _check_serial_claim(body, ident)
+        facts = _checkin_facts(body)
+
+        def work(conn: Connection, dev: Row[Any]) -> dict[str, Any]:
+            store.record_checkin(
+                conn, dev, facts, lastseen_interval=self.settings.lastseen_interval
+            )
+            rel = store.pending_update(conn, dev.id)
+            update: dict[str, Any] | None = None
+            if rel is not None:
+                if rel.version == facts.get("current_version") and (
+                    facts.get("running_digest") in (None, rel.image_digest)
+                ):
+                    store.set_assignment_state(conn, dev.id, "done")
+                else:
+                    if rel.assignment_state == "assigned":
+                        store.set_assignment_state(conn, dev.id, "offered")
+                    update = _update_ref(rel)
+            kl = store.latest_keylist(conn)
+            return {
+                "update": update,
+                "keylist_version": kl.version if kl is not None else None,
+                "poll_interval": self.settings.poll_interval,
+            }
+
+        result = await run_in_threadpool(self._device_work, ident, request, work, write=True)
+        return JSONResponse(result)
+
+    async def reports(self, request: Request) -> Response:
+        ident = await self.identify(request)
+        body = await self.read_json(request)
+        _check_serial_claim(body, ident)
+        report = _parse_report(body)
+
+        def work(conn: Connection, dev: Row[Any]) -> bool:
+            rel = store.pending_update(conn, dev.id)
+            if rel is not None and report.get("manifest_digest") in (None, rel.manifest_digest):
+                report["release_id"] = rel.id
+            fresh = store.insert_report(conn, dev.id, report)
+            if fresh:
+                if report.get("error_code"):
+                    store.record_checkin(
+                        conn, dev, {"last_error": report["error_code"]}, lastseen_interval=0
+                    )
+                if rel is not None and "release_id" in report:
+                    state = report["state"]
+                    if state in DONE_STATES:
+                        store.set_assignment_state(conn, dev.id, "done")
+                    elif state in FAILED_STATES:
+                        store.set_assignment_state(conn, dev.id, "failed")
+                    elif state in WORKING_STATES:
+                        store.set_assignment_state(conn, dev.id, "installing")
+            return fresh
+
+        fresh = await run_in_threadpool(self._device_work, ident, request, work, write=True)
+        # The response is sent only after the transaction committed: an acknowledged report
+        # is durable. A repeat of the same report_id is acknowledged again, never re-counted.
+        return JSONResponse(
+            {"report_id": report["report_id"], "duplicate": not fresh},
+            status_code=201 if fresh else 200,
+        )
+
+    async def manifest(self, request: Request) -> Response:
+        digest = check_name(request.path_params["digest"])
+
+        def work(conn: Connection, dev: Row[Any]) -> bool:
+            return store.device_may_fetch(conn, dev.id, "envelope_blob", digest)
+
+        if not await self._run(request, work, write=False):
+            raise ServerError(ErrorCode.NOT_FOUND, "no such manifest for this device", 404)
+        etag = f'"{digest}"'
+        if _etag_matches(request.headers.get("if-none-match"), etag):
+            return Response(status_code=304, headers={"ETag": etag})
+        data = self.blobs.read(digest, self.settings.max_envelope)
+        return Response(data, media_type=ENVELOPE_TYPE, headers={"ETag": etag})
+
+    async def image(self, request: Request) -> Response:
+        digest = check_name(request.path_params["digest"])
+
+        def work(conn: Connection, dev: Row[Any]) -> bool:
+            return store.device_may_fetch(conn, dev.id, "image_blob", digest)
+
+        if not await self._run(request, work, write=False):
+            raise ServerError(ErrorCode.NOT_FOUND, "no such image for this device", 404)
+        size = self.blobs.size(digest)
+        if size is None:
+            raise ServerError(ErrorCode.NOT_FOUND, "image blob missing", 404)
+        etag = f'"{digest}"'
+        headers = {"ETag": etag, "Accept-Ranges": "bytes"}
+        rng = request.headers.get("range")
+        if_range = request.headers.get("if-range")
+        if rng is not None and (if_range is None or if_range.strip() == etag):
+            span = parse_range(rng, size)
+            if span == "unsatisfiable":
+                return error_response(
+                    ServerError(ErrorCode.RANGE, f"range outside the {size}-byte image", 416),
+                    416,
+                    {"Content-Range": f"bytes */{size}", **headers},
+                )
+            if isinstance(span, tuple):
+                start, end = span
+                headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+                headers["Content-Length"] = str(end - start + 1)
+                return StreamingResponse(
+                    self._chunks(digest, start, end),
+                    status_code=206,
+                    media_type="application/octet-stream",
+                    headers=headers,
+                )
+        headers["Content-Length"] = str(size)
+        return StreamingResponse(
+            self._chunks(digest, 0, size - 1),
+            media_type="application/octet-stream",
+            headers=headers,
+        )
+
+    def _chunks(self, digest: str, start: int, end: int) -> Iterator[bytes]:
+        if end < start:
+            return iter(())
+        return self.blobs.open_range(digest, start, end)
+
+    async def keylist(self, request: Request) -> Response:
+        def work(conn: Connection, dev: Row[Any]) -> tuple[int, bytes, str] | None:
+            kl = store.latest_keylist(conn)
+            return (kl.version, kl.document, kl.sha256) if kl is not None else None
+
+        found = await self._run(request, work, write=False)
+        if found is None:
+            raise ServerError(ErrorCode.NOT_FOUND, "no key list published", 404)
+        version, doc, sha = found
+        etag = f'"{sha}"'
+        headers = {"ETag": etag, "X-Keylist-Version": str(version)}
+        if _etag_matches(request.headers.get("if-none-match"), etag):
+            return Response(status_code=304, headers=headers)
+        return Response(doc, media_type=KEYLIST_TYPE, headers=headers)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+def _etag_matches(header: str | None, etag: str) -> bool:
+    if header is None:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in header.split(",")]
+    return "*" in tags or etag in tags
+
+
+def parse_range(value: str, size: int) -> tuple[int, int] | str | None:
+    """One ``bytes=`` range → (start, end) inclusive; "unsatisfiable"; or None to ignore.
+
+    RFC 9110 §14.2: a syntactically invalid or multi-range header may be ignored (we serve the
+    whole file); a valid range that starts beyond the end is unsatisfiable (416).
+    """
+    v = value.strip()
+    if not v.startswith("bytes=") or "," in v:
+        return None
+    spec = v[6:].strip()
+    first, sep, last = spec.partition("-")
+    if not sep or (not first and not last):
+        return None
+    if (first and not first.isdigit()) or (last and not last.isdigit()):
+        return None
+    if len(first) > 19 or len(last) > 19:
+        return None
+    if not first:  # suffix range: the last N bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            return "unsatisfiable"
+        return (max(0, size - n), size - 1)
+    start = int(first)
+    end = int(last) if last else size - 1
+    if last and end < start:
+        return None
+    if start >= size:
+        return "unsatisfiable"
+    return (start, min(end, size - 1))
+
+
+def _check_serial_claim(body: dict[str, Any], ident: Identity) -> None:
+    claimed = body.get("serial")
+    if claimed is not None and claimed != ident.serial:
+        raise ServerError(
+            ErrorCode.IDENTITY,
+            "body names another device than the client certificate",
+            403,
+        )
+
+
+def _opt(body: dict[str, Any], key: str, typ: type, check: Callable[[Any], bool]) -> Any:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, typ) or isinstance(v, bool) or not check(v):
+        raise ServerError(ErrorCode.MALFORMED, f"field {key!r} is invalid", 400)
+    return v
+
+
+def _checkin_facts(body: dict[str, Any]) -> dict[str, Any]:
+    u63 = 2**63 - 1
+    facts = {
+        "current_version": _opt(body, "version", str, lambda s: bool(_VERSION.match(s))),
+        "security_counter": _opt(body, "security_counter", int, lambda n: 0 <= n <= u63),
+        "keylist_version": _opt(body, "keylist_version", int, lambda n: 0 <= n <= u63),
+        "running_digest": _opt(body, "running_digest", str, lambda s: bool(_HEX.match(s))),
+        "last_error": _opt(body, "last_error", str, lambda s: bool(_ERROR.match(s))),
+    }
+    if facts["current_version"] is None:
+        raise ServerError(ErrorCode.MALFORMED, "check-in needs 'version'", 400)
+    slot = body.get("slot_state")
+    if slot is not None:
+        if not isinstance(slot, dict | str):
+            raise ServerError(ErrorCode.MALFORMED, "field 'slot_state' is invalid", 400)
+        encoded = json.dumps(slot, sort_keys=True, separators=(",", ":"))
+        if len(encoded) > 1024:
+            raise ServerError(ErrorCode.TOO_LARGE, "slot_state over 1024 bytes", 413)
+        facts["slot_state"] = encoded
+    return {k: v for k, v in facts.items() if v is not None}
+
+
+def _parse_report(body: dict[str, Any]) -> dict[str, Any]:
+    rid = body.get("report_id")
+    if not isinstance(rid, str) or not _REPORT_ID.match(rid):
+        raise ServerError(ErrorCode.MALFORMED, "report_id must be 1-64 chars [A-Za-z0-9_.:-]", 400)
+    state = body.get("state")
+    if not isinstance(state, str) or not _STATE.match(state):
+        raise ServerError(ErrorCode.MALFORMED, "state must be 1-32 chars [a-z_]", 400)
+    return {
+        "report_id": rid,
+        "state": state,
+        "manifest_digest": _opt(body, "manifest_digest", str, lambda s: bool(_HEX.match(s))),
+        "error_code": _opt(body, "error", str, lambda s: bool(_ERROR.match(s))),
+        "version": _opt(body, "version", str, lambda s: bool(_VERSION.match(s))),
+        "detail": _opt(body, "detail", str, lambda s: len(s) <= 500),
+    }
+
+
+def _update_ref(rel: Row[Any]) -> dict[str, Any]:
+    return {
+        "release_id": rel.id,
+        "version": rel.version,
+        "manifest_digest": rel.manifest_digest,
+        "manifest_url": f"/v1/manifests/{rel.envelope_blob}",
+        "image_url": f"/v1/images/{rel.image_blob}",
+        "image_size": rel.image_size,
+        "image_digest": rel.image_digest,
+        "digest_alg": rel.digest_alg,
+    }

@@ -1,0 +1,170 @@
+"""Content-addressed blob store for manifests and images.
+
+A blob is named by the SHA-256 of its bytes, so a stored name can always be re-checked and the
+same image uploaded twice is stored once. Serving blobs from an untrusted store (a CDN, S3) is
+safe because devices verify the signed manifest's digest, never the store's word.
+
+:class:`BlobStore` is the interface; :class:`LocalBlobStore` keeps blobs in a directory
+(``ab/cd/abcd…``) and writes them atomically (temp file + fsync + rename), so a crash never
+leaves a partial blob under its final name. An S3-compatible store implements the same five
+methods (``put_stream`` as a multipart upload, ``open_range`` as a ranged GET).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from ..errors import ErrorCode, OtaError, ServerError
+
+CHUNK = 256 * 1024
+_NAME = re.compile(r"\A[0-9a-f]{64}\Z")
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ServerError(ErrorCode.MALFORMED, "blob name must be 64 lowercase hex digits", 400)
+    return name
+
+
+class BlobStore(Protocol):
+    def put(self, data: bytes) -> str: ...
+
+    def put_stream(self, chunks: Iterable[bytes], max_size: int) -> tuple[str, int]: ...
+
+    def size(self, name: str) -> int | None: ...
+
+    def read(self, name: str, max_size: int) -> bytes: ...
+
+    def open_range(self, name: str, start: int, end: int) -> Iterator[bytes]: ...
+
+
+class LocalBlobStore:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.root / "tmp"
+        self._tmp.mkdir(exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        check_name(name)
+        return self.root / name[:2] / name[2:4] / name
+
+    def _commit(self, tmp: str, name: str) -> None:
+        dest = self.path(name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, dest)  # same content under the same name: replacing is harmless
+        with contextlib.suppress(OSError):
+            dfd = os.open(dest.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+    def put(self, data: bytes) -> str:
+        name, _ = self.put_stream([data], len(data))
+        return name
+
+    def put_stream(self, chunks: Iterable[bytes], max_size: int) -> tuple[str, int]:
+        h = hashlib.sha256()
+        total = 0
+        fd, tmp = tempfile.mkstemp(prefix="blob.", dir=self._tmp)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    total += len(chunk)
+                    if total > max_size:
+                        raise ServerError(
+                            ErrorCode.TOO_LARGE, f"blob exceeds the limit of {max_size} bytes", 413
+                        )
+                    h.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            name = h.hexdigest()
+            if self.path(name).exists():
+                os.unlink(tmp)
+            else:
+                self._commit(tmp, name)
+            return name, total
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    async def put_async(self, chunks: AsyncIterator[bytes], max_size: int) -> tuple[str, int]:
+        """Spool an async body to a temp file in bounded memory, then commit by digest."""
+        h = hashlib.sha256()
+        total = 0
+        fd, tmp = tempfile.mkstemp(prefix="blob.", dir=self._tmp)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in chunks:
+                    total += len(chunk)
+                    if total > max_size:
+                        raise ServerError(
+                            ErrorCode.TOO_LARGE, f"body exceeds the limit of {max_size} bytes", 413
+                        )
+                    h.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            name = h.hexdigest()
+            if self.path(name).exists():
+                os.unlink(tmp)
+            else:
+                self._commit(tmp, name)
+            return name, total
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def size(self, name: str) -> int | None:
+        try:
+            return self.path(name).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def read(self, name: str, max_size: int) -> bytes:
+        p = self.path(name)
+        try:
+            with p.open("rb") as f:
+                data = f.read(max_size + 1)
+        except FileNotFoundError:
+            raise OtaError(ErrorCode.NOT_FOUND, f"blob {name} not found") from None
+        if len(data) > max_size:
+            raise OtaError(ErrorCode.TOO_LARGE, f"blob {name} is over {max_size} bytes")
+        return data
+
+    def open_range(self, name: str, start: int, end: int) -> Iterator[bytes]:
+        """Yield bytes ``start`` .. ``end`` inclusive, in chunks."""
+        f: BinaryIO = self.path(name).open("rb")
+        try:
+            f.seek(start)
+            left = end - start + 1
+            while left > 0:
+                chunk = f.read(min(CHUNK, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                yield chunk
+        finally:
+            f.close()
+
+    def verify(self, name: str) -> bool:
+        """Re-hash a stored blob (for a periodic scrub): does it still match its name?"""
+        h = hashlib.sha256()
+        size = self.size(name)
+        if size is None:
+            return False
+        for chunk in self.open_range(name, 0, max(size - 1, 0)):
+            h.update(chunk)
+        return h.hexdigest() == name

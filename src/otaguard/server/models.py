@@ -1,0 +1,152 @@
+"""Database schema (SQLAlchemy Core). The migrations in ``migrations/versions`` create it.
+
+Core tables rather than ORM classes: the hot path (check-in) is a handful of single-row
+statements and must stay cheap. The same definitions run on SQLite and PostgreSQL.
+
+Campaign support is prepared, not built: a device's pending target lives in ``assignments``
+(one row per device, so a device can never be in two conflicting rollouts), and its
+``campaign_id`` column will reference the future ``campaigns`` table.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+devices = Table(
+    "devices",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("serial", String(64), nullable=False, unique=True),
+    Column("model", String(64), nullable=False),
+    Column("hw_rev", String(32), nullable=False),
+    Column("cert_fingerprint", String(64), nullable=False),  # sha256(cert DER) hex
+    Column("cert_not_after", BigInteger, nullable=False),
+    Column("revoked", Boolean, nullable=False, default=False),
+    Column("revoked_at", BigInteger),
+    Column("enrolled_at", BigInteger, nullable=False),
+    Column("current_version", String(32)),
+    Column("security_counter", BigInteger),
+    Column("keylist_version", BigInteger),
+    Column("slot_state", Text),  # JSON as last reported
+    Column("running_digest", String(128)),
+    Column("last_seen", BigInteger),
+    Column("last_error", String(64)),
+    Column("suspect", Boolean, nullable=False, default=False),
+    Column("suspect_reason", String(200)),
+    Index("ix_devices_model_hw", "model", "hw_rev"),
+)
+
+device_groups = Table(
+    "device_groups",
+    metadata,
+    Column("device_id", Integer, ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Index("ix_device_groups_name", "name"),
+)
+
+releases = Table(
+    "releases",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model", String(64), nullable=False),
+    Column("hw_rev", String(32), nullable=False),
+    Column("vendor_id", String(36), nullable=False),
+    Column("class_id", String(36), nullable=False),
+    Column("version", String(32), nullable=False),
+    Column("min_version", String(32)),
+    Column("security_counter", BigInteger, nullable=False),
+    Column("sequence_number", BigInteger, nullable=False),
+    Column("expires", BigInteger),
+    Column("digest_alg", String(16), nullable=False),
+    Column("manifest_digest", String(128), nullable=False, unique=True),  # SUIT digest, hex
+    Column("envelope_blob", String(64), nullable=False),  # sha256 of the envelope bytes
+    Column("image_digest", String(128), nullable=False),  # manifest's image digest, hex
+    Column("image_size", BigInteger, nullable=False),
+    Column("image_blob", String(64), nullable=False),  # sha256 of the image bytes
+    Column("signers", Text, nullable=False),  # JSON list of kid hex
+    Column("description", Text),
+    Column("uploaded_by", String(64)),
+    Column("created_at", BigInteger, nullable=False),
+    UniqueConstraint("class_id", "version", name="uq_releases_class_version"),
+    Index("ix_releases_envelope_blob", "envelope_blob"),
+    Index("ix_releases_image_blob", "image_blob"),
+)
+
+assignments = Table(
+    "assignments",
+    metadata,
+    Column("device_id", Integer, ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+    Column("release_id", Integer, ForeignKey("releases.id"), nullable=False),
+    Column("campaign_id", Integer),  # FK to campaigns once they exist
+    Column("state", String(16), nullable=False),  # assigned/offered/installing/done/failed
+    Column("assigned_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    Index("ix_assignments_release", "release_id"),
+    Index("ix_assignments_campaign", "campaign_id"),
+)
+
+status_reports = Table(
+    "status_reports",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("device_id", Integer, ForeignKey("devices.id", ondelete="CASCADE"), nullable=False),
+    Column("report_id", String(64), nullable=False),
+    Column("release_id", Integer, ForeignKey("releases.id")),
+    Column("campaign_id", Integer),
+    Column("manifest_digest", String(128)),
+    Column("state", String(32), nullable=False),
+    Column("error_code", String(32)),
+    Column("version", String(32)),
+    Column("detail", String(500)),
+    Column("received_at", BigInteger, nullable=False),
+    UniqueConstraint("device_id", "report_id", name="uq_status_reports_device_report"),
+    Index("ix_status_reports_release_state", "release_id", "state"),
+)
+
+probe_events = Table(
+    "probe_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("device_id", Integer, ForeignKey("devices.id", ondelete="CASCADE")),
+    Column("ip", String(64)),
+    Column("kind", String(32), nullable=False),  # rate_limit, identity, revoked, cert, ...
+    Column("path", String(200)),
+    Column("detail", String(200)),
+    Column("at", BigInteger, nullable=False),
+    Index("ix_probe_events_device_at", "device_id", "at"),
+)
+
+keylists = Table(
+    "keylists",
+    metadata,
+    Column("version", BigInteger, primary_key=True, autoincrement=False),
+    Column("document", LargeBinary, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+admin_tokens = Table(
+    "admin_tokens",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("token_sha256", String(64), nullable=False, unique=True),
+    Column("role", String(32), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("revoked", Boolean, nullable=False, default=False),
+)

@@ -1,0 +1,130 @@
+"""Assemble a server from a data directory and run it (``otaguard server run``).
+
+Data directory layout: ``otaguard.db`` (default SQLite database), ``blobs/`` (content-addressed
+store). The schema is migrated to the newest revision on every start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+
+from ..crypto.keys import PublicKey
+from ..errors import ErrorCode, UsageError
+from ..fsutil import read_limited
+from ..trust.model import KeyResolver, StaticKeys
+from . import store
+from .app import IpNet, ServerSettings, TrustState, UpdateServer
+from .blobs import LocalBlobStore
+from .ca import MAX_PEM, load_cert_pem
+from .db import Database, sqlite_url
+from .mtls import bind_socket, server_ssl_context, uvicorn_config
+from .ratelimit import RateLimit
+
+log = logging.getLogger("otaguard.server")
+
+
+@dataclass
+class RunOptions:
+    data_dir: Path
+    ca_cert: Path
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    db_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8443
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8444
+    trust_bundle: Path | None = None
+    trusted_keys: list[Path] = field(default_factory=list)
+    trusted_proxies: list[str] = field(default_factory=list)
+    proxy_only: bool = False  # plain-HTTP listener behind a TLS-terminating proxy
+    device_rate: float = 5.0
+    device_burst: int = 30
+    ip_rate: float = 200.0
+    ip_burst: int = 1000
+
+
+def open_database(data_dir: Path, db_url: str | None) -> Database:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(db_url or sqlite_url(data_dir / "otaguard.db"))
+    db.upgrade()
+    return db
+
+
+def load_resolver(bundle: Path | None, keys: list[Path], db: Database) -> KeyResolver | None:
+    if bundle is not None and keys:
+        raise UsageError(ErrorCode.USAGE, "give a trust bundle or trusted keys, not both")
+    if bundle is not None:
+        from ..trust.bundle import TrustBundle
+
+        ts = TrustBundle.load(read_limited(bundle, 1 << 20)).store()
+        with db.read() as conn:
+            published = store.latest_keylist(conn)
+        if published is not None and published.version > ts.version:
+            # Replay the newest published update on top of the bundle's list (updates carry
+            # the complete list, so the newest one is enough).
+            ts = ts.apply_update(published.document)
+        return ts
+    if keys:
+        return StaticKeys([PublicKey.from_pem(read_limited(k, MAX_PEM)) for k in keys])
+    return None
+
+
+def parse_proxies(values: list[str]) -> tuple[IpNet, ...]:
+    try:
+        return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+    except ValueError as exc:
+        raise UsageError(ErrorCode.USAGE, f"bad proxy address: {exc}") from None
+
+
+def build_server(opts: RunOptions) -> UpdateServer:
+    db = open_database(opts.data_dir, opts.db_url)
+    settings = ServerSettings(
+        ca_cert=load_cert_pem(read_limited(opts.ca_cert, MAX_PEM)),
+        trusted_proxies=parse_proxies(opts.trusted_proxies),
+        device_rate=RateLimit(opts.device_rate, opts.device_burst),
+        ip_rate=RateLimit(opts.ip_rate, opts.ip_burst),
+    )
+    resolver = load_resolver(opts.trust_bundle, opts.trusted_keys, db)
+    return UpdateServer(db, LocalBlobStore(opts.data_dir / "blobs"), settings, TrustState(resolver))
+
+
+def run(opts: RunOptions) -> None:
+    """Serve the device API (mTLS) and the admin API (server TLS + tokens) until signalled."""
+    srv = build_server(opts)
+    if (opts.tls_cert is None or opts.tls_key is None) and not opts.proxy_only:
+        raise UsageError(ErrorCode.USAGE, "--tls-cert and --tls-key are required")
+    if opts.proxy_only:
+        if not opts.trusted_proxies:
+            raise UsageError(ErrorCode.USAGE, "--proxy-only needs --trusted-proxy")
+        dev_ctx = None
+    else:
+        assert opts.tls_cert is not None and opts.tls_key is not None
+        dev_ctx = server_ssl_context(opts.tls_cert, opts.tls_key, opts.ca_cert)
+    adm_ctx = None
+    if opts.tls_cert is not None and opts.tls_key is not None:
+        adm_ctx = server_ssl_context(opts.tls_cert, opts.tls_key, None, require_client_cert=False)
+    dev_sock = bind_socket(opts.host, opts.port)
+    adm_sock = bind_socket(opts.admin_host, opts.admin_port)
+    dev = uvicorn.Server(uvicorn_config(srv.asgi("device"), dev_ctx))
+    adm = uvicorn.Server(uvicorn_config(srv.asgi("admin"), adm_ctx))
+    dport, aport = dev_sock.getsockname()[1], adm_sock.getsockname()[1]
+    log.warning(
+        "otaguard server: devices on %s:%d, admin on %s:%d",
+        opts.host,
+        dport,
+        opts.admin_host,
+        aport,
+    )
+    print(f"listening device={opts.host}:{dport} admin={opts.admin_host}:{aport}", flush=True)
+
+    async def main() -> None:
+        await asyncio.gather(dev.serve(sockets=[dev_sock]), adm.serve(sockets=[adm_sock]))
+
+    asyncio.run(main())

@@ -1,0 +1,324 @@
+"""Queries: every statement the server runs, as functions over an open transaction.
+
+Handlers open one transaction (``Database.read()`` / ``write()``) and call these; keeping the
+SQL here means the campaign engine can later reuse the same device/assignment primitives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection, Row, delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ..errors import ErrorCode, OtaError, ServerError
+from . import models as m
+
+ADMIN_ROLES = ("viewer", "operator", "release-manager", "security-officer")
+ASSIGNMENT_STATES = ("assigned", "offered", "installing", "done", "failed")
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]) -> bool:
+    """INSERT that silently does nothing on a unique conflict; True if a row was written."""
+    # RETURNING, not rowcount: drivers disagree on rowcount for a conflict-skipped insert.
+    if conn.dialect.name == "postgresql":
+        pg = postgresql.insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
+        return conn.execute(pg.returning(table.c.id)).first() is not None
+    lite = sqlite.insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
+    return conn.execute(lite.returning(table.c.id)).first() is not None
+
+
+# --- devices -----------------------------------------------------------------------------------
+def register_device(
+    conn: Connection,
+    *,
+    serial: str,
+    model: str,
+    hw_rev: str,
+    groups: Sequence[str],
+    cert_fingerprint: str,
+    cert_not_after: int,
+    replace: bool = False,
+) -> int:
+    """Add a device, or (``replace``) give an existing one a new certificate.
+
+    A re-enrolled device's old certificate stops working at once: the server accepts only the
+    fingerprint stored here.
+    """
+    row = conn.execute(select(m.devices.c.id).where(m.devices.c.serial == serial)).first()
+    if row is not None and not replace:
+        raise OtaError(ErrorCode.EXISTS, f"device {serial} is already enrolled (use --replace)")
+    t = now_s()
+    if row is None:
+        dev_id = conn.execute(
+            insert(m.devices).values(
+                serial=serial,
+                model=model,
+                hw_rev=hw_rev,
+                cert_fingerprint=cert_fingerprint,
+                cert_not_after=cert_not_after,
+                revoked=False,
+                enrolled_at=t,
+                suspect=False,
+            )
+        ).inserted_primary_key[0]  # type: ignore[index]
+    else:
+        dev_id = row.id
+        conn.execute(
+            update(m.devices)
+            .where(m.devices.c.id == dev_id)
+            .values(
+                model=model,
+                hw_rev=hw_rev,
+                cert_fingerprint=cert_fingerprint,
+                cert_not_after=cert_not_after,
+                revoked=False,
+                revoked_at=None,
+                enrolled_at=t,
+            )
+        )
+        conn.execute(delete(m.device_groups).where(m.device_groups.c.device_id == dev_id))
+    for g in sorted(set(groups)):
+        conn.execute(insert(m.device_groups).values(device_id=dev_id, name=g))
+    return int(dev_id)
+
+
+def revoke_device(conn: Connection, serial: str) -> None:
+    res = conn.execute(
+        update(m.devices)
+        .where(m.devices.c.serial == serial)
+        .values(revoked=True, revoked_at=now_s())
+    )
+    if not res.rowcount:
+        raise OtaError(ErrorCode.NOT_FOUND, f"no device {serial}")
+
+
+def device_by_serial(conn: Connection, serial: str) -> Row[Any] | None:
+    return conn.execute(select(m.devices).where(m.devices.c.serial == serial)).first()
+
+
+def device_groups(conn: Connection, device_id: int) -> list[str]:
+    rows = conn.execute(
+        select(m.device_groups.c.name).where(m.device_groups.c.device_id == device_id)
+    )
+    return sorted(r.name for r in rows)
+
+
+def record_checkin(
+    conn: Connection, device: Row[Any], facts: dict[str, Any], *, lastseen_interval: int
+) -> None:
+    """Write what the device reported; skip the write when nothing changed but the clock.
+
+    An idle fleet polling every few minutes then costs one indexed read per check-in, and a
+    write only every ``lastseen_interval`` seconds per device.
+    """
+    t = now_s()
+    changed = {k: v for k, v in facts.items() if getattr(device, k) != v}
+    if not changed and device.last_seen is not None and t - device.last_seen < lastseen_interval:
+        return
+    conn.execute(
+        update(m.devices).where(m.devices.c.id == device.id).values(last_seen=t, **changed)
+    )
+
+
+def pending_update(conn: Connection, device_id: int) -> Row[Any] | None:
+    """The release assigned to this device (joined), if its assignment is still open."""
+    j = m.assignments.join(m.releases, m.assignments.c.release_id == m.releases.c.id)
+    return conn.execute(
+        select(m.releases, m.assignments.c.state.label("assignment_state"))
+        .select_from(j)
+        .where(
+            m.assignments.c.device_id == device_id,
+            m.assignments.c.state.in_(("assigned", "offered", "installing")),
+        )
+    ).first()
+
+
+def set_assignment_state(conn: Connection, device_id: int, state: str) -> None:
+    conn.execute(
+        update(m.assignments)
+        .where(m.assignments.c.device_id == device_id)
+        .values(state=state, updated_at=now_s())
+    )
+
+
+def assign(conn: Connection, device_id: int, release_id: int, campaign_id: int | None) -> None:
+    """Point a device at a release (replacing any earlier target: one target per device)."""
+    t = now_s()
+    conn.execute(delete(m.assignments).where(m.assignments.c.device_id == device_id))
+    conn.execute(
+        insert(m.assignments).values(
+            device_id=device_id,
+            release_id=release_id,
+            campaign_id=campaign_id,
+            state="assigned",
+            assigned_at=t,
+            updated_at=t,
+        )
+    )
+
+
+def device_may_fetch(conn: Connection, device_id: int, column: str, blob: str) -> bool:
+    """Only a device that was offered a release may download its manifest or image."""
+    col = m.releases.c[column]
+    j = m.assignments.join(m.releases, m.assignments.c.release_id == m.releases.c.id)
+    row = conn.execute(
+        select(m.releases.c.id)
+        .select_from(j)
+        .where(m.assignments.c.device_id == device_id, col == blob)
+        .limit(1)
+    ).first()
+    return row is not None
+
+
+# --- reports -----------------------------------------------------------------------------------
+def insert_report(conn: Connection, device_id: int, report: dict[str, Any]) -> bool:
+    """Store a status report once; a repeated ``report_id`` from the same device is a no-op."""
+    values = dict(report, device_id=device_id, received_at=now_s())
+    return _insert_ignore(conn, m.status_reports, values, ["device_id", "report_id"])
+
+
+def count_reports(conn: Connection, device_id: int | None = None) -> int:
+    q = select(func.count()).select_from(m.status_reports)
+    if device_id is not None:
+        q = q.where(m.status_reports.c.device_id == device_id)
+    return int(conn.execute(q).scalar_one())
+
+
+# --- probes ------------------------------------------------------------------------------------
+def record_probe(
+    conn: Connection,
+    *,
+    device_id: int | None,
+    ip: str | None,
+    kind: str,
+    path: str,
+    detail: str = "",
+) -> None:
+    conn.execute(
+        insert(m.probe_events).values(
+            device_id=device_id, ip=ip, kind=kind, path=path[:200], detail=detail[:200], at=now_s()
+        )
+    )
+
+
+def flag_suspect(conn: Connection, device_id: int, reason: str) -> None:
+    conn.execute(
+        update(m.devices)
+        .where(m.devices.c.id == device_id)
+        .values(suspect=True, suspect_reason=reason[:200])
+    )
+
+
+def probe_history(conn: Connection, device_id: int, limit: int = 100) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        select(m.probe_events)
+        .where(m.probe_events.c.device_id == device_id)
+        .order_by(m.probe_events.c.id.desc())
+        .limit(limit)
+    )
+    return [
+        {"kind": r.kind, "ip": r.ip, "path": r.path, "detail": r.detail, "at": r.at} for r in rows
+    ]
+
+
+# --- releases ----------------------------------------------------------------------------------
+def insert_release(conn: Connection, values: dict[str, Any]) -> int:
+    existing = conn.execute(
+        select(m.releases.c.id).where(
+            (m.releases.c.manifest_digest == values["manifest_digest"])
+            | (
+                (m.releases.c.class_id == values["class_id"])
+                & (m.releases.c.version == values["version"])
+            )
+        )
+    ).first()
+    if existing is not None:
+        raise ServerError(
+            ErrorCode.CONFLICT, f"release exists (id {existing.id}) for this manifest/version", 409
+        )
+    return int(
+        conn.execute(insert(m.releases).values(**values, created_at=now_s())).inserted_primary_key[
+            0
+        ]  # type: ignore[index]
+    )
+
+
+def release_by_id(conn: Connection, release_id: int) -> Row[Any] | None:
+    return conn.execute(select(m.releases).where(m.releases.c.id == release_id)).first()
+
+
+# --- key lists ---------------------------------------------------------------------------------
+def put_keylist(conn: Connection, version: int, document: bytes) -> None:
+    latest = conn.execute(select(func.max(m.keylists.c.version))).scalar()
+    if latest is not None and version <= latest:
+        raise ServerError(ErrorCode.REPLAY, f"key list version {version} <= stored {latest}", 409)
+    conn.execute(
+        insert(m.keylists).values(
+            version=version,
+            document=document,
+            sha256=hashlib.sha256(document).hexdigest(),
+            created_at=now_s(),
+        )
+    )
+
+
+def latest_keylist(conn: Connection) -> Row[Any] | None:
+    return conn.execute(select(m.keylists).order_by(m.keylists.c.version.desc()).limit(1)).first()
+
+
+# --- admin tokens ------------------------------------------------------------------------------
+def create_token(conn: Connection, name: str, role: str) -> str:
+    """Create a bearer token; only its SHA-256 is stored, the token is shown once."""
+    if role not in ADMIN_ROLES:
+        raise OtaError(ErrorCode.USAGE, f"role must be one of {', '.join(ADMIN_ROLES)}")
+    token = "otg_" + secrets.token_urlsafe(32)
+    conn.execute(
+        insert(m.admin_tokens).values(
+            name=name,
+            token_sha256=hashlib.sha256(token.encode()).hexdigest(),
+            role=role,
+            created_at=now_s(),
+            revoked=False,
+        )
+    )
+    return token
+
+
+def token_role(conn: Connection, token: str) -> tuple[str, str] | None:
+    row = conn.execute(
+        select(m.admin_tokens.c.name, m.admin_tokens.c.role).where(
+            m.admin_tokens.c.token_sha256 == hashlib.sha256(token.encode()).hexdigest(),
+            m.admin_tokens.c.revoked.is_(False),
+        )
+    ).first()
+    return (row.name, row.role) if row is not None else None
+
+
+def device_view(conn: Connection, device: Row[Any]) -> dict[str, Any]:
+    return {
+        "serial": device.serial,
+        "model": device.model,
+        "hw_rev": device.hw_rev,
+        "groups": device_groups(conn, device.id),
+        "revoked": bool(device.revoked),
+        "current_version": device.current_version,
+        "security_counter": device.security_counter,
+        "keylist_version": device.keylist_version,
+        "slot_state": json.loads(device.slot_state) if device.slot_state else None,
+        "running_digest": device.running_digest,
+        "last_seen": device.last_seen,
+        "last_error": device.last_error,
+        "suspect": bool(device.suspect),
+        "suspect_reason": device.suspect_reason,
+        "probe_history": probe_history(conn, device.id),
+    }
