@@ -47,25 +47,51 @@ class Fleet:
         self.b = signer("p256")
         self.version = 0
 
-    def auth(self, key: SoftwareSigner, roles=(Role.FIRMWARE,), classes=(), issuer=None,
-             nbf: int = T0 - 10, naf: int = T0 + YEAR) -> bytes:
+    def auth(
+        self,
+        key: SoftwareSigner,
+        roles=(Role.FIRMWARE,),
+        classes=(),
+        issuer=None,
+        nbf: int = T0 - 10,
+        naf: int = T0 + YEAR,
+    ) -> bytes:
         return issue_authorization(
-            issuer or self.root, key.public_key, roles=frozenset(roles),
-            scopes=[Scope(VENDOR, frozenset(classes))], not_before=nbf, not_after=naf,
+            issuer or self.root,
+            key.public_key,
+            roles=frozenset(roles),
+            scopes=[Scope(VENDOR, frozenset(classes))],
+            not_before=nbf,
+            not_after=naf,
             name="k",
         )
 
-    def keylist(self, auths: list[bytes], *, by=None, version: int | None = None,
-                revoked=frozenset(), threshold: int = 1, issued: int = T0) -> bytes:
+    def keylist(
+        self,
+        auths: list[bytes],
+        *,
+        by=None,
+        version: int | None = None,
+        revoked=frozenset(),
+        threshold: int = 1,
+        issued: int = T0,
+    ) -> bytes:
         if version is None:
             self.version += 1
             version = self.version
-        return sign_keylist(by or self.root, version=version, authorizations=auths,
-                            revoked=revoked, threshold=threshold, issued_at=issued)
+        return sign_keylist(
+            by or self.root,
+            version=version,
+            authorizations=auths,
+            revoked=revoked,
+            threshold=threshold,
+            issued_at=issued,
+        )
 
     def store(self, *auths: bytes, threshold: int = 1) -> TrustStore:
-        return TrustStore.create(self.root.public_key,
-                                 self.keylist(list(auths), threshold=threshold))
+        return TrustStore.create(
+            self.root.public_key, self.keylist(list(auths), threshold=threshold)
+        )
 
 
 def code_of(exc: pytest.ExceptionInfo[OtaError]) -> ErrorCode:
@@ -110,8 +136,9 @@ def test_key_outside_validity_is_refused_and_clock_rollback_does_not_help() -> N
     # The device's own clock running behind the newest document does not lower the bar.
     assert store.resolve(kid, CoseAlg.ED25519, Role.FIRMWARE, T0 - 10_000).key == f.a.public_key
     future = Fleet()
-    store_f = future.store(future.auth(future.a), future.auth(future.b, nbf=T0 + 1000,
-                                                              naf=T0 + 2000))
+    store_f = future.store(
+        future.auth(future.a), future.auth(future.b, nbf=T0 + 1000, naf=T0 + 2000)
+    )
     with pytest.raises(OtaError) as e:
         store_f.resolve(future.b.public_key.key_id, CoseAlg.ESP256, Role.FIRMWARE, T0)
     assert code_of(e) == ErrorCode.KEY_EXPIRED
@@ -138,8 +165,14 @@ def test_authorization_limits() -> None:
         f.auth(f.a, roles=())
     assert code_of(e) == ErrorCode.KEY_ROLE
     with pytest.raises(OtaError) as e:
-        issue_authorization(f.root, f.root.public_key, roles={Role.FIRMWARE},
-                            scopes=[Scope(VENDOR)], not_before=T0, not_after=T0 + 10)
+        issue_authorization(
+            f.root,
+            f.root.public_key,
+            roles={Role.FIRMWARE},
+            scopes=[Scope(VENDOR)],
+            not_before=T0,
+            not_after=T0 + 10,
+        )
     assert code_of(e) == ErrorCode.KEY_ROLE
 
 

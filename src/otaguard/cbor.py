@@ -35,15 +35,19 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
+# stringref (25, 256) and value sharing (28, 29): cbor2 implements them; we refuse them.
+_REFERENCE_TAGS = frozenset({25, 28, 29, 256})
+
 
 class _Walker:
-    __slots__ = ("data", "items", "limits", "n")
+    __slots__ = ("data", "items", "limits", "n", "tags")
 
     def __init__(self, data: bytes, limits: Limits) -> None:
         self.data = data
         self.n = len(data)
         self.limits = limits
         self.items = 0
+        self.tags = 0
 
     def fail(self, code: ErrorCode, detail: str, pos: int) -> FormatError:
         return FormatError(code, f"{detail} at byte {pos}")
@@ -70,6 +74,16 @@ class _Walker:
         if ai == 31:
             raise self.fail(ErrorCode.MALFORMED, "indefinite-length CBOR item not allowed", pos)
         raise self.fail(ErrorCode.MALFORMED, f"reserved CBOR additional info {ai}", pos)
+
+    def _flat_array(self, start: int, end: int) -> bool:
+        _, _, count, pos = self.head(start)
+        for _ in range(count):
+            major, _, arg, pos = self.head(pos)
+            if major > 3:
+                return False
+            if major in (2, 3):
+                pos += arg
+        return pos == end
 
     def item(self, pos: int, depth: int) -> int:
         if depth > self.limits.max_depth:
@@ -106,7 +120,23 @@ class _Walker:
             prev: bytes | None = None
             for _ in range(arg):
                 kstart = pos
+                if kstart >= self.n:
+                    raise self.fail(ErrorCode.MALFORMED, "truncated CBOR (missing map key)", pos)
+                kmajor = self.data[kstart] >> 5
+                if kmajor > 4:
+                    # Only int/bytes/text keys have exactly one (minimal) encoding, so byte-wise
+                    # duplicate detection is exact; a tagged key (bignum 2(h'01') vs 1, two
+                    # spellings of a datetime) could decode equal and silently override.
+                    raise self.fail(
+                        ErrorCode.MALFORMED, "CBOR map key must be an integer or string", kstart
+                    )
                 pos = self.item(pos, depth + 1)
+                if kmajor == 4 and not self._flat_array(kstart, pos):
+                    # Arrays of int/bytes/text are as unambiguous (SUIT_Text_Map keys its
+                    # entries by component identifier, an array of bstr).
+                    raise self.fail(
+                        ErrorCode.MALFORMED, "CBOR array map key must hold only int/string", kstart
+                    )
                 key = self.data[kstart:pos]
                 if key in seen:
                     raise self.fail(ErrorCode.MALFORMED, "duplicate CBOR map key", kstart)
@@ -117,6 +147,11 @@ class _Walker:
                 pos = self.item(pos, depth + 1)
             return pos
         if major == 6:
+            self.tags += 1
+            if arg in _REFERENCE_TAGS:
+                # Value sharing / string references let a few hundred bytes denote an
+                # exponentially large (or cyclic) tree once expanded.
+                raise self.fail(ErrorCode.UNSUPPORTED, f"CBOR tag {arg} not allowed", start)
             return self.item(pos, depth + 1)
         # major 7: simple values and floats
         if ai in (25, 26, 27):
@@ -130,8 +165,10 @@ class _Walker:
         return pos  # false, true, null, undefined
 
 
-def check_well_formed(data: bytes, limits: Limits = DEFAULT_LIMITS) -> None:
-    """Raise FormatError unless ``data`` is exactly one well-formed CBOR item within limits."""
+def check_well_formed(data: bytes, limits: Limits = DEFAULT_LIMITS) -> int:
+    """Raise FormatError unless ``data`` is exactly one well-formed CBOR item within limits.
+
+    Returns the number of tags seen (0 lets :func:`loads` skip the tuple→list thaw)."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise FormatError(ErrorCode.MALFORMED, "expected bytes")
     if len(data) > limits.max_size:
@@ -141,16 +178,23 @@ def check_well_formed(data: bytes, limits: Limits = DEFAULT_LIMITS) -> None:
     if len(data) == 0:
         raise FormatError(ErrorCode.MALFORMED, "empty input")
     walker = _Walker(bytes(data), limits)
-    end = walker.item(0, 0)
+    try:
+        end = walker.item(0, 0)
+    except RecursionError:  # only reachable with a caller-chosen huge max_depth
+        raise FormatError(ErrorCode.TOO_LARGE, "CBOR nesting too deep") from None
     if end != len(data):
         raise FormatError(ErrorCode.MALFORMED, f"trailing bytes after CBOR item at byte {end}")
+    return walker.tags
 
 
 def loads(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
     """Decode one CBOR item after the strict walk. Never raises anything but FormatError."""
-    check_well_formed(data, limits)
+    tags = check_well_formed(data, limits)
     try:
-        return _thaw(cbor2.loads(bytes(data)))
+        obj = cbor2.loads(bytes(data))
+        # Without tags cbor2 yields plain lists/dicts already (tuples only as map keys, which
+        # _thaw leaves alone anyway), so the thaw walk is skipped on the hot path.
+        return _thaw(obj) if tags else obj
     except Exception as exc:  # cbor2 raises several types; none may escape untyped
         raise FormatError(ErrorCode.MALFORMED, f"CBOR decode failed: {exc}") from None
 

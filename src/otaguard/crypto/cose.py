@@ -127,8 +127,12 @@ def decode_sign1(obj: Any, *, tag_required: bool = False) -> Sign1:
     alg = cose_alg(pmap[HDR_ALG])
     crit = pmap.get(HDR_CRIT)
     if crit is not None:
-        if not isinstance(crit, list) or not crit:
-            raise FormatError(ErrorCode.MALFORMED, "COSE crit must be a non-empty array")
+        if (
+            not isinstance(crit, list)
+            or not crit
+            or not all(isinstance(c, int | str) and not isinstance(c, bool) for c in crit)
+        ):
+            raise FormatError(ErrorCode.MALFORMED, "COSE crit must be a non-empty array of labels")
         unknown = [c for c in crit if c not in _UNDERSTOOD]
         if unknown:
             raise FormatError(

@@ -32,6 +32,7 @@ KEY_ID_LEN = 16
 P256_COORD = 32
 
 PublicKeyObject = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())  # immutable; built once, not per verification
 
 
 def raw_ecdsa_to_der(sig: bytes) -> bytes:
@@ -193,7 +194,7 @@ class PublicKey:
             if isinstance(self._key, ed25519.Ed25519PublicKey):
                 self._key.verify(signature, data)
             else:
-                self._key.verify(raw_ecdsa_to_der(signature), data, ec.ECDSA(hashes.SHA256()))
+                self._key.verify(raw_ecdsa_to_der(signature), data, _ECDSA_SHA256)
         except InvalidSignature:
             raise CryptoError(ErrorCode.SIGNATURE, f"{a.name} signature does not verify") from None
 

@@ -88,6 +88,10 @@ class SoftwareSigner:
             key = serialization.load_pem_private_key(data, password=passphrase)
         except (ValueError, TypeError) as exc:
             msg = str(exc).lower()
+            if "not encrypted" in msg:  # an unencrypted key behind an ENCRYPTED marker
+                raise CryptoError(
+                    ErrorCode.KEY_FORMAT, f"{path}: key is not encrypted; refusing it"
+                ) from None
             if "password" in msg or "decrypt" in msg or "bad decrypt" in msg:
                 raise KeyStoreError(ErrorCode.PIN, f"{path}: wrong passphrase") from None
             raise CryptoError(ErrorCode.KEY_FORMAT, f"{path}: cannot load key") from None
