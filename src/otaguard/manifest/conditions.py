@@ -1,0 +1,65 @@
+"""Does a verified manifest apply to this device? Checked before any image byte is fetched.
+
+Only called on a :class:`~otaguard.manifest.verify.VerifiedManifest`'s info: the checks here
+are about applicability and rollback, not authenticity.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from ..errors import ErrorCode, ManifestConditionError
+from .model import ManifestInfo
+from .version import compare_versions
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    vendor_id: uuid.UUID
+    class_id: uuid.UUID
+    running_version: str
+    security_counter: int  # the device's monotonic counter (never decreases)
+    last_sequence: int  # highest manifest sequence number the device has accepted
+    now: int | None  # trusted-ish time (latest known time); None = no clock
+
+
+def check_applicable(info: ManifestInfo, facts: DeviceFacts) -> None:
+    """Raise ManifestConditionError with the first failing condition's code.
+
+    Order mirrors the SUIT shared sequence: identity (vendor, class) first, then the
+    update-management conditions (expiry, version), then our rollback protections.
+    """
+    if info.vendor_id != facts.vendor_id:
+        raise ManifestConditionError(
+            ErrorCode.VENDOR_ID,
+            f"manifest is for vendor {info.vendor_id}, device is {facts.vendor_id}",
+        )
+    if info.class_id != facts.class_id:
+        raise ManifestConditionError(
+            ErrorCode.CLASS_ID, f"manifest is for class {info.class_id}, device is {facts.class_id}"
+        )
+    if info.expires is not None and facts.now is not None and facts.now > info.expires:
+        raise ManifestConditionError(
+            ErrorCode.EXPIRED, f"manifest expired at {info.expires} (now {facts.now})"
+        )
+    if (
+        info.min_version is not None
+        and compare_versions(facts.running_version, info.min_version) < 0
+    ):
+        raise ManifestConditionError(
+            ErrorCode.MIN_VERSION,
+            f"running version {facts.running_version} is below the required {info.min_version}",
+        )
+    if info.security_counter < facts.security_counter:
+        raise ManifestConditionError(
+            ErrorCode.SECURITY_COUNTER,
+            f"security counter {info.security_counter} is below the device's "
+            f"{facts.security_counter} (rollback)",
+        )
+    if info.sequence_number <= facts.last_sequence:
+        raise ManifestConditionError(
+            ErrorCode.REPLAY,
+            f"sequence number {info.sequence_number} is not above the last accepted "
+            f"{facts.last_sequence}",
+        )

@@ -1,0 +1,392 @@
+"""The otaguard SUIT profile: ManifestInfo <-> SUIT_Manifest map (see docs/formats.md).
+
+One component, one image, fixed command sequences. Encoding is deterministic (canonical CBOR),
+so building the same ManifestInfo twice gives the same manifest bytes. Extraction is strict:
+it accepts exactly what :func:`encode_manifest` can produce, and says why anything else is
+refused (E_UNSUPPORTED for SUIT features outside the profile, E_CRITICAL_UNKNOWN for numbers
+no SUIT draft defines, E_MALFORMED for wrong types).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from .. import cbor
+from ..crypto.algorithms import HASH_SIZES, HashAlg, hash_alg
+from ..errors import ErrorCode, FormatError
+from . import suit
+from .envelope import loads_nested
+from .ids import uuid_from_bytes
+from .model import DeltaInfo, ManifestInfo
+from .version import format_version, parse_version
+
+COMPONENT_ID: tuple[bytes, ...] = (b"\x00",)
+TEXT_LANGUAGE = "en"
+
+# ManifestInfo.text keys <-> SUIT_Text_Map labels.
+TEXT_TOP = {
+    "description": suit.TEXT_MANIFEST_DESCRIPTION,
+    "update_description": suit.TEXT_UPDATE_DESCRIPTION,
+}
+TEXT_COMPONENT = {
+    "vendor": suit.TEXT_VENDOR_NAME,
+    "model": suit.TEXT_MODEL_NAME,
+    "vendor_domain": suit.TEXT_VENDOR_DOMAIN,
+    "hw_rev": suit.TEXT_MODEL_INFO,
+    "component_description": suit.TEXT_COMPONENT_DESCRIPTION,
+    "version": suit.TEXT_COMPONENT_VERSION,
+    "version_required": suit.TEXT_VERSION_REQUIRED,
+}
+_TEXT_TOP_REV = {v: k for k, v in TEXT_TOP.items()}
+_TEXT_COMPONENT_REV = {v: k for k, v in TEXT_COMPONENT.items()}
+
+_PARAMS_REQUIRED = {
+    suit.P_VENDOR_ID,
+    suit.P_CLASS_ID,
+    suit.P_IMAGE_DIGEST,
+    suit.P_IMAGE_SIZE,
+    suit.P_OTA_SECURITY_COUNTER,
+}
+_PARAMS_OPTIONAL = {suit.P_USE_BEFORE, suit.P_VERSION, suit.P_OTA_DELTA}
+_MANIFEST_PROFILE_KEYS = {
+    suit.MAN_VERSION,
+    suit.MAN_SEQUENCE,
+    suit.MAN_COMMON,
+    suit.MAN_SET_VERSION,
+    suit.MAN_VALIDATE,
+    suit.MAN_INSTALL,
+    suit.MAN_TEXT,
+}
+
+
+def _dig(alg: HashAlg, value: bytes) -> bytes:
+    return cbor.dumps([int(alg), value])
+
+
+# --- encoding --------------------------------------------------------------------------------
+def encode_manifest(info: ManifestInfo) -> bytes:
+    """Serialise ``info`` as a SUIT_Manifest (the bytes that go into envelope key 3)."""
+    info.validate()
+    alg = HashAlg(info.digest_alg)
+    params: dict[int, Any] = {
+        suit.P_VENDOR_ID: info.vendor_id.bytes,
+        suit.P_CLASS_ID: info.class_id.bytes,
+        suit.P_IMAGE_DIGEST: _dig(alg, info.image_digest),
+        suit.P_IMAGE_SIZE: info.image_size,
+        suit.P_OTA_SECURITY_COUNTER: info.security_counter,
+    }
+    conditions: list[Any] = [
+        suit.COND_VENDOR_ID,
+        suit.REP_POLICY,
+        suit.COND_CLASS_ID,
+        suit.REP_POLICY,
+    ]
+    if info.expires is not None:
+        params[suit.P_USE_BEFORE] = info.expires
+        conditions += [suit.COND_USE_BEFORE, suit.REP_POLICY]
+    if info.min_version is not None:
+        params[suit.P_VERSION] = cbor.dumps(
+            [suit.VERSION_GREATER_EQUAL, list(parse_version(info.min_version))]
+        )
+        conditions += [suit.COND_VERSION, suit.REP_POLICY]
+    if info.delta is not None:
+        d = info.delta
+        params[suit.P_OTA_DELTA] = cbor.dumps(
+            [d.base_digest, d.patch_digest, d.patch_size, d.patch_uri]
+        )
+    shared = [suit.DIR_OVERRIDE_PARAMETERS, params, *conditions]
+    common = {
+        suit.COMMON_COMPONENTS: [list(COMPONENT_ID)],
+        suit.COMMON_SHARED_SEQUENCE: cbor.dumps(shared),
+    }
+    manifest: dict[int, Any] = {
+        suit.MAN_VERSION: 1,
+        suit.MAN_SEQUENCE: info.sequence_number,
+        suit.MAN_COMMON: cbor.dumps(common),
+        suit.MAN_SET_VERSION: cbor.dumps(list(parse_version(info.version))),
+        suit.MAN_VALIDATE: cbor.dumps([suit.COND_IMAGE_MATCH, suit.REP_POLICY]),
+    }
+    if info.uri is not None:
+        manifest[suit.MAN_INSTALL] = cbor.dumps(
+            [
+                suit.DIR_SET_PARAMETERS,
+                {suit.P_URI: info.uri},
+                suit.DIR_FETCH,
+                suit.REP_POLICY,
+                suit.COND_IMAGE_MATCH,
+                suit.REP_POLICY,
+            ]
+        )
+    if info.text:
+        manifest[suit.MAN_TEXT] = cbor.dumps(encode_text(info.text))
+    return cbor.dumps(manifest)
+
+
+def encode_text(text: dict[str, str]) -> dict[str, Any]:
+    top: dict[Any, Any] = {}
+    comp: dict[Any, str] = {}
+    for key, value in text.items():
+        if key in TEXT_TOP:
+            top[TEXT_TOP[key]] = value
+        elif key in TEXT_COMPONENT:
+            comp[TEXT_COMPONENT[key]] = value
+        else:
+            comp[key] = value  # documented extension: text labels for our own keys
+    if comp:
+        top[COMPONENT_ID] = comp
+    return {TEXT_LANGUAGE: top}
+
+
+# --- extraction --------------------------------------------------------------------------------
+def _uint(v: Any, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > 2**64 - 1:
+        raise FormatError(ErrorCode.MALFORMED, f"{what} must be an unsigned integer")
+    return v
+
+
+def _bstr(v: Any, what: str) -> bytes:
+    if not isinstance(v, bytes):
+        raise FormatError(ErrorCode.MALFORMED, f"{what} must be a byte string")
+    return v
+
+
+def _tstr(v: Any, what: str) -> str:
+    if not isinstance(v, str):
+        raise FormatError(ErrorCode.MALFORMED, f"{what} must be a text string")
+    return v
+
+
+def _unknown(what: str, key: Any, known: dict[Any, str]) -> FormatError:
+    if key in known:
+        return FormatError(
+            ErrorCode.UNSUPPORTED, f"{what} {known[key]} ({key}) is outside the otaguard profile"
+        )
+    return FormatError(ErrorCode.CRITICAL_UNKNOWN, f"unknown {what} {key!r}")
+
+
+def _digest_param(raw: Any, what: str) -> tuple[HashAlg, bytes]:
+    obj = loads_nested(_bstr(raw, what), what)
+    if not isinstance(obj, list) or len(obj) != 2 or not isinstance(obj[0], int):
+        raise FormatError(ErrorCode.MALFORMED, f"{what} must be a SUIT_Digest")
+    alg = hash_alg(obj[0])
+    value = obj[1]
+    if not isinstance(value, bytes) or len(value) != HASH_SIZES[alg]:
+        raise FormatError(ErrorCode.MALFORMED, f"{what} must be {HASH_SIZES[alg]} bytes")
+    return alg, value
+
+
+def _pairs(seq: Any, what: str) -> list[tuple[Any, Any]]:
+    if not isinstance(seq, list) or not seq or len(seq) % 2:
+        raise FormatError(ErrorCode.MALFORMED, f"{what} must be command/argument pairs")
+    pairs = [(seq[i], seq[i + 1]) for i in range(0, len(seq), 2)]
+    for cmd, _ in pairs:
+        if not isinstance(cmd, int) or isinstance(cmd, bool):
+            raise FormatError(ErrorCode.MALFORMED, f"{what}: command {cmd!r} is not an integer")
+    return pairs
+
+
+def _rep(v: Any, what: str) -> None:
+    _uint(v, f"{what} reporting policy")
+
+
+def _version_parts(v: Any, what: str) -> str:
+    if not isinstance(v, list) or not v:
+        raise FormatError(ErrorCode.MALFORMED, f"{what} must be a non-empty integer array")
+    for p in v:
+        _uint(p, what)
+    text = format_version(v)
+    parse_version(text)
+    return text
+
+
+def extract_info(manifest: dict[Any, Any]) -> ManifestInfo:
+    """Map an (authenticated, decoded) SUIT_Manifest onto the otaguard profile."""
+    for key in manifest:
+        if key not in _MANIFEST_PROFILE_KEYS:
+            raise _unknown("manifest element", key, suit.MANIFEST_KEYS)
+    if manifest.get(suit.MAN_VERSION) != 1:
+        raise FormatError(ErrorCode.VERSION, "manifest version must be 1")
+    sequence_number = _uint(manifest.get(suit.MAN_SEQUENCE), "sequence number")
+
+    # common: exactly one component and the shared sequence
+    common = loads_nested(_bstr(manifest.get(suit.MAN_COMMON), "common"), "common")
+    if not isinstance(common, dict):
+        raise FormatError(ErrorCode.MALFORMED, "SUIT common must be a map")
+    for key in common:
+        if key not in (suit.COMMON_COMPONENTS, suit.COMMON_SHARED_SEQUENCE):
+            raise _unknown("common element", key, suit.COMMON_KEYS)
+    components = common.get(suit.COMMON_COMPONENTS)
+    if not isinstance(components, list) or not components:
+        raise FormatError(ErrorCode.MALFORMED, "common must list the components")
+    if len(components) != 1:
+        raise FormatError(
+            ErrorCode.UNSUPPORTED,
+            f"{len(components)} components: the otaguard profile updates exactly one image",
+        )
+    if components[0] != list(COMPONENT_ID):
+        raise FormatError(ErrorCode.UNSUPPORTED, f"component id {components[0]!r} (want [h'00'])")
+    shared_raw = _bstr(common.get(suit.COMMON_SHARED_SEQUENCE), "shared sequence")
+    shared = _pairs(loads_nested(shared_raw, "shared sequence"), "shared sequence")
+    if shared[0][0] != suit.DIR_OVERRIDE_PARAMETERS or not isinstance(shared[0][1], dict):
+        raise FormatError(
+            ErrorCode.UNSUPPORTED, "shared sequence must start with override-parameters"
+        )
+    params: dict[Any, Any] = shared[0][1]
+    for key in params:
+        if key not in _PARAMS_REQUIRED | _PARAMS_OPTIONAL:
+            raise _unknown("parameter", key, suit.PARAMETERS)
+    missing = _PARAMS_REQUIRED - set(params)
+    if missing:
+        names = sorted(suit.PARAMETERS[m] for m in missing)
+        raise FormatError(ErrorCode.MALFORMED, f"missing parameter(s) {names}")
+    conditions: list[int] = []
+    allowed_conditions = {
+        suit.COND_VENDOR_ID,
+        suit.COND_CLASS_ID,
+        suit.COND_USE_BEFORE,
+        suit.COND_VERSION,
+    }
+    for cmd, arg in shared[1:]:
+        if cmd not in allowed_conditions:
+            raise _unknown("command", cmd, suit.COMMANDS)
+        if cmd in conditions:
+            raise FormatError(ErrorCode.MALFORMED, f"condition {cmd} repeated")
+        _rep(arg, suit.COMMANDS[cmd])
+        conditions.append(cmd)
+    if suit.COND_VENDOR_ID not in conditions or suit.COND_CLASS_ID not in conditions:
+        raise FormatError(ErrorCode.MALFORMED, "vendor and class conditions are required")
+    if (suit.P_USE_BEFORE in params) != (suit.COND_USE_BEFORE in conditions):
+        raise FormatError(ErrorCode.MALFORMED, "use-before parameter and condition must pair")
+    if (suit.P_VERSION in params) != (suit.COND_VERSION in conditions):
+        raise FormatError(ErrorCode.MALFORMED, "version parameter and condition must pair")
+
+    vendor_id = uuid_from_bytes(params[suit.P_VENDOR_ID], "vendor-id")
+    class_id = uuid_from_bytes(params[suit.P_CLASS_ID], "class-id")
+    digest_alg, image_digest = _digest_param(params[suit.P_IMAGE_DIGEST], "image-digest")
+    image_size = _uint(params[suit.P_IMAGE_SIZE], "image-size")
+    security_counter = _uint(params[suit.P_OTA_SECURITY_COUNTER], "security counter")
+    expires = (
+        _uint(params[suit.P_USE_BEFORE], "use-before") if suit.P_USE_BEFORE in params else None
+    )
+    min_version = None
+    if suit.P_VERSION in params:
+        vm = loads_nested(_bstr(params[suit.P_VERSION], "version"), "version")
+        if not isinstance(vm, list) or len(vm) != 2:
+            raise FormatError(ErrorCode.MALFORMED, "version parameter must be [type, value]")
+        if vm[0] != suit.VERSION_GREATER_EQUAL:
+            raise FormatError(
+                ErrorCode.UNSUPPORTED, f"version comparison {vm[0]!r} (profile uses >= only)"
+            )
+        min_version = _version_parts(vm[1], "minimum version")
+    delta = None
+    if suit.P_OTA_DELTA in params:
+        delta = _delta(params[suit.P_OTA_DELTA], digest_alg)
+
+    if suit.MAN_SET_VERSION not in manifest:
+        raise FormatError(ErrorCode.MALFORMED, "set-version (firmware version) is required")
+    version = _version_parts(
+        loads_nested(_bstr(manifest[suit.MAN_SET_VERSION], "set-version"), "set-version"),
+        "set-version",
+    )
+
+    validate = manifest.get(suit.MAN_VALIDATE)
+    if validate is None:
+        raise FormatError(ErrorCode.MALFORMED, "validate (image-match) is required")
+    v_pairs = _pairs(loads_nested(_bstr(validate, "validate"), "validate"), "validate")
+    if len(v_pairs) != 1 or v_pairs[0][0] != suit.COND_IMAGE_MATCH:
+        raise _seq_error("validate", v_pairs)
+    _rep(v_pairs[0][1], "image-match")
+
+    uri = None
+    if suit.MAN_INSTALL in manifest:
+        install = manifest[suit.MAN_INSTALL]
+        if isinstance(install, list):
+            raise FormatError(ErrorCode.UNSUPPORTED, "severed install is outside the profile")
+        i_pairs = _pairs(loads_nested(_bstr(install, "install"), "install"), "install")
+        shape = [c for c, _ in i_pairs]
+        if shape != [suit.DIR_SET_PARAMETERS, suit.DIR_FETCH, suit.COND_IMAGE_MATCH]:
+            raise _seq_error("install", i_pairs)
+        uri_params = i_pairs[0][1]
+        if not isinstance(uri_params, dict) or set(uri_params) != {suit.P_URI}:
+            raise FormatError(ErrorCode.UNSUPPORTED, "install may only set the uri parameter")
+        uri = _tstr(uri_params[suit.P_URI], "uri")
+        _rep(i_pairs[1][1], "fetch")
+        _rep(i_pairs[2][1], "image-match")
+
+    text: dict[str, str] = {}
+    if suit.MAN_TEXT in manifest:
+        raw_text = manifest[suit.MAN_TEXT]
+        if isinstance(raw_text, list):
+            raise FormatError(ErrorCode.UNSUPPORTED, "severed text is outside the profile")
+        text = decode_text(loads_nested(_bstr(raw_text, "text"), "text"))
+
+    info = ManifestInfo(
+        sequence_number=sequence_number,
+        vendor_id=vendor_id,
+        class_id=class_id,
+        digest_alg=digest_alg,
+        image_digest=image_digest,
+        image_size=image_size,
+        version=version,
+        min_version=min_version,
+        security_counter=security_counter,
+        expires=expires,
+        uri=uri,
+        text=text,
+        delta=delta,
+    )
+    info.validate()
+    return info
+
+
+def _seq_error(what: str, pairs: list[tuple[Any, Any]]) -> FormatError:
+    for cmd, _ in pairs:
+        if cmd not in suit.COMMANDS:
+            return FormatError(ErrorCode.CRITICAL_UNKNOWN, f"{what}: unknown command {cmd}")
+    return FormatError(
+        ErrorCode.UNSUPPORTED, f"{what} sequence {[c for c, _ in pairs]} is outside the profile"
+    )
+
+
+def _delta(raw: Any, alg: HashAlg) -> DeltaInfo:
+    obj = loads_nested(_bstr(raw, "delta"), "delta")
+    if not isinstance(obj, list) or len(obj) != 4:
+        raise FormatError(ErrorCode.MALFORMED, "delta must be [base, patch-digest, size, uri]")
+    base, patch, size, uri = obj
+    for value, what in ((base, "delta base digest"), (patch, "delta patch digest")):
+        if not isinstance(value, bytes) or len(value) != HASH_SIZES[alg]:
+            raise FormatError(ErrorCode.MALFORMED, f"{what} must be {HASH_SIZES[alg]} bytes")
+    if uri is not None:
+        _tstr(uri, "delta patch uri")
+    return DeltaInfo(base, patch, _uint(size, "delta patch size"), uri)
+
+
+def decode_text(obj: Any) -> dict[str, str]:
+    if not isinstance(obj, dict) or len(obj) != 1:
+        raise FormatError(ErrorCode.UNSUPPORTED, "text must hold exactly one language")
+    ((lang, top),) = obj.items()
+    if not isinstance(lang, str) or not isinstance(top, dict):
+        raise FormatError(ErrorCode.MALFORMED, "text map must be {language: {...}}")
+    text: dict[str, str] = {}
+    for key, value in top.items():
+        if key == COMPONENT_ID:
+            if not isinstance(value, dict):
+                raise FormatError(ErrorCode.MALFORMED, "component text must be a map")
+            for ckey, cvalue in value.items():
+                if isinstance(ckey, str) and ckey not in TEXT_COMPONENT:
+                    name = ckey
+                elif isinstance(ckey, int) and ckey in _TEXT_COMPONENT_REV:
+                    name = _TEXT_COMPONENT_REV[ckey]
+                else:
+                    raise _unknown("text component key", ckey, suit.TEXT_COMPONENT_KEYS)
+                text[name] = _tstr(cvalue, f"text {name}")
+        elif isinstance(key, int) and key in _TEXT_TOP_REV:
+            text[_TEXT_TOP_REV[key]] = _tstr(value, "text")
+        else:
+            raise _unknown("text key", key, suit.TEXT_KEYS)
+    return text
+
+
+def identities(info: ManifestInfo) -> tuple[uuid.UUID, uuid.UUID]:
+    return info.vendor_id, info.class_id
