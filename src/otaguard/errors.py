@@ -65,6 +65,8 @@ class ErrorCode(StrEnum):
     SELF_TEST = "E_SELF_TEST"
     STATE = "E_STATE"  # operation not valid in the current state
     TRANSPORT = "E_TRANSPORT"  # network/file transport failure
+    WATCHDOG = "E_WATCHDOG"  # test-booted image not confirmed within N boots; reverted
+    WOULD_BRICK = "E_WOULD_BRICK"  # change refused: running firmware would no longer verify
     # --- delta -------------------------------------------------------------------------------
     DELTA_BASE = "E_DELTA_BASE"  # patch is for another base image
     DELTA_CORRUPT = "E_DELTA_CORRUPT"  # truncated/corrupt patch stream
@@ -78,7 +80,9 @@ class ErrorCode(StrEnum):
     CONFLICT = "E_CONFLICT"
     RANGE = "E_RANGE"
     IDENTITY = "E_IDENTITY"  # device reports for a serial that is not its certificate's
-    CAMPAIGN = "E_CAMPAIGN"
+    CAMPAIGN = "E_CAMPAIGN"  # campaign spec invalid (phases, thresholds, empty target)
+    CAMPAIGN_STATE = "E_CAMPAIGN_STATE"  # illegal campaign transition (e.g. resume a draft)
+    NO_PATH = "E_NO_PATH"  # no chain of releases takes this device to the target version
     INCOMPATIBLE = "E_INCOMPATIBLE"  # release cannot be installed by the target
     DATABASE = "E_DATABASE"
     INTERNAL = "E_INTERNAL"

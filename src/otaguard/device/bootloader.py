@@ -1,0 +1,238 @@
+"""The bootloader: choose a slot, verify it from flash, test-boot new images, confirm/revert.
+
+Every boot re-verifies the slot it is about to run: the envelope in the slot's manifest area
+must be the one the boot state accepted, its signature must verify against the device's trust
+store, vendor/class must match OTP, its security counter must not be below the device's, and
+the image bytes on flash must have the signed size and digest. A slot failing any of that is
+never booted.
+
+Boot-time verification ignores key validity *time* (a key's window was checked when the image
+was installed; an operational key expiring must not brick the fleet) but honours revocation.
+
+Ordering for power-cut safety: a confirm first makes the new slot permanent in the boot state
+and only then raises the counters; every normal boot raises the counters to the running
+image's values again, so a cut between the two steps is repaired on the next boot. Raising
+counters first would strand the device if the test image then reverted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from ..crypto.algorithms import CoseAlg
+from ..errors import DeviceError, ErrorCode, OtaError, TrustError
+from ..manifest.model import ManifestInfo
+from ..manifest.verify import VerifiedManifest, verify_envelope
+from ..trust.model import KeyResolver, Role, TrustedKey
+from ..trust.store import TrustStore
+from .bootstate import BootState, BootStateStore
+from .flash import Flash
+from .layout import Layout, SlotRegion
+from .slots import envelope_ref, hash_slot, invalidate, read_envelope
+from .storage import Counters, OtpData, SecureStorage
+
+DEFAULT_MAX_TRIES = 3
+BootMode = Literal["normal", "test"]
+
+
+class BootResolver:
+    """A trust store seen by the bootloader: revocation and role count, the clock does not."""
+
+    def __init__(self, inner: KeyResolver) -> None:
+        self.inner = inner
+
+    @property
+    def threshold(self) -> int:
+        return self.inner.threshold
+
+    def resolve(self, kid: bytes | None, alg: CoseAlg, role: Role, now: int | None) -> TrustedKey:
+        if not isinstance(self.inner, TrustStore):
+            return self.inner.resolve(kid, alg, role, None)
+        kl = self.inner.keylist
+        if kid is None:
+            usable = kl.usable(role, None)
+            if len(usable) != 1:
+                raise TrustError(ErrorCode.UNTRUSTED_KEY, "signature carries no key id")
+            kid = usable[0].key_id
+        if kid in kl.revoked:
+            raise TrustError(ErrorCode.KEY_REVOKED, f"key {kid.hex()} is revoked")
+        auth = kl.key(kid)
+        if auth is None:
+            raise TrustError(ErrorCode.UNTRUSTED_KEY, f"key {kid.hex()} is not in the key list")
+        auth.trusted.check_role(role)
+        auth.trusted.key.check_alg(alg)
+        return auth.trusted
+
+
+def slot_manifest(flash: Flash, slot: SlotRegion, resolver: KeyResolver) -> VerifiedManifest:
+    """Verify the envelope in ``slot``'s manifest area (signature only, not the image)."""
+    env = read_envelope(flash, slot)
+    if env is None:
+        raise DeviceError(ErrorCode.NO_VALID_SLOT, f"slot {slot.name} holds no manifest")
+    return verify_envelope(env, BootResolver(resolver))
+
+
+def verify_slot(
+    flash: Flash,
+    slot: SlotRegion,
+    resolver: KeyResolver,
+    otp: OtpData,
+    counters: Counters,
+    *,
+    ref: bytes | None = None,
+) -> VerifiedManifest:
+    """Everything that must hold before ``slot`` may run. Raises the first failure's code."""
+    vm = slot_manifest(flash, slot, resolver)
+    if ref is not None and envelope_ref(vm.envelope) != ref:
+        raise DeviceError(ErrorCode.DIGEST, f"slot {slot.name} manifest is not the accepted one")
+    info = vm.info
+    if info.vendor_id != otp.vendor_id:
+        raise DeviceError(ErrorCode.VENDOR_ID, f"slot {slot.name} is for another vendor")
+    if info.class_id != otp.class_id:
+        raise DeviceError(ErrorCode.CLASS_ID, f"slot {slot.name} is for another model/hw rev")
+    if info.security_counter < counters.security:
+        raise DeviceError(
+            ErrorCode.SECURITY_COUNTER,
+            f"slot {slot.name} counter {info.security_counter} < device {counters.security}",
+        )
+    if info.image_size > slot.image_capacity:
+        raise DeviceError(ErrorCode.SLOT_FULL, f"slot {slot.name} image larger than the slot")
+    if hash_slot(flash, slot, info.image_size, info.digest_alg) != info.image_digest:
+        raise DeviceError(ErrorCode.IMAGE_DIGEST, f"slot {slot.name} image digest mismatch")
+    return vm
+
+
+@dataclass(frozen=True)
+class BootResult:
+    slot: int
+    mode: BootMode
+    info: ManifestInfo
+    reverted: str | None = None  # error code of a pending/active slot rejected on this boot
+
+    @property
+    def slot_name(self) -> str:
+        return "AB"[self.slot]
+
+    @property
+    def version(self) -> str:
+        return self.info.version
+
+
+class Bootloader:
+    def __init__(
+        self,
+        flash: Flash,
+        layout: Layout,
+        storage: SecureStorage,
+        *,
+        max_tries: int = DEFAULT_MAX_TRIES,
+    ) -> None:
+        if max_tries < 1:
+            raise DeviceError(ErrorCode.USAGE, "max_tries must be at least 1")
+        self.flash = flash
+        self.layout = layout
+        self.storage = storage
+        self.bootstate = BootStateStore(flash, layout)
+        self.max_tries = max_tries
+        self.current: BootResult | None = None
+
+    def trust(self) -> TrustStore:
+        store = self.storage.load_trust()
+        counters = self.storage.counters()
+        if store.version < counters.keylist_version:
+            raise DeviceError(ErrorCode.STORAGE, "stored key list is older than its counter")
+        if store.version > counters.keylist_version:
+            self.storage.catch_up(keylist_version=store.version)
+        return store
+
+    def boot(self) -> BootResult:
+        """One power-on: decide, verify, and 'jump'. Raises E_NO_VALID_SLOT if nothing runs."""
+        st = self.bootstate.load()
+        otp = self.storage.require_otp()
+        store = self.trust()
+        counters = self.storage.counters()
+        reverted: str | None = None
+        pending = st.pending
+        if pending is not None:
+            pslot = self.layout.slots[pending]
+            if st.tries >= self.max_tries:
+                reverted = ErrorCode.WATCHDOG.value
+                self._revert(st, ErrorCode.WATCHDOG)
+                st = self.bootstate.load()
+            else:
+                try:
+                    vm = verify_slot(self.flash, pslot, store, otp, counters, ref=st.refs[pending])
+                except OtaError as err:
+                    if err.code == ErrorCode.POWER_CUT:
+                        raise
+                    reverted = err.code.value
+                    self._revert(st, err.code)
+                    st = self.bootstate.load()
+                else:
+                    self.bootstate.save(st.test_boot())
+                    self.current = BootResult(pending, "test", vm.info)
+                    return self.current
+        aslot = self.layout.slots[st.active]
+        try:
+            vm = verify_slot(self.flash, aslot, store, otp, counters, ref=st.refs[st.active])
+        except OtaError as err:
+            if err.code == ErrorCode.POWER_CUT:
+                raise
+            return self._fallback(st, store, otp, counters, err.code)
+        self.storage.catch_up(security=vm.info.security_counter, sequence=vm.info.sequence_number)
+        self.current = BootResult(st.active, "normal", vm.info, reverted)
+        return self.current
+
+    def _fallback(
+        self,
+        st: BootState,
+        store: TrustStore,
+        otp: OtpData,
+        counters: Counters,
+        reason: ErrorCode,
+    ) -> BootResult:
+        """The confirmed slot no longer verifies: test-boot the other one if it does."""
+        other = st.inactive
+        try:
+            vm = verify_slot(self.flash, self.layout.slots[other], store, otp, counters)
+        except OtaError as err:
+            if err.code == ErrorCode.POWER_CUT:
+                raise
+            raise DeviceError(
+                ErrorCode.NO_VALID_SLOT,
+                f"active slot failed ({reason.value}) and slot {'AB'[other]} failed "
+                f"({err.code.value})",
+            ) from None
+        refs = list(st.refs)
+        refs[other] = envelope_ref(vm.envelope)
+        new = replace(st, pending=other, tries=1, refs=(refs[0], refs[1]), last_error=reason.value)
+        self.bootstate.save(new)
+        self.current = BootResult(other, "test", vm.info, reason.value)
+        return self.current
+
+    def _revert(self, st: BootState, reason: ErrorCode) -> None:
+        assert st.pending is not None
+        slot = self.layout.slots[st.pending]
+        self.bootstate.save(st.reverted(reason))
+        invalidate(self.flash, slot)
+
+    # --- called by the running (test-mode) image ---------------------------------------------
+    def confirm(self) -> None:
+        """The test-booted image passed its self-test: make it permanent, then raise counters."""
+        st = self.bootstate.load()
+        cur = self.current
+        if cur is None or cur.mode != "test" or st.pending != cur.slot:
+            raise DeviceError(ErrorCode.STATE, "confirm is only valid in a test boot")
+        self.bootstate.save(st.confirmed())
+        self.storage.catch_up(security=cur.info.security_counter, sequence=cur.info.sequence_number)
+        self.current = replace(cur, mode="normal")
+
+    def reject(self, reason: ErrorCode = ErrorCode.SELF_TEST) -> None:
+        """The test-booted image failed its self-test: revert to the previous slot."""
+        st = self.bootstate.load()
+        cur = self.current
+        if cur is None or cur.mode != "test" or st.pending != cur.slot:
+            raise DeviceError(ErrorCode.STATE, "reject is only valid in a test boot")
+        self._revert(st, reason)
+        self.current = None

@@ -1,0 +1,294 @@
+"""Secure storage: OTP, monotonic counters, the trust store, identity, agent bookkeeping.
+
+Everything except OTP lives in :class:`~.records.Record` pairs, so each value survives a power
+cut as either its old or its new version. OTP is programmed once at manufacturing and holds
+the root key's hash and the device's product identity (vendor/class id); it can never be
+erased, and a second write is refused with E_OTP_WRITTEN.
+
+Counters only rise. The trust store is persisted as the signed key-list document plus the
+public key that signed it; every load re-verifies it against the root whose hash is in OTP,
+so tampered storage cannot smuggle in a key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import cbor
+from ..crypto.keys import PublicKey
+from ..errors import DeviceError, ErrorCode, OtaError
+from ..trust.documents import decode_keylist_unverified
+from ..trust.store import TrustStore
+from .flash import Flash
+from .layout import Layout
+from .records import Record
+
+OTP_MAGIC = b"OGOT"
+_OTP_HDR = struct.Struct(">4sH16s")
+MAX_SUSPECTS = 16
+
+
+def _loads(data: bytes, max_size: int) -> Any:
+    return cbor.loads(data, cbor.Limits(max_size=max_size, max_depth=8, max_items=1024))
+
+
+@dataclass(frozen=True)
+class OtpData:
+    root_hash: bytes  # TrustBundle.root_hash: the root public key's thumbprint
+    vendor_id: uuid.UUID
+    class_id: uuid.UUID
+    model: str
+    hw_rev: str
+
+    def encode(self) -> bytes:
+        return cbor.dumps(
+            {
+                1: self.root_hash,
+                2: self.vendor_id.bytes,
+                3: self.class_id.bytes,
+                4: self.model,
+                5: self.hw_rev,
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> OtpData:
+        m = _loads(data, 1024)
+        try:
+            return cls(
+                bytes(m[1]), uuid.UUID(bytes=m[2]), uuid.UUID(bytes=m[3]), str(m[4]), str(m[5])
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DeviceError(ErrorCode.STORAGE, f"OTP contents unreadable: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Counters:
+    security: int = 0
+    sequence: int = 0
+    keylist_version: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "security": self.security,
+            "sequence": self.sequence,
+            "keylist_version": self.keylist_version,
+        }
+
+    def never_below(self, other: Counters) -> bool:
+        return (
+            self.security >= other.security
+            and self.sequence >= other.sequence
+            and self.keylist_version >= other.keylist_version
+        )
+
+
+@dataclass(frozen=True)
+class Identity:
+    device_key: bytes
+    certificate: bytes
+
+
+@dataclass(frozen=True)
+class Staging:
+    """A download in progress: enough to resume it after a reboot."""
+
+    slot: int
+    manifest_digest: bytes  # SHA-256 of the envelope bytes being installed
+    committed: int  # image bytes known to be on flash (sector-aligned)
+    image_size: int
+
+
+@dataclass(frozen=True)
+class AgentState:
+    suspects: tuple[dict[str, Any], ...] = ()
+    last_error: str | None = None
+    last_detail: str = ""
+    events: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SecureStorage:
+    def __init__(self, flash: Flash, layout: Layout) -> None:
+        self.flash = flash
+        self.layout = layout
+        self.rec = {name: Record(flash, region) for name, region in layout.records.items()}
+
+    # --- OTP ---------------------------------------------------------------------------------
+    def otp(self) -> OtpData | None:
+        r = self.layout.otp
+        head = self.flash.read(r.offset, _OTP_HDR.size)
+        if head.count(0xFF) == len(head):
+            return None
+        magic, length, digest = _OTP_HDR.unpack(head)
+        if magic != OTP_MAGIC or length > r.size - _OTP_HDR.size:
+            raise DeviceError(ErrorCode.STORAGE, "OTP area is corrupt")
+        body = self.flash.read(r.offset + _OTP_HDR.size, length)
+        if hashlib.sha256(body).digest()[:16] != digest:
+            raise DeviceError(ErrorCode.STORAGE, "OTP area is corrupt")
+        return OtpData.decode(body)
+
+    def require_otp(self) -> OtpData:
+        otp = self.otp()
+        if otp is None:
+            raise DeviceError(ErrorCode.STATE, "device is not provisioned (OTP empty)")
+        return otp
+
+    def program_otp(self, data: OtpData) -> None:
+        r = self.layout.otp
+        if not self.flash.is_erased(r.offset, r.size):
+            raise DeviceError(ErrorCode.OTP_WRITTEN, "OTP is already programmed (write-once)")
+        body = data.encode()
+        blob = _OTP_HDR.pack(OTP_MAGIC, len(body), hashlib.sha256(body).digest()[:16]) + body
+        if len(blob) > r.size:
+            raise DeviceError(ErrorCode.TOO_LARGE, "OTP contents too large")
+        self.flash.program_bytes(r.offset, blob)
+
+    # --- counters ----------------------------------------------------------------------------
+    def counters(self) -> Counters:
+        raw = self.rec["counters"].read()
+        if raw is None:
+            if self.rec["counters"].written():
+                raise DeviceError(ErrorCode.STORAGE, "counter record unreadable in both copies")
+            return Counters()
+        m = _loads(raw, 256)
+        return Counters(int(m[1]), int(m[2]), int(m[3]))
+
+    def advance(
+        self,
+        *,
+        security: int | None = None,
+        sequence: int | None = None,
+        keylist_version: int | None = None,
+    ) -> Counters:
+        """Raise counters; lowering any is refused with E_COUNTER_DECREASE. Equal is a no-op."""
+        cur = self.counters()
+        new = Counters(
+            cur.security if security is None else security,
+            cur.sequence if sequence is None else sequence,
+            cur.keylist_version if keylist_version is None else keylist_version,
+        )
+        if not new.never_below(cur):
+            raise DeviceError(
+                ErrorCode.COUNTER_DECREASE,
+                f"monotonic counters cannot go down: {cur.as_dict()} -> {new.as_dict()}",
+            )
+        if new != cur:
+            self.rec["counters"].write(
+                cbor.dumps({1: new.security, 2: new.sequence, 3: new.keylist_version})
+            )
+        return new
+
+    def catch_up(
+        self, *, security: int = 0, sequence: int = 0, keylist_version: int = 0
+    ) -> Counters:
+        """Raise counters to at least the given values (idempotent; used after reboots)."""
+        cur = self.counters()
+        return self.advance(
+            security=max(cur.security, security),
+            sequence=max(cur.sequence, sequence),
+            keylist_version=max(cur.keylist_version, keylist_version),
+        )
+
+    # --- trust store -------------------------------------------------------------------------
+    def save_trust(self, store: TrustStore, signer: PublicKey) -> None:
+        payload = cbor.dumps(
+            {
+                1: store.root.to_cose_key(),
+                2: store.keylist.raw,
+                3: signer.to_cose_key(),
+                4: store.latest_time,
+            }
+        )
+        self.rec["trust"].write(payload)
+
+    def trust_bytes(self) -> bytes | None:
+        return self.rec["trust"].read()
+
+    def load_trust(self) -> TrustStore:
+        """The device's trust store, re-verified against the OTP root hash on every load."""
+        otp = self.require_otp()
+        raw = self.rec["trust"].read()
+        if raw is None:
+            raise DeviceError(ErrorCode.STORAGE, "trust store unreadable in both copies")
+        m = _loads(raw, self.rec["trust"].capacity)
+        try:
+            root = PublicKey.from_cose_key(m[1])
+            signer = PublicKey.from_cose_key(m[3])
+            keylist = bytes(m[2])
+            latest = int(m[4])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DeviceError(ErrorCode.STORAGE, f"trust record malformed: {exc}") from None
+        if root.thumbprint != otp.root_hash:
+            raise DeviceError(ErrorCode.STORAGE, "trust store root does not match OTP")
+        if signer == root:
+            return TrustStore.create(root, keylist, latest_time=latest)
+        return TrustStore.restore(root, keylist, signer, latest_time=latest)
+
+    # --- identity ----------------------------------------------------------------------------
+    def identity(self) -> Identity | None:
+        raw = self.rec["identity"].read()
+        if raw is None:
+            return None
+        m = _loads(raw, self.rec["identity"].capacity)
+        return Identity(bytes(m[1]), bytes(m[2]))
+
+    def write_identity(self, ident: Identity) -> None:
+        self.rec["identity"].write(cbor.dumps({1: ident.device_key, 2: ident.certificate}))
+
+    # --- staging -----------------------------------------------------------------------------
+    def staging(self) -> Staging | None:
+        raw = self.rec["staging"].read()
+        if raw is None:
+            return None
+        m = _loads(raw, 512)
+        if not m:
+            return None
+        return Staging(int(m[1]), bytes(m[2]), int(m[3]), int(m[4]))
+
+    def write_staging(self, s: Staging | None) -> None:
+        if s is None:
+            if self.rec["staging"].read() in (None, cbor.dumps({})):
+                return
+            self.rec["staging"].write(cbor.dumps({}))
+            return
+        self.rec["staging"].write(
+            cbor.dumps({1: s.slot, 2: s.manifest_digest, 3: s.committed, 4: s.image_size})
+        )
+
+    # --- agent bookkeeping -------------------------------------------------------------------
+    def agent_state(self) -> AgentState:
+        raw = self.rec["agent"].read()
+        if raw is None:
+            return AgentState()
+        m = _loads(raw, self.rec["agent"].capacity)
+        return AgentState(
+            suspects=tuple(dict(s) for s in m.get(1, [])),
+            last_error=m.get(2),
+            last_detail=str(m.get(3, "")),
+            events=int(m.get(4, 0)),
+        )
+
+    def write_agent_state(self, st: AgentState) -> None:
+        body = {
+            1: list(st.suspects[-MAX_SUSPECTS:]),
+            2: st.last_error,
+            3: st.last_detail[:200],
+            4: st.events,
+        }
+        self.rec["agent"].write(cbor.dumps(body))
+
+
+def keylist_signer(store: TrustStore, update: bytes) -> PublicKey:
+    """The public key that signed ``update`` (root, or a trusted key-list key), for persisting."""
+    msg, _ = decode_keylist_unverified(update)
+    if msg.kid is None or msg.kid == store.root.key_id:
+        return store.root
+    auth = store.keylist.key(msg.kid)
+    if auth is None:
+        raise OtaError(ErrorCode.UNTRUSTED_KEY, "key-list update signer is not trusted")
+    return auth.trusted.key
