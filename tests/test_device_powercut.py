@@ -1,4 +1,4 @@
-"""Exhaustive power-cut test: cut at every flash operation of three paths, in four ways.
+"""Exhaustive power-cut test: cut at every flash operation of five paths, in four ways.
 
 For each path the scenario is first run without faults to count its flash operations N.
 Then, for every k in 0..N and every mode (before, torn+erased, torn+garbage, after), a fresh
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from otaguard.delta import create_patch
 from otaguard.device.device import FLASH_FILE, Device
 from otaguard.device.faults import FaultInjector, FaultPlan
 from otaguard.device.lab import Lab, MemoryTransport, image_bytes
@@ -43,7 +44,7 @@ CFG = LayoutConfig(
 CHECKPOINT = 8192
 MODES = [("before", "erased"), ("torn", "erased"), ("torn", "garbage"), ("after", "erased")]
 IDENTITY = Identity(b"device-key-blob" * 4, b"certificate-blob" * 8)
-MIN_CUT_POINTS = {"install": 80, "revert": 5, "watchdog": 5, "trust": 5}
+MIN_CUT_POINTS = {"install": 80, "delta": 80, "revert": 5, "watchdog": 5, "trust": 5}
 TRIED: dict[str, int] = {}
 RESUMED = [0]
 
@@ -60,6 +61,8 @@ class World:
     v2: bytes
     m1: bytes
     m2: bytes
+    m2d: bytes  # delta manifest for v2 (base v1)
+    patch: bytes
     keylist_update: bytes
     base: Path  # device dir: v1 confirmed, booted
     pending: Path  # device dir: v2 installed, pending its test boot
@@ -70,13 +73,17 @@ class World:
     def transport(self) -> MemoryTransport:
         return MemoryTransport(self.m2, self.v2, chunk=1000)
 
+    def delta_transport(self) -> MemoryTransport:
+        return MemoryTransport(self.m2d, b"", patch=self.patch, chunk=1000)
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     logging.getLogger("otaguard.keys").setLevel(logging.ERROR)
     root = tmp_path_factory.mktemp("powercut")
     lab = Lab()
-    v1, v2 = image_bytes(12 * 1024 + 100, 1), image_bytes(16 * 1024 + 300, 2)
+    v1 = image_bytes(12 * 1024 + 100, 1)
+    v2 = v1[:6000] + image_bytes(4 * 1024 + 200, 2) + v1[6000:]  # 16,684 B, shares most of v1
     base = root / "base"
     dev = lab.provision(base, v1, cfg=CFG, identity=IDENTITY, clock=lambda: lab.now)
     m1 = read_envelope(dev.flash, dev.layout.slots[0])
@@ -84,9 +91,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     assert dev.boot().version == "1.0.0"
     dev.close()
     m2 = lab.release(v2, version="1.1.0", seq=2, counter=2)
+    patch = create_patch(v1, v2)
+    m2d = lab.delta_release(v1, v2, patch, version="1.1.0", seq=2, counter=2)
     extra = Lab().op  # a second operational key to add
     update = lab.keylist_update([extra])
-    w = World(lab, v1, v2, m1, m2, update, base, root / "pending")
+    w = World(lab, v1, v2, m1, m2, m2d, patch, update, base, root / "pending")
     shutil.copytree(base, w.pending)
     with w.open(w.pending) as d:
         d.install(w.transport())
@@ -110,7 +119,7 @@ class Observer:
         region = dev.layout.slots[slot]
         env = read_envelope(dev.flash, region)
         image = {"1.0.0": w.v1, "1.1.0": w.v2}[version]
-        assert env == {"1.0.0": w.m1, "1.1.0": w.m2}[version]
+        assert env in {"1.0.0": (w.m1,), "1.1.0": (w.m2, w.m2d)}[version]
         on_flash = dev.flash.read(region.image_offset, len(image))
         assert hashlib.sha256(on_flash).digest() == hashlib.sha256(image).digest()
         c = dev.storage.counters()
@@ -158,6 +167,34 @@ def recover_install(w: World, d: Path, obs: Observer) -> None:
             if dev.install(w.transport()).resumed_from > 0:
                 RESUMED[0] += 1
     pytest.fail("device never reached 1.1.0")
+
+
+def path_delta(w: World, d: Path, inj: FaultInjector | None) -> None:
+    with w.open(d, inj) as dev:
+        assert dev.install(w.delta_transport()).method == "delta"
+    with w.open(d, inj) as dev:
+        r = dev.boot()
+        assert r.mode == "test"
+        dev.confirm()
+    with w.open(d, inj) as dev:
+        assert dev.boot().version == "1.1.0"
+
+
+def recover_delta(w: World, d: Path, obs: Observer) -> None:
+    for _ in range(8):
+        with w.open(d) as dev:
+            mode, version = boot(dev, obs)
+            if mode == "test":
+                assert version == "1.1.0"
+                dev.confirm()
+                continue
+            if version == "1.1.0":
+                assert dev.storage.counters().security == 2
+                return
+            # a cut mid-apply: the agent restarts the delta from patch byte 0
+            res = dev.install(w.delta_transport())
+            assert (res.method, res.resumed_from) == ("delta", 0)
+    pytest.fail("device never reached 1.1.0 via the delta")
 
 
 def path_revert(w: World, d: Path, inj: FaultInjector | None) -> None:
@@ -225,6 +262,7 @@ Path_ = Callable[[World, Path, FaultInjector | None], None]
 Recover = Callable[[World, Path, Observer], None]
 SCENARIOS: dict[str, tuple[str, Path_, Recover]] = {
     "install": ("base", path_install, recover_install),
+    "delta": ("base", path_delta, recover_delta),
     "revert": ("pending", path_revert, recover_revert),
     "watchdog": ("pending", path_watchdog, recover_watchdog),
     "trust": ("base", path_trust, recover_trust),

@@ -193,13 +193,44 @@ def init_cmd(
 @click.option(
     "--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False, path_type=Path)
 )
+@click.option("--image", "image_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
-    "--image", "image_path", required=True, type=click.Path(dir_okay=False, path_type=Path)
+    "--patch",
+    "patch_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Delta patch. Without --image, --manifest is its delta manifest.",
+)
+@click.option(
+    "--delta-manifest",
+    "delta_manifest_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Delta manifest for --patch, tried first; --manifest/--image are the fallback.",
 )
 @click.option("--json", "as_json", is_flag=True)
-def install_cmd(directory: Path, manifest_path: Path, image_path: Path, as_json: bool) -> None:
-    """Offline install (USB stick): verify, check, stream into the inactive slot, mark pending."""
-    transport = LocalFileTransport(manifest_path, image_path, report_log=directory / REPORT_LOG)
+def install_cmd(
+    directory: Path,
+    manifest_path: Path,
+    image_path: Path | None,
+    patch_path: Path | None,
+    delta_manifest_path: Path | None,
+    as_json: bool,
+) -> None:
+    """Offline install (USB stick): verify, check, stream into the inactive slot, mark pending.
+
+    Full image: --manifest M --image I. Delta: --manifest DM --patch P. Delta with fallback:
+    --delta-manifest DM --patch P --manifest M --image I.
+    """
+    if image_path is None and patch_path is None:
+        raise UsageError(ErrorCode.USAGE, "give --image, --patch, or both")
+    if delta_manifest_path is not None and (patch_path is None or image_path is None):
+        raise UsageError(ErrorCode.USAGE, "--delta-manifest needs --patch and --image")
+    transport = LocalFileTransport(
+        manifest_path,
+        image_path,
+        patch=patch_path,
+        delta_manifest=delta_manifest_path,
+        report_log=directory / REPORT_LOG,
+    )
     with Device(directory) as dev:
         result = dev.install(transport)
     emit(result.as_dict(), as_json)

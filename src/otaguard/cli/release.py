@@ -24,6 +24,7 @@ from ..signing.audit import DEFAULT_SEAL_EVERY, AuditHead, AuditLog
 from ..signing.client import TOKEN_ENV, SigningClient
 from ..signing.policy import Policy, Requester, Role, SigningRequest
 from ..signing.release import build_release, parse_expires
+from ..signing.release_deltas import DEFAULT_DELTA_FACTOR
 from ..signing.service import SigningService
 from ..signing.state import SigningState
 from .common import emit, load_signer, signer_options
@@ -39,13 +40,25 @@ def release() -> None:
 
 def _summary_text(s: dict[str, Any]) -> str:
     return (
-        f"release {s['model']}/{s['hw_rev']} {s['version']} (sequence {s['sequence']}, "
-        f"security counter {s['security_counter']})\n"
-        f"  image     {s['image']['size']} bytes {s['image']['digest_alg']}:"
-        f"{s['image']['digest']}\n"
-        f"  manifest  {s['manifest']['size']} bytes, signed by "
-        f"{', '.join(s['signer_key_ids'])}\n"
-        f"  audit     record {s['audit']['seq']} ({s['signed_by']})"
+        (
+            f"release {s['model']}/{s['hw_rev']} {s['version']} (sequence {s['sequence']}, "
+            f"security counter {s['security_counter']})\n"
+            f"  image     {s['image']['size']} bytes {s['image']['digest_alg']}:"
+            f"{s['image']['digest']}\n"
+            f"  manifest  {s['manifest']['size']} bytes, signed by "
+            f"{', '.join(s['signer_key_ids'])}\n"
+            f"  audit     record {s['audit']['seq']} ({s['signed_by']})"
+        )
+        + "".join(
+            f"\n  delta     from {d['base_version']}: {d['patch']} {d['patch_size']} bytes "
+            f"({d['pct_of_full']}% of the image, {d['pct_of_xz']}% of xz -9e), "
+            f"{d['manifest']['file']}"
+            for d in s.get("deltas", [])
+        )
+        + "".join(
+            f"\n  no delta  from {d['base_version']}: {d['reason']}"
+            for d in s.get("deltas_skipped", [])
+        )
     )
 
 
@@ -90,6 +103,20 @@ def _summary_text(s: dict[str, Any]) -> str:
 @click.option("--policy", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--requester", help="Requester id for the local policy (default local:$USER).")
 @click.option("--seal-every", type=click.IntRange(min=1), default=DEFAULT_SEAL_EVERY)
+@click.option(
+    "--delta-from",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    multiple=True,
+    help="Earlier release directory to make a delta from (repeatable).",
+)
+@click.option(
+    "--delta-factor",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=DEFAULT_DELTA_FACTOR,
+    show_default=True,
+    help="Publish a delta only if patch <= FACTOR x xz -9e of the full image.",
+)
+@click.option("--patch-uri-prefix", help="Patch URI = PREFIX + patch file name (optional).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--json", "as_json", is_flag=True)
 def create(
@@ -117,6 +144,9 @@ def create(
     policy: Path | None,
     requester: str | None,
     seal_every: int,
+    delta_from: tuple[Path, ...],
+    delta_factor: float,
+    patch_uri_prefix: str | None,
     out: Path,
     as_json: bool,
 ) -> None:
@@ -125,6 +155,11 @@ def create(
     alg: HashAlg = hash_alg(digest_alg)
     expires_at = parse_expires(expires, now)
     pins = [PublicKey.from_pem(read_limited(p, MAX_PEM)) for p in trust_key]
+    deltas: dict[str, Any] = {
+        "delta_from": list(delta_from),
+        "delta_factor": delta_factor,
+        "patch_uri_prefix": patch_uri_prefix,
+    }
 
     def make_request(digest: bytes, size: int) -> SigningRequest:
         req = SigningRequest(
@@ -175,6 +210,7 @@ def create(
                 remote_keys,
                 now,
                 signed_by=f"service {signing_url}",
+                **deltas,
             )
     else:
         if audit_log is None:
@@ -207,6 +243,7 @@ def create(
                     lambda: [signer.public_key, *pins],
                     now,
                     signed_by=f"local {who.id}",
+                    **deltas,
                 )
             finally:
                 service.close()  # seals the audit log: a closed log ends with a seal

@@ -10,6 +10,14 @@
 4. compare digest and size; on mismatch erase the staging slot and abort;
 5. write the envelope next to the image, re-verify the slot from flash, mark it pending.
 
+Delta releases (docs/delta.md): a manifest with a delta part whose base digest is the ACTIVE
+slot's image digest is applied as a stream — patch bytes from the transport, old bytes read
+from the active slot, the new image written into the inactive slot — and must reproduce the
+signed final digest. A delta apply is never resumed, always restarted from patch byte 0 (the
+decoder state is not persisted; only the inactive slot is written, so a restart is safe). When
+a transport offers a delta *and* the full image (:class:`~.transport.DeltaSource`), a failed
+delta is reported (``delta-failed``), the inactive slot is erased and the full image installed.
+
 The running firmware is never touched: only the inactive slot and the staging record are
 written until the final boot-state write that marks the slot pending.
 """
@@ -21,11 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..errors import DeviceError, ErrorCode, OtaError
+from ..crypto.algorithms import StreamingHasher
+from ..delta import PatchApplier
+from ..errors import DeltaError, DeviceError, ErrorCode, OtaError
 from ..manifest.conditions import DeviceFacts, check_applicable
 from ..manifest.verify import VerifiedManifest, verify_envelope
 from ..trust.store import TrustStore
-from .bootloader import Bootloader, slot_manifest, verify_slot
+from .bootloader import Bootloader, running_manifest, verify_slot
 from .flash import Flash
 from .layout import Layout, SlotRegion
 from .slots import (
@@ -34,12 +44,14 @@ from .slots import (
     erase_image,
     invalidate,
     manifest_capacity,
+    slot_reader,
     write_envelope,
 )
 from .storage import SecureStorage, Staging, keylist_signer
 from .transport import Transport, endpoint_of
 
 DEFAULT_CHECKPOINT = 64 * 1024
+PATCH_RESUMES = 3  # in-RAM resumes of a dropped patch download within one apply
 Clock = Callable[[], int | None]
 
 
@@ -53,6 +65,9 @@ class InstallResult:
     version: str
     resumed_from: int
     image_size: int
+    method: str = "full"  # "full" or "delta"
+    bytes_received: int = 0  # image or patch bytes fetched by this call
+    delta_error: str | None = None  # code of a delta attempt that fell back to the full image
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +75,9 @@ class InstallResult:
             "version": self.version,
             "resumed_from": self.resumed_from,
             "image_size": self.image_size,
+            "method": self.method,
+            "bytes_received": self.bytes_received,
+            "delta_error": self.delta_error,
             "next": "reboot to test-boot the new image",
         }
 
@@ -85,7 +103,7 @@ class UpdateAgent:
         self.clock = clock
         self.checkpoint = checkpoint
 
-    # --- full-image install ------------------------------------------------------------------
+    # --- install ------------------------------------------------------------------------------
     def install(self, transport: Transport) -> InstallResult:
         st = self.bootloader.bootstate.load()
         if st.pending is not None:
@@ -97,19 +115,82 @@ class UpdateAgent:
             )
         store = self.bootloader.trust()
         now = store.effective_time(self.clock())
-        vm = self._fetch_and_verify(transport, store, now)
         slot = self.layout.slots[st.inactive]
+        delta_error: str | None = None
+        if callable(getattr(transport, "fetch_delta_manifest", None)):
+            offered = self._try_offered_delta(transport, store, st.active, slot, now)
+            if isinstance(offered, InstallResult):
+                return offered
+            delta_error = offered
+        vm = self._fetch_and_verify(transport, store, now)
+        base_refused = False  # E_DELTA_BASE from the manifest alone: nothing was written
         try:
-            self._check(vm, store, st.active, slot, now)
-            return self._download(transport, vm, store, slot)
+            running = self._check(vm, store, st.active, slot, now)
+            if vm.info.delta is not None:
+                base_refused = True
+                self._check_delta(vm, running)
+                base_refused = False
+                result = self._apply_delta(transport, vm, store, slot, st.active, running)
+            else:
+                result = self._download(transport, vm, store, slot)
         except OtaError as err:
             if err.code in (ErrorCode.POWER_CUT, ErrorCode.TRANSPORT):
                 # Power cut: nothing to do (simulation). Drop: keep the staging to resume.
                 if err.code == ErrorCode.TRANSPORT:
                     self._fail(transport, err)
                 raise
-            self._abort(slot, vm.info.image_size)
+            if not base_refused:
+                self._abort(slot, vm.info.image_size)
             raise self._fail(transport, err) from None
+        return replace(result, delta_error=delta_error)
+
+    def _try_offered_delta(
+        self,
+        transport: Transport,
+        store: TrustStore,
+        active: int,
+        slot: SlotRegion,
+        now: int | None,
+    ) -> InstallResult | str | None:
+        """Install the transport's delta offer; on refusal return its code (fall back to full).
+
+        None: no delta offered. Power cuts propagate (the device reboots); anything else —
+        including a signature failure of the delta manifest or a network drop — is reported
+        as ``delta-failed``, the inactive slot is erased if it was written, and the caller
+        continues with the full image, whose manifest is verified on its own.
+        """
+        fetch = transport.fetch_delta_manifest  # type: ignore[attr-defined]
+        wrote = False
+        size = 0
+        try:
+            raw = fetch()
+            if raw is None:
+                return None
+            try:
+                vm = verify_envelope(raw, store, now=now)
+            except OtaError as err:
+                del raw
+                if err.code != ErrorCode.POWER_CUT:
+                    self._suspect(transport, err)
+                raise
+            if vm.info.delta is None:
+                raise DeviceError(ErrorCode.MALFORMED, "delta offer is not a delta manifest")
+            size = vm.info.image_size
+            running = self._check(vm, store, active, slot, now)
+            self._check_delta(vm, running)
+            wrote = True
+            return self._apply_delta(transport, vm, store, slot, active, running)
+        except OtaError as err:
+            if err.code == ErrorCode.POWER_CUT:
+                raise
+            if wrote:
+                self._abort(slot, size)
+            state = self.storage.agent_state()
+            self.storage.write_agent_state(
+                replace(state, last_error=err.code.value, last_detail=err.detail)
+            )
+            self._report(transport, {"event": "delta-failed", **err.to_dict()})
+            return err.code.value
 
     def _fetch_and_verify(
         self, transport: Transport, store: TrustStore, now: int | None
@@ -137,10 +218,14 @@ class UpdateAgent:
         active: int,
         slot: SlotRegion,
         now: int | None,
-    ) -> None:
+    ) -> VerifiedManifest:
+        """Applicability checks; returns the running (active) slot's verified manifest."""
         otp = self.storage.require_otp()
         counters = self.storage.counters()
-        running = slot_manifest(self.flash, self.layout.slots[active], store)
+        # The running image is known by its boot record, not re-verified: its signing key may
+        # have been rotated out or revoked since it was installed (a security patch signed
+        # with the new key must still install over it).
+        running = running_manifest(self.flash, self.layout, self.bootloader.bootstate.load(), store)
         facts = DeviceFacts(
             vendor_id=otp.vendor_id,
             class_id=otp.class_id,
@@ -150,8 +235,6 @@ class UpdateAgent:
             now=now,
         )
         check_applicable(vm.info, facts)
-        if vm.info.delta is not None:
-            raise DeviceError(ErrorCode.UNSUPPORTED, "delta releases need a delta-capable agent")
         if vm.info.image_size > slot.image_capacity:
             raise DeviceError(
                 ErrorCode.SLOT_FULL,
@@ -160,6 +243,21 @@ class UpdateAgent:
             )
         if len(vm.envelope) > manifest_capacity(slot):
             raise DeviceError(ErrorCode.TOO_LARGE, "manifest exceeds the slot's manifest area")
+        return running
+
+    @staticmethod
+    def _check_delta(vm: VerifiedManifest, running: VerifiedManifest) -> None:
+        d = vm.info.delta
+        assert d is not None
+        if (
+            running.info.digest_alg != vm.info.digest_alg
+            or d.base_digest != running.info.image_digest
+        ):
+            raise DeltaError(
+                ErrorCode.DELTA_BASE,
+                f"delta applies to base {d.base_digest.hex()[:16]}…, the running image is "
+                f"{running.info.image_digest.hex()[:16]}…",
+            )
 
     def _download(
         self, transport: Transport, vm: VerifiedManifest, store: TrustStore, slot: SlotRegion
@@ -188,6 +286,81 @@ class UpdateAgent:
         digest = writer.finish()
         if digest != info.image_digest:
             raise DeviceError(ErrorCode.IMAGE_DIGEST, "image digest does not match the manifest")
+        self._commit(transport, vm, store, slot)
+        return InstallResult(
+            slot.index, info.version, start, info.image_size, "full", writer.position - start
+        )
+
+    def _apply_delta(
+        self,
+        transport: Transport,
+        vm: VerifiedManifest,
+        store: TrustStore,
+        slot: SlotRegion,
+        active: int,
+        running: VerifiedManifest,
+    ) -> InstallResult:
+        """Stream the patch: old bytes from the active slot, new bytes into ``slot``.
+
+        Always from the beginning: the staging record names this manifest with 0 bytes
+        committed, so a reboot mid-apply restarts it (never resumes). A dropped patch download
+        is resumed in RAM (Range from the bytes already fed) up to PATCH_RESUMES times.
+        """
+        info = vm.info
+        d = info.delta
+        assert d is not None
+        open_patch = getattr(transport, "open_patch", None)
+        if not callable(open_patch):
+            raise DeviceError(ErrorCode.UNSUPPORTED, "this update source cannot provide a patch")
+        ref = envelope_ref(vm.envelope)
+        self.storage.write_staging(Staging(slot.index, ref, 0, info.image_size))
+        invalidate(self.flash, slot)
+        writer = SlotWriter(self.flash, slot, info.image_size, info.digest_alg)
+        applier = PatchApplier(
+            slot_reader(self.flash, self.layout.slots[active]),
+            writer.write,
+            old_size=running.info.image_size,
+            max_new=slot.image_capacity,
+            expected_base_digest=d.base_digest,
+            expected_new_digest=info.image_digest,
+            digest_alg=info.digest_alg,
+        )
+        hasher = StreamingHasher(info.digest_alg)
+        received = 0
+        drops = 0
+        while True:
+            try:
+                for chunk in open_patch(received):
+                    if received + len(chunk) > d.patch_size:
+                        raise DeltaError(
+                            ErrorCode.DELTA_CORRUPT,
+                            f"patch is longer than the {d.patch_size} bytes the manifest says",
+                        )
+                    hasher.update(chunk)
+                    received += len(chunk)
+                    applier.feed(chunk)
+                break
+            except OtaError as err:
+                if err.code != ErrorCode.TRANSPORT or drops >= PATCH_RESUMES:
+                    raise
+                drops += 1
+        if received != d.patch_size:
+            raise DeltaError(
+                ErrorCode.DELTA_CORRUPT, f"patch ended after {received} of {d.patch_size} bytes"
+            )
+        if hasher.digest() != d.patch_digest:
+            raise DeltaError(ErrorCode.DELTA_CORRUPT, "patch does not match its signed digest")
+        applier.finish()
+        if writer.finish() != info.image_digest:
+            raise DeviceError(ErrorCode.IMAGE_DIGEST, "image digest does not match the manifest")
+        self._commit(transport, vm, store, slot)
+        return InstallResult(slot.index, info.version, 0, info.image_size, "delta", received)
+
+    def _commit(
+        self, transport: Transport, vm: VerifiedManifest, store: TrustStore, slot: SlotRegion
+    ) -> None:
+        """The image is in ``slot`` and hashed: store the envelope, re-verify, mark pending."""
+        ref = envelope_ref(vm.envelope)
         write_envelope(self.flash, slot, vm.envelope)
         # Read back from flash: the running hash proved the transport, this proves the flash.
         verify_slot(
@@ -204,8 +377,7 @@ class UpdateAgent:
         state = self.storage.agent_state()
         if state.last_error is not None:
             self.storage.write_agent_state(replace(state, last_error=None, last_detail=""))
-        self._report(transport, {"event": "installed", "version": info.version})
-        return InstallResult(slot.index, info.version, start, info.image_size)
+        self._report(transport, {"event": "installed", "version": vm.info.version})
 
     def _abort(self, slot: SlotRegion, size: int) -> None:
         """Erase staging: the slot's manifest area and whatever image bytes were written."""
@@ -225,28 +397,18 @@ class UpdateAgent:
     def apply_keylist_update(self, update: bytes) -> int:
         """Verify and persist a key-list update; returns the new key-list version.
 
-        Refused with E_WOULD_BRICK if the running (or pending) firmware's manifest would no
-        longer verify under the new list: re-sign and ship a release first.
+        Atomic (one power-cut-safe record write, then the monotonic counter) and version
+        monotonic (E_REPLAY). The running firmware is not re-checked against the new list: it
+        boots from its boot record, so revoking the key that signed it is allowed (and is
+        exactly what an emergency revocation does). A staged or pending image signed with a
+        key the new list revokes fails its full verification at resume or boot.
         """
         store = self.bootloader.trust()
         new = store.apply_update(update, self.clock())
         signer = keylist_signer(store, update)
         if signer != store.root:
+            # What we persist must reload: prove it before writing.
             TrustStore.restore(new.root, new.keylist.raw, signer, latest_time=new.latest_time)
-        st = self.bootloader.bootstate.load()
-        for idx in (st.active, st.pending):
-            if idx is None:
-                continue
-            try:
-                slot_manifest(self.flash, self.layout.slots[idx], new)
-            except OtaError as err:
-                if err.code == ErrorCode.POWER_CUT:
-                    raise
-                raise DeviceError(
-                    ErrorCode.WOULD_BRICK,
-                    f"firmware in slot {'AB'[idx]} would not verify under key list "
-                    f"v{new.version} ({err.code.value})",
-                ) from None
         self.storage.save_trust(new, signer)
         self.storage.advance(keylist_version=new.version)
         return new.version

@@ -1,13 +1,23 @@
 """The bootloader: choose a slot, verify it from flash, test-boot new images, confirm/revert.
 
-Every boot re-verifies the slot it is about to run: the envelope in the slot's manifest area
-must be the one the boot state accepted, its signature must verify against the device's trust
-store, vendor/class must match OTP, its security counter must not be below the device's, and
-the image bytes on flash must have the signed size and digest. A slot failing any of that is
-never booted.
+Every boot re-verifies the slot it is about to run. A PENDING slot (installed, never run) is
+verified in full: the envelope in the slot's manifest area must be the one the boot state
+accepted, its signature must verify against the device's *current* trust store (so a key
+revoked after the download was staged stops it here), vendor/class must match OTP, its
+security counter must not be below the device's, and the image bytes on flash must have the
+signed size and digest.
 
-Boot-time verification ignores key validity *time* (a key's window was checked when the image
-was installed; an operational key expiring must not brick the fleet) but honours revocation.
+The CONFIRMED slot is checked against the record made when it was verified and installed: the
+boot state holds the SHA-256 of its envelope (``refs``), and the envelope carries the signed
+image digest. So the bootloader checks that the envelope bytes hash to the record, that the
+image hashes to the digest inside it, vendor/class and the security counter — but not the
+signature again. Firmware signed with a key that was later rotated out or revoked therefore
+keeps booting (a revocation must never brick the fleet it protects), while every manifest not
+yet installed must pass the current trust store. The record lives in the power-cut-safe boot
+state, which only the bootloader and the update agent write (docs/reliability.md).
+
+Boot-time verification of a pending slot ignores key validity *time* (the window was checked
+at install; a key expiring before the reboot must not brick the update) but honours revocation.
 
 Ordering for power-cut safety: a confirm first makes the new slot permanent in the boot state
 and only then raises the counters; every normal boot raises the counters to the running
@@ -21,9 +31,9 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from ..crypto.algorithms import CoseAlg
-from ..errors import DeviceError, ErrorCode, OtaError, TrustError
+from ..errors import DeviceError, ErrorCode, OtaError
 from ..manifest.model import ManifestInfo
-from ..manifest.verify import VerifiedManifest, verify_envelope
+from ..manifest.verify import VerifiedManifest, decode_pinned, verify_envelope
 from ..trust.model import KeyResolver, Role, TrustedKey
 from ..trust.store import TrustStore
 from .bootstate import BootState, BootStateStore
@@ -49,20 +59,7 @@ class BootResolver:
     def resolve(self, kid: bytes | None, alg: CoseAlg, role: Role, now: int | None) -> TrustedKey:
         if not isinstance(self.inner, TrustStore):
             return self.inner.resolve(kid, alg, role, None)
-        kl = self.inner.keylist
-        if kid is None:
-            usable = kl.usable(role, None)
-            if len(usable) != 1:
-                raise TrustError(ErrorCode.UNTRUSTED_KEY, "signature carries no key id")
-            kid = usable[0].key_id
-        if kid in kl.revoked:
-            raise TrustError(ErrorCode.KEY_REVOKED, f"key {kid.hex()} is revoked")
-        auth = kl.key(kid)
-        if auth is None:
-            raise TrustError(ErrorCode.UNTRUSTED_KEY, f"key {kid.hex()} is not in the key list")
-        auth.trusted.check_role(role)
-        auth.trusted.key.check_alg(alg)
-        return auth.trusted
+        return self.inner.resolve_untimed(kid, alg, role)
 
 
 def slot_manifest(flash: Flash, slot: SlotRegion, resolver: KeyResolver) -> VerifiedManifest:
@@ -86,6 +83,47 @@ def verify_slot(
     vm = slot_manifest(flash, slot, resolver)
     if ref is not None and envelope_ref(vm.envelope) != ref:
         raise DeviceError(ErrorCode.DIGEST, f"slot {slot.name} manifest is not the accepted one")
+    _check_slot_contents(flash, slot, vm, otp, counters)
+    return vm
+
+
+def recorded_manifest(flash: Flash, slot: SlotRegion, ref: bytes) -> VerifiedManifest:
+    """The confirmed slot's envelope, authenticated by the boot record (its SHA-256).
+
+    No signature check: the envelope was verified against the trust store when it was
+    installed, and the record pins exactly those bytes.
+    """
+    env = read_envelope(flash, slot)
+    if env is None:
+        raise DeviceError(ErrorCode.NO_VALID_SLOT, f"slot {slot.name} holds no manifest")
+    if envelope_ref(env) != ref:
+        raise DeviceError(ErrorCode.DIGEST, f"slot {slot.name} manifest is not the recorded one")
+    return decode_pinned(env)
+
+
+def verify_recorded(
+    flash: Flash, slot: SlotRegion, otp: OtpData, counters: Counters, ref: bytes
+) -> VerifiedManifest:
+    """Everything that must hold before the confirmed ``slot`` may run (see module doc)."""
+    vm = recorded_manifest(flash, slot, ref)
+    _check_slot_contents(flash, slot, vm, otp, counters)
+    return vm
+
+
+def running_manifest(
+    flash: Flash, layout: Layout, st: BootState, resolver: KeyResolver
+) -> VerifiedManifest:
+    """The active slot's manifest: by its record, or (no record) verified in full."""
+    slot = layout.slots[st.active]
+    ref = st.refs[st.active]
+    if ref is not None:
+        return recorded_manifest(flash, slot, ref)
+    return slot_manifest(flash, slot, resolver)
+
+
+def _check_slot_contents(
+    flash: Flash, slot: SlotRegion, vm: VerifiedManifest, otp: OtpData, counters: Counters
+) -> None:
     info = vm.info
     if info.vendor_id != otp.vendor_id:
         raise DeviceError(ErrorCode.VENDOR_ID, f"slot {slot.name} is for another vendor")
@@ -100,7 +138,6 @@ def verify_slot(
         raise DeviceError(ErrorCode.SLOT_FULL, f"slot {slot.name} image larger than the slot")
     if hash_slot(flash, slot, info.image_size, info.digest_alg) != info.image_digest:
         raise DeviceError(ErrorCode.IMAGE_DIGEST, f"slot {slot.name} image digest mismatch")
-    return vm
 
 
 @dataclass(frozen=True)
@@ -174,8 +211,12 @@ class Bootloader:
                     self.current = BootResult(pending, "test", vm.info)
                     return self.current
         aslot = self.layout.slots[st.active]
+        active_ref = st.refs[st.active]
         try:
-            vm = verify_slot(self.flash, aslot, store, otp, counters, ref=st.refs[st.active])
+            if active_ref is not None:
+                vm = verify_recorded(self.flash, aslot, otp, counters, active_ref)
+            else:
+                vm = verify_slot(self.flash, aslot, store, otp, counters)
         except OtaError as err:
             if err.code == ErrorCode.POWER_CUT:
                 raise

@@ -19,7 +19,7 @@ from ..fsutil import atomic_write, read_limited
 from ..manifest.verify import verify_envelope
 from ..trust.bundle import TrustBundle
 from .agent import DEFAULT_CHECKPOINT, Clock, InstallResult, UpdateAgent, system_clock
-from .bootloader import DEFAULT_MAX_TRIES, Bootloader, BootResult, verify_slot
+from .bootloader import DEFAULT_MAX_TRIES, Bootloader, BootResult, slot_manifest, verify_slot
 from .bootstate import BootState
 from .faults import FaultInjector
 from .flash import Flash
@@ -176,6 +176,25 @@ class Device:
         return self.agent.apply_keylist_update(update)
 
     # --- status ------------------------------------------------------------------------------
+    def checkin_facts(self) -> dict[str, Any]:
+        """The check-in body (``HttpsTransport(status=dev.checkin_facts)``): running version
+        and counters, plus the running image's signed digest, which is what lets the server
+        offer a delta whose base is this image."""
+        st = self.bootloader.bootstate.load()
+        store = self.bootloader.trust()
+        running = slot_manifest(self.flash, self.layout.slots[st.active], store)
+        counters = self.storage.counters()
+        facts: dict[str, Any] = {
+            "version": running.info.version,
+            "security_counter": counters.security,
+            "keylist_version": store.version,
+            "running_digest": running.info.image_digest.hex(),
+        }
+        last_error = self.storage.agent_state().last_error or st.last_error
+        if last_error:
+            facts["last_error"] = last_error
+        return facts
+
     def status(self) -> dict[str, Any]:
         otp = self.storage.require_otp()
         st = self.bootloader.bootstate.load()
@@ -211,9 +230,14 @@ class Device:
             store = None
         for slot in self.layout.slots:
             entry: dict[str, Any] = {"slot": slot.name, "capacity": slot.image_capacity}
-            if store is not None:
+            ref = st.refs[slot.index]
+            if store is not None or (slot.index == st.active and ref is not None):
                 try:
-                    vm = verify_slot(self.flash, slot, store, otp, counters)
+                    if slot.index == st.active and ref is not None:
+                        vm = verify_recorded(self.flash, slot, otp, counters, ref)
+                    else:
+                        assert store is not None
+                        vm = verify_slot(self.flash, slot, store, otp, counters)
                     entry.update(
                         valid=True,
                         version=vm.info.version,

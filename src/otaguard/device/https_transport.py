@@ -7,8 +7,11 @@ device authenticates with its client certificate.
 
 Failures back off exponentially with full jitter, honouring the server's ``Retry-After`` on
 429/503, so a fleet that lost its server does not come back as a synchronized stampede.
-Image downloads resume with HTTP Range from the offset the agent asks for; a server that
-ignores the range (200 instead of 206) is handled by skipping the prefix.
+Image and patch downloads resume with HTTP Range from the offset the agent asks for; a server
+that ignores the range (200 instead of 206) is handled by skipping the prefix. When the
+check-in offered a delta for the running image (``update["delta"]``), the agent gets its
+manifest from :meth:`fetch_delta_manifest` and the patch from :meth:`open_patch`, with the
+full image as fallback.
 """
 
 from __future__ import annotations
@@ -178,8 +181,17 @@ class HttpsTransport:
         return self.update
 
     def fetch_manifest(self) -> bytes:
-        upd = self._need_update()
-        resp = self._request("GET", str(upd["manifest_url"]))
+        return self._get_manifest(str(self._need_update()["manifest_url"]))
+
+    def fetch_delta_manifest(self) -> bytes | None:
+        """The delta manifest the server offered for our running image, or None."""
+        delta = self._need_update().get("delta")
+        if not isinstance(delta, dict):
+            return None
+        return self._get_manifest(str(delta["manifest_url"]))
+
+    def _get_manifest(self, url: str) -> bytes:
+        resp = self._request("GET", url)
         if resp.status_code != 200:
             raise self._error(resp)
         try:
@@ -195,9 +207,18 @@ class HttpsTransport:
         return bytes(buf)
 
     def open_image(self, offset: int) -> Iterator[bytes]:
-        upd = self._need_update()
+        return self._open_blob(str(self._need_update()["image_url"]), offset, "image")
+
+    def open_patch(self, offset: int) -> Iterator[bytes]:
+        """The offered delta's patch from ``offset`` (HTTP Range), like an image."""
+        delta = self._need_update().get("delta")
+        if not isinstance(delta, dict):
+            raise DeviceError(ErrorCode.NOT_FOUND, "no delta offered")
+        return self._open_blob(str(delta["patch_url"]), offset, "patch")
+
+    def _open_blob(self, url: str, offset: int, what: str) -> Iterator[bytes]:
         headers = {"Range": f"bytes={offset}-"} if offset > 0 else {}
-        resp = self._request("GET", str(upd["image_url"]), headers=headers)
+        resp = self._request("GET", url, headers=headers)
         if resp.status_code == 416:
             resp.close()
             return
@@ -214,7 +235,7 @@ class HttpsTransport:
                         continue
                 yield chunk
         except httpx.TransportError as exc:
-            raise DeviceError(ErrorCode.TRANSPORT, f"image download interrupted: {exc}") from None
+            raise DeviceError(ErrorCode.TRANSPORT, f"{what} download interrupted: {exc}") from None
         finally:
             resp.close()
 

@@ -19,7 +19,7 @@ from ..crypto.cose import Signer
 from ..crypto.software import SoftwareSigner, generate_private_key
 from ..manifest.build import build_envelope
 from ..manifest.ids import class_id, vendor_id
-from ..manifest.model import ManifestInfo
+from ..manifest.model import DeltaInfo, ManifestInfo
 from ..trust.bundle import TrustBundle
 from ..trust.documents import issue_authorization, sign_keylist
 from ..trust.model import Role, Scope
@@ -114,6 +114,7 @@ class Lab:
         expires: int | None = None,
         vendor: uuid.UUID | None = None,
         klass: uuid.UUID | None = None,
+        delta: DeltaInfo | None = None,
         **text: str,
     ) -> ManifestInfo:
         if isinstance(image, bytes):
@@ -133,6 +134,7 @@ class Lab:
             expires=expires,
             uri=None,
             text={"model": self.model, "hw_rev": self.hw_rev, **text},
+            delta=delta,
         )
 
     def release(
@@ -143,6 +145,16 @@ class Lab:
         **kw: Any,
     ) -> bytes:
         return build_envelope(self.info(image, **kw), list(signers or [self.op]))
+
+    def delta_release(self, base: bytes, image: bytes, patch: bytes, **kw: Any) -> bytes:
+        """A delta manifest: ``patch`` turns ``base`` into ``image`` (same kw as release)."""
+        d = DeltaInfo(
+            base_digest=hashlib.sha256(base).digest(),
+            patch_digest=hashlib.sha256(patch).digest(),
+            patch_size=len(patch),
+            patch_uri=None,
+        )
+        return self.release(image, delta=d, **kw)
 
     def provision(
         self,
@@ -173,7 +185,12 @@ class Lab:
 
 
 class MemoryTransport:
-    """An in-memory update source; ``drop_at`` simulates a network drop after that offset."""
+    """An in-memory update source; ``drop_at`` simulates a network drop after that offset.
+
+    With ``patch`` it is also a delta source: ``delta_manifest`` is offered next to the full
+    ``manifest`` (or ``manifest`` itself is a delta manifest); ``patch_drop_at`` drops the
+    patch download once at that offset.
+    """
 
     def __init__(
         self,
@@ -183,17 +200,42 @@ class MemoryTransport:
         chunk: int = 4096,
         drop_at: int | None = None,
         endpoint: str = "mem://update-server",
+        patch: bytes | None = None,
+        delta_manifest: bytes | None = None,
+        patch_drop_at: int | None = None,
     ) -> None:
         self.manifest = manifest
         self.image = image
         self.chunk = chunk
         self.drop_at = drop_at
         self.endpoint = endpoint
+        self.patch = patch
+        self.delta_manifest = delta_manifest
+        self.patch_drop_at = patch_drop_at
         self.events: list[dict[str, Any]] = []
         self.offsets: list[int] = []
+        self.patch_offsets: list[int] = []
 
     def fetch_manifest(self) -> bytes:
         return self.manifest
+
+    def fetch_delta_manifest(self) -> bytes | None:
+        return self.delta_manifest
+
+    def open_patch(self, offset: int) -> Iterator[bytes]:
+        from ..errors import DeviceError, ErrorCode
+
+        if self.patch is None:
+            raise DeviceError(ErrorCode.NOT_FOUND, "no patch on this source")
+        self.patch_offsets.append(offset)
+        pos = offset
+        while pos < len(self.patch):
+            if self.patch_drop_at is not None and pos >= self.patch_drop_at:
+                self.patch_drop_at = None
+                raise DeviceError(ErrorCode.TRANSPORT, f"connection dropped at {pos}")
+            piece = self.patch[pos : pos + self.chunk]
+            pos += len(piece)
+            yield piece
 
     def open_image(self, offset: int) -> Iterator[bytes]:
         from ..errors import DeviceError, ErrorCode

@@ -1,5 +1,11 @@
-"""Where an update comes from. The agent only sees this protocol, so a USB stick, the HTTPS
-device client and (later) a delta source are interchangeable.
+"""Where an update comes from. The agent only sees these protocols, so a USB stick, the HTTPS
+device client and an in-memory test source are interchangeable.
+
+Delta updates add two optional methods (:class:`DeltaSource`): ``fetch_delta_manifest()``
+offers a delta manifest *in addition to* the full one (None: no delta for this device), and
+``open_patch(offset)`` streams its patch. A source whose ``fetch_manifest()`` itself returns a
+delta manifest (an offline patch with no full image) needs only ``open_patch``; the agent then
+has nothing to fall back to.
 """
 
 from __future__ import annotations
@@ -33,54 +39,98 @@ class Transport(Protocol):
     def report(self, event: dict[str, Any]) -> None: ...
 
 
+class DeltaSource(Transport, Protocol):
+    """A transport that can also serve a delta: preferred by the agent, full image as fallback.
+
+    ``fetch_delta_manifest()`` returns the signed delta manifest of the same release as
+    ``fetch_manifest()`` (same version, sequence number, final digest and size), or None.
+    ``open_patch(offset)`` yields the patch from byte ``offset`` (the agent resumes a dropped
+    patch download in RAM); E_TRANSPORT signals a drop, as for images.
+    """
+
+    def fetch_delta_manifest(self) -> bytes | None: ...
+
+    def open_patch(self, offset: int) -> Iterator[bytes]: ...
+
+
 def endpoint_of(transport: object) -> str:
     ep = getattr(transport, "endpoint", None)
     return str(ep) if ep else type(transport).__name__
 
 
 class LocalFileTransport:
-    """Field-technician install from files (USB stick). Reports go to a JSON-lines file."""
+    """Field-technician install from files (USB stick). Reports go to a JSON-lines file.
+
+    ``manifest`` + ``image``: a full install. ``patch`` with ``delta_manifest``: the delta is
+    tried first and the full image is the fallback. ``patch`` with a delta ``manifest`` and no
+    image: delta only. ``bytes_read`` counts image + patch bytes handed to the agent.
+    """
 
     def __init__(
         self,
         manifest: str | os.PathLike[str],
-        image: str | os.PathLike[str],
+        image: str | os.PathLike[str] | None = None,
         *,
+        patch: str | os.PathLike[str] | None = None,
+        delta_manifest: str | os.PathLike[str] | None = None,
         report_log: str | os.PathLike[str] | None = None,
         chunk: int = CHUNK,
     ) -> None:
         self.manifest_path = Path(manifest)
-        self.image_path = Path(image)
+        self.image_path = Path(image) if image is not None else None
+        self.patch_path = Path(patch) if patch is not None else None
+        self.delta_manifest_path = Path(delta_manifest) if delta_manifest is not None else None
         self.report_log = Path(report_log) if report_log else None
         self.chunk = chunk
         self.events: list[dict[str, Any]] = []
+        self.bytes_read = 0
 
     @property
     def endpoint(self) -> str:
         return f"file://{self.manifest_path.resolve()}"
 
     def fetch_manifest(self) -> bytes:
+        return self._read_manifest(self.manifest_path)
+
+    def fetch_delta_manifest(self) -> bytes | None:
+        if self.delta_manifest_path is None:
+            return None
+        return self._read_manifest(self.delta_manifest_path)
+
+    @staticmethod
+    def _read_manifest(path: Path) -> bytes:
         try:
-            return read_limited(self.manifest_path, MAX_ENVELOPE_SIZE)
+            return read_limited(path, MAX_ENVELOPE_SIZE)
         except OtaError as err:
             if err.code == ErrorCode.TOO_LARGE:
                 raise
             raise DeviceError(ErrorCode.TRANSPORT, f"cannot read manifest: {err.detail}") from None
 
     def open_image(self, offset: int) -> Iterator[bytes]:
+        if self.image_path is None:
+            raise DeviceError(ErrorCode.NOT_FOUND, "no full image on this source")
+        return self._stream(self.image_path, offset, "image")
+
+    def open_patch(self, offset: int) -> Iterator[bytes]:
+        if self.patch_path is None:
+            raise DeviceError(ErrorCode.NOT_FOUND, "no patch on this source")
+        return self._stream(self.patch_path, offset, "patch")
+
+    def _stream(self, path: Path, offset: int, what: str) -> Iterator[bytes]:
         try:
-            f = self.image_path.open("rb")
+            f = path.open("rb")
         except OSError as exc:
-            raise DeviceError(ErrorCode.TRANSPORT, f"cannot open image: {exc}") from None
+            raise DeviceError(ErrorCode.TRANSPORT, f"cannot open {what}: {exc}") from None
         with f:
             f.seek(offset)
             while True:
                 try:
                     data = f.read(self.chunk)
                 except OSError as exc:
-                    raise DeviceError(ErrorCode.TRANSPORT, f"image read failed: {exc}") from None
+                    raise DeviceError(ErrorCode.TRANSPORT, f"{what} read failed: {exc}") from None
                 if not data:
                     return
+                self.bytes_read += len(data)
                 yield data
 
     def report(self, event: dict[str, Any]) -> None:

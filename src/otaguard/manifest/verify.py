@@ -273,3 +273,28 @@ def verify_envelope(
     for signer in signers:
         signer.check_scope(info.vendor_id, info.class_id)
     return VerifiedManifest(info=info, envelope=raw.data, manifest_digest=digest, signers=signers)
+
+
+def decode_pinned(data: bytes, *, max_size: int = MAX_ENVELOPE_SIZE) -> VerifiedManifest:
+    """Decode an envelope that was verified earlier and is pinned by the digest of its bytes.
+
+    Signatures are NOT checked here: the caller must already have compared SHA-256 of ``data``
+    with a record it made when the envelope was verified (the bootloader's record of the
+    confirmed slot, docs/reliability.md). That is what lets firmware signed with a key that
+    was later rotated out or revoked keep booting, while anything new is verified in full.
+    ``signers`` is empty.
+    """
+    from .profile import extract_info
+
+    raw = parse_envelope(data, max_size=max_size, require_tag=True)
+    auth_raw = raw.members.get(suit.ENV_AUTH)
+    if auth_raw is None:
+        raise TrustError(ErrorCode.NO_AUTH, "envelope has no authentication wrapper")
+    wrapper = parse_auth_wrapper(auth_raw)
+    received = digest_bytes(raw.spans[suit.ENV_MANIFEST], wrapper.digest_alg)
+    if not hmac.compare_digest(received, wrapper.digest):
+        raise CryptoError(ErrorCode.DIGEST, "manifest digest does not match the signed digest")
+    manifest, _severed = _decode_manifest(raw)
+    return VerifiedManifest(
+        info=extract_info(manifest), envelope=raw.data, manifest_digest=wrapper.digest, signers=()
+    )

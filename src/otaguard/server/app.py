@@ -22,6 +22,7 @@ import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 from cryptography import x509
@@ -354,6 +355,20 @@ class UpdateServer:
         self._probe(device_id, ip, refusal.code.value, request.url.path, refusal.detail)
         raise refusal
 
+    def _device_read(self, ident: Identity, fn: Callable[[Connection, Row[Any]], T]) -> T | None:
+        """Read-only fast path: ``fn``'s result for a valid device, or None when the request
+        must take the full path (``_device_work``: refusals are recorded there)."""
+        with self.db.read() as conn:
+            dev = store.device_by_serial(conn, ident.serial)
+            if dev is None or dev.revoked or dev.cert_fingerprint != ident.fingerprint:
+                return None
+            return fn(conn, dev)
+
+    async def _read_only(
+        self, ident: Identity, fn: Callable[[Connection, Row[Any]], T | None]
+    ) -> T | None:
+        return self._device_read(ident, fn)
+
     async def _run(
         self,
         request: Request,
@@ -397,21 +412,36 @@ class UpdateServer:
         _check_serial_claim(body, ident)
         facts = _checkin_facts(body)
 
-        def work(conn: Connection, dev: Row[Any]) -> dict[str, Any]:
-            store.record_checkin(
-                conn, dev, facts, lastseen_interval=self.settings.lastseen_interval
-            )
+        def work(conn: Connection, dev: Row[Any], dry: bool) -> dict[str, Any] | None:
+            # dry: inside a read-only transaction, returns None as soon as a write is needed
+            # (the caller then repeats this in a write transaction). Any write added here
+            # must be preceded by ``if dry: return None``.
+            if store.checkin_changes(dev, facts, lastseen_interval=self.settings.lastseen_interval):
+                if dry:
+                    return None
+                store.record_checkin(
+                    conn, dev, facts, lastseen_interval=self.settings.lastseen_interval
+                )
             rel = store.pending_update(conn, dev.id)
             update: dict[str, Any] | None = None
             if rel is not None:
                 if rel.version == facts.get("current_version") and (
                     facts.get("running_digest") in (None, rel.image_digest)
                 ):
+                    if dry:
+                        return None
                     store.set_assignment_state(conn, dev.id, "done")
                 else:
                     if rel.assignment_state == "assigned":
+                        if dry:
+                            return None
                         store.set_assignment_state(conn, dev.id, "offered")
                     update = _update_ref(rel)
+                    # Delta for the reported running image (read only); the full image stays
+                    # in the offer as the device's fallback.
+                    delta = store.delta_ref(conn, rel.id, facts.get("running_digest"))
+                    if delta is not None:
+                        update["delta"] = delta
             kl = store.latest_keylist(conn)
             return {
                 "update": update,
@@ -419,7 +449,14 @@ class UpdateServer:
                 "poll_interval": self.settings.poll_interval,
             }
 
-        result = await run_in_threadpool(self._device_work, ident, request, work, write=True)
+        # Most check-ins of an idle fleet change nothing: answer those from a read-only
+        # transaction (no writer lock, no commit); anything else takes the full write path.
+        result = await self._read_only(ident, partial(work, dry=True))
+        if result is None:
+            result = await run_in_threadpool(
+                self._device_work, ident, request, partial(work, dry=False), write=True
+            )
+        assert result is not None
         return JSONResponse(result)
 
     async def reports(self, request: Request) -> Response:

@@ -77,7 +77,9 @@ class Database:
             @event.listens_for(self.engine, "begin")
             def _on_begin(conn: Connection) -> None:
                 mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
-                conn.exec_driver_sql(f"BEGIN {mode}")
+                # Straight to the driver: a full SQLAlchemy execution here costs as much as a
+                # check-in's own query. sqlite3's commit()/rollback() end it as usual.
+                conn.connection.driver_connection.execute(f"BEGIN {mode}")  # type: ignore[union-attr]
 
     # --- transactions --------------------------------------------------------------------------
     @contextlib.contextmanager

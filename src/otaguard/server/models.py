@@ -87,6 +87,27 @@ releases = Table(
     Index("ix_releases_image_blob", "image_blob"),
 )
 
+# Delta downloads of a release: one per base image (the device's running image digest). The
+# delta envelope is signed separately but says the same release (version, sequence number,
+# final digest and size) as its row in ``releases``; the patch is a blob like an image.
+release_deltas = Table(
+    "release_deltas",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("release_id", Integer, ForeignKey("releases.id", ondelete="CASCADE"), nullable=False),
+    Column("base_digest", String(128), nullable=False),  # base image digest, hex
+    Column("base_version", String(32)),  # informational (from the uploader)
+    Column("manifest_digest", String(128), nullable=False, unique=True),  # SUIT digest, hex
+    Column("envelope_blob", String(64), nullable=False),  # sha256 of the delta envelope
+    Column("patch_digest", String(128), nullable=False),  # manifest's patch digest, hex
+    Column("patch_size", BigInteger, nullable=False),
+    Column("patch_blob", String(64), nullable=False),  # sha256 of the patch bytes
+    Column("created_at", BigInteger, nullable=False),
+    UniqueConstraint("release_id", "base_digest", name="uq_release_deltas_release_base"),
+    Index("ix_release_deltas_envelope_blob", "envelope_blob"),
+    Index("ix_release_deltas_patch_blob", "patch_blob"),
+)
+
 assignments = Table(
     "assignments",
     metadata,

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Row, delete, func, insert, select, update
+from sqlalchemy import Connection, Row, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..errors import ErrorCode, OtaError, ServerError
@@ -102,8 +102,14 @@ def revoke_device(conn: Connection, serial: str) -> None:
         raise OtaError(ErrorCode.NOT_FOUND, f"no device {serial}")
 
 
+# Statements on the check-in hot path are built once: SQLAlchemy then reuses the statement's
+# memoized cache key, compiled form and result metadata, instead of rebuilding and re-keying a
+# new Select on every request (about two thirds of a small query's Python cost).
+_DEVICE_BY_SERIAL = select(m.devices).where(m.devices.c.serial == bindparam("serial"))
+
+
 def device_by_serial(conn: Connection, serial: str) -> Row[Any] | None:
-    return conn.execute(select(m.devices).where(m.devices.c.serial == serial)).first()
+    return conn.execute(_DEVICE_BY_SERIAL, {"serial": serial}).first()
 
 
 def device_groups(conn: Connection, device_id: int) -> list[str]:
@@ -121,26 +127,35 @@ def record_checkin(
     An idle fleet polling every few minutes then costs one indexed read per check-in, and a
     write only every ``lastseen_interval`` seconds per device.
     """
+    values = checkin_changes(device, facts, lastseen_interval=lastseen_interval)
+    if values is not None:
+        conn.execute(update(m.devices).where(m.devices.c.id == device.id).values(**values))
+
+
+def checkin_changes(
+    device: Row[Any], facts: dict[str, Any], *, lastseen_interval: int
+) -> dict[str, Any] | None:
+    """The device-row values a check-in must write, or None if only the clock moved."""
     t = now_s()
     changed = {k: v for k, v in facts.items() if getattr(device, k) != v}
     if not changed and device.last_seen is not None and t - device.last_seen < lastseen_interval:
-        return
-    conn.execute(
-        update(m.devices).where(m.devices.c.id == device.id).values(last_seen=t, **changed)
+        return None
+    return dict(changed, last_seen=t)
+
+
+_PENDING_UPDATE = (
+    select(m.releases, m.assignments.c.state.label("assignment_state"))
+    .select_from(m.assignments.join(m.releases, m.assignments.c.release_id == m.releases.c.id))
+    .where(
+        m.assignments.c.device_id == bindparam("device_id"),
+        m.assignments.c.state.in_(("assigned", "offered", "installing")),
     )
+)
 
 
 def pending_update(conn: Connection, device_id: int) -> Row[Any] | None:
     """The release assigned to this device (joined), if its assignment is still open."""
-    j = m.assignments.join(m.releases, m.assignments.c.release_id == m.releases.c.id)
-    return conn.execute(
-        select(m.releases, m.assignments.c.state.label("assignment_state"))
-        .select_from(j)
-        .where(
-            m.assignments.c.device_id == device_id,
-            m.assignments.c.state.in_(("assigned", "offered", "installing")),
-        )
-    ).first()
+    return conn.execute(_PENDING_UPDATE, {"device_id": device_id}).first()
 
 
 def set_assignment_state(conn: Connection, device_id: int, state: str) -> None:
@@ -168,7 +183,8 @@ def assign(conn: Connection, device_id: int, release_id: int, campaign_id: int |
 
 
 def device_may_fetch(conn: Connection, device_id: int, column: str, blob: str) -> bool:
-    """Only a device that was offered a release may download its manifest or image."""
+    """Only a device that was offered a release may download its manifest or image
+    (or, for a release with deltas, a delta manifest or patch: ``image_blob`` covers patches)."""
     col = m.releases.c[column]
     j = m.assignments.join(m.releases, m.assignments.c.release_id == m.releases.c.id)
     row = conn.execute(
@@ -176,6 +192,16 @@ def device_may_fetch(conn: Connection, device_id: int, column: str, blob: str) -
         .select_from(j)
         .where(m.assignments.c.device_id == device_id, col == blob)
         .limit(1)
+    ).first()
+    return row is not None or _device_may_fetch_delta(conn, device_id, column, blob)
+
+
+def _device_may_fetch_delta(conn: Connection, device_id: int, column: str, blob: str) -> bool:
+    d = m.release_deltas
+    col = d.c.envelope_blob if column == "envelope_blob" else d.c.patch_blob
+    j = m.assignments.join(d, m.assignments.c.release_id == d.c.release_id)
+    row = conn.execute(
+        select(d.c.id).select_from(j).where(m.assignments.c.device_id == device_id, col == blob)
     ).first()
     return row is not None
 
@@ -257,6 +283,48 @@ def release_by_id(conn: Connection, release_id: int) -> Row[Any] | None:
     return conn.execute(select(m.releases).where(m.releases.c.id == release_id)).first()
 
 
+# --- deltas ------------------------------------------------------------------------------------
+def insert_delta(conn: Connection, values: dict[str, Any]) -> int:
+    d = m.release_deltas
+    existing = conn.execute(
+        select(d.c.id).where(
+            (d.c.manifest_digest == values["manifest_digest"])
+            | (
+                (d.c.release_id == values["release_id"])
+                & (d.c.base_digest == values["base_digest"])
+            )
+        )
+    ).first()
+    if existing is not None:
+        raise ServerError(
+            ErrorCode.CONFLICT, f"delta exists (id {existing.id}) for this manifest/base", 409
+        )
+    res = conn.execute(insert(d).values(**values, created_at=now_s()))
+    return int(res.inserted_primary_key[0])  # type: ignore[index]
+
+
+def delta_ref(
+    conn: Connection, release_id: int, running_digest: str | None
+) -> dict[str, Any] | None:
+    """The delta of ``release_id`` whose base is the device's running image, as offered."""
+    if not running_digest:
+        return None
+    d = m.release_deltas
+    row = conn.execute(
+        select(d).where(d.c.release_id == release_id, d.c.base_digest == running_digest)
+    ).first()
+    if row is None:
+        return None
+    return {
+        "base_digest": row.base_digest,
+        "manifest_digest": row.manifest_digest,
+        "manifest_url": f"/v1/manifests/{row.envelope_blob}",
+        "patch_url": f"/v1/images/{row.patch_blob}",
+        "patch_size": row.patch_size,
+        "patch_digest": row.patch_digest,
+    }
+
+
 # --- key lists ---------------------------------------------------------------------------------
 def put_keylist(conn: Connection, version: int, document: bytes) -> None:
     latest = conn.execute(select(func.max(m.keylists.c.version))).scalar()
@@ -272,8 +340,11 @@ def put_keylist(conn: Connection, version: int, document: bytes) -> None:
     )
 
 
+_LATEST_KEYLIST = select(m.keylists).order_by(m.keylists.c.version.desc()).limit(1)
+
+
 def latest_keylist(conn: Connection) -> Row[Any] | None:
-    return conn.execute(select(m.keylists).order_by(m.keylists.c.version.desc()).limit(1)).first()
+    return conn.execute(_LATEST_KEYLIST).first()
 
 
 # --- admin tokens ------------------------------------------------------------------------------

@@ -21,10 +21,11 @@ from typing import Any
 from ..crypto.algorithms import HASH_SIZES, HashAlg, hash_alg
 from ..errors import ErrorCode, FormatError, OtaError, PolicyError
 from ..manifest.ids import class_id, vendor_id
-from ..manifest.model import MAX_UINT64, MAX_URI
+from ..manifest.model import MAX_UINT64, MAX_URI, DeltaInfo
 from ..manifest.version import compare_versions, parse_version
 
 MAX_POLICY_FILE = 256 * 1024
+DELTA_FIELDS = ("delta_base_digest", "delta_patch_digest", "delta_patch_size", "delta_patch_uri")
 MAX_DESCRIPTION = 512
 DAY = 86400
 
@@ -61,6 +62,32 @@ class SigningRequest:
     uri: str | None
     description: str | None = None
     downgrade: bool = False  # explicit rollback authorization (security officer only)
+    # Delta manifest of an already-signed release (all three set, or none; see docs/delta.md):
+    # the service signs it only for a release it signed with exactly these other fields, and
+    # gives it that release's sequence number.
+    delta_base_digest: bytes | None = None
+    delta_patch_digest: bytes | None = None
+    delta_patch_size: int | None = None
+    delta_patch_uri: str | None = None
+
+    @property
+    def delta(self) -> DeltaInfo | None:
+        if self.delta_base_digest is None:
+            return None
+        assert self.delta_patch_digest is not None and self.delta_patch_size is not None
+        return DeltaInfo(
+            self.delta_base_digest,
+            self.delta_patch_digest,
+            self.delta_patch_size,
+            self.delta_patch_uri,
+        )
+
+    def release_fields(self) -> dict[str, Any]:
+        """The fields that identify the release itself (what every manifest of it shares)."""
+        d = self.to_dict()
+        for k in ("downgrade", *DELTA_FIELDS):
+            d.pop(k, None)
+        return d
 
     @property
     def vendor_id(self) -> uuid.UUID:
@@ -85,6 +112,19 @@ class SigningRequest:
             "uri": self.uri,
             "description": self.description,
             "downgrade": self.downgrade,
+        } | self._delta_dict()
+
+    def _delta_dict(self) -> dict[str, Any]:
+        # Present only for delta requests, so a service without delta support refuses them
+        # (unknown fields) instead of signing a full manifest.
+        if self.delta_base_digest is None:
+            return {}
+        assert self.delta_patch_digest is not None
+        return {
+            "delta_base_digest": self.delta_base_digest.hex(),
+            "delta_patch_digest": self.delta_patch_digest.hex(),
+            "delta_patch_size": self.delta_patch_size,
+            "delta_patch_uri": self.delta_patch_uri,
         }
 
     @classmethod
@@ -100,13 +140,9 @@ class SigningRequest:
             alg = hash_alg(d.get("digest_alg", "sha256"))
         except OtaError as err:
             raise FormatError(ErrorCode.MALFORMED, err.detail) from None
-        digest_hex = _str(d, "image_digest")
-        if not re.fullmatch(r"[0-9a-fA-F]+", digest_hex) or len(digest_hex) != 2 * HASH_SIZES[alg]:
-            raise FormatError(
-                ErrorCode.MALFORMED, f"image_digest must be {HASH_SIZES[alg]} bytes of hex"
-            )
+        delta = d.get("delta_base_digest") is not None
         req = cls(
-            image_digest=bytes.fromhex(digest_hex),
+            image_digest=_digest(d, "image_digest", alg),
             digest_alg=alg,
             image_size=_uint(d, "image_size"),
             vendor=_str(d, "vendor", 253),
@@ -119,6 +155,10 @@ class SigningRequest:
             uri=_opt_str(d, "uri", MAX_URI),
             description=_opt_str(d, "description", MAX_DESCRIPTION),
             downgrade=_bool(d, "downgrade"),
+            delta_base_digest=_digest(d, "delta_base_digest", alg) if delta else None,
+            delta_patch_digest=_digest(d, "delta_patch_digest", alg) if delta else None,
+            delta_patch_size=_uint(d, "delta_patch_size") if delta else None,
+            delta_patch_uri=_opt_str(d, "delta_patch_uri", MAX_URI) if delta else None,
         )
         req.validate()
         return req
@@ -127,8 +167,30 @@ class SigningRequest:
         parse_version(self.version)
         if self.min_version is not None:
             parse_version(self.min_version)
+        parts = (self.delta_base_digest, self.delta_patch_digest, self.delta_patch_size)
+        if any(p is not None for p in parts):
+            size = HASH_SIZES[HashAlg(self.digest_alg)]
+            if not all(p is not None for p in parts) or self.downgrade:
+                raise FormatError(
+                    ErrorCode.MALFORMED,
+                    "a delta request needs base digest, patch digest and size (and no downgrade)",
+                )
+            for v in (self.delta_base_digest, self.delta_patch_digest):
+                if not isinstance(v, bytes) or len(v) != size:
+                    raise FormatError(ErrorCode.MALFORMED, f"delta digests must be {size} bytes")
+            if self.delta_base_digest == self.image_digest:
+                raise FormatError(ErrorCode.MALFORMED, "a delta from an image to itself")
+        elif self.delta_patch_uri is not None:
+            raise FormatError(ErrorCode.MALFORMED, "delta_patch_uri without a delta")
         # Derivations validate the names (non-empty, no ':' in the model).
         _ = self.class_id
+
+
+def _digest(d: dict[str, Any], name: str, alg: HashAlg) -> bytes:
+    v = _str(d, name)
+    if not re.fullmatch(r"[0-9a-fA-F]+", v) or len(v) != 2 * HASH_SIZES[alg]:
+        raise FormatError(ErrorCode.MALFORMED, f"{name} must be {HASH_SIZES[alg]} bytes of hex")
+    return bytes.fromhex(v)
 
 
 def _str(d: dict[str, Any], name: str, limit: int = 1024) -> str:
@@ -307,6 +369,16 @@ def check_request(
         raise PolicyError(ErrorCode.POLICY, f"uri {req.uri!r} not under an allowed prefix")
     if req.min_version is not None and compare_versions(req.min_version, req.version) > 0:
         raise PolicyError(ErrorCode.POLICY, "min_version is above version")
+    if req.delta is not None:
+        if not 0 < req.delta.patch_size <= policy.max_image_size:
+            raise PolicyError(ErrorCode.POLICY, f"patch size {req.delta.patch_size} outside policy")
+        p_uri = req.delta.patch_uri
+        if (
+            policy.uri_prefixes
+            and p_uri is not None
+            and not any(p_uri.startswith(p) for p in policy.uri_prefixes)
+        ):
+            raise PolicyError(ErrorCode.POLICY, f"patch uri {p_uri!r} not under an allowed prefix")
     if last is None:
         return
     if req.security_counter < last.security_counter:

@@ -1,5 +1,10 @@
 """A release directory: ``manifest.suit`` + ``image.bin`` + ``release.json``, written atomically.
 
+With ``delta_from`` it also holds, per published delta, ``patch-<base>.ogdp`` and its own signed
+``manifest-delta-<base>.suit`` (``<base>`` = first 16 hex digits of the base image digest): the
+same release (version, counters, sequence number, final digest and size) plus the delta part
+(:mod:`.release_deltas` decides which deltas are worth publishing).
+
 The directory is assembled under a temporary name next to the destination and renamed into
 place only when complete, so a crash or a refused signature never leaves a half-written
 release. The image is hashed while it is copied into the temporary directory and it is *that*
@@ -10,6 +15,7 @@ manifest for different bytes than the ones shipped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -25,10 +31,22 @@ from typing import Any
 from ..crypto.algorithms import HashAlg, StreamingHasher
 from ..crypto.keys import PublicKey
 from ..errors import ErrorCode, OtaError, UsageError
+from ..fsutil import read_limited
 from ..manifest.verify import VerifiedManifest, verify_envelope
 from ..trust.model import StaticKeys
 from .audit import AuditHead
 from .policy import SigningRequest
+from .release_deltas import (
+    DEFAULT_DELTA_FACTOR,
+    MAX_DELTA_IMAGE,
+    BaseRelease,
+    check_same_class,
+    load_base,
+    patch_digest,
+    plan_delta,
+    plan_summary,
+    xz_size,
+)
 
 MANIFEST_FILE = "manifest.suit"
 IMAGE_FILE = "image.bin"
@@ -94,6 +112,7 @@ def check_envelope(
         "security_counter": req.security_counter,
         "expires": req.expires,
         "uri": req.uri,
+        "delta": req.delta,
     }
     for name, want in expected.items():
         if getattr(info, name) != want:
@@ -135,6 +154,9 @@ def build_release(
     now: int,
     *,
     signed_by: str,
+    delta_from: Sequence[Path] = (),
+    delta_factor: float = DEFAULT_DELTA_FACTOR,
+    patch_uri_prefix: str | None = None,
 ) -> ReleaseResult:
     """Assemble ``out``: copy+hash image → request → sign → verify → summary → rename.
 
@@ -143,6 +165,8 @@ def build_release(
     envelope must verify with.
     """
     out = Path(out)
+    if not 0 < delta_factor <= 1:
+        raise UsageError(ErrorCode.USAGE, "--delta-factor must be in (0, 1]")
     if out.exists():
         raise OtaError(ErrorCode.EXISTS, f"{out} already exists; refusing to overwrite a release")
     parent = out.parent if str(out.parent) else Path(".")
@@ -152,6 +176,9 @@ def build_release(
     try:
         digest, size = copy_and_hash(image, tmp / IMAGE_FILE, digest_alg)
         req = make_request(digest, size)
+        bases = [load_base(Path(p)) for p in delta_from]  # refuse bad bases before signing
+        for b in bases:
+            check_same_class(b, req)
         envelope, audit = sign(req)
         keys = verify_keys()
         vm = check_envelope(envelope, keys, req, now)
@@ -192,6 +219,10 @@ def build_release(
             "audit": {"seq": audit.seq, "hash": audit.hash},
             "downgrade": req.downgrade,
         }
+        if bases:
+            summary.update(
+                _sign_deltas(tmp, bases, req, vm, sign, keys, now, delta_factor, patch_uri_prefix)
+            )
         _write_file(
             tmp / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n"
         )
@@ -204,3 +235,71 @@ def build_release(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ReleaseResult(out, summary)
+
+
+def _sign_deltas(
+    tmp: Path,
+    bases: Sequence[BaseRelease],
+    req: SigningRequest,
+    full: VerifiedManifest,
+    sign: Callable[[SigningRequest], tuple[bytes, AuditHead]],
+    keys: Sequence[PublicKey],
+    now: int,
+    factor: float,
+    patch_uri_prefix: str | None,
+) -> dict[str, Any]:
+    """Create, judge, sign and write the deltas; the summary's delta part."""
+    new_image = read_limited(tmp / IMAGE_FILE, MAX_DELTA_IMAGE)
+    xz = xz_size(tmp / IMAGE_FILE)
+    published: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    seen: set[bytes] = set()
+    for base in bases:
+        plan = plan_delta(base, new_image, req, xz, factor)
+        entry = plan_summary(plan, len(new_image), xz)
+        if base.digest in seen:
+            skipped.append({**entry, "reason": "duplicate base"})
+            continue
+        seen.add(base.digest)
+        if not plan.published:
+            skipped.append(entry)
+            continue
+        stem = plan.file_stem()
+        patch_name, manifest_name = f"patch-{stem}.ogdp", f"manifest-delta-{stem}.suit"
+        pdig = patch_digest(plan.patch, req.digest_alg)
+        dreq = dataclasses.replace(
+            req,
+            delta_base_digest=base.digest,
+            delta_patch_digest=pdig,
+            delta_patch_size=len(plan.patch),
+            delta_patch_uri=patch_uri_prefix + patch_name if patch_uri_prefix else None,
+        )
+        dreq.validate()
+        envelope, audit = sign(dreq)
+        vm = check_envelope(envelope, keys, dreq, now)
+        if vm.info.sequence_number != full.info.sequence_number:
+            raise OtaError(
+                ErrorCode.INTERNAL, "delta manifest got another sequence number than its release"
+            )
+        _write_file(tmp / patch_name, plan.patch)
+        _write_file(tmp / manifest_name, envelope)
+        published.append(
+            {
+                **entry,
+                "patch": patch_name,
+                "patch_digest": pdig.hex(),
+                "patch_uri": dreq.delta_patch_uri,
+                "manifest": {
+                    "file": manifest_name,
+                    "size": len(envelope),
+                    "suit_digest": vm.manifest_digest.hex(),
+                    "sha256": hashlib.sha256(envelope).hexdigest(),
+                },
+                "audit": {"seq": audit.seq, "hash": audit.hash},
+            }
+        )
+    return {
+        "deltas": published,
+        "deltas_skipped": skipped,
+        "delta_rule": {"factor": factor, "xz_preset": "9e", "xz_size": xz},
+    }

@@ -14,6 +14,7 @@ state commit, :func:`reconcile` replays the record into the state on the next st
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -30,7 +31,7 @@ from ..manifest.verify import verify_envelope
 from ..trust.model import StaticKeys
 from .audit import AuditHead, AuditLog, read_records, verify_log
 from .policy import Policy, Requester, SigningRequest, check_request
-from .state import SigningState
+from .state import SigningState, StateTxn
 
 log = logging.getLogger("otaguard.signing")
 
@@ -68,6 +69,20 @@ def manifest_info(req: SigningRequest, sequence: int) -> ManifestInfo:
         expires=req.expires,
         uri=req.uri,
         text=text,
+        delta=req.delta,
+    )
+
+
+RELEASE_FIELDS = (
+    "image_digest", "digest_alg", "image_size", "vendor", "model", "hw_rev", "version",
+    "min_version", "security_counter", "expires", "uri", "description",
+)  # fmt: skip
+
+
+def fields_json(fields: dict[str, Any]) -> str:
+    """Canonical JSON of a release's identifying fields (compared for delta requests)."""
+    return json.dumps(
+        {k: fields.get(k) for k in RELEASE_FIELDS}, sort_keys=True, separators=(",", ":")
     )
 
 
@@ -92,6 +107,11 @@ def reconcile(state: SigningState, audit: AuditLog) -> None:
                 continue
             s = rec.subject
             log.warning("signing state missed audit record %d; replaying it", rec.seq)
+            if s.get("delta") is not None:
+                continue  # a delta manifest changes no floor and reuses its release's sequence
+            tx.record_image(
+                s["class_id"], s["version"], s["image_digest"], s["sequence"], fields_json(s)
+            )
             prev = tx.last_release(s["class_id"])
             if prev is None or prev.sequence < s["sequence"]:
                 tx.record_release(
@@ -107,6 +127,25 @@ def reconcile(state: SigningState, audit: AuditLog) -> None:
             tx.observe_sequence(s["sequence"])
         if last is not None:
             tx.set_anchor(last)
+
+
+def _delta_sequence(tx: StateTxn, req: SigningRequest, class_hex: str) -> int:
+    """The sequence number of the full release this delta belongs to; E_POLICY if none."""
+    found = tx.signed_image(class_hex, req.version, req.image_digest.hex())
+    if found is None:
+        raise PolicyError(
+            ErrorCode.POLICY,
+            f"no full release {req.version} with this image was signed for {req.model}/"
+            f"{req.hw_rev}: sign the full release before its deltas",
+        )
+    sequence, fields = found
+    if fields != fields_json(req.release_fields()):
+        raise PolicyError(
+            ErrorCode.POLICY,
+            "a delta manifest must say exactly what its signed full release says "
+            "(version, counter, expiry, uri, digest, size, description)",
+        )
+    return sequence
 
 
 class SigningService:
@@ -158,9 +197,16 @@ class SigningService:
         req.validate()
         with self.state.transaction() as tx:
             class_hex = str(req.class_id)
-            check_request(self.policy, req, requester, tx.last_release(class_hex), now)
+            delta = req.delta
+            if delta is None:
+                check_request(self.policy, req, requester, tx.last_release(class_hex), now)
+                sequence = tx.next_sequence(now)
+            else:
+                # Not a new release: another encoding of one already signed, so no floor
+                # moves and the sequence number is that release's (docs/delta.md).
+                check_request(self.policy, req, requester, None, now)
+                sequence = _delta_sequence(tx, req, class_hex)
             assert requester is not None
-            sequence = tx.next_sequence(now)
             info = manifest_info(req, sequence)
             envelope = build_envelope(info, [self.signer])
             verified = self._self_check(envelope, info, now)
@@ -177,6 +223,7 @@ class SigningService:
                 "sequence": sequence,
                 "expires": req.expires,
                 "uri": req.uri,
+                "description": req.description,
                 "digest_alg": _alg_name(info.digest_alg),
                 "image_digest": req.image_digest.hex(),
                 "image_size": req.image_size,
@@ -185,12 +232,25 @@ class SigningService:
                 "key_ids": list(key_ids),
                 "manifest_digest": verified.hex(),
                 "envelope_sha256": hashlib.sha256(envelope).hexdigest(),
+                "delta": None
+                if delta is None
+                else {
+                    "base_digest": delta.base_digest.hex(),
+                    "patch_digest": delta.patch_digest.hex(),
+                    "patch_size": delta.patch_size,
+                    "patch_uri": delta.patch_uri,
+                },
             }
             head = self.audit.append(requester.id, OP_SIGN, subject)
-            tx.record_release(
-                class_hex, req.vendor, req.model, req.hw_rev, req.version,
-                req.security_counter, sequence, now,
-            )  # fmt: skip
+            if delta is None:
+                tx.record_release(
+                    class_hex, req.vendor, req.model, req.hw_rev, req.version,
+                    req.security_counter, sequence, now,
+                )  # fmt: skip
+                tx.record_image(
+                    class_hex, req.version, req.image_digest.hex(), sequence,
+                    fields_json(req.release_fields()),
+                )  # fmt: skip
             tx.set_anchor(self.audit.head)
         log.info("signed %s %s seq %d for %s", req.model, req.version, sequence, requester.id)
         return SignedRelease(envelope, info, verified, key_ids, head)
@@ -224,6 +284,9 @@ class SigningService:
                         "security_counter": req.security_counter,
                         "image_digest": req.image_digest.hex(),
                         "downgrade": req.downgrade,
+                        "delta_base_digest": (
+                            req.delta_base_digest.hex() if req.delta_base_digest else None
+                        ),
                     },
                 )
                 tx.set_anchor(self.audit.head)

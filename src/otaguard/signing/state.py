@@ -32,6 +32,15 @@ CREATE TABLE IF NOT EXISTS releases (
     updated INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+-- every full release signed, so a delta manifest can be signed later for exactly that release
+CREATE TABLE IF NOT EXISTS signed_images (
+    class_id TEXT NOT NULL,
+    version TEXT NOT NULL,
+    image_digest TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    fields TEXT NOT NULL,
+    PRIMARY KEY (class_id, version, image_digest)
+);
 """
 
 
@@ -81,6 +90,29 @@ class StateTxn:
             " sequence=excluded.sequence, updated=excluded.updated",
             (class_id, vendor, model, hw_rev, version, security_counter, sequence, now),
         )
+
+    def record_image(
+        self, class_id: str, version: str, image_digest: str, sequence: int, fields: str
+    ) -> None:
+        """Remember a signed full release (``fields``: canonical JSON of its request)."""
+        self._db.execute(
+            "INSERT INTO signed_images(class_id, version, image_digest, sequence, fields)"
+            " VALUES (?,?,?,?,?) ON CONFLICT(class_id, version, image_digest) DO UPDATE SET"
+            " sequence=excluded.sequence, fields=excluded.fields"
+            " WHERE excluded.sequence > signed_images.sequence",
+            (class_id, version, image_digest, sequence, fields),
+        )
+
+    def signed_image(
+        self, class_id: str, version: str, image_digest: str
+    ) -> tuple[int, str] | None:
+        """(sequence, fields) of the latest full release signed for this image, if any."""
+        row = self._db.execute(
+            "SELECT sequence, fields FROM signed_images"
+            " WHERE class_id = ? AND version = ? AND image_digest = ?",
+            (class_id, version, image_digest),
+        ).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
 
     def anchor(self) -> AuditHead | None:
         v = self._get("audit_head")

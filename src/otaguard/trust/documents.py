@@ -33,7 +33,7 @@ DOC_KEYLIST = "otaguard/key-list/v1"
 # authorization payload labels
 A_TYPE, A_KID, A_KEY, A_ALG, A_NBF, A_NAF, A_SCOPES, A_ROLES, A_NAME, A_ISSUED = range(1, 11)
 # key-list payload labels
-L_TYPE, L_VERSION, L_ISSUED, L_AUTHS, L_REVOKED, L_THRESHOLD = range(1, 7)
+L_TYPE, L_VERSION, L_ISSUED, L_AUTHS, L_REVOKED, L_THRESHOLD, L_ANCHOR_ROLES = range(1, 8)
 
 _AUTH_LIMITS = cbor.Limits(max_size=MAX_AUTHORIZATION, max_depth=8, max_items=512)
 _LIST_LIMITS = cbor.Limits(max_size=MAX_KEYLIST, max_depth=8, max_items=4096)
@@ -206,6 +206,10 @@ class KeyList:
     threshold: int
     signer_kid: bytes
     raw: bytes  # the signed document, what devices persist and servers publish
+    # Roles the trust anchor itself holds. Empty for a rooted fleet (the root only signs key
+    # lists and authorizations); {firmware, keylist} for a fleet that shipped with a single
+    # operational key and no root (transition mode, docs/operations.md).
+    anchor_roles: frozenset[Role] = frozenset()
 
     def key(self, kid: bytes) -> KeyAuthorization | None:
         for a in self.authorizations:
@@ -233,8 +237,12 @@ def sign_keylist(
     revoked: set[bytes] | frozenset[bytes] = frozenset(),
     threshold: int = 1,
     issued_at: int,
+    anchor_roles: set[Role] | frozenset[Role] = frozenset(),
 ) -> bytes:
-    """Produce a signed key list (also the key-list update document devices install)."""
+    """Produce a signed key list (also the key-list update document devices install).
+
+    ``anchor_roles`` is only for single-key fleets (see :func:`single_key_keylist`).
+    """
     if version < 1:
         raise TrustError(ErrorCode.REPLAY, "key-list versions start at 1")
     if threshold < 1:
@@ -249,6 +257,8 @@ def sign_keylist(
         L_REVOKED: sorted(revoked),
         L_THRESHOLD: int(threshold),
     }
+    if anchor_roles:
+        payload[L_ANCHOR_ROLES] = sorted(r.value for r in anchor_roles)
     # Re-embedding decoded authorizations re-encodes them canonically; they were produced by
     # cbor.dumps so the bytes (and therefore their signatures) are unchanged.
     return sign1(signer, cbor.dumps(payload), detached=False).encode()
@@ -286,6 +296,7 @@ def parse_keylist(
     threshold = _uint(body, L_THRESHOLD, "key list")
     if threshold < 1:
         raise FormatError(ErrorCode.MALFORMED, "threshold must be at least 1")
+    anchor_roles = _parse_roles(body[L_ANCHOR_ROLES]) if L_ANCHOR_ROLES in body else frozenset()
     return KeyList(
         version=_uint(body, L_VERSION, "key list"),
         issued_at=_uint(body, L_ISSUED, "key list"),
@@ -294,4 +305,22 @@ def parse_keylist(
         threshold=threshold,
         signer_kid=signer.key_id,
         raw=data,
+        anchor_roles=anchor_roles,
+    )
+
+
+def single_key_keylist(key: Signer, *, issued_at: int, version: int = 1) -> bytes:
+    """The key list of a fleet that shipped with ONE operational key and no root.
+
+    The key is the trust anchor (its hash is what the device's OTP holds) *and* signs firmware
+    and key-list updates. A later key-list update signed by it can add a new key (whose
+    authorization it issues), and one signed by the new key can revoke it: the runbook's
+    transition mode. Whoever holds this key can do the same, which is the mode's risk.
+    """
+    return sign_keylist(
+        key,
+        version=version,
+        authorizations=[],
+        issued_at=issued_at,
+        anchor_roles=frozenset({Role.FIRMWARE, Role.KEYLIST}),
     )

@@ -17,7 +17,7 @@ from ..crypto.algorithms import CoseAlg
 from ..crypto.keys import PublicKey
 from ..errors import ErrorCode, TrustError
 from .documents import KeyList, decode_keylist_unverified, parse_keylist
-from .model import Role, TrustedKey
+from .model import _ANY_SCOPE, Role, TrustedKey
 
 
 @dataclass(frozen=True)
@@ -65,20 +65,54 @@ class TrustStore:
         return t or None
 
     def resolve(self, kid: bytes | None, alg: CoseAlg, role: Role, now: int | None) -> TrustedKey:
+        return self._resolve(kid, alg, role, self.effective_time(now), timed=True)
+
+    def resolve_untimed(self, kid: bytes | None, alg: CoseAlg, role: Role) -> TrustedKey:
+        """Like :meth:`resolve` but ignoring validity windows (revocation still counts).
+
+        For the bootloader re-checking a pending image that was verified, in time, when it was
+        installed: a key expiring between install and reboot must not brick the update.
+        """
+        return self._resolve(kid, alg, role, None, timed=False)
+
+    def anchor_key(self) -> TrustedKey | None:
+        """The anchor as an operational key (single-key fleets only), unless it is revoked."""
+        kl = self.keylist
+        if not kl.anchor_roles or self.root.key_id in kl.revoked:
+            return None
+        return TrustedKey(self.root, kl.anchor_roles, (_ANY_SCOPE,), 0, 2**63 - 1, "anchor")
+
+    def usable(self, role: Role, now: int | None) -> list[TrustedKey]:
+        """Keys that could verify a document for ``role`` at ``now`` (the anchor included)."""
+        out = [a.trusted for a in self.keylist.usable(role, now)]
+        anchor = self.anchor_key()
+        if anchor is not None and role in anchor.roles:
+            out.append(anchor)
+        return out
+
+    def _resolve(
+        self, kid: bytes | None, alg: CoseAlg, role: Role, t: int | None, *, timed: bool
+    ) -> TrustedKey:
         kl = self.keylist
         if kid is None:
-            usable = kl.usable(role, self.effective_time(now))
+            usable = self.usable(role, t)
             if len(usable) != 1:
                 raise TrustError(ErrorCode.UNTRUSTED_KEY, "signature carries no key id")
             kid = usable[0].key_id
         if kid in kl.revoked:
             raise TrustError(ErrorCode.KEY_REVOKED, f"key {kid.hex()} is revoked")
         auth = kl.key(kid)
-        if auth is None:
+        if auth is not None:
+            trusted = auth.trusted
+        elif kid == self.root.key_id and kl.anchor_roles:
+            anchor = self.anchor_key()
+            assert anchor is not None  # not revoked: checked above
+            trusted = anchor
+        else:
             raise TrustError(ErrorCode.UNTRUSTED_KEY, f"key {kid.hex()} is not in the key list")
-        trusted = auth.trusted
         trusted.check_role(role)
-        trusted.check_time(self.effective_time(now))
+        if timed:
+            trusted.check_time(t)
         trusted.key.check_alg(alg)
         return trusted
 
@@ -96,6 +130,10 @@ class TrustStore:
         """
         msg, _ = decode_keylist_unverified(data)
         if msg.kid is not None and msg.kid == self.root.key_id:
+            if self.root.key_id in self.keylist.revoked:
+                # Only possible for a single-key fleet whose anchor was retired (transition
+                # mode finished): from then on the anchor's signature counts for nothing.
+                raise TrustError(ErrorCode.KEY_REVOKED, "the trust anchor key is revoked")
             signer = self.root
         else:
             if msg.kid is None:
@@ -114,12 +152,14 @@ class TrustStore:
                 )
             if not new.revoked >= self.keylist.revoked:
                 raise TrustError(ErrorCode.KEY_REVOKED, "only the root may un-revoke a key")
+            if not new.anchor_roles <= self.keylist.anchor_roles:
+                raise TrustError(ErrorCode.KEY_ROLE, "only the anchor may give itself roles")
         store = TrustStore(self.root, new, max(self.latest_time, new.issued_at))
         store._check_usable(new)
         return store
 
     def _check_usable(self, kl: KeyList) -> None:
-        usable = kl.usable(Role.FIRMWARE, self.effective_time(None))
+        usable = self.usable(Role.FIRMWARE, self.effective_time(None))
         if not usable:
             raise TrustError(
                 ErrorCode.EMPTY_KEYLIST,
