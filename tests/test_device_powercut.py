@@ -1,4 +1,4 @@
-"""Exhaustive power-cut test: cut at every flash operation of five paths, in four ways.
+"""Exhaustive power-cut test: cut at every flash operation of six paths, in four ways.
 
 For each path the scenario is first run without faults to count its flash operations N.
 Then, for every k in 0..N and every mode (before, torn+erased, torn+garbage, after), a fresh
@@ -44,7 +44,7 @@ CFG = LayoutConfig(
 CHECKPOINT = 8192
 MODES = [("before", "erased"), ("torn", "erased"), ("torn", "garbage"), ("after", "erased")]
 IDENTITY = Identity(b"device-key-blob" * 4, b"certificate-blob" * 8)
-MIN_CUT_POINTS = {"install": 80, "delta": 80, "revert": 5, "watchdog": 5, "trust": 5}
+MIN_CUT_POINTS = {"install": 80, "delta": 80, "revert": 5, "watchdog": 5, "trust": 5, "revoke": 5}
 TRIED: dict[str, int] = {}
 RESUMED = [0]
 
@@ -66,6 +66,7 @@ class World:
     keylist_update: bytes
     base: Path  # device dir: v1 confirmed, booted
     pending: Path  # device dir: v2 installed, pending its test boot
+    revoke_update: bytes = b""  # root-signed v3: only the extra key, the running key revoked
 
     def open(self, d: Path, inj: FaultInjector | None = None) -> Device:
         return Device(d, faults=inj, clock=lambda: self.lab.now, checkpoint=CHECKPOINT)
@@ -95,7 +96,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     m2d = lab.delta_release(v1, v2, patch, version="1.1.0", seq=2, counter=2)
     extra = Lab().op  # a second operational key to add
     update = lab.keylist_update([extra])
-    w = World(lab, v1, v2, m1, m2, m2d, patch, update, base, root / "pending")
+    revoke = lab.keylist_update([extra], keep_op=False, revoked=[lab.op.public_key.key_id])
+    w = World(lab, v1, v2, m1, m2, m2d, patch, update, base, root / "pending", revoke)
     shutil.copytree(base, w.pending)
     with w.open(w.pending) as d:
         d.install(w.transport())
@@ -129,7 +131,7 @@ class Observer:
         assert otp.root_hash == w.lab.bundle.root_hash and otp.class_id == w.lab.class_id
         assert dev.storage.identity() == IDENTITY
         store = dev.storage.load_trust()
-        assert store.keylist.raw in (w.lab.keylist, w.keylist_update)
+        assert store.keylist.raw in (w.lab.keylist, w.keylist_update, w.revoke_update)
 
 
 def boot(dev: Device, obs: Observer) -> tuple[str, str]:
@@ -258,6 +260,28 @@ def recover_trust(w: World, d: Path, obs: Observer) -> None:
     pytest.fail("key-list update never landed")
 
 
+def path_revoke(w: World, d: Path, inj: FaultInjector | None) -> None:
+    """Emergency revocation of the key that signed the RUNNING firmware (torn key-list write)."""
+    with w.open(d, inj) as dev:
+        assert dev.apply_keylist_update(w.revoke_update) == 3
+    with w.open(d, inj) as dev:
+        dev.boot()
+
+
+def recover_revoke(w: World, d: Path, obs: Observer) -> None:
+    for _ in range(4):
+        with w.open(d) as dev:
+            assert boot(dev, obs) == ("normal", "1.0.0")  # boots from its record, either list
+            if dev.storage.load_trust().version == 3:
+                assert dev.storage.counters().keylist_version == 3
+                with pytest.raises(OtaError) as exc:
+                    dev.install(w.transport())  # signed by the revoked key
+                assert exc.value.code == ErrorCode.KEY_REVOKED
+                return
+            dev.apply_keylist_update(w.revoke_update)
+    pytest.fail("revocation never landed")
+
+
 Path_ = Callable[[World, Path, FaultInjector | None], None]
 Recover = Callable[[World, Path, Observer], None]
 SCENARIOS: dict[str, tuple[str, Path_, Recover]] = {
@@ -266,6 +290,7 @@ SCENARIOS: dict[str, tuple[str, Path_, Recover]] = {
     "revert": ("pending", path_revert, recover_revert),
     "watchdog": ("pending", path_watchdog, recover_watchdog),
     "trust": ("base", path_trust, recover_trust),
+    "revoke": ("base", path_revoke, recover_revoke),
 }
 
 

@@ -84,6 +84,9 @@ class ErrorCode(StrEnum):
     CAMPAIGN_STATE = "E_CAMPAIGN_STATE"  # illegal campaign transition (e.g. resume a draft)
     NO_PATH = "E_NO_PATH"  # no chain of releases takes this device to the target version
     INCOMPATIBLE = "E_INCOMPATIBLE"  # release cannot be installed by the target
+    KEY_RETIRED = "E_KEY_RETIRED"  # release signed with a key rotated out for new releases
+    ROTATION_STATE = "E_ROTATION_STATE"  # rotation step out of order (advance before start...)
+    ROTATION_PENDING = "E_ROTATION_PENDING"  # too little of the fleet on the new key list yet
     DATABASE = "E_DATABASE"
     INTERNAL = "E_INTERNAL"
 

@@ -49,6 +49,12 @@ cli.add_command(manifest)
 from .device import device  # noqa: E402
 
 cli.add_command(device)
+from .campaign import campaign  # noqa: E402
+
+cli.add_command(campaign)
+from .rotation import rotation  # noqa: E402
+
+cli.add_command(rotation)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -411,6 +411,10 @@ class UpdateAgent:
             TrustStore.restore(new.root, new.keylist.raw, signer, latest_time=new.latest_time)
         self.storage.save_trust(new, signer)
         self.storage.advance(keylist_version=new.version)
+        if new.keylist.revoked - store.keylist.revoked:
+            # A revocation: forget any half-finished download instead of resuming it later.
+            # (A resume re-verifies its manifest anyway; this just drops the bytes at once.)
+            self.storage.write_staging(None)
         return new.version
 
     # --- bookkeeping -------------------------------------------------------------------------

@@ -19,7 +19,14 @@ from ..fsutil import atomic_write, read_limited
 from ..manifest.verify import verify_envelope
 from ..trust.bundle import TrustBundle
 from .agent import DEFAULT_CHECKPOINT, Clock, InstallResult, UpdateAgent, system_clock
-from .bootloader import DEFAULT_MAX_TRIES, Bootloader, BootResult, slot_manifest, verify_slot
+from .bootloader import (
+    DEFAULT_MAX_TRIES,
+    Bootloader,
+    BootResult,
+    running_manifest,
+    verify_recorded,
+    verify_slot,
+)
 from .bootstate import BootState
 from .faults import FaultInjector
 from .flash import Flash
@@ -182,7 +189,7 @@ class Device:
         offer a delta whose base is this image."""
         st = self.bootloader.bootstate.load()
         store = self.bootloader.trust()
-        running = slot_manifest(self.flash, self.layout.slots[st.active], store)
+        running = running_manifest(self.flash, self.layout, st, store)
         counters = self.storage.counters()
         facts: dict[str, Any] = {
             "version": running.info.version,

@@ -33,10 +33,13 @@ from .blobs import check_name
 if TYPE_CHECKING:
     from .app import UpdateServer
 
+# security-officer may do everything (docs/server.md, admin API roles).
 PERMISSIONS: dict[str, frozenset[str]] = {
     "read": frozenset({"viewer", "operator", "release-manager", "security-officer"}),
-    "assign": frozenset({"operator"}),
-    "release": frozenset({"release-manager"}),
+    "assign": frozenset({"operator", "security-officer"}),
+    "campaign": frozenset({"operator", "security-officer"}),
+    "devices": frozenset({"operator", "security-officer"}),
+    "release": frozenset({"release-manager", "security-officer"}),
     "security": frozenset({"security-officer"}),
 }
 
@@ -82,7 +85,10 @@ def admin_routes(srv: UpdateServer) -> list[Route]:
         values["uploaded_by"] = who
 
         def insert() -> int:
+            from .rotation import check_release_signers
+
             with srv.db.write() as conn:
+                check_release_signers(conn, values["signers"])  # E_KEY_RETIRED after advance
                 return store.insert_release(conn, values)
 
         rid = await run_in_threadpool(insert)
@@ -161,7 +167,12 @@ def admin_routes(srv: UpdateServer) -> list[Route]:
         version = await run_in_threadpool(_publish_keylist, srv, doc)
         return JSONResponse({"version": version}, status_code=201)
 
+    from .campaign_admin import campaign_routes
+    from .rotation import rotation_routes
+
     return [
+        *rotation_routes(srv),
+        *campaign_routes(srv),
         Route("/admin/v1/images", upload_image, methods=["POST"]),
         Route("/admin/v1/releases", create_release, methods=["POST"]),
         Route("/admin/v1/releases/{release_id:int}/deltas", create_delta, methods=["POST"]),

@@ -39,6 +39,7 @@ from ..trust.model import KeyResolver
 from . import store
 from .blobs import LocalBlobStore, check_name
 from .ca import fingerprint, serial_of, verify_forwarded_cert
+from .campaigns import CampaignService, Plan
 from .db import Database
 from .mtls import PEER_CERT_KEY
 from .ratelimit import ProbeDetector, RateLimit, TokenBuckets, retry_after_header
@@ -172,6 +173,7 @@ class UpdateServer:
         self._last_probe_event: dict[str, float] = {}
         self._cert_cache: OrderedDict[bytes, Identity] = OrderedDict()
         self._fwd_cache: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
+        self.campaigns = CampaignService(db)
 
     # --- app -----------------------------------------------------------------------------------
     def asgi(self, part: str = "device") -> ASGIApp:
@@ -367,6 +369,9 @@ class UpdateServer:
     async def _read_only(
         self, ident: Identity, fn: Callable[[Connection, Row[Any]], T | None]
     ) -> T | None:
+        # Inline on the event loop, no thread hop: a few indexed reads (SQLite file, or a
+        # PostgreSQL on this host) cost less than handing the request to a worker thread and
+        # back (measured: bench/server.py). A distant database would argue for the threadpool.
         return self._device_read(ident, fn)
 
     async def _run(
@@ -411,6 +416,8 @@ class UpdateServer:
         body = await self.read_json(request)
         _check_serial_claim(body, ident)
         facts = _checkin_facts(body)
+        if self.campaigns.tick_due():  # refresh cached campaigns, timed phase advances
+            await run_in_threadpool(self.campaigns.tick)
 
         def work(conn: Connection, dev: Row[Any], dry: bool) -> dict[str, Any] | None:
             # dry: inside a read-only transaction, returns None as soon as a write is needed
@@ -422,7 +429,11 @@ class UpdateServer:
                 store.record_checkin(
                     conn, dev, facts, lastseen_interval=self.settings.lastseen_interval
                 )
-            rel = store.pending_update(conn, dev.id)
+            # Campaigns decide what this device may be offered now (may (re)assign it).
+            plan = self.campaigns.checkin(conn, dev, facts, dry=dry)
+            if plan is None:
+                return None
+            rel = None if plan is Plan.HOLD else store.pending_update(conn, dev.id)
             update: dict[str, Any] | None = None
             if rel is not None:
                 if rel.version == facts.get("current_version") and (
@@ -464,12 +475,19 @@ class UpdateServer:
         body = await self.read_json(request)
         _check_serial_claim(body, ident)
         report = _parse_report(body)
+        if self.campaigns.tick_due():
+            await run_in_threadpool(self.campaigns.tick)
 
         def work(conn: Connection, dev: Row[Any]) -> bool:
             rel = store.pending_update(conn, dev.id)
             if rel is not None and report.get("manifest_digest") in (None, rel.manifest_digest):
                 report["release_id"] = rel.id
+            member = self.campaigns.report_member(conn, dev.id)
+            if member is not None:
+                report["campaign_id"] = member.campaign_db_id
             fresh = store.insert_report(conn, dev.id, report)
+            if fresh and member is not None:
+                self.campaigns.on_report(conn, dev.id, member, report, rel)
             if fresh:
                 if report.get("error_code"):
                     store.record_checkin(

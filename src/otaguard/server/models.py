@@ -171,3 +171,90 @@ admin_tokens = Table(
     Column("created_at", BigInteger, nullable=False),
     Column("revoked", Boolean, nullable=False, default=False),
 )
+
+# Campaigns (migration 0003_campaigns): ``state`` is ``rollout.Campaign.to_dict()`` as JSON;
+# ``status`` mirrors it for queries; ``revision`` rises on every write of ``state`` (the
+# in-process cache compares it). ``n_<state>`` are the per-state counts of the members, moved
+# with atomic increments in the same transaction as the member's progress row.
+CAMPAIGN_STATES = (
+    "pending",
+    "offered",
+    "downloading",
+    "installed",
+    "succeeded",
+    "failed",
+    "reverted",
+)
+
+campaigns = Table(
+    "campaigns",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),  # the engine's campaign id
+    Column("release_id", Integer, ForeignKey("releases.id"), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("state", Text, nullable=False),
+    Column("revision", Integer, nullable=False),
+    Column("created_by", String(64)),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    *(Column(f"n_{s}", Integer, nullable=False, default=0) for s in CAMPAIGN_STATES),
+    Index("ix_campaigns_status", "status"),
+)
+
+# One row per (campaign, member device): rollout.DeviceProgress.
+campaign_devices = Table(
+    "campaign_devices",
+    metadata,
+    Column(
+        "campaign_id", Integer, ForeignKey("campaigns.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("device_id", Integer, ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+    Column("state", String(16), nullable=False),
+    Column("version", String(32)),
+    Column("step_done", Boolean, nullable=False, default=False),
+    Column("steps", Integer, nullable=False, default=0),
+    Column("error", String(64)),
+    Column("updated_at", BigInteger, nullable=False),
+    Index("ix_campaign_devices_device", "device_id"),
+    Index("ix_campaign_devices_campaign_state", "campaign_id", "state"),
+)
+
+# Key rotations (docs/operations.md): one row per rotation, its history in rotation_events.
+# The newest rotation that reached "advanced" names the key new releases must be signed with;
+# its old key is refused for release uploads from then on.
+rotations = Table(
+    "rotations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("state", String(16), nullable=False),  # started / advanced / finished
+    Column("old_kid", String(64), nullable=False),  # hex
+    Column("new_kid", String(64), nullable=False),  # hex
+    Column("start_version", BigInteger, nullable=False),  # key list that adds the new key
+    Column("final_version", BigInteger),  # key list that removes + revokes the old key
+    Column("threshold", Integer, nullable=False),  # per mille of the targeted fleet
+    Column("unreachable_after", BigInteger, nullable=False),  # seconds without a check-in
+    Column("target_model", String(64)),
+    Column("target_hw_rev", String(32)),
+    Column("target_group", String(64)),
+    Column("started_at", BigInteger, nullable=False),
+    Column("advanced_at", BigInteger),
+    Column("finished_at", BigInteger),
+    Index("ix_rotations_state", "state"),
+)
+
+rotation_events = Table(
+    "rotation_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("rotation_id", Integer, ForeignKey("rotations.id", ondelete="CASCADE"), nullable=False),
+    Column("at", BigInteger, nullable=False),
+    Column("action", String(16), nullable=False),  # start / advance / finish
+    Column("actor", String(64), nullable=False),
+    Column("forced", Boolean, nullable=False),
+    Column("fraction", Integer, nullable=False),  # per mille on the new list at that moment
+    Column("reason", String(500)),
+    Column("audit_seq", BigInteger),  # the audit-log record of this action
+    Column("audit_hash", String(64)),
+    Index("ix_rotation_events_rotation", "rotation_id"),
+)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Row, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ErrorCode, OtaError, ServerError
 from . import models as m
 
@@ -23,8 +23,19 @@ ADMIN_ROLES = ("viewer", "operator", "release-manager", "security-officer")
 ASSIGNMENT_STATES = ("assigned", "offered", "installing", "done", "failed")
 
 
+_CLOCK: Clock = SYSTEM_CLOCK
+
+
+def set_clock(clock: Clock) -> Clock:
+    """Use ``clock`` for every timestamp the store writes (the fleet simulator shares one
+    SimClock with the server); returns the previous clock so it can be restored."""
+    global _CLOCK
+    prev, _CLOCK = _CLOCK, clock
+    return prev
+
+
 def now_s() -> int:
-    return int(time.time())
+    return int(_CLOCK.now())
 
 
 def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]) -> bool:

@@ -1,0 +1,140 @@
+"""Read/write queries of the fleet views of the admin API (devices, groups, releases).
+
+Kept apart from :mod:`.store` (the device API's hot-path queries) so the admin listing code can
+grow without touching the check-in path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, insert, select
+
+from ..errors import ErrorCode, ServerError
+from . import models as m
+
+MAX_PAGE = 1000
+MAX_GROUPS_PER_DEVICE = 64
+GROUP_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
+
+
+def list_devices(
+    conn: Connection,
+    *,
+    model: str | None = None,
+    hw_rev: str | None = None,
+    group: str | None = None,
+    version: str | None = None,
+    suspect: bool | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> dict[str, Any]:
+    d, g = m.devices, m.device_groups
+    cond = []
+    if model is not None:
+        cond.append(d.c.model == model)
+    if hw_rev is not None:
+        cond.append(d.c.hw_rev == hw_rev)
+    if version is not None:
+        cond.append(d.c.current_version == version)
+    if suspect is not None:
+        cond.append(d.c.suspect.is_(suspect))
+    if group is not None:
+        cond.append(d.c.id.in_(select(g.c.device_id).where(g.c.name == group)))
+    total = conn.execute(select(func.count()).select_from(d).where(*cond)).scalar_one()
+    rows = conn.execute(
+        select(d).where(*cond).order_by(d.c.serial).limit(min(limit, MAX_PAGE)).offset(offset)
+    ).all()
+    groups: dict[int, list[str]] = {}
+    if rows:
+        for r in conn.execute(
+            select(g.c.device_id, g.c.name)
+            .where(g.c.device_id.in_([r.id for r in rows]))
+            .order_by(g.c.name)
+        ):
+            groups.setdefault(r.device_id, []).append(r.name)
+    return {
+        "total": int(total),
+        "devices": [
+            {
+                "serial": r.serial,
+                "model": r.model,
+                "hw_rev": r.hw_rev,
+                "groups": groups.get(r.id, []),
+                "revoked": bool(r.revoked),
+                "current_version": r.current_version,
+                "security_counter": r.security_counter,
+                "keylist_version": r.keylist_version,
+                "last_seen": r.last_seen,
+                "last_error": r.last_error,
+                "suspect": bool(r.suspect),
+            }
+            for r in rows
+        ],
+    }
+
+
+def check_groups(value: object) -> list[str]:
+    if not isinstance(value, list) or len(value) > MAX_GROUPS_PER_DEVICE:
+        raise ServerError(
+            ErrorCode.MALFORMED, f"groups must be a list of ≤ {MAX_GROUPS_PER_DEVICE} names", 400
+        )
+    for v in value:
+        if not isinstance(v, str) or not GROUP_RE.match(v):
+            raise ServerError(ErrorCode.MALFORMED, "group names are 1-64 [A-Za-z0-9._:-]", 400)
+    return sorted(set(value))
+
+
+def set_groups(conn: Connection, serial: str, groups: Sequence[str]) -> list[str]:
+    """Replace a device's groups. Campaigns snapshot their target at start, so this changes
+    only campaigns started later."""
+    dev = conn.execute(select(m.devices.c.id).where(m.devices.c.serial == serial)).first()
+    if dev is None:
+        raise ServerError(ErrorCode.NOT_FOUND, f"no device {serial}", 404)
+    g = m.device_groups
+    conn.execute(delete(g).where(g.c.device_id == dev.id))
+    for name in sorted(set(groups)):
+        conn.execute(insert(g).values(device_id=dev.id, name=name))
+    return sorted(set(groups))
+
+
+def list_groups(conn: Connection) -> list[dict[str, Any]]:
+    g = m.device_groups
+    rows = conn.execute(
+        select(g.c.name, func.count().label("n")).group_by(g.c.name).order_by(g.c.name)
+    ).all()
+    return [{"name": r.name, "devices": int(r.n)} for r in rows]
+
+
+def list_releases(
+    conn: Connection, *, model: str | None = None, hw_rev: str | None = None
+) -> list[dict[str, Any]]:
+    r = m.releases
+    cond = []
+    if model is not None:
+        cond.append(r.c.model == model)
+    if hw_rev is not None:
+        cond.append(r.c.hw_rev == hw_rev)
+    rows = conn.execute(select(r).where(*cond).order_by(r.c.id).limit(MAX_PAGE)).all()
+    return [
+        {
+            "id": x.id,
+            "model": x.model,
+            "hw_rev": x.hw_rev,
+            "version": x.version,
+            "min_version": x.min_version,
+            "security_counter": x.security_counter,
+            "sequence_number": x.sequence_number,
+            "expires": x.expires,
+            "manifest_digest": x.manifest_digest,
+            "image_size": x.image_size,
+            "signers": json.loads(x.signers),
+            "description": x.description,
+            "uploaded_by": x.uploaded_by,
+            "created_at": x.created_at,
+        }
+        for x in rows
+    ]
