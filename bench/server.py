@@ -95,7 +95,7 @@ def serve_worker(cfg: dict[str, Any]) -> None:
         "h11": mtls.MtlsH11Protocol,
         "httptools": getattr(mtls, "MtlsHttpToolsProtocol", None),
     }.get(cfg.get("http") or "")
-    kw = {"protocol": protocol} if protocol else {}
+    kw: dict[str, Any] = {"protocol": protocol} if protocol else {}
     config = mtls.uvicorn_config(srv.asgi("device"), ctx, **kw)
     server = uvicorn.Server(config)
 
@@ -674,7 +674,8 @@ http {{
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
                 break
             if proc.poll() is not None:
-                raise RuntimeError(f"nginx failed: {proc.stderr.read() if proc.stderr else ''}")
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                raise RuntimeError(f"nginx failed: {err}")
             time.sleep(0.01)
         yield (port, proc)
     finally:

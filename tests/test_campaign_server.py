@@ -55,6 +55,23 @@ def status(op: httpx.Client, name: str) -> dict[str, Any]:
     return r.json()  # type: ignore[no-any-return]
 
 
+def counts_consistent(h: Harness) -> None:
+    """The per-state count columns always equal the progress rows (GROUP BY)."""
+    from sqlalchemy import func, select
+
+    cd = m.campaign_devices
+    with h.db.read() as conn:
+        for c in conn.execute(m.campaigns.select()).all():
+            rows = conn.execute(
+                select(cd.c.state, func.count())
+                .where(cd.c.campaign_id == c.id)
+                .group_by(cd.c.state)
+            ).all()
+            actual = {state: int(n) for state, n in rows}
+            stored = {s: getattr(c, f"n_{s}") for s in m.CAMPAIGN_STATES}
+            assert stored == {s: actual.get(s, 0) for s in m.CAMPAIGN_STATES}, c.name
+
+
 def test_phased_campaign_end_to_end(hc: tuple[Harness, Fleet, SimClock]) -> None:
     h, fleet, clock = hc
     for i in range(8):
@@ -114,6 +131,7 @@ def test_phased_campaign_end_to_end(hc: tuple[Harness, Fleet, SimClock]) -> None
     assert len(fleet.acked) == 16
     # Idle fleet afterwards: nothing offered any more.
     assert {r.outcome for r in fleet.poll_all().values()} == {"idle"}
+    counts_consistent(h)
     listing = op.get("/admin/v1/campaigns").json()["campaigns"]
     assert [c["id"] for c in listing] == ["spring-1"] and listing[0]["status"] == "completed"
     r = op.get(f"/admin/v1/devices/{updated[0]}/campaigns")
@@ -157,6 +175,7 @@ def test_failing_self_test_pauses_campaign(hc: tuple[Harness, Fleet, SimClock]) 
     assert sum(r.outcome == "reverted" for r in results.values()) == 2
     st = status(op, "bad-1")
     assert st["status"] == "paused" and st["counts"]["reverted"] == 4
+    counts_consistent(h)
     r = op.post("/admin/v1/campaigns/bad-1/abort", json={"reason": "bad build"})
     assert r.status_code == 200 and r.json()["status"] == "aborted"
     assert {r.outcome for r in fleet.poll_all().values()} == {"idle"}
@@ -187,6 +206,7 @@ def test_update_path_offers_intermediate_first(hc: tuple[Harness, Fleet, SimCloc
     assert set(fleet.versions().values()) == {"2.0.0"}
     st = status(op, "major-2")
     assert st["status"] == "completed" and st["counts"]["succeeded"] == 3
+    counts_consistent(h)
     r = op.get("/admin/v1/devices/SN-P0/campaigns").json()["campaigns"][0]
     assert r == {
         "campaign": "major-2",

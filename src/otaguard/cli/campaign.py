@@ -78,12 +78,13 @@ def _server_options(f: Any) -> Any:
 
 def _summary(c: dict[str, Any]) -> str:
     counts = c.get("counts", {})
+    phases = c["phases"]
+    n_phases = len(phases) if isinstance(phases, list) else phases
     lines = [
         f"campaign   {c['id']}  ({c['status']})",
         f"release    {c['release']['version']} (id {c['release']['release_id']}) for "
         f"{c['release']['model']}:{c['release']['hw_rev']}",
-        f"phase      {c['phase']}/{len(c['phases']) if isinstance(c['phases'], list) else c['phases']}"
-        f"  target {c.get('target_size', 0)}",
+        f"phase      {c['phase']}/{n_phases}  target {c.get('target_size', 0)}",
         "counts     " + " ".join(f"{k}={v}" for k, v in counts.items()),
     ]
     if c.get("pause_reason"):
@@ -174,9 +175,8 @@ def create(
             failure[key] = v
     if failure:
         body["failure"] = failure
-    for key, v in (("min_soak_s", min_soak_s), ("deadline", deadline), ("name", name)):
-        if v is not None:
-            body[key] = v
+    extra: dict[str, Any] = {"min_soak_s": min_soak_s, "deadline": deadline, "name": name}
+    body.update({k: v for k, v in extra.items() if v is not None})
     out = _call(server, ca_file, "POST", "/admin/v1/campaigns", body)
     emit(out, as_json, _summary)
 

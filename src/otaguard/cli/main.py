@@ -55,6 +55,10 @@ cli.add_command(campaign)
 from .rotation import rotation  # noqa: E402
 
 cli.add_command(rotation)
+from .simulate import demo, simulate  # noqa: E402
+
+cli.add_command(simulate)
+cli.add_command(demo)
 
 
 def main(argv: list[str] | None = None) -> int:
