@@ -499,6 +499,7 @@ def run_load(
             ),
         )
         p.start()
+        child.close()  # so a crashed client shows up as EOFError, not a hang
         pipes.append(parent)
         workers.append(p)
     t_conn = time.perf_counter()
