@@ -302,3 +302,24 @@ def test_parse_range_properties(header: str, size: int) -> None:
 )
 def test_parse_range_cases(header: str, size: int, want: object) -> None:
     assert parse_range(header, size) == want
+
+
+def test_transient_failure_keeps_direct_assignment_open(hxt: Harness) -> None:
+    """A dropped download is retried by the device; a final refusal ends the assignment."""
+    rid = publish(hxt, "1.1.0", os.urandom(4096))
+    dev = hxt.client(hxt.enroll("SN-40"))
+    assert dev.post("/v1/checkin", json={"version": "1.0.0"}).status_code == 200
+    op = admin(hxt, "operator")
+    assert (
+        op.post("/admin/v1/assignments", json={"serial": "SN-40", "release_id": rid}).status_code
+        == 201
+    )
+    upd = dev.post("/v1/checkin", json={"version": "1.0.0"}).json()["update"]
+    rep = {"state": "failed", "manifest_digest": upd["manifest_digest"]}
+    r = dev.post("/v1/reports", json={**rep, "report_id": "f-1", "error": "E_TRANSPORT"})
+    assert r.status_code == 201
+    again = dev.post("/v1/checkin", json={"version": "1.0.0"}).json()["update"]
+    assert again is not None and again["release_id"] == upd["release_id"]
+    r = dev.post("/v1/reports", json={**rep, "report_id": "f-2", "error": "E_IMAGE_DIGEST"})
+    assert r.status_code == 201
+    assert dev.post("/v1/checkin", json={"version": "1.0.0"}).json()["update"] is None

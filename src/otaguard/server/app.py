@@ -39,7 +39,7 @@ from ..trust.model import KeyResolver
 from . import store
 from .blobs import LocalBlobStore, check_name
 from .ca import fingerprint, serial_of, verify_forwarded_cert
-from .campaigns import CampaignService, Plan
+from .campaigns import TRANSIENT_ERRORS, CampaignService, Plan
 from .db import Database
 from .mtls import PEER_CERT_KEY
 from .ratelimit import ProbeDetector, RateLimit, TokenBuckets, retry_after_header
@@ -498,7 +498,10 @@ class UpdateServer:
                     if state in DONE_STATES:
                         store.set_assignment_state(conn, dev.id, "done")
                     elif state in FAILED_STATES:
-                        store.set_assignment_state(conn, dev.id, "failed")
+                        # A dropped download or a power cut is retried by the device itself;
+                        # only a final refusal ends a direct assignment.
+                        if report.get("error_code") not in TRANSIENT_ERRORS:
+                            store.set_assignment_state(conn, dev.id, "failed")
                     elif state in WORKING_STATES:
                         store.set_assignment_state(conn, dev.id, "installing")
             return fresh
