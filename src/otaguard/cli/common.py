@@ -44,11 +44,16 @@ def _json_default(obj: Any) -> Any:
 def _plain(data: Any) -> str:
     if isinstance(data, dict):
         width = max((len(str(k)) for k in data), default=0)
-        return "\n".join(
-            f"{k:<{width}}  {_json_default(v) if isinstance(v, bytes) else v}"
-            for k, v in data.items()
-        )
+        return "\n".join(f"{k:<{width}}  {_plain_value(v)}" for k, v in data.items())
     return str(data)
+
+
+def _plain_value(v: Any) -> str:
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, list | tuple):
+        return ", ".join(_plain_value(x) for x in v)
+    return str(v)
 
 
 def secret_from_env_or_prompt(env: str, prompt: str, *, confirm: bool = False) -> bytes:
