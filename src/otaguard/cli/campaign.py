@@ -7,69 +7,36 @@ certificate is checked against ``--ca-file`` (the fleet CA), not the system trus
 from __future__ import annotations
 
 import json
-import os
-import ssl
 from pathlib import Path
 from typing import Any
 
 import click
-import httpx
 
-from ..errors import ErrorCode, OtaError, UsageError
+from ..errors import ErrorCode, UsageError
 from ..fsutil import read_limited
+from .admin_client import CA_ENV, SERVER_ENV, admin_call
 from .common import emit
 
-TOKEN_ENV = "OTAGUARD_ADMIN_TOKEN"
 MAX_SPEC = 1 << 20
-
-
-def _client(server: str, ca_file: Path | None) -> httpx.Client:
-    token = os.environ.get(TOKEN_ENV)
-    if not token:
-        raise UsageError(ErrorCode.AUTH, f"set {TOKEN_ENV} to an admin bearer token")
-    verify: ssl.SSLContext | bool = True
-    if ca_file is not None:
-        verify = ssl.create_default_context(cafile=str(ca_file))
-    return httpx.Client(
-        base_url=server.rstrip("/"),
-        verify=verify,
-        timeout=30,
-        headers={"Authorization": f"Bearer {token}"},
-    )
 
 
 def _call(
     server: str, ca_file: Path | None, method: str, path: str, body: Any = None, **kw: Any
 ) -> Any:
-    try:
-        with _client(server, ca_file) as c:
-            r = c.request(method, path, json=body, **kw)
-    except httpx.HTTPError as exc:
-        raise OtaError(ErrorCode.TRANSPORT, f"{server}: {exc}") from None
-    try:
-        data = r.json()
-    except ValueError:
-        raise OtaError(ErrorCode.TRANSPORT, f"HTTP {r.status_code}: not JSON") from None
-    if r.status_code >= 400:
-        try:
-            code = ErrorCode(data.get("error"))
-        except ValueError:
-            code = ErrorCode.INTERNAL
-        raise OtaError(code, f"HTTP {r.status_code}: {data.get('detail', '')}")
-    return data
+    return admin_call(server, ca_file, method, path, body, **kw)
 
 
 def _server_options(f: Any) -> Any:
     f = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
     f = click.option(
         "--ca-file",
-        envvar="OTAGUARD_ADMIN_CA",
+        envvar=CA_ENV,
         type=click.Path(dir_okay=False, exists=True, path_type=Path),
         help="CA certificate of the admin listener [env OTAGUARD_ADMIN_CA].",
     )(f)
     f = click.option(
         "--server",
-        envvar="OTAGUARD_SERVER",
+        envvar=SERVER_ENV,
         required=True,
         help="Admin API base URL, e.g. https://127.0.0.1:8444 [env OTAGUARD_SERVER].",
     )(f)

@@ -10,50 +10,19 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import os
-import ssl
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ..errors import ErrorCode, OtaError, UsageError
 from ..fsutil import read_limited
 from ..trust.documents import MAX_KEYLIST
+from .admin_client import CA_ENV, SERVER_ENV, admin_call
 from .common import emit
-
-TOKEN_ENV = "OTAGUARD_ADMIN_TOKEN"
-
-
-def _client(url: str, ca_file: Path | None) -> Any:
-    import httpx
-
-    token = os.environ.get(TOKEN_ENV)
-    if not token:
-        raise UsageError(ErrorCode.USAGE, f"set ${TOKEN_ENV} to an admin token")
-    verify: Any = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
-    return httpx.Client(
-        base_url=url.rstrip("/"),
-        verify=verify,
-        timeout=30,
-        headers={"Authorization": f"Bearer {token}"},
-    )
 
 
 def _call(ctx: click.Context, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    with _client(ctx.obj["url"], ctx.obj["ca"]) as c:
-        resp = c.request(method, path, json=body)
-    try:
-        data = resp.json()
-    except ValueError:
-        raise OtaError(ErrorCode.TRANSPORT, f"HTTP {resp.status_code} (not JSON)") from None
-    if resp.status_code >= 400:
-        try:
-            code = ErrorCode(data.get("error"))
-        except ValueError:
-            code = ErrorCode.TRANSPORT
-        raise OtaError(code, str(data.get("detail", "")))
-    return data
+    return admin_call(ctx.obj["url"], ctx.obj["ca"], method, path, body)
 
 
 def _keylist_b64(path: Path) -> str:
@@ -102,11 +71,13 @@ def _render_status(s: dict[str, Any]) -> str:
 
 
 @click.group()
-@click.option("--server", "url", envvar="OTAGUARD_ADMIN_URL", required=True, help="Admin API URL.")
+@click.option(
+    "--server", "url", envvar=SERVER_ENV, required=True, help=f"Admin API URL [env {SERVER_ENV}]."
+)
 @click.option(
     "--ca-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    envvar="OTAGUARD_ADMIN_CA",
+    envvar=CA_ENV,
     help="CA certificate of the admin endpoint.",
 )
 @click.pass_context

@@ -28,6 +28,7 @@ from starlette.routing import Route
 from ..crypto.algorithms import HashAlg, StreamingHasher
 from ..errors import ErrorCode, OtaError, ServerError
 from . import store
+from .admin_auth import require_role
 from .blobs import check_name
 
 if TYPE_CHECKING:
@@ -45,21 +46,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
 
 
 async def authorize(srv: UpdateServer, request: Request, permission: str) -> str:
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise ServerError(ErrorCode.AUTH, "bearer token required", 401)
-
-    def lookup() -> tuple[str, str] | None:
-        with srv.db.read() as conn:
-            return store.token_role(conn, token.strip())
-
-    found = await run_in_threadpool(lookup)
-    if found is None:
-        raise ServerError(ErrorCode.AUTH, "unknown or revoked token", 401)
-    name, role = found
-    if role not in PERMISSIONS[permission]:
-        raise ServerError(ErrorCode.FORBIDDEN, f"role {role!r} may not {permission}", 403)
+    name, _ = await require_role(srv, request, PERMISSIONS[permission], permission)
     return name
 
 

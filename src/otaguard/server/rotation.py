@@ -36,6 +36,7 @@ from ..trust.model import Role
 from ..trust.store import TrustStore
 from . import models as m
 from . import store
+from .admin_auth import require_role
 
 if TYPE_CHECKING:
     from .app import UpdateServer
@@ -419,21 +420,7 @@ def finish(
 
 # --- HTTP ----------------------------------------------------------------------------------------
 async def _who(srv: UpdateServer, request: Request, roles: frozenset[str]) -> tuple[str, str]:
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise ServerError(ErrorCode.AUTH, "bearer token required", 401)
-
-    def lookup() -> tuple[str, str] | None:
-        with srv.db.read() as conn:
-            return store.token_role(conn, token.strip())
-
-    found = await run_in_threadpool(lookup)
-    if found is None:
-        raise ServerError(ErrorCode.AUTH, "unknown or revoked token", 401)
-    if found[1] not in roles:
-        raise ServerError(ErrorCode.FORBIDDEN, f"role {found[1]!r} may not do this", 403)
-    return found
+    return await require_role(srv, request, roles, "do this")
 
 
 READ_ROLES = frozenset({"viewer", "operator", "release-manager", "security-officer"})

@@ -1,0 +1,41 @@
+"""Bearer-token identity for the admin listener: one lookup shared by every admin route."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from ..errors import ErrorCode, ServerError
+from . import store
+
+if TYPE_CHECKING:
+    from .app import UpdateServer
+
+
+async def token_identity(srv: UpdateServer, request: Request) -> tuple[str, str]:
+    """(token name, role) of the request's bearer token, or 401 E_AUTH."""
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ServerError(ErrorCode.AUTH, "bearer token required", 401)
+
+    def lookup() -> tuple[str, str] | None:
+        with srv.db.read() as conn:
+            return store.token_role(conn, token.strip())
+
+    found = await run_in_threadpool(lookup)
+    if found is None:
+        raise ServerError(ErrorCode.AUTH, "unknown or revoked token", 401)
+    return found
+
+
+async def require_role(
+    srv: UpdateServer, request: Request, roles: frozenset[str], what: str
+) -> tuple[str, str]:
+    """The caller's identity if its role is in ``roles``, else 403 E_FORBIDDEN."""
+    name, role = await token_identity(srv, request)
+    if role not in roles:
+        raise ServerError(ErrorCode.FORBIDDEN, f"role {role!r} may not {what}", 403)
+    return name, role
