@@ -186,45 +186,40 @@ def _generate_options(func: Any) -> Any:
     return func
 
 
-@keys.command("init-root")
-@_generate_options
-def init_root(
+def _create_key(
     kind: KeyKind,
     pkcs11_uri: str | None,
     pkcs11_module: str | None,
     key_file: Path | None,
     out_public: Path,
-    as_json: bool,
-) -> None:
-    """Create the offline root key (in an HSM, or an encrypted file for development)."""
+) -> dict[str, Any]:
     pub = _generate(kind, key_file, pkcs11_uri, pkcs11_module)
     atomic_write(out_public, pub.to_pem(), overwrite=False)
-    emit(
-        {
-            "role": "root",
-            "kid": pub.key_id.hex(),
-            "kind": pub.kind,
-            "public_key": str(out_public),
-            "otp_hash": pub.thumbprint.hex(),
-        },
-        as_json,
-    )
+    return {
+        "kid": pub.key_id.hex(),
+        "kind": pub.kind,
+        "public_key": str(out_public),
+        "thumbprint": pub.thumbprint.hex(),
+    }
+
+
+@keys.command("init-root")
+@_generate_options
+def init_root(as_json: bool, **key: Any) -> None:
+    """Create the offline root key (in an HSM, or an encrypted file for development).
+
+    Its thumbprint (``otp_hash``) is what manufacturing fuses into each device's OTP.
+    """
+    info = _create_key(**key)
+    otp_hash = info.pop("thumbprint")
+    emit({"role": "root", **info, "otp_hash": otp_hash}, as_json)
 
 
 @keys.command("generate")
 @_generate_options
-def generate(
-    kind: KeyKind,
-    pkcs11_uri: str | None,
-    pkcs11_module: str | None,
-    key_file: Path | None,
-    out_public: Path,
-    as_json: bool,
-) -> None:
+def generate(as_json: bool, **key: Any) -> None:
     """Create an operational signing key; authorize it with `keys authorize`."""
-    pub = _generate(kind, key_file, pkcs11_uri, pkcs11_module)
-    atomic_write(out_public, pub.to_pem(), overwrite=False)
-    emit({"kid": pub.key_id.hex(), "kind": pub.kind, "public_key": str(out_public)}, as_json)
+    emit(_create_key(**key), as_json)
 
 
 def _write_new_list(
