@@ -42,9 +42,11 @@ bench: venv sysdeps
 	$(BIN)/python bench/manifest.py
 	$(BIN)/python bench/device.py
 	$(BIN)/python bench/delta.py
+	$(BIN)/python bench/server.py
+	$(BIN)/python bench/fleet.py
 
 soak: venv sysdeps
-	$(BIN)/pytest -q -m soak --hypothesis-profile=soak -p no:randomly
+	OTAGUARD_SOAK_EXAMPLES=$${OTAGUARD_SOAK_EXAMPLES:-20000} $(BIN)/pytest -q -n $(PYTEST_WORKERS) -m soak tests/test_soak.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache demo-out
