@@ -119,7 +119,11 @@ class PhaseSpec:
 class SimOptions:
     devices: int = 1000
     profile: Profile = PROFILES["building"]
-    phases: tuple[PhaseSpec, ...] = (PhaseSpec(0.05, 2 * HOUR), PhaseSpec(0.3, 2 * HOUR), PhaseSpec(1.0))
+    phases: tuple[PhaseSpec, ...] = (
+        PhaseSpec(0.05, 2 * HOUR),
+        PhaseSpec(0.3, 2 * HOUR),
+        PhaseSpec(1.0),
+    )
     success_threshold: float = 0.8
     duration_s: float = 14 * DAY
     sla_s: float = 14 * DAY

@@ -1,0 +1,171 @@
+"""``otaguard simulate`` and ``otaguard demo``: the fleet simulator (docs/simulator.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import ErrorCode, OtaError, UsageError
+from ..sim.model import DAY, PROFILES, SCENARIOS, SimOptions, parse_phases
+
+
+def _check_deps() -> None:
+    for mod in ("matplotlib", "rich", "uvicorn", "httpx"):
+        try:
+            __import__(mod)
+        except ImportError:
+            raise UsageError(
+                ErrorCode.USAGE, f"missing dependency {mod!r}: run 'make venv' (pip install -e .)"
+            ) from None
+
+
+def run_simulation(opts: SimOptions, out: Path, *, quiet: bool = False) -> dict[str, Any]:
+    """Set up, run and report; Ctrl-C stops the run and still writes the partial report."""
+    from ..sim.report import build_report, render_text, write_outputs
+    from ..sim.runner import Simulation
+
+    _check_deps()
+    opts.validate()
+    tty = sys.stdout.isatty() and not quiet
+    echo = (lambda s: None) if quiet else click.echo
+    sim = Simulation(opts, out, log=echo)
+    interrupted = False
+    progress_ctx: Any = None
+    try:
+        if tty:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            progress_ctx = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+            )
+            progress_ctx.start()
+            task = progress_ctx.add_task("setup", total=1.0, info="")
+
+            def prog(done: float, total: float, info: str) -> None:
+                desc = "enrolling" if info == "enrolling" else "simulating"
+                progress_ctx.update(
+                    task,
+                    completed=done / total if total else 0,
+                    description=desc,
+                    info="" if info == "enrolling" else info,
+                )
+
+            sim.progress = prog
+        try:
+            sim.setup()
+            sim.run()
+        except KeyboardInterrupt:
+            interrupted = True
+    finally:
+        if progress_ctx is not None:
+            progress_ctx.stop()
+    if not sim.devices:
+        if interrupted:
+            raise KeyboardInterrupt
+        raise OtaError(ErrorCode.INTERNAL, "simulation did not start")
+    end = sim.finish()
+    report = build_report(sim, end, interrupted=interrupted)
+    paths = write_outputs(report, sim.stats.timeline, out)
+    if not quiet:
+        click.echo(render_text(report))
+        click.echo("outputs: " + ", ".join(str(p) for p in paths))
+    return report
+
+
+def _fail_line(report: dict[str, Any]) -> str | None:
+    failed = [k for k, ok in report["checks"].items() if not ok]
+    if not failed:
+        return None
+    why = {
+        "no_attack_accepted": f"{report['attacks']['accepted']} attack(s) accepted",
+        "no_device_bricked": f"{len(report['fleet']['bricked'])} device(s) bricked",
+        "fleet_converged": (
+            f"{len(report['fleet']['not_patched_reachable'])} reachable device(s) not on the "
+            "new firmware"
+        ),
+    }
+    return "; ".join(f"{k}: {why[k]}" for k in failed)
+
+
+def _finish(report: dict[str, Any]) -> None:
+    line = _fail_line(report)
+    if line is not None:
+        raise OtaError(ErrorCode.STATE, f"simulation checks failed: {line}")
+    click.echo("all checks passed: no attack accepted, no device bricked, fleet converged")
+
+
+@click.command()
+@click.option("--scenario", type=click.Choice(sorted(SCENARIOS)), default=None)
+@click.option("--devices", type=int, default=None, help="fleet size")
+@click.option("--profile", type=click.Choice(sorted(PROFILES)), default=None)
+@click.option("--phases", default=None, help="percent[:soak], e.g. 5:2h,30:2h,100")
+@click.option("--days", type=float, default=None, help="simulated window")
+@click.option("--sla-days", type=float, default=None)
+@click.option("--powercut-rate", type=float, default=None)
+@click.option("--selftest-fail-rate", type=float, default=None)
+@click.option("--attack-rate", type=float, default=None)
+@click.option("--drop-rate", type=float, default=None)
+@click.option("--rotation/--no-rotation", default=None)
+@click.option("--image-size", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--workers", type=int, default=None)
+@click.option("--keys", "hsm", type=click.Choice(["auto", "softhsm", "software"]), default=None)
+@click.option("--full-window", is_flag=True, help="keep polling after the fleet converged")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("sim-out"))
+@click.option("--quiet", is_flag=True)
+def simulate(out: Path, quiet: bool, full_window: bool, **kw: Any) -> None:
+    """Simulate a fleet update campaign over real HTTPS on simulated time."""
+    base = SCENARIOS[kw.pop("scenario") or "demo"]
+    opts = options_from(base, full_window=full_window, **kw)
+    _finish(run_simulation(opts, out, quiet=quiet))
+
+
+def options_from(base: SimOptions, *, full_window: bool = False, **kw: Any) -> SimOptions:
+    """Apply command-line overrides to a scenario (None = keep the scenario's value)."""
+    ch: dict[str, Any] = {}
+    prof = base.profile
+    if kw.get("profile") is not None:
+        prof = PROFILES[kw["profile"]]
+    if kw.get("drop_rate") is not None:
+        prof = dataclasses.replace(prof, drop_rate=kw["drop_rate"])
+    ch["profile"] = prof
+    if kw.get("phases") is not None:
+        ch["phases"] = parse_phases(kw["phases"])
+    if kw.get("days") is not None:
+        ch["duration_s"] = kw["days"] * DAY
+    if kw.get("sla_days") is not None:
+        ch["sla_s"] = kw["sla_days"] * DAY
+    for name in (
+        "devices",
+        "powercut_rate",
+        "selftest_fail_rate",
+        "attack_rate",
+        "rotation",
+        "image_size",
+        "seed",
+        "workers",
+        "hsm",
+    ):
+        if kw.get(name) is not None:
+            ch[name] = kw[name]
+    if full_window:
+        ch["stop_when_converged"] = False
+    return dataclasses.replace(base, **ch).validate()
+
+
+@click.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("demo-out"))
+@click.option("--devices", type=int, default=None, help="fleet size (default 1000)")
+@click.option("--seed", type=int, default=None)
+@click.option("--keys", "hsm", type=click.Choice(["auto", "softhsm", "software"]), default=None)
+def demo(out: Path, devices: int | None, seed: int | None, hsm: str | None) -> None:
+    """The whole pipeline on ~1,000 simulated devices (what `make demo` runs)."""
+    opts = options_from(SCENARIOS["demo"], devices=devices, seed=seed, hsm=hsm)
+    _finish(run_simulation(opts, out))

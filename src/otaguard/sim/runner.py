@@ -1,0 +1,618 @@
+"""The fleet simulation: a discrete-event loop on a SimClock shared by server and devices.
+
+Only devices due at the current simulated instant do real work; each of them runs the real
+:class:`~otaguard.device.updater.Updater` cycle over real mTLS HTTPS (one keep-alive client
+per device identity) against the real server in this process. Events of one quantum
+(default 60 simulated seconds) run at the same instant on a small thread pool.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from ..clock import SimClock
+from ..device.bootloader import BootResult
+from ..device.device import Device
+from ..device.faults import FaultInjector, FaultPlan
+from ..device.https_transport import HttpsTransport
+from ..device.updater import PollResult, Updater
+from ..errors import DeviceError, ErrorCode, OtaError, PowerCut
+from . import world as W
+from .model import (
+    CONNECT_ATTACKS,
+    HOUR,
+    TRANSPORT_ATTACKS,
+    EventQueue,
+    Link,
+    SimOptions,
+    quantize,
+)
+
+TRANSIENT = {ErrorCode.TRANSPORT.value, ErrorCode.POWER_CUT.value, ErrorCode.RATE_LIMIT.value}
+
+
+@dataclass
+class AttackKit:
+    old_manifest: bytes
+    other_manifest: bytes
+    other_image: bytes
+
+
+class SimTransport:
+    """The device's HTTPS client plus what the simulated network does to it for one poll:
+    a dropped download, or an attacker substituting what the device receives."""
+
+    def __init__(self, inner: HttpsTransport, kit: AttackKit) -> None:
+        self.inner = inner
+        self.kit = kit
+        self.attack: str | None = None
+        self.drop_at: int | None = None
+        self.bytes: Counter[str] = Counter()
+
+    @property
+    def last_checkin(self) -> dict[str, Any] | None:
+        return self.inner.last_checkin
+
+    @last_checkin.setter
+    def last_checkin(self, value: dict[str, Any] | None) -> None:
+        self.inner.last_checkin = value
+
+    @property
+    def endpoint(self) -> str:
+        return self.inner.endpoint
+
+    def checkin(self, facts: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        return self.inner.checkin(facts)
+
+    def keylist(self, etag: str | None = None) -> tuple[bytes, str] | None:
+        return self.inner.keylist(etag)
+
+    def report(self, event: dict[str, Any]) -> None:
+        self.inner.report(event)
+
+    def fetch_manifest(self) -> bytes:
+        if self.attack == "replay":
+            self.inner.fetch_manifest()  # the genuine request still happens on the wire
+            return self.kit.old_manifest
+        if self.attack == "cross-model":
+            return self.kit.other_manifest
+        return self.inner.fetch_manifest()
+
+    def fetch_delta_manifest(self) -> bytes | None:
+        if self.attack in ("replay", "cross-model"):
+            return None
+        return self.inner.fetch_delta_manifest()
+
+    def open_image(self, offset: int) -> Iterator[bytes]:
+        if self.attack == "cross-model":
+            return self._count("full", iter([self.kit.other_image[offset:]]))
+        return self._count("full", self.inner.open_image(offset))
+
+    def open_patch(self, offset: int) -> Iterator[bytes]:
+        return self._count("delta", self.inner.open_patch(offset))
+
+    def _count(self, kind: str, it: Iterator[bytes]) -> Iterator[bytes]:
+        pos = 0
+        for chunk in it:
+            if self.attack == "tamper" and pos == 0 and chunk:
+                b = bytearray(chunk)
+                b[len(b) // 2] ^= 0x01
+                chunk = bytes(b)
+            if self.drop_at is not None and pos + len(chunk) > self.drop_at:
+                keep = max(0, self.drop_at - pos)
+                self.drop_at = None
+                if keep:
+                    self.bytes[kind] += keep
+                    yield chunk[:keep]
+                raise DeviceError(ErrorCode.TRANSPORT, "simulated link drop")
+            pos += len(chunk)
+            self.bytes[kind] += len(chunk)
+            yield chunk
+
+
+@dataclass
+class SimDevice:
+    idx: int
+    files: W.DeviceFiles
+    link: Link
+    rng: random.Random
+    dev: Device
+    transport: SimTransport
+    updater: Updater
+    selftest_fail: bool = False
+    attack: str | None = None
+    patched_at: float | None = None
+    keylist_at: float | None = None
+    reached: bool = False
+    version: str = W.V_OLD
+    keylist_version: int = 1
+
+
+@dataclass
+class Stats:
+    polls: int = 0
+    offline_polls: int = 0
+    checkins: int = 0
+    installs_ok: int = 0
+    reverts: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+    power_cuts: int = 0
+    drops: int = 0
+    crashes: Counter[str] = field(default_factory=Counter)
+    bytes_full: int = 0
+    bytes_delta: int = 0
+    attacks: dict[str, Counter[str]] = field(default_factory=dict)  # kind -> outcome/code
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    campaigns: list[dict[str, Any]] = field(default_factory=list)
+    operator: list[str] = field(default_factory=list)
+
+    def attack(self, kind: str, outcome: str) -> None:
+        self.attacks.setdefault(kind, Counter())[outcome] += 1
+
+
+class Simulation:
+    def __init__(
+        self,
+        opts: SimOptions,
+        out: Path,
+        *,
+        log: Callable[[str], None] = print,
+        progress: Callable[[float, float, str], None] | None = None,
+    ) -> None:
+        self.opts = opts
+        self.out = out
+        self.log = log
+        self.progress = progress
+        self.stats = Stats()
+        self.devices: list[SimDevice] = []
+        self.stop_reason = "not started"
+        self.wall: dict[str, float] = {}
+        self.t0 = float(int(time.time()))
+        self.clock = SimClock(self.t0 - HOUR)  # the hour before the release: warm-up
+        self.keys_backend = ""
+        self._campaign_seq = 0
+        self._campaign: str | None = None
+        self._phase_since = 0.0
+        self._phase = 0
+        self._paused_at: float | None = None
+        self.rid = 0
+        self.world: W.ServerWorld | None = None
+
+    # --- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        o = self.opts
+        w0 = time.monotonic()
+        self.work = W.scratch_dir(self.out)
+        keys = W.make_keys(self.work, o.rotation, o.hsm)
+        self.keys_backend = keys.backend
+        if "software" in keys.backend:
+            self.log("warning: SoftHSM2 not available; using in-memory software keys (dev only)")
+        self.rel = W.make_releases(keys, o.image_size, o.seed, int(self.t0))
+        self.wall["keys_releases"] = time.monotonic() - w0
+        w1 = time.monotonic()
+        self.world = W.start_server(self.work, self.clock, self.rel)
+        self.rid = W.publish(self.world, self.rel)
+        self.fleet = W.enroll_fleet(
+            self.world,
+            self.rel,
+            self.work,
+            o.devices,
+            self.clock,
+            progress=lambda i: self.progress(i, o.devices, "enrolling") if self.progress else None,
+        )
+        kit = AttackKit(self.rel.factory_manifest, self.rel.other_manifest, self.rel.other_image)
+        rng = random.Random(o.seed)
+        n_attacked = round(o.attack_rate * o.devices)
+        attacked = set(rng.sample(range(o.devices), n_attacked)) if n_attacked else set()
+        for i, f in enumerate(self.fleet.files):
+            drng = random.Random(rng.getrandbits(64))
+            link = W_link(o, drng)
+            self.devices.append(self._make(i, f, link, drng, kit, i in attacked))
+        # The fleet was in service before the release: one check-in each, so the server
+        # knows what every device runs when the campaign selects its target.
+        with ThreadPoolExecutor(max_workers=o.workers) as pool:
+            list(pool.map(lambda d: d.transport.checkin(d.updater.facts()), self.devices))
+        self.clock.set(self.t0)
+        self.wall["enroll_devices"] = time.monotonic() - w1
+        self.log(
+            f"fleet: {o.devices} devices enrolled ({self.keys_backend} keys), server at "
+            f"{self.world.url}, {len(self.rel.v_new)} B image, {len(self.rel.patch)} B delta"
+        )
+
+    def _make(
+        self,
+        i: int,
+        f: W.DeviceFiles,
+        link: Link,
+        rng: random.Random,
+        kit: AttackKit,
+        attacked: bool,
+    ) -> SimDevice:
+        assert self.world is not None
+        dev = W.open_device(f, self.clock)
+        dev.boot()
+        inner = HttpsTransport(
+            self.world.url,
+            ca_file=self.world.ca_pem,
+            cert_file=f.cert,
+            key_file=f.key,
+            max_attempts=2,
+            sleep=lambda s: None,
+            rng=random.Random(i),
+            timeout=60,
+        )
+        tr = SimTransport(inner, kit)
+        sd = SimDevice(i, f, link, rng, dev, tr, None)  # type: ignore[arg-type]
+        sd.selftest_fail = rng.random() < self.opts.selftest_fail_rate
+        if attacked:
+            sd.attack = TRANSPORT_ATTACKS[i % len(TRANSPORT_ATTACKS)]
+        sd.updater = self._updater(sd)
+        return sd
+
+    def _updater(self, sd: SimDevice) -> Updater:
+        def self_test(_boot: BootResult) -> bool:
+            if sd.selftest_fail:
+                sd.selftest_fail = False  # a flaky sensor at first boot: passes next time
+                return False
+            return True
+
+        return Updater(sd.dev, sd.transport, clock=self.clock, self_test=self_test)
+
+    # --- campaigns (operator) ------------------------------------------------------------------
+    def _start_campaign(self, retry: bool) -> None:
+        assert self.world is not None
+        o = self.opts
+        self._campaign_seq += 1
+        name = f"patch-{W.V_NEW}" + (f"-retry{self._campaign_seq - 1}" if retry else "")
+        phases = (
+            [{"fraction": 1.0}]
+            if retry
+            else [{"fraction": p.fraction, "min_soak_s": p.min_soak_s} for p in o.phases]
+        )
+        body = {
+            "id": name,
+            "release_id": self.rid,
+            "selector": {"model": W.MODEL, "hw_rev": W.HW_REV},
+            "phases": phases,
+            "success_threshold": o.success_threshold,
+            "failure": {"max_failed_fraction": 0.5, "min_finished": 20},
+            "deadline": self.t0 + o.sla_s,
+        }
+        cs = self.world.srv.campaigns
+        cs.create(body, "simulator")
+        cs.transition(name, "start")
+        self._campaign = name
+        self._phase = 1
+        self._phase_since = self.clock.now()
+        self.stats.operator.append(f"{self._h():.1f} h: started campaign {name}")
+
+    def _h(self) -> float:
+        return (self.clock.now() - self.t0) / HOUR
+
+    def _operate(self) -> None:
+        """The operator's policy: resume auto-pauses after a look, re-target stragglers."""
+        assert self.world is not None and self._campaign is not None
+        cs = self.world.srv.campaigns
+        now = self.clock.now()
+        cur = next(
+            (c for c in cs.list_campaigns() if self._campaign in (c.get("id"), c.get("name"))),
+            None,
+        )
+        if cur is None:
+            return
+        if cur["phase"] != self._phase:
+            self._phase = int(cur["phase"])
+            self._phase_since = now
+            self.stats.operator.append(f"{self._h():.1f} h: {self._campaign} phase {self._phase}")
+        status = cur["status"]
+        if status == "paused":
+            if self._paused_at is None:
+                self._paused_at = now
+                self.stats.operator.append(
+                    f"{self._h():.1f} h: {self._campaign} paused: {cur.get('pause_reason')}"
+                )
+            elif now - self._paused_at >= HOUR:
+                cs.transition(self._campaign, "resume", "operator reviewed the failures")
+                self._paused_at = None
+                self.stats.operator.append(f"{self._h():.1f} h: resumed {self._campaign}")
+            return
+        stragglers = any(
+            d.reached and d.patched_at is None and not d.link.dead for d in self.devices
+        )
+        # a phase that has not moved for retry_after_s (reverted canaries, offline members),
+        # or a finished campaign with devices still behind: re-target everything behind
+        finished = status == "completed" or now - self._phase_since >= self.opts.retry_after_s
+        if finished and stragglers:
+            if status in ("running", "paused"):
+                cs.transition(self._campaign, "abort", "superseded by a retry campaign")
+            self.stats.campaigns.append(cur)
+            self._start_campaign(retry=True)
+
+    # --- one device poll -----------------------------------------------------------------------
+    def _poll(self, sd: SimDevice, t: float) -> tuple[float, dict[str, Any]]:
+        o = self.opts
+        ev: dict[str, Any] = {}
+        if not sd.link.online(o.profile, t - self.t0, t, sd.rng):
+            ev["offline"] = True
+            return sd.link.next_poll(t, sd.rng), ev
+        tr = sd.transport
+        tr.bytes.clear()
+        pending = sd.patched_at is None
+        if pending and sd.attack is not None:
+            tr.attack = sd.attack
+        if pending and sd.rng.random() < o.profile.drop_rate:
+            tr.drop_at = sd.rng.randrange(1, max(2, len(self.rel.patch)))
+        faults = sd.dev.flash.faults
+        if pending and sd.rng.random() < o.powercut_rate:
+            n_ops = o.image_size // 1024 + o.image_size // 4096 + 64
+            faults.plan = FaultPlan(
+                cut_at_op=faults.ops + sd.rng.randrange(n_ops),
+                mode=sd.rng.choice(("before", "torn", "after")),
+            )
+            faults.fired = False
+        res: PollResult | None = None
+        try:
+            res = sd.updater.poll_once()
+        except PowerCut:
+            ev["power_cut"] = True
+        except OtaError as err:
+            ev["crash"] = err.code.value
+        except Exception as exc:  # a device-side bug must not end the run
+            ev["crash"] = type(exc).__name__
+        finally:
+            attack, tr.attack = tr.attack, None
+            tr.drop_at = None
+            faults.plan = None
+        ev["bytes"] = dict(tr.bytes)
+        transfer = sum(tr.bytes.values()) / sd.link.bandwidth
+        done = t + transfer
+        if "power_cut" in ev or "crash" in ev:
+            self._reboot(sd)
+            if attack is not None:
+                ev["attack"] = (attack, "interrupted")
+            return done + sd.rng.uniform(60, 600), ev
+        assert res is not None
+        ev["outcome"] = res.outcome
+        ev["error"] = res.error
+        if res.outcome != "unreachable":
+            sd.reached = True
+        if attack is not None:
+            if res.outcome == "confirmed":
+                ev["attack"] = (attack, "ACCEPTED")
+            elif res.error is not None and res.offered is not None:
+                ev["attack"] = (attack, res.error)
+                sd.attack = None  # the attacker had its go; the next poll is genuine
+        sd.version = res.version
+        sd.keylist_version = res.keylist_version
+        if res.keylist_from is not None and sd.keylist_at is None:
+            sd.keylist_at = t
+        if sd.keylist_at is None and res.keylist_version >= self.rel.keylist_target:
+            sd.keylist_at = t
+        if res.version == W.V_NEW and sd.patched_at is None:
+            sd.patched_at = done
+        if res.error in TRANSIENT or res.outcome in ("failed", "reverted"):
+            return done + sd.rng.uniform(600, 1800), ev  # retry soon after a failure
+        return sd.link.next_poll(done, sd.rng), ev
+
+    def _reboot(self, sd: SimDevice) -> None:
+        """Power comes back: a new Device on the same flash (the bootloader runs again)."""
+        sd.dev.close()
+        sd.dev = W.open_device(sd.files, self.clock, FaultInjector())
+        sd.updater = self._updater(sd)
+
+    def _account(self, sd: SimDevice, ev: dict[str, Any]) -> None:
+        s = self.stats
+        s.polls += 1
+        if ev.get("offline"):
+            s.offline_polls += 1
+            return
+        s.checkins += 1
+        b = ev.get("bytes", {})
+        s.bytes_full += b.get("full", 0)
+        s.bytes_delta += b.get("delta", 0)
+        if ev.get("power_cut"):
+            s.power_cuts += 1
+        if "crash" in ev:
+            s.crashes[ev["crash"]] += 1
+        out = ev.get("outcome")
+        if out == "confirmed":
+            s.installs_ok += 1
+        elif out == "reverted":
+            s.reverts += 1
+        if ev.get("error"):
+            s.failures[ev["error"]] += 1
+            if ev["error"] == ErrorCode.TRANSPORT.value:
+                s.drops += 1
+        if "attack" in ev:
+            kind, outcome = ev["attack"]
+            s.attack(kind, outcome)
+
+    # --- connection-level attacks --------------------------------------------------------------
+    def _connect_attack(self, kind: str) -> str:
+        """Dial the device API as an attacker; returns the refusal code (or ACCEPTED)."""
+        assert self.world is not None
+        ctx = ssl.create_default_context(cafile=str(self.world.ca_pem))
+        if kind == "foreign-cert":
+            cert, key = _foreign_identity(self.work, "HVAC-000000")
+            ctx.load_cert_chain(str(cert), str(key))
+        elif kind == "revoked-cert":
+            f = self.fleet.extra["revoked"]
+            ctx.load_cert_chain(str(f.cert), str(f.key))
+        try:
+            with httpx.Client(base_url=self.world.url, verify=ctx, timeout=10) as c:
+                r = c.post("/v1/checkin", json={"version": W.V_OLD})
+        except (httpx.TransportError, ssl.SSLError):
+            return ErrorCode.CERT.value  # refused in the TLS handshake
+        if r.status_code < 300:
+            return "ACCEPTED"
+        try:
+            return str(r.json()["error"])
+        except (ValueError, KeyError, TypeError):
+            return f"HTTP {r.status_code}"
+
+    # --- the loop ------------------------------------------------------------------------------
+    def run(self) -> None:
+        o = self.opts
+        q = EventQueue()
+        t0 = self.t0
+        for sd in self.devices:
+            q.push(t0 + sd.rng.uniform(0, sd.link.poll_s), sd.idx)
+        rng = random.Random(o.seed + 1)
+        connect: list[tuple[float, str]] = []
+        for kind in CONNECT_ATTACKS:
+            for _ in range(o.connect_attacks):
+                connect.append((t0 + rng.uniform(0, 24 * HOUR), kind))
+        for k, (t, _kind) in enumerate(connect):
+            q.push(t, -1 - k)
+        self._start_campaign(retry=False)
+        end = t0 + o.duration_s
+        alive = [d for d in self.devices if not d.link.dead]
+        next_sample = t0
+        next_op = t0
+        w0 = time.monotonic()
+        self.stop_reason = f"simulated window of {o.duration_s / HOUR:.0f} h ended"
+        with ThreadPoolExecutor(max_workers=o.workers) as pool:
+            while True:
+                nt = q.peek()
+                if nt is None or nt > end:
+                    break
+                now = quantize(max(nt, self.clock.now()), t0, o.quantum_s)
+                self.clock.set(now)
+                while next_sample <= now:
+                    self._sample(next_sample)
+                    next_sample += HOUR
+                if now >= next_op:
+                    self._operate()
+                    next_op = now + 600
+                due = q.pop_due(now)
+                devs = [self.devices[k] for _, k in due if k >= 0]
+                for _, k in due:
+                    if k < 0:
+                        kind = connect[-1 - k][1]
+                        self.stats.attack(kind, self._connect_attack(kind))
+                results = pool.map(self._poll, devs, [now] * len(devs))
+                for sd, (nxt, ev) in zip(devs, results, strict=True):
+                    self._account(sd, ev)
+                    q.push(max(nxt, now + o.quantum_s), sd.idx)
+                if self.progress is not None:
+                    self.progress(now - t0, o.duration_s, self._progress_text(alive))
+                if (
+                    o.stop_when_converged
+                    and not any(k < 0 for _, k in _pending(q))
+                    and all(
+                        d.patched_at is not None and d.keylist_version >= self.rel.keylist_target
+                        for d in alive
+                    )
+                ):
+                    self.stop_reason = "every reachable device converged"
+                    break
+        self._sample(self.clock.now())
+        self.end_t = self.clock.now()
+        self.wall["run"] = time.monotonic() - w0
+
+    def _progress_text(self, alive: list[SimDevice]) -> str:
+        patched = sum(1 for d in alive if d.patched_at is not None)
+        return f"{patched}/{len(alive)} patched, {self.stats.checkins} check-ins"
+
+    def _sample(self, t: float) -> None:
+        n = len(self.devices)
+        patched = sum(1 for d in self.devices if d.patched_at is not None and d.patched_at <= t)
+        kl = sum(1 for d in self.devices if d.keylist_at is not None and d.keylist_at <= t)
+        self.stats.timeline.append(
+            {
+                "h": (t - self.t0) / HOUR,
+                "patched": patched / n,
+                "keylist": kl / n,
+                "phase": self._phase,
+                "campaign": self._campaign_seq,
+                "bytes_full": self.stats.bytes_full,
+                "bytes_delta": self.stats.bytes_delta,
+                "reverts": self.stats.reverts,
+                "failures": sum(self.stats.failures.values()),
+            }
+        )
+
+    # --- the end -------------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        """Reboot every device from flash (is anything bricked?) and tear the server down."""
+        bricked: list[str] = []
+        versions: Counter[str] = Counter()
+        for sd in self.devices:
+            try:
+                sd.transport.inner.close()
+                sd.dev.close()
+                with W.open_device(sd.files, self.clock) as dev:
+                    boot = dev.boot()
+                    if boot.mode == "test":  # an unconfirmed image at the end: not bricked
+                        boot = dev.boot()
+                    versions[boot.version or "?"] += 1
+                    sd.version = boot.version or sd.version
+            except OtaError as err:
+                bricked.append(f"{sd.files.serial}: {err.code.value}")
+        if self.world is not None:
+            self.world.close()
+            self.world = None
+        # device flash files, keys and the server database are scratch: the report stays
+        shutil.rmtree(self.work, ignore_errors=True)
+        return {"bricked": bricked, "versions": dict(versions)}
+
+
+def _pending(q: EventQueue) -> list[tuple[float, int]]:
+    return [(e.t, e.key) for e in q._h]
+
+
+def W_link(o: SimOptions, rng: random.Random) -> Link:
+    return Link.draw(o.profile, rng)
+
+
+def _foreign_identity(work: Path, serial: str) -> tuple[Path, Path]:
+    """A self-made CA's client certificate claiming a real device's serial."""
+    d = work / "attacker"
+    cert_p, key_p = d / "client.pem", d / "client.key"
+    if cert_p.exists():
+        return cert_p, key_p
+    d.mkdir(exist_ok=True)
+    import datetime as dt
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, serial),
+            x509.NameAttribute(NameOID.SERIAL_NUMBER, serial),
+        ]
+    )
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    cert_p.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_p.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_p, key_p

@@ -1,0 +1,496 @@
+"""Setting up a simulated world: keys, firmware, releases, the real server, the fleet.
+
+Everything is real: Ed25519 keys (SoftHSM2 token when available), SUIT envelopes, a bsdiff
+delta, the fleet CA issuing one P-256 client certificate per device, the update server
+(uvicorn, mTLS, SQLite) on loopback, and one device runtime (flash file, bootloader, agent)
+per simulated device. Shortcuts taken for speed are listed in docs/simulator.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import secrets
+import shutil
+import ssl
+import subprocess
+import tempfile
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ..clock import SimClock
+from ..crypto.algorithms import HashAlg
+from ..crypto.cose import Signer
+from ..crypto.software import SoftwareSigner, generate_private_key
+from ..delta import create_patch
+from ..device.device import Device, Provisioning
+from ..device.faults import FaultInjector
+from ..device.layout import LayoutConfig
+from ..device.storage import Identity
+from ..errors import ErrorCode, OtaError, UsageError
+from ..manifest.build import build_envelope
+from ..manifest.ids import class_id, vendor_id
+from ..manifest.model import DeltaInfo, ManifestInfo
+from ..server import store
+from ..server.app import ServerSettings, TrustState, UpdateServer
+from ..server.blobs import LocalBlobStore
+from ..server.ca import FleetCA
+from ..server.db import Database, sqlite_url
+from ..server.enroll import issue_server_cert
+from ..server.mtls import ThreadedServer, server_ssl_context
+from ..server.ratelimit import RateLimit
+from ..trust.bundle import TrustBundle
+from ..trust.documents import issue_authorization, sign_keylist
+from ..trust.model import Role, Scope
+
+VENDOR = "hvac.example.com"
+MODEL, HW_REV = "ctl-9", "rev-b"
+OTHER_MODEL = "ctl-7"  # another product line: its firmware is the cross-model attack
+V_OLD, V_NEW = "1.0.0", "1.1.0"
+DAY = 86400
+
+
+# --- keys ----------------------------------------------------------------------------------------
+@dataclass
+class KeySet:
+    root: Signer
+    op: Signer  # signs the factory image (and the patch when there is no rotation)
+    op_new: Signer | None  # the rotated-in key (signs the patch when rotating)
+    backend: str
+    cleanup: Callable[[], None] = lambda: None
+
+
+def _softhsm_keys(work: Path, rotation: bool) -> KeySet | None:
+    """Root and operational keys generated inside a fresh SoftHSM2 token (None if absent)."""
+    util = shutil.which("softhsm2-util")
+    try:
+        from ..crypto import pkcs11 as p11
+    except ImportError:
+        return None
+    module = next(
+        (
+            m
+            for m in (
+                os.environ.get("OTAGUARD_PKCS11_MODULE", ""),
+                "/usr/lib/softhsm/libsofthsm2.so",
+                "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+            )
+            if m and Path(m).exists()
+        ),
+        None,
+    )
+    if util is None or module is None:
+        return None
+    tok = work / "softhsm"
+    (tok / "tokens").mkdir(parents=True, exist_ok=True)
+    conf = tok / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tok / 'tokens'}\nobjectstore.backend = file\n")
+    pin = secrets.token_hex(8)
+    env = dict(os.environ, SOFTHSM2_CONF=str(conf))
+    subprocess.run(
+        [util, "--init-token", "--free", "--label", "otaguard-sim", "--pin", pin, "--so-pin", pin],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    signers: list[Signer] = []
+    for label in ("root", "op-1", "op-2"):
+        p11.generate_keypair("otaguard-sim", label, "ed25519", pin=pin, module=module)
+        uri = f"pkcs11:token=otaguard-sim;object={label};type=private"
+        signers.append(p11.Pkcs11Signer.open(uri, pin=pin, module=module))
+    return KeySet(signers[0], signers[1], signers[2] if rotation else None, "softhsm2")
+
+
+def make_keys(work: Path, rotation: bool, mode: str) -> KeySet:
+    if mode in ("auto", "softhsm"):
+        try:
+            ks = _softhsm_keys(work, rotation)
+        except (OtaError, OSError, subprocess.CalledProcessError, TypeError, ValueError) as exc:
+            if mode == "softhsm":
+                raise UsageError(ErrorCode.USAGE, f"SoftHSM2 keys failed: {exc}") from None
+            ks = None
+        if ks is not None:
+            return ks
+        if mode == "softhsm":
+            raise UsageError(ErrorCode.USAGE, "SoftHSM2 (softhsm2-util + module) not found")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        root = SoftwareSigner(generate_private_key("ed25519"))
+        op = SoftwareSigner(generate_private_key("ed25519"))
+        op2 = SoftwareSigner(generate_private_key("ed25519")) if rotation else None
+    return KeySet(root, op, op2, "software (in memory, development only)")
+
+
+# --- firmware ------------------------------------------------------------------------------------
+def firmware_pair(size: int, seed: int) -> tuple[bytes, bytes]:
+    """Two synthetic firmware versions: a code-like image and a small patch of it.
+
+    The image is built from a repeating-ish instruction-like stream (so it compresses like
+    code, not like noise); the new version changes a few functions (byte edits in three
+    places) and inserts ~300 bytes of new code, shifting everything after it, as a security
+    fix does.
+    """
+    rng = random.Random(seed)
+    words = [rng.randbytes(4) for _ in range(512)]
+    out = bytearray()
+    while len(out) < size:
+        out += words[int(rng.paretovariate(1.2)) % len(words)]
+        if rng.random() < 0.05:
+            out += rng.randbytes(4)
+    old = bytes(out[:size])
+    new = bytearray(old)
+    for _ in range(3):
+        at = rng.randrange(size - 64)
+        for j in range(0, 48, 3):
+            new[at + j] ^= 0x5A
+    ins = rng.randrange(size // 4, size // 2)
+    new[ins:ins] = rng.randbytes(300)
+    return old, bytes(new[: size + 300])
+
+
+def layout_for(image_size: int) -> LayoutConfig:
+    sector = 4096
+    slot = ((image_size + 300 + 8192 + 2 * sector - 1) // sector) * sector
+    return LayoutConfig(sector_size=sector, page_size=1024, slot_size=slot)
+
+
+@dataclass
+class Releases:
+    vendor_id: uuid.UUID
+    class_id: uuid.UUID
+    bundle: TrustBundle
+    keylist_v2: bytes | None
+    v_old: bytes
+    v_new: bytes
+    patch: bytes
+    factory_manifest: bytes
+    new_manifest: bytes
+    delta_manifest: bytes
+    other_manifest: bytes  # another model's firmware (cross-model attack)
+    other_image: bytes
+    keylist_target: int
+
+
+def make_releases(keys: KeySet, image_size: int, seed: int, now: int) -> Releases:
+    vid = vendor_id(VENDOR)
+    cid = class_id(vid, MODEL, HW_REV)
+    other_cid = class_id(vid, OTHER_MODEL, HW_REV)
+
+    def auth(key: Signer) -> bytes:
+        return issue_authorization(
+            keys.root,
+            key.public_key,
+            roles=frozenset({Role.FIRMWARE, Role.KEYLIST}),
+            scopes=[Scope(vid, frozenset({cid, other_cid}))],
+            not_before=now - 30 * DAY,
+            not_after=now + 365 * DAY,
+            name="sim",
+        )
+
+    auths = [auth(keys.op)]
+    kl1 = sign_keylist(keys.root, version=1, authorizations=auths, issued_at=now - DAY)
+    bundle = TrustBundle(keys.root.public_key, kl1)
+    kl2 = None
+    if keys.op_new is not None:
+        kl2 = sign_keylist(
+            keys.root,
+            version=2,
+            authorizations=[*auths, auth(keys.op_new)],
+            issued_at=now - 60,
+        )
+    old, new = firmware_pair(image_size, seed)
+    patch = create_patch(old, new)
+
+    def info(img: bytes, version: str, seq: int, counter: int, cls: uuid.UUID) -> ManifestInfo:
+        return ManifestInfo(
+            sequence_number=seq,
+            vendor_id=vid,
+            class_id=cls,
+            digest_alg=HashAlg.SHA256,
+            image_digest=hashlib.sha256(img).digest(),
+            image_size=len(img),
+            version=version,
+            min_version=None,
+            security_counter=counter,
+            expires=now + 90 * DAY,
+            uri=None,
+            text={"model": MODEL if cls == cid else OTHER_MODEL, "hw_rev": HW_REV},
+        )
+
+    signer = keys.op_new or keys.op
+    factory = build_envelope(info(old, V_OLD, 1, 1, cid), [keys.op])
+    full_info = info(new, V_NEW, 2, 2, cid)
+    full = build_envelope(full_info, [signer])
+    d = DeltaInfo(
+        base_digest=hashlib.sha256(old).digest(),
+        patch_digest=hashlib.sha256(patch).digest(),
+        patch_size=len(patch),
+        patch_uri=None,
+    )
+    from dataclasses import replace as dc_replace
+
+    delta = build_envelope(dc_replace(full_info, delta=d), [signer])
+    other_img = firmware_pair(image_size, seed + 99)[1]
+    other = build_envelope(info(other_img, "9.0.0", 50, 5, other_cid), [keys.op])
+    return Releases(
+        vid,
+        cid,
+        bundle,
+        kl2,
+        old,
+        new,
+        patch,
+        factory,
+        full,
+        delta,
+        other,
+        other_img,
+        2 if kl2 is not None else 1,
+    )
+
+
+# --- server --------------------------------------------------------------------------------------
+@dataclass
+class ServerWorld:
+    srv: UpdateServer
+    device_server: ThreadedServer
+    admin_server: ThreadedServer
+    admin: httpx.Client
+    ca: FleetCA
+    db: Database
+    ca_pem: Path
+    prev_clock: Any
+    tokens: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return self.device_server.url
+
+    def close(self) -> None:
+        self.admin.close()
+        self.device_server.stop()
+        self.admin_server.stop()
+        store.set_clock(self.prev_clock)
+
+
+def start_server(work: Path, clock: SimClock, rel: Releases) -> ServerWorld:
+    """The real update server (device API on mTLS, admin API on TLS) sharing ``clock``."""
+    prev = store.set_clock(clock)
+    ca = FleetCA.create(work / "ca", passphrase=secrets.token_hex(16).encode())
+    tls = work / "tls"
+    issue_server_cert(ca, tls, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    ca_pem = tls / "ca.pem"
+    ca_pem.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
+    # NORMAL: WAL commits without an fsync each; the simulator does not test durability.
+    db = Database(sqlite_url(work / "otaguard.db"), sqlite_synchronous="NORMAL")
+    db.upgrade()
+    settings = ServerSettings(
+        ca_cert=ca.cert,
+        # all simulated devices share 127.0.0.1: the per-IP limit would model one NAT, not a
+        # fleet; per-device limits stay at their defaults, on simulated time
+        ip_rate=RateLimit(rate=1e9, burst=1_000_000_000),
+        lastseen_interval=60,
+    )
+    srv = UpdateServer(
+        db,
+        LocalBlobStore(work / "blobs"),
+        settings,
+        TrustState(rel.bundle.store()),
+        clock=clock.monotonic,
+    )
+    srv.campaigns.clock = clock
+    ctx = server_ssl_context(tls / "server.pem", tls / "server.key", ca_pem)
+    dev_srv = ThreadedServer(srv.asgi("device"), ctx)
+    adm_ctx = server_ssl_context(
+        tls / "server.pem", tls / "server.key", None, require_client_cert=False
+    )
+    adm_srv = ThreadedServer(srv.asgi("admin"), adm_ctx)
+    dev_srv.start()
+    adm_srv.start()
+    with db.write() as conn:
+        token = store.create_token(conn, "simulator", "security-officer")
+    admin = httpx.Client(
+        base_url=adm_srv.url,
+        verify=ssl.create_default_context(cafile=str(ca_pem)),
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=60,
+    )
+    roles = {}
+    for role in ("release-manager", "operator"):
+        with db.write() as conn:
+            roles[role] = store.create_token(conn, f"sim-{role}", role)
+    return ServerWorld(srv, dev_srv, adm_srv, admin, ca, db, ca_pem, prev, roles)
+
+
+def _as(w: ServerWorld, role: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {w.tokens[role]}"}
+
+
+def _ok(r: httpx.Response, what: str) -> dict[str, Any]:
+    if r.status_code >= 300:
+        raise OtaError(ErrorCode.INTERNAL, f"{what} failed: HTTP {r.status_code} {r.text[:200]}")
+    out: dict[str, Any] = r.json()
+    return out
+
+
+def publish(w: ServerWorld, rel: Releases) -> int:
+    """Key list (when rotating), the new release and its delta — through the admin API."""
+    if rel.keylist_v2 is not None:
+        _ok(w.admin.put("/admin/v1/keylist", content=rel.keylist_v2), "key-list publish")
+    h = _as(w, "release-manager")
+    img = _ok(w.admin.post("/admin/v1/images", content=rel.v_new, headers=h), "image upload")
+    r = w.admin.post(
+        "/admin/v1/releases", params={"image": img["blob"]}, content=rel.new_manifest, headers=h
+    )
+    rid = int(_ok(r, "release upload")["id"])
+    pb = _ok(w.admin.post("/admin/v1/images", content=rel.patch, headers=h), "patch upload")
+    r = w.admin.post(
+        f"/admin/v1/releases/{rid}/deltas",
+        params={"patch": pb["blob"], "base_version": V_OLD},
+        content=rel.delta_manifest,
+        headers=h,
+    )
+    _ok(r, "delta upload")
+    return rid
+
+
+# --- devices -------------------------------------------------------------------------------------
+@dataclass
+class DeviceFiles:
+    serial: str
+    dir: Path
+    cert: Path
+    key: Path
+
+
+def _sparse_blocks(path: Path, block: int = 4096) -> tuple[int, list[tuple[int, bytes]]]:
+    data = path.read_bytes()
+    zero = bytes(block)
+    blocks = [
+        (off, data[off : off + block])
+        for off in range(0, len(data), block)
+        if data[off : off + block] != zero
+    ]
+    return len(data), blocks
+
+
+@dataclass
+class Fleet:
+    files: list[DeviceFiles]
+    golden: Path
+    cfg: LayoutConfig
+    extra: dict[str, DeviceFiles] = field(default_factory=dict)
+
+
+def enroll_fleet(
+    w: ServerWorld,
+    rel: Releases,
+    root: Path,
+    n: int,
+    clock: SimClock,
+    progress: Callable[[int], None] = lambda i: None,
+) -> Fleet:
+    """Manufacture ``n`` devices: one golden device, copied; each its own enrolled identity."""
+    cfg = layout_for(len(rel.v_new))
+    golden = root / "golden"
+    prov = Provisioning(
+        bundle=rel.bundle,
+        vendor_id=rel.vendor_id,
+        class_id=rel.class_id,
+        model=MODEL,
+        hw_rev=HW_REV,
+        factory_manifest=rel.factory_manifest,
+    )
+    from ..device.lab import chunks
+
+    with Device.create(golden, cfg, prov, chunks(rel.v_old), clock=lambda: int(clock.now())):
+        pass
+    size, blocks = _sparse_blocks(golden / "flash.bin")
+    dev_json = (golden / "device.json").read_bytes()
+    files: list[DeviceFiles] = []
+    batch: list[tuple[str, str, int]] = []
+    for i in range(n):
+        serial = f"HVAC-{i:06d}"
+        files.append(
+            _make_device(w, root / "devices" / f"{i:06d}", serial, size, blocks, dev_json, batch)
+        )
+        if len(batch) >= 500 or i == n - 1:
+            _register(w, batch)
+            batch.clear()
+        progress(i + 1)
+    fleet = Fleet(files, golden, cfg)
+    # one extra enrolled device whose certificate is then revoked (revoked-cert attack)
+    rev = _make_device(
+        w, root / "devices" / "revoked", "ATK-REVOKED", size, blocks, dev_json, batch
+    )
+    _register(w, batch)
+    with w.db.write() as conn:
+        store.revoke_device(conn, "ATK-REVOKED")
+    fleet.extra["revoked"] = rev
+    return fleet
+
+
+def _make_device(
+    w: ServerWorld,
+    d: Path,
+    serial: str,
+    size: int,
+    blocks: list[tuple[int, bytes]],
+    dev_json: bytes,
+    batch: list[tuple[str, str, int]],
+) -> DeviceFiles:
+    d.mkdir(parents=True, exist_ok=True)
+    with (d / "flash.bin").open("wb") as f:
+        f.truncate(size)
+        for off, b in blocks:
+            f.seek(off)
+            f.write(b)
+    (d / "device.json").write_bytes(dev_json)
+    key = ec.generate_private_key(ec.SECP256R1())
+    issued = w.ca.issue_device(serial, key.public_key(), days=90)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    (d / "device.key").write_bytes(key_pem)
+    os.chmod(d / "device.key", 0o600)
+    (d / "device.pem").write_bytes(issued.pem)
+    batch.append((serial, issued.fingerprint, int(issued.cert.not_valid_after_utc.timestamp())))
+    return DeviceFiles(serial, d, d / "device.pem", d / "device.key")
+
+
+def _register(w: ServerWorld, batch: list[tuple[str, str, int]]) -> None:
+    with w.db.write() as conn:
+        for serial, fp, not_after in batch:
+            store.register_device(
+                conn,
+                serial=serial,
+                model=MODEL,
+                hw_rev=HW_REV,
+                groups=["sim"],
+                cert_fingerprint=fp,
+                cert_not_after=not_after,
+            )
+
+
+def open_device(f: DeviceFiles, clock: SimClock, faults: FaultInjector | None = None) -> Device:
+    dev = Device(f.dir, faults=faults or FaultInjector(), clock=lambda: int(clock.now()))
+    if dev.storage.identity() is None:
+        dev.storage.write_identity(Identity(f.key.read_bytes(), f.cert.read_bytes()))
+    return dev
+
+
+def scratch_dir(out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="sim-", dir=out))
