@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 
 from otaguard.crypto.software import SoftwareSigner, generate_private_key
+from otaguard.device import records
 from otaguard.device.device import FLASH_FILE, Device
 from otaguard.device.faults import FaultInjector
 from otaguard.device.lab import DAY, Lab, MemoryTransport, image_bytes
 from otaguard.device.layout import LayoutConfig
+from otaguard.device.records import Record
 from otaguard.device.slots import read_envelope
 from otaguard.errors import ErrorCode, OtaError
 from otaguard.manifest.ids import class_id, vendor_id
@@ -196,9 +198,7 @@ def test_keylist_replay_and_revoking_the_running_key(lab: Lab, dev_dir: Path) ->
         assert exc.value.code == ErrorCode.REPLAY
         # Dropping (even revoking) the key that signed the running firmware is allowed: the
         # confirmed slot boots from its boot record, not from the current key list.
-        drop = lab.keylist_update(
-            [second], keep_op=False, revoked=[lab.op.public_key.key_id]
-        )
+        drop = lab.keylist_update([second], keep_op=False, revoked=[lab.op.public_key.key_id])
         assert dev.apply_keylist_update(drop) == version + 1
         assert dev.storage.counters().keylist_version == version + 1
     with open_dev(lab, dev_dir) as dev:
@@ -298,3 +298,133 @@ def test_install_while_pending_is_refused(lab: Lab, dev_dir: Path) -> None:
         with pytest.raises(OtaError) as exc:
             dev.install(t)
         assert exc.value.code == ErrorCode.STATE
+
+
+# --- G1: raw-flash attacker vs the authenticated boot state and counters ---------------------
+# The attacker can write any flash byte but cannot read the HUK fuse, so the best they can do
+# is a record with a recomputed checksum (the unkeyed ``Record`` writer) or a MAC under a key
+# of their own choosing. Neither may make the device boot unverified code or lower a counter.
+
+
+def _plant_rogue_image(dev: Device) -> bytes:
+    """Write a rogue-signed envelope and its image raw into slot B; returns the envelope."""
+    from otaguard.device.slots import SlotWriter, write_envelope
+    from otaguard.manifest.verify import decode_pinned
+
+    rogue = SoftwareSigner(generate_private_key("ed25519"))
+    evil = image_bytes(9_000, 66)
+    env = Lab.release(_ROGUE_LAB, evil, version="6.6.6", seq=99, counter=9, signers=[rogue])
+    info = decode_pinned(env).info
+    slot = dev.layout.slots[1]
+    w = SlotWriter(dev.flash, slot, info.image_size, info.digest_alg)
+    w.write(evil)
+    assert w.finish() == info.image_digest
+    write_envelope(dev.flash, slot, env)
+    return env
+
+
+_ROGUE_LAB = Lab()
+
+
+def _forge(
+    rec: Record, payload: bytes, *, copy: int | None = None, key: bytes | None = None
+) -> None:
+    """Raw-write one copy of ``rec``: by default the free copy, with a higher sequence number,
+    exactly as a genuine write would place it; its integrity field is the recomputed checksum
+    (or, with ``key``, an HMAC under that guessed key)."""
+    cur = rec.newest()
+    if copy is None:
+        copy = 0 if cur is None else 1 - cur.index
+    seq = 1 if cur is None else cur.seq + 1
+    if key is None:
+        blob = records._HDR.pack(records.MAGIC, seq, len(payload), records._digest(seq, payload))
+    else:
+        tag = records._mac(key, seq, payload)
+        blob = records._MAC_HDR.pack(records.MAC_MAGIC, seq, len(payload), tag)
+    base = rec.region.offset + copy * rec.copy_size
+    ss = rec.flash.geometry.sector_size
+    rec.flash.erase_range(base, -(-(len(blob) + len(payload)) // ss) * ss)
+    rec.flash.program_bytes(base, blob + payload)
+
+
+def test_forged_boot_record_pointing_at_rogue_image_is_never_booted(
+    lab: Lab, dev_dir: Path
+) -> None:
+    from otaguard.device.bootstate import BootState
+    from otaguard.device.slots import envelope_ref
+
+    _ROGUE_LAB.vendor_id, _ROGUE_LAB.class_id = lab.vendor_id, lab.class_id
+    with open_dev(lab, dev_dir) as dev:
+        env = _plant_rogue_image(dev)
+        st = dev.bootloader.bootstate.load()
+        forged = BootState(active=1, refs=(st.refs[0], envelope_ref(env)), boots=st.boots)
+        # one forged copy (higher sequence, checksum recomputed): ignored, the genuine copy wins
+        _forge(dev.bootloader.bootstate.record, forged.encode())
+    with open_dev(lab, dev_dir) as dev:
+        r = dev.boot()
+        assert (r.version, r.slot, r.mode) == ("1.0.0", 0, "normal")
+        # the status view does not believe the forged record either
+        assert dev.status()["boot_state"]["active"] == "A"
+    with open_dev(lab, dev_dir) as dev:
+        # both copies forged: the boot state is unreadable and nothing boots at all
+        rec = dev.bootloader.bootstate.record
+        _forge(rec, forged.encode(), copy=0)
+        _forge(rec, forged.encode(), copy=1)
+    with open_dev(lab, dev_dir) as dev, pytest.raises(OtaError) as exc:
+        dev.boot()
+    assert exc.value.code == ErrorCode.STORAGE
+
+
+def test_boot_record_macd_under_a_guessed_key_is_refused(lab: Lab, dev_dir: Path) -> None:
+    """The attacker knows the record format and MAC construction, just not this device's HUK."""
+    from otaguard.device.bootstate import BootState
+    from otaguard.device.slots import envelope_ref
+    from otaguard.device.storage import derive_record_key, new_huk
+
+    _ROGUE_LAB.vendor_id, _ROGUE_LAB.class_id = lab.vendor_id, lab.class_id
+    guessed = derive_record_key(new_huk(), "bootstate")
+    with open_dev(lab, dev_dir) as dev:
+        env = _plant_rogue_image(dev)
+        forged = BootState(active=1, refs=(None, envelope_ref(env)))
+        rec = dev.bootloader.bootstate.record
+        _forge(rec, forged.encode(), key=guessed)
+    with open_dev(lab, dev_dir) as dev:
+        r = dev.boot()  # the genuine copy still wins
+        assert (r.version, r.slot) == ("1.0.0", 0)
+        rec = dev.bootloader.bootstate.record
+        _forge(rec, forged.encode(), copy=0, key=guessed)
+        _forge(rec, forged.encode(), copy=1, key=guessed)
+    with open_dev(lab, dev_dir) as dev, pytest.raises(OtaError) as exc:
+        dev.boot()
+    assert exc.value.code == ErrorCode.STORAGE
+
+
+def test_counter_record_rewritten_lower_is_refused(lab: Lab, dev_dir: Path) -> None:
+    from otaguard import cbor
+
+    t = MemoryTransport(lab.release(V2, version="1.1.0", seq=6, counter=4), V2)
+    with open_dev(lab, dev_dir) as dev:
+        dev.install(t)
+    with open_dev(lab, dev_dir) as dev:
+        dev.boot()
+        dev.confirm()
+        before = dev.storage.counters()
+        assert before.security == 4
+        # attacker: counters back to zero, checksum recomputed, in the copy a writer would use
+        _forge(dev.storage.rec["counters"], cbor.dumps({1: 0, 2: 0, 3: 0}))
+    with open_dev(lab, dev_dir) as dev:
+        assert dev.storage.counters() == before
+        addr = dev.layout.slots[1].image_offset + 5
+    # with the counter intact, breaking 1.1.0 must not roll the device back to 1.0.0 (counter 3)
+    _flip(dev_dir, addr)
+    with open_dev(lab, dev_dir) as dev, pytest.raises(OtaError) as exc:
+        dev.boot()
+    assert exc.value.code == ErrorCode.NO_VALID_SLOT
+    with open_dev(lab, dev_dir) as dev:
+        rec = dev.storage.rec["counters"]
+        _forge(rec, cbor.dumps({1: 0, 2: 0, 3: 0}), copy=0)
+        _forge(rec, cbor.dumps({1: 0, 2: 0, 3: 0}), copy=1)
+    # both copies forged: the counters are unreadable, and the device refuses to boot
+    with open_dev(lab, dev_dir) as dev, pytest.raises(OtaError) as exc:
+        dev.boot()
+    assert exc.value.code == ErrorCode.STORAGE

@@ -15,7 +15,7 @@ from otaguard.device.faults import FaultInjector, FaultPlan
 from otaguard.device.flash import Flash, Geometry
 from otaguard.device.layout import Layout, LayoutConfig, Region
 from otaguard.device.records import Record
-from otaguard.device.storage import Identity, OtpData, SecureStorage
+from otaguard.device.storage import Identity, OtpData, SecureStorage, new_huk
 from otaguard.errors import ErrorCode, FlashError, OtaError, PowerCut
 
 G = Geometry(sector_size=1024, page_size=128)
@@ -200,7 +200,7 @@ def test_otp_is_write_once(tmp_path: Path) -> None:
     f, s = storage(tmp_path)
     with f:
         assert s.otp() is None
-        data = OtpData(b"\x01" * 32, uuid.uuid4(), uuid.uuid4(), "ctl-9", "rev-b")
+        data = OtpData(b"\x01" * 32, uuid.uuid4(), uuid.uuid4(), "ctl-9", "rev-b", new_huk())
         s.program_otp(data)
         assert s.otp() == data
         with pytest.raises(OtaError) as exc:
@@ -211,6 +211,7 @@ def test_otp_is_write_once(tmp_path: Path) -> None:
 def test_counters_only_rise(tmp_path: Path) -> None:
     f, s = storage(tmp_path)
     with f:
+        s.program_otp(OtpData(b"\x01" * 32, uuid.uuid4(), uuid.uuid4(), "m", "r", new_huk()))
         assert s.counters().as_dict() == {"security": 0, "sequence": 0, "keylist_version": 0}
         s.advance(security=3, sequence=7)
         for kw in ({"security": 2}, {"sequence": 6}, {"keylist_version": -1}):

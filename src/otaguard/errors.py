@@ -49,6 +49,7 @@ class ErrorCode(StrEnum):
     IMAGE_DIGEST = "E_IMAGE_DIGEST"
     # --- signing service -------------------------------------------------------------------
     POLICY = "E_POLICY"  # signing request refused by policy
+    FAST_FORWARD = "E_FAST_FORWARD"  # counter/sequence/version jump too far (fast-forward attack)
     DOWNGRADE = "E_DOWNGRADE"  # version not monotonic without authorization
     AUTH = "E_AUTH"  # missing/invalid credential
     FORBIDDEN = "E_FORBIDDEN"  # credential valid but role insufficient
@@ -66,7 +67,7 @@ class ErrorCode(StrEnum):
     STATE = "E_STATE"  # operation not valid in the current state
     TRANSPORT = "E_TRANSPORT"  # network/file transport failure
     WATCHDOG = "E_WATCHDOG"  # test-booted image not confirmed within N boots; reverted
-    WOULD_BRICK = "E_WOULD_BRICK"  # change refused: running firmware would no longer verify
+    WOULD_BRICK = "E_WOULD_BRICK"  # unused since the key-list check was dropped; never reused
     # --- delta -------------------------------------------------------------------------------
     DELTA_BASE = "E_DELTA_BASE"  # patch is for another base image
     DELTA_CORRUPT = "E_DELTA_CORRUPT"  # truncated/corrupt patch stream

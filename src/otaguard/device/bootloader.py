@@ -11,10 +11,15 @@ The CONFIRMED slot is checked against the record made when it was verified and i
 boot state holds the SHA-256 of its envelope (``refs``), and the envelope carries the signed
 image digest. So the bootloader checks that the envelope bytes hash to the record, that the
 image hashes to the digest inside it, vendor/class and the security counter — but not the
-signature again. Firmware signed with a key that was later rotated out or revoked therefore
-keeps booting (a revocation must never brick the fleet it protects), while every manifest not
-yet installed must pass the current trust store. The record lives in the power-cut-safe boot
-state, which only the bootloader and the update agent write (docs/reliability.md).
+signature again. That record is HMAC-authenticated under a key derived from the device's
+hardware unique key (:mod:`.storage`), and it is only ever written with a ref of an envelope
+whose signature was verified under the trust store (at provisioning, by the agent before it
+marks a slot pending, or by the fallback's full verification); a slot with no ref is verified
+in full. So no slot runs whose signature was never checked. Firmware signed with a key that
+was later rotated out or revoked therefore keeps booting (a revocation must never brick the
+fleet it protects), while every manifest not yet installed must pass the current trust
+store. The record lives in the power-cut-safe boot state; a copy that fails its MAC counts as
+corrupt (docs/reliability.md).
 
 Boot-time verification of a pending slot ignores key validity *time* (the window was checked
 at install; a key expiring before the reboot must not brick the update) but honours revocation.
@@ -170,7 +175,7 @@ class Bootloader:
         self.flash = flash
         self.layout = layout
         self.storage = storage
-        self.bootstate = BootStateStore(flash, layout)
+        self.bootstate = BootStateStore(flash, layout, key=storage.record_key("bootstate"))
         self.max_tries = max_tries
         self.current: BootResult | None = None
 

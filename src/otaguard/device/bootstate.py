@@ -1,6 +1,9 @@
 """The boot state: which slot is permanent, which is waiting for a test boot, and how often
 it has been tried. Double-buffered (a :class:`~.records.Record` over two sectors), so a power
-cut while it is rewritten leaves the previous decision in force.
+cut while it is rewritten leaves the previous decision in force. The record is authenticated
+with an HMAC under a key derived from the device's hardware unique key (label ``bootstate``):
+its ``refs`` pin the envelopes the bootloader runs without re-checking their signature, so a
+copy written with a mere checksum is ignored like a torn one.
 
 Pure transitions live here as methods returning new immutable states; the bootloader decides
 when to apply them and writes them to flash.
@@ -15,7 +18,7 @@ from .. import cbor
 from ..errors import DeviceError, ErrorCode
 from .flash import Flash
 from .layout import Layout
-from .records import Record
+from .records import KeySource, Record
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,8 @@ class BootState:
 
 
 class BootStateStore:
-    def __init__(self, flash: Flash, layout: Layout) -> None:
-        self.record = Record(flash, layout.bootstate)
+    def __init__(self, flash: Flash, layout: Layout, *, key: KeySource) -> None:
+        self.record = Record(flash, layout.bootstate, key=key)
 
     def load(self) -> BootState:
         raw = self.record.read()

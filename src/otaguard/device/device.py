@@ -33,7 +33,7 @@ from .flash import Flash
 from .layout import Layout, LayoutConfig
 from .selftest import SelfTest
 from .slots import SlotWriter, envelope_ref, write_envelope
-from .storage import Identity, OtpData, SecureStorage
+from .storage import Identity, OtpData, SecureStorage, new_huk
 from .transport import Transport
 
 DEVICE_JSON = "device.json"
@@ -127,7 +127,14 @@ class Device:
                 ErrorCode.CLASS_ID, "factory manifest is for another vendor/model/hw rev"
             )
         self.storage.program_otp(
-            OtpData(prov.bundle.root_hash, prov.vendor_id, prov.class_id, prov.model, prov.hw_rev)
+            OtpData(
+                prov.bundle.root_hash,
+                prov.vendor_id,
+                prov.class_id,
+                prov.model,
+                prov.hw_rev,
+                new_huk(),
+            )
         )
         self.storage.save_trust(store, prov.bundle.root)
         if prov.identity is not None:

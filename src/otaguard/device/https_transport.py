@@ -12,6 +12,15 @@ that ignores the range (200 instead of 206) is handled by skipping the prefix. W
 check-in offered a delta for the running image (``update["delta"]``), the agent gets its
 manifest from :meth:`fetch_delta_manifest` and the patch from :meth:`open_patch`, with the
 full image as fallback.
+
+Nothing the server sends is read without a bound: JSON bodies (check-in, reports, error
+details), manifests and key lists each have a hard cap, enforced first against a declared
+``Content-Length`` (refused before a body byte is read) and then by counting bytes as they
+arrive (a chunked or lying body is cut off at the cap), E_TOO_LARGE. Image and patch bodies are
+bounded by the signed size: the agent's slot writer refuses the first byte past it
+(E_IMAGE_SIZE) and stops reading. ``deadline`` (seconds, optional) bounds the total time of any
+one body download, so a server dripping bytes just inside the per-read timeout cannot hold the
+device forever (slow retrieval, E_TRANSPORT).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from ..errors import DeviceError, ErrorCode, OtaError
 
 MAX_MANIFEST = 64 * 1024
 MAX_JSON = 64 * 1024
+MAX_KEYLIST = 64 * 1024  # TrustStore.apply_update refuses larger lists anyway
 CHUNK = 64 * 1024
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -60,8 +70,10 @@ class HttpsTransport:
         base_delay: float = 0.5,
         max_delay: float = 300.0,
         timeout: float = 30.0,
+        deadline: float | None = None,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._pins = {p.lower() for p in spki_pins} if spki_pins else None
@@ -70,12 +82,16 @@ class HttpsTransport:
         self.base_delay = base_delay
         self.max_delay = max_delay
         self._sleep = sleep
+        self.deadline = deadline
+        self._clock = clock
         self._rng = rng or random.SystemRandom()
         self._client = httpx.Client(
             base_url=self.base_url,
             verify=pinned_context(ca_file, cert_file, key_file),
             timeout=timeout,
             follow_redirects=False,
+            # bodies are read raw (never decompressed), so a compressed bomb cannot expand
+            headers={"Accept-Encoding": "identity"},
         )
         self.update: dict[str, Any] | None = None
         self.last_checkin: dict[str, Any] | None = None
@@ -134,29 +150,51 @@ class HttpsTransport:
                 self._sleep(self._delay(attempt, retry_after))
         raise DeviceError(ErrorCode.TRANSPORT, f"{method} {url} failed: {last}")
 
-    @staticmethod
-    def _error(resp: httpx.Response) -> OtaError:
+    def _check_deadline(self, started: float, what: str) -> None:
+        if self.deadline is not None and self._clock() - started > self.deadline:
+            raise DeviceError(
+                ErrorCode.TRANSPORT, f"{what}: download exceeded its {self.deadline:g} s deadline"
+            )
+
+    def _read_bounded(self, resp: httpx.Response, limit: int, what: str) -> bytes:
+        """The whole body, refused as soon as it is known to exceed ``limit``; closes ``resp``."""
+        started = self._clock()
         try:
-            body = resp.read()[:MAX_JSON]
-            obj = json.loads(body)
+            declared = resp.headers.get("content-length")
+            if declared is not None:
+                if not declared.strip().isdigit():
+                    raise DeviceError(ErrorCode.MALFORMED, f"{what}: bad Content-Length")
+                if int(declared) > limit:
+                    raise DeviceError(
+                        ErrorCode.TOO_LARGE, f"{what}: {int(declared)} bytes declared (max {limit})"
+                    )
+            buf = bytearray()
+            for chunk in resp.iter_raw():
+                buf += chunk
+                if len(buf) > limit:
+                    raise DeviceError(ErrorCode.TOO_LARGE, f"{what}: over the {limit}-byte limit")
+                self._check_deadline(started, what)
+        except httpx.TransportError as exc:
+            raise DeviceError(ErrorCode.TRANSPORT, f"{what}: {exc}") from None
+        finally:
+            resp.close()
+        return bytes(buf)
+
+    def _error(self, resp: httpx.Response) -> OtaError:
+        status = resp.status_code
+        try:
+            obj = json.loads(self._read_bounded(resp, MAX_JSON, "error response"))
             code = ErrorCode(obj["error"])
             detail = str(obj.get("detail", ""))
         except (ValueError, KeyError, TypeError):
-            code, detail = ErrorCode.TRANSPORT, f"HTTP {resp.status_code}"
-        finally:
-            resp.close()
+            code, detail = ErrorCode.TRANSPORT, f"HTTP {status}"
         return DeviceError(code, f"server: {detail}")
 
     def _json(self, method: str, url: str, body: dict[str, Any] | None = None) -> Any:
         resp = self._request(method, url, json=body)
         if resp.status_code >= 400:
             raise self._error(resp)
-        try:
-            data = resp.read()
-        finally:
-            resp.close()
-        if len(data) > MAX_JSON:
-            raise DeviceError(ErrorCode.TOO_LARGE, "server response too large")
+        data = self._read_bounded(resp, MAX_JSON, "server response")
         try:
             return json.loads(data)
         except ValueError:
@@ -194,17 +232,7 @@ class HttpsTransport:
         resp = self._request("GET", url)
         if resp.status_code != 200:
             raise self._error(resp)
-        try:
-            buf = bytearray()
-            for chunk in resp.iter_bytes():
-                buf += chunk
-                if len(buf) > MAX_MANIFEST:
-                    raise DeviceError(ErrorCode.TOO_LARGE, "manifest over the size limit")
-        except httpx.TransportError as exc:
-            raise DeviceError(ErrorCode.TRANSPORT, f"manifest download: {exc}") from None
-        finally:
-            resp.close()
-        return bytes(buf)
+        return self._read_bounded(resp, MAX_MANIFEST, "manifest")
 
     def open_image(self, offset: int) -> Iterator[bytes]:
         return self._open_blob(str(self._need_update()["image_url"]), offset, "image")
@@ -225,8 +253,10 @@ class HttpsTransport:
         if resp.status_code not in (200, 206):
             raise self._error(resp)
         skip = offset if resp.status_code == 200 else 0
+        started = self._clock()
         try:
-            for chunk in resp.iter_bytes(CHUNK):
+            for chunk in resp.iter_raw():
+                self._check_deadline(started, what)
                 if skip:
                     cut = min(skip, len(chunk))
                     chunk = chunk[cut:]
@@ -263,8 +293,5 @@ class HttpsTransport:
             return None
         if resp.status_code != 200:
             raise self._error(resp)
-        try:
-            data = resp.read()
-        finally:
-            resp.close()
-        return data, resp.headers.get("etag", "")
+        etag = resp.headers.get("etag", "")
+        return self._read_bounded(resp, MAX_KEYLIST, "key list"), etag

@@ -5,6 +5,14 @@ cut as either its old or its new version. OTP is programmed once at manufacturin
 the root key's hash and the device's product identity (vendor/class id); it can never be
 erased, and a second write is refused with E_OTP_WRITTEN.
 
+OTP also holds the device's hardware unique key (HUK): 32 random bytes generated at
+provisioning. It models a fuse that only the bootloader and the update agent can read (real
+silicon: a key fuse or secure-element slot that an external flash programmer cannot read out;
+see docs/reliability.md "Limits of the model"). From it, HKDF-SHA256 derives one MAC key per
+authenticated record type, with a distinct label each (``otaguard/record-mac/v1/<name>``): the
+boot state, which pins the confirmed images, and the monotonic counters. A raw-flash attacker
+who recomputes a checksum therefore produces a copy that does not authenticate.
+
 Counters only rise. The trust store is persisted as the signed key-list document plus the
 public key that signed it; every load re-verifies it against the root whose hash is in OTP,
 so tampered storage cannot smuggle in a key.
@@ -13,10 +21,14 @@ so tampered storage cannot smuggle in a key.
 from __future__ import annotations
 
 import hashlib
+import secrets
 import struct
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .. import cbor
 from ..crypto.keys import PublicKey
@@ -25,11 +37,27 @@ from ..trust.documents import decode_keylist_unverified
 from ..trust.store import TrustStore
 from .flash import Flash
 from .layout import Layout
-from .records import Record
+from .records import KeySource, Record
 
 OTP_MAGIC = b"OGOT"
 _OTP_HDR = struct.Struct(">4sH16s")
 MAX_SUSPECTS = 16
+HUK_SIZE = 32
+MAC_LABEL = b"otaguard/record-mac/v1/"
+# records whose copies carry an HMAC under a HUK-derived key (the boot state is the other one)
+AUTHENTICATED_RECORDS = frozenset({"counters"})
+
+
+def new_huk() -> bytes:
+    """A fresh hardware unique key, generated once per device at provisioning."""
+    return secrets.token_bytes(HUK_SIZE)
+
+
+def derive_record_key(huk: bytes, name: str) -> bytes:
+    """The MAC key of record type ``name``: HKDF-SHA256 with a per-type label."""
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=MAC_LABEL + name.encode()
+    ).derive(huk)
 
 
 def _loads(data: bytes, max_size: int) -> Any:
@@ -43,6 +71,13 @@ class OtpData:
     class_id: uuid.UUID
     model: str
     hw_rev: str
+    huk: bytes  # hardware unique key: readable only by the bootloader and agent (module doc)
+
+    def __repr__(self) -> str:  # never print the HUK
+        return (
+            f"OtpData(vendor_id={self.vendor_id}, class_id={self.class_id}, "
+            f"model={self.model!r}, hw_rev={self.hw_rev!r})"
+        )
 
     def encode(self) -> bytes:
         return cbor.dumps(
@@ -52,6 +87,7 @@ class OtpData:
                 3: self.class_id.bytes,
                 4: self.model,
                 5: self.hw_rev,
+                6: self.huk,
             }
         )
 
@@ -59,11 +95,19 @@ class OtpData:
     def decode(cls, data: bytes) -> OtpData:
         m = _loads(data, 1024)
         try:
-            return cls(
-                bytes(m[1]), uuid.UUID(bytes=m[2]), uuid.UUID(bytes=m[3]), str(m[4]), str(m[5])
+            otp = cls(
+                bytes(m[1]),
+                uuid.UUID(bytes=m[2]),
+                uuid.UUID(bytes=m[3]),
+                str(m[4]),
+                str(m[5]),
+                bytes(m[6]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DeviceError(ErrorCode.STORAGE, f"OTP contents unreadable: {exc}") from None
+        if len(otp.huk) != HUK_SIZE:
+            raise DeviceError(ErrorCode.STORAGE, "OTP holds no valid hardware unique key")
+        return otp
 
 
 @dataclass(frozen=True)
@@ -116,7 +160,31 @@ class SecureStorage:
     def __init__(self, flash: Flash, layout: Layout) -> None:
         self.flash = flash
         self.layout = layout
-        self.rec = {name: Record(flash, region) for name, region in layout.records.items()}
+        self._keys: dict[str, bytes] = {}
+        self.rec = {
+            name: Record(
+                flash,
+                region,
+                key=self.record_key(name) if name in AUTHENTICATED_RECORDS else None,
+            )
+            for name, region in layout.records.items()
+        }
+
+    def record_key(self, name: str) -> KeySource:
+        """The MAC key source for record type ``name`` (derived from the HUK on first use)."""
+
+        def key() -> bytes:
+            k = self._keys.get(name)
+            if k is None:
+                otp = self.otp()
+                if otp is None:
+                    raise DeviceError(
+                        ErrorCode.STATE, "device is not provisioned (no hardware unique key)"
+                    )
+                k = self._keys[name] = derive_record_key(otp.huk, name)
+            return k
+
+        return key
 
     # --- OTP ---------------------------------------------------------------------------------
     def otp(self) -> OtpData | None:

@@ -13,6 +13,9 @@ from ..errors import ErrorCode, ManifestConditionError
 from .model import ManifestInfo
 from .version import compare_versions
 
+MAX_SECURITY_COUNTER = 2**32 - 1  # a counter at or past 2^32 is absurd: E_FAST_FORWARD
+MAX_SEQUENCE = 2**40 - 1  # sequence numbers are POSIX seconds; 2^40 s is ~35,000 years
+
 
 @dataclass(frozen=True)
 class DeviceFacts:
@@ -38,6 +41,14 @@ def check_applicable(info: ManifestInfo, facts: DeviceFacts) -> None:
     if info.class_id != facts.class_id:
         raise ManifestConditionError(
             ErrorCode.CLASS_ID, f"manifest is for class {info.class_id}, device is {facts.class_id}"
+        )
+    if info.security_counter > MAX_SECURITY_COUNTER or info.sequence_number > MAX_SEQUENCE:
+        # burning such a value into the monotonic counters would lock the device out of every
+        # later release (fast-forward attack with a stolen signing credential)
+        raise ManifestConditionError(
+            ErrorCode.FAST_FORWARD,
+            f"security counter {info.security_counter} / sequence {info.sequence_number} "
+            f"beyond the sane bound ({MAX_SECURITY_COUNTER} / {MAX_SEQUENCE})",
         )
     if info.expires is not None and facts.now is not None and facts.now > info.expires:
         raise ManifestConditionError(

@@ -6,6 +6,13 @@ The service asks :func:`check_request` before anything touches the key. Each ref
 (E_SECURITY_COUNTER). Only a security-officer credential may set ``downgrade``; even then the
 security counter never goes down, because that counter is what devices burn into their
 monotonic storage.
+
+Fast-forward (E_FAST_FORWARD): a counter that jumps far ahead locks every device that installs
+it out of all later releases, so a release may raise the security counter by at most
+``max_counter_step`` (default 16) and the major version by at most ``max_major_step`` (default
+1) over the last signed release, and the counter must stay below ``MAX_SECURITY_COUNTER``
+(devices refuse more). A bigger jump needs ``fast_forward``, which, like ``downgrade``, only a
+security-officer credential may set; the flag is recorded in the audit log.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any
 
 from ..crypto.algorithms import HASH_SIZES, HashAlg, hash_alg
 from ..errors import ErrorCode, FormatError, OtaError, PolicyError
+from ..manifest.conditions import MAX_SECURITY_COUNTER
 from ..manifest.ids import class_id, vendor_id
 from ..manifest.model import MAX_UINT64, MAX_URI, DeltaInfo
 from ..manifest.version import compare_versions, parse_version
@@ -62,6 +70,7 @@ class SigningRequest:
     uri: str | None
     description: str | None = None
     downgrade: bool = False  # explicit rollback authorization (security officer only)
+    fast_forward: bool = False  # explicit big-jump authorization (security officer only)
     # Delta manifest of an already-signed release (all three set, or none; see docs/delta.md):
     # the service signs it only for a release it signed with exactly these other fields, and
     # gives it that release's sequence number.
@@ -85,7 +94,7 @@ class SigningRequest:
     def release_fields(self) -> dict[str, Any]:
         """The fields that identify the release itself (what every manifest of it shares)."""
         d = self.to_dict()
-        for k in ("downgrade", *DELTA_FIELDS):
+        for k in ("downgrade", "fast_forward", *DELTA_FIELDS):
             d.pop(k, None)
         return d
 
@@ -112,6 +121,7 @@ class SigningRequest:
             "uri": self.uri,
             "description": self.description,
             "downgrade": self.downgrade,
+            "fast_forward": self.fast_forward,
         } | self._delta_dict()
 
     def _delta_dict(self) -> dict[str, Any]:
@@ -155,6 +165,7 @@ class SigningRequest:
             uri=_opt_str(d, "uri", MAX_URI),
             description=_opt_str(d, "description", MAX_DESCRIPTION),
             downgrade=_bool(d, "downgrade"),
+            fast_forward=_bool(d, "fast_forward"),
             delta_base_digest=_digest(d, "delta_base_digest", alg) if delta else None,
             delta_patch_digest=_digest(d, "delta_patch_digest", alg) if delta else None,
             delta_patch_size=_uint(d, "delta_patch_size") if delta else None,
@@ -256,6 +267,8 @@ class Policy:
     max_image_size: int = 1 << 30
     uri_prefixes: tuple[str, ...] = ()  # empty = any URI
     sources: list[str] = field(default_factory=list, compare=False)
+    max_counter_step: int = 16  # security-counter rise per release without fast_forward
+    max_major_step: int = 1  # major-version rise per release without fast_forward
 
     @classmethod
     def allow_all(cls, requester: str) -> Policy:
@@ -289,6 +302,8 @@ class Policy:
             "digest_algs",
             "max_image_size",
             "uri_prefixes",
+            "max_counter_step",
+            "max_major_step",
         }
         if set(obj) - allowed:
             raise FormatError(
@@ -324,7 +339,24 @@ class Policy:
             raise FormatError(ErrorCode.MALFORMED, "uri_prefixes must be a list of strings")
         if not isinstance(req_exp, bool):
             raise FormatError(ErrorCode.MALFORMED, "require_expiry must be a boolean")
-        return cls(grants, req_exp, days, algs, size, tuple(prefixes))
+        step = obj.get("max_counter_step", 16)
+        major = obj.get("max_major_step", 1)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (step, major)) or (
+            step < 1 or major < 0
+        ):
+            raise FormatError(
+                ErrorCode.MALFORMED, "max_counter_step must be >= 1 and max_major_step >= 0"
+            )
+        return cls(
+            grants,
+            req_exp,
+            days,
+            algs,
+            size,
+            tuple(prefixes),
+            max_counter_step=step,
+            max_major_step=major,
+        )
 
 
 def check_request(
@@ -342,6 +374,16 @@ def check_request(
     if req.downgrade and requester.role != Role.SECURITY_OFFICER:
         raise PolicyError(
             ErrorCode.FORBIDDEN, "only a security-officer credential may authorize a downgrade"
+        )
+    if req.fast_forward and requester.role != Role.SECURITY_OFFICER:
+        raise PolicyError(
+            ErrorCode.FORBIDDEN, "only a security-officer credential may authorize a fast-forward"
+        )
+    if req.security_counter > MAX_SECURITY_COUNTER:
+        raise PolicyError(
+            ErrorCode.FAST_FORWARD,
+            f"security counter {req.security_counter} is above {MAX_SECURITY_COUNTER}; "
+            "devices refuse it (never allowed)",
         )
     grants = policy.grants.get(requester.id, ())
     if not any(g.covers(req) for g in grants):
@@ -387,9 +429,31 @@ def check_request(
             f"security counter {req.security_counter} is below the last signed "
             f"{last.security_counter} for this model (never allowed)",
         )
+    if not req.fast_forward:
+        if req.security_counter - last.security_counter > policy.max_counter_step:
+            raise PolicyError(
+                ErrorCode.FAST_FORWARD,
+                f"security counter {req.security_counter} jumps more than "
+                f"{policy.max_counter_step} above the last signed {last.security_counter}; "
+                "a fast-forward needs explicit security-officer authorization",
+            )
+        major_new, major_last = _major(req.version), _major(last.version)
+        if major_new - major_last > policy.max_major_step:
+            raise PolicyError(
+                ErrorCode.FAST_FORWARD,
+                f"version {req.version} jumps more than {policy.max_major_step} major "
+                f"version(s) above the last signed {last.version}; a fast-forward needs "
+                "explicit security-officer authorization",
+            )
     if compare_versions(req.version, last.version) <= 0 and not req.downgrade:
         raise PolicyError(
             ErrorCode.DOWNGRADE,
             f"version {req.version} is not above the last signed {last.version}; a downgrade "
             "needs explicit security-officer authorization",
         )
+
+
+def _major(version: str) -> int:
+    """The leading numeric component of a version (0 if it has none)."""
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0

@@ -228,6 +228,7 @@ class SigningService:
                 "image_digest": req.image_digest.hex(),
                 "image_size": req.image_size,
                 "downgrade": req.downgrade,
+                "fast_forward": req.fast_forward,
                 "role": requester.role.value,
                 "key_ids": list(key_ids),
                 "manifest_digest": verified.hex(),
