@@ -229,6 +229,23 @@ def test_transition_mode_update_by_keylist_role_key() -> None:
     assert code_of(e) == ErrorCode.THRESHOLD
 
 
+def test_transition_mode_signer_cannot_unrevoke() -> None:
+    f = Fleet()
+    c = signer()
+    auth_a = f.auth(f.a, roles=(Role.FIRMWARE, Role.KEYLIST))
+    auth_b, auth_c = f.auth(f.b), f.auth(c)
+    store = f.store(auth_a, auth_b, auth_c).apply_update(
+        f.keylist([auth_a, auth_b], revoked={c.public_key.key_id}), T0
+    )
+    # A (keylist role) re-adds C and drops it from the revoked set: refused.
+    with pytest.raises(OtaError) as e:
+        store.apply_update(f.keylist([auth_a, auth_b, auth_c], by=f.a), T0)
+    assert code_of(e) == ErrorCode.KEY_REVOKED
+    # The root may (recovery after a mistaken revocation).
+    restored = store.apply_update(f.keylist([auth_a, auth_b, auth_c]), T0)
+    assert restored.resolve(c.public_key.key_id, CoseAlg.ED25519, Role.FIRMWARE, T0)
+
+
 def test_update_signed_by_key_without_keylist_role_refused() -> None:
     f = Fleet()
     auth_a = f.auth(f.a)  # firmware only
