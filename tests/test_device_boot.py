@@ -211,3 +211,23 @@ def test_trust_store_reverified_against_otp(lab: Lab, d: Path) -> None:
         with pytest.raises(OtaError) as exc:
             x.boot()
         assert exc.value.code == ErrorCode.STORAGE
+
+
+def test_trust_record_rolled_back_below_its_counter_is_refused(lab: Lab, d: Path) -> None:
+    """G6: a genuine, validly signed but older key list written back raw is E_STORAGE."""
+    v1 = lab.bundle.store()
+    newer = lab.keylist_update(version=2)
+    with dev(lab, d) as x:
+        x.boot()
+        assert x.apply_keylist_update(newer) == 2
+        assert x.storage.counters().keylist_version == 2
+        # Raw write of the v1 record (root-signed, matches OTP): only the counter catches it.
+        x.storage.save_trust(v1, lab.root.public_key)
+        assert x.storage.load_trust().version == 1  # the record itself still verifies
+        with pytest.raises(OtaError) as exc:
+            x.bootloader.trust()
+        assert exc.value.code == ErrorCode.STORAGE
+        assert x.storage.counters().keylist_version == 2  # not lowered to match
+    with dev(lab, d) as x, pytest.raises(OtaError) as exc:
+        x.boot()
+    assert exc.value.code == ErrorCode.STORAGE

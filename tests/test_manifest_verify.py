@@ -468,3 +468,111 @@ def test_limits_apply_inside_signed_manifest(ed: SoftwareSigner) -> None:
     manifest[suit.MAN_TEXT] = cbor.dumps(list(range(5000)))
     env = sign_manifest(cbor.dumps(manifest), [ed])
     assert code_of(verify_envelope, env, keys) == ErrorCode.TOO_LARGE
+
+
+# --- G9: signed manifests carrying SUIT features the otaguard profile does not implement -----
+def _profile_manifest() -> dict[Any, Any]:
+    """The manifest map of an otaguard envelope, taken from the unsigned builder's output."""
+    outer = cbor.loads(build_unsigned(make_info())).value
+    manifest = cbor.loads(outer[suit.ENV_MANIFEST])
+    assert isinstance(manifest, dict)
+    return manifest
+
+
+def _sign_edited(ed: SoftwareSigner, manifest: dict[Any, Any]) -> bytes:
+    env = sign_manifest(cbor.dumps(manifest), [ed])
+    # The signature is valid: the profile-independent verifier accepts the envelope, so only
+    # the profile check can refuse it.
+    assert authenticate_envelope(env, StaticKeys([ed.public_key])).signers
+    return env
+
+
+_FETCH_DEP = cbor.dumps(
+    [
+        suit.DIR_SET_PARAMETERS,
+        {suit.P_URI: "https://updates.acme.example/dep.suit"},
+        suit.DIR_FETCH,
+        suit.REP_POLICY,
+        suit.COND_IMAGE_MATCH,
+        suit.REP_POLICY,
+    ]
+)
+
+
+def test_signed_manifest_with_dependencies_is_unsupported(ed: SoftwareSigner) -> None:
+    keys = StaticKeys([ed.public_key])
+    # suit-dependencies in common: component 0 is declared a dependency manifest.
+    manifest = _profile_manifest()
+    common = cbor.loads(manifest[suit.MAN_COMMON])
+    common[suit.COMMON_DEPENDENCIES] = {0: {1: [b"dep"]}}
+    manifest[suit.MAN_COMMON] = cbor.dumps(common)
+    env = _sign_edited(ed, manifest)
+    assert code_of(verify_envelope, env, keys) == ErrorCode.UNSUPPORTED
+    # suit-dependency-resolution inside the manifest.
+    manifest = _profile_manifest()
+    manifest[suit.MAN_DEPENDENCY_RESOLUTION] = _FETCH_DEP
+    env = _sign_edited(ed, manifest)
+    assert code_of(verify_envelope, env, keys) == ErrorCode.UNSUPPORTED
+
+
+def test_signed_manifest_with_severed_dependency_resolution_is_unsupported(
+    ed: SoftwareSigner,
+) -> None:
+    """Severed: the manifest holds the digest, the envelope the (digest-matching) sequence."""
+    keys = StaticKeys([ed.public_key])
+    manifest = _profile_manifest()
+    manifest[suit.MAN_DEPENDENCY_RESOLUTION] = [
+        int(HashAlg.SHA256),
+        hashlib.sha256(cbor.dumps(_FETCH_DEP)).digest(),
+    ]
+    outer = dict(cbor.loads(sign_manifest(cbor.dumps(manifest), [ed])).value)
+    outer[suit.MAN_DEPENDENCY_RESOLUTION] = _FETCH_DEP
+    env = cbor.dumps(cbor.Tag(suit.TAG_ENVELOPE, outer))
+    assert authenticate_envelope(env, keys).severed == {suit.MAN_DEPENDENCY_RESOLUTION: _FETCH_DEP}
+    assert code_of(verify_envelope, env, keys) == ErrorCode.UNSUPPORTED
+
+
+@pytest.mark.parametrize(
+    "command",
+    [suit.DIR_PROCESS_DEPENDENCY, suit.COND_IS_DEPENDENCY, suit.COND_DEPENDENCY_INTEGRITY],
+    ids=["process-dependency", "is-dependency", "dependency-integrity"],
+)
+def test_signed_dependency_commands_are_unsupported(ed: SoftwareSigner, command: int) -> None:
+    manifest = _profile_manifest()
+    common = cbor.loads(manifest[suit.MAN_COMMON])
+    shared = cbor.loads(common[suit.COMMON_SHARED_SEQUENCE])
+    shared += [command, suit.REP_POLICY]
+    common[suit.COMMON_SHARED_SEQUENCE] = cbor.dumps(shared)
+    manifest[suit.MAN_COMMON] = cbor.dumps(common)
+    env = _sign_edited(ed, manifest)
+    assert code_of(verify_envelope, env, StaticKeys([ed.public_key])) == ErrorCode.UNSUPPORTED
+
+
+@pytest.mark.parametrize(
+    ("element", "value"),
+    [
+        (suit.MAN_REFERENCE_URI, "https://updates.acme.example/m.suit"),
+        (suit.MAN_COMPONENT_ID, [b"\x00"]),
+        (suit.MAN_LOAD, cbor.dumps([suit.DIR_COPY, suit.REP_POLICY])),
+        (suit.MAN_COSWID, b"\xa0"),
+        (suit.MAN_PAYLOAD_FETCH, _FETCH_DEP),
+        (suit.MAN_CANDIDATE_VERIFICATION, cbor.dumps([suit.COND_IMAGE_MATCH, suit.REP_POLICY])),
+        (suit.MAN_UNINSTALL, cbor.dumps([suit.DIR_UNLINK, suit.REP_POLICY])),
+    ],
+    ids=[
+        "reference-uri",
+        "component-id",
+        "load",
+        "coswid",
+        "payload-fetch",
+        "candidate",
+        "uninstall",
+    ],
+)
+def test_signed_manifest_elements_outside_the_profile(
+    ed: SoftwareSigner, element: int, value: object
+) -> None:
+    manifest = _profile_manifest()
+    manifest[element] = value
+    env = _sign_edited(ed, manifest)
+    assert code_of(verify_envelope, env, StaticKeys([ed.public_key])) == ErrorCode.UNSUPPORTED

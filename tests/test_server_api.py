@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,12 +24,14 @@ from otaguard.crypto.software import SoftwareSigner
 from otaguard.manifest.build import build_envelope
 from otaguard.manifest.ids import class_id, vendor_id
 from otaguard.manifest.model import ManifestInfo
-from otaguard.server import store
+from otaguard.server import models, store
 from otaguard.server.app import ServerSettings, TrustState, parse_range
 from otaguard.server.ca import FleetCA
 from otaguard.server.db import sqlite_url
 from otaguard.server.ratelimit import RateLimit
-from otaguard.trust.model import StaticKeys
+from otaguard.trust.documents import issue_authorization, sign_keylist
+from otaguard.trust.model import Role, Scope, StaticKeys
+from otaguard.trust.store import TrustStore
 from tests.pg import Harness, db_url, fleet_ca, harness, hx, pg_cluster, server_tls  # noqa: F401
 
 VENDOR = vendor_id("example.com")
@@ -31,12 +39,18 @@ SIGNER = SoftwareSigner(ed25519.Ed25519PrivateKey.generate())
 
 
 def make_release(
-    version: str, image: bytes, *, model: str = "gw", hw_rev: str = "r1", signer: object = SIGNER
+    version: str,
+    image: bytes,
+    *,
+    model: str = "gw",
+    hw_rev: str = "r1",
+    signer: object = SIGNER,
+    klass: uuid.UUID | None = None,
 ) -> bytes:
     info = ManifestInfo(
         sequence_number=int(version.replace(".", "")),
         vendor_id=VENDOR,
-        class_id=class_id(VENDOR, model, hw_rev),
+        class_id=klass or class_id(VENDOR, model, hw_rev),
         digest_alg=HashAlg.SHA256,
         image_digest=hashlib.sha256(image).digest(),
         image_size=len(image),
@@ -57,14 +71,14 @@ def admin(h: Harness, role: str) -> httpx.Client:
     return c
 
 
-def publish(h: Harness, version: str, image: bytes, **kw: object) -> int:
+def publish(h: Harness, version: str, image: bytes, **kw: Any) -> int:
     rm = admin(h, "release-manager")
     r = rm.post("/admin/v1/images", content=image)
     assert r.status_code == 201, r.text
     blob = r.json()["blob"]
     r = rm.post(
         "/admin/v1/releases", params={"image": blob}, content=make_release(version, image, **kw)
-    )  # type: ignore[arg-type]
+    )
     assert r.status_code == 201, r.text
     return int(r.json()["id"])
 
@@ -158,11 +172,13 @@ def test_release_upload_refusals(hxt: Harness) -> None:
     # Not an envelope at all / unsigned bytes.
     r = rm.post("/admin/v1/releases", params={"image": blob}, content=b"\xd8\x6b\xa0")
     assert r.status_code == 400 and r.json()["error"] in {"E_MALFORMED", "E_NO_AUTH"}
-    # Tampered envelope: one byte flipped in the signed manifest.
+    # Tampered envelope: one bit of the image digest inside the signed manifest flipped. The
+    # envelope still parses, so the manifest digest check (before any signature) refuses it.
     env = bytearray(make_release("2.0.0", image))
-    env[-5] ^= 1
+    pos = bytes(env).index(hashlib.sha256(image).digest())
+    env[pos] ^= 1
     r = rm.post("/admin/v1/releases", params={"image": blob}, content=bytes(env))
-    assert r.status_code == 400 and r.json()["error"] in {"E_DIGEST", "E_SIGNATURE", "E_MALFORMED"}
+    assert r.status_code == 400 and r.json()["error"] == "E_DIGEST"
     # Image that does not match the signed digest.
     other_blob = rm.post("/admin/v1/images", content=os.urandom(1000)).json()["blob"]
     r = rm.post(
@@ -184,7 +200,7 @@ def test_release_upload_refusals(hxt: Harness) -> None:
     r = rm.post("/admin/v1/releases", params={"image": blob}, content=make_release("2.0.0", image))
     assert r.status_code == 409 and r.json()["error"] == "E_CONFLICT"
     with hxt.db.read() as conn:
-        assert conn.execute(store.m.releases.select()).fetchall().__len__() == 1
+        assert conn.execute(models.releases.select()).fetchall().__len__() == 1
 
 
 def test_incompatible_assignment(hxt: Harness) -> None:
@@ -323,3 +339,160 @@ def test_transient_failure_keeps_direct_assignment_open(hxt: Harness) -> None:
     r = dev.post("/v1/reports", json={**rep, "report_id": "f-2", "error": "E_IMAGE_DIGEST"})
     assert r.status_code == 201
     assert dev.post("/v1/checkin", json={"version": "1.0.0"}).json()["update"] is None
+
+
+# --- G12: upload checks ----------------------------------------------------------------------
+MAX_IMAGE = 64 * 1024
+
+
+@pytest.fixture
+def small(fleet_ca: FleetCA, server_tls: Path, tmp_path: Path) -> Iterator[Harness]:
+    """SQLite server with a 64 KiB image limit (the limit is not database-specific)."""
+    s = ServerSettings(
+        ca_cert=fleet_ca.cert,
+        max_image=MAX_IMAGE,
+        device_rate=RateLimit(rate=1000.0, burst=1000),
+        ip_rate=RateLimit(rate=10000.0, burst=10000),
+    )
+    trust = TrustState(StaticKeys([SIGNER.public_key]))
+    url = sqlite_url(tmp_path / "small.db")
+    with harness(url, fleet_ca, server_tls, tmp_path, settings=s, trust=trust) as h:
+        yield h
+
+
+def _raw_admin_request(h: Harness, head: bytes) -> bytes:
+    """Send only ``head`` (request line + headers, no body) over TLS; return what comes back."""
+    assert h.admin_server is not None
+    ctx = ssl.create_default_context(cafile=str(h.tmp / "tls" / "ca.pem"))
+    port = int(h.admin_server.url.rsplit(":", 1)[1].rstrip("/"))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(head)
+        out = b""
+        while b"\r\n\r\n" not in out or b'"error"' not in out:
+            chunk = tls.recv(4096)
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
+def test_image_upload_size_limit(small: Harness) -> None:
+    rm = admin(small, "release-manager")
+    blobs = small.tmp / "blobs"
+    at_limit = os.urandom(MAX_IMAGE)
+    r = rm.post("/admin/v1/images", content=at_limit)
+    assert r.status_code == 201 and r.json()["size"] == MAX_IMAGE
+    over = os.urandom(MAX_IMAGE + 1)
+    # Declared length over the limit: refused from the header.
+    r = rm.post("/admin/v1/images", content=over)
+    assert r.status_code == 413 and r.json()["error"] == "E_TOO_LARGE"
+
+    # Chunked (no Content-Length): refused while streaming, and nothing is committed.
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(over), 4096):
+            yield over[i : i + 4096]
+
+    r = rm.post("/admin/v1/images", content=chunks())
+    assert r.status_code == 413 and r.json()["error"] == "E_TOO_LARGE"
+    assert not small.srv.blobs.path(hashlib.sha256(over).hexdigest()).exists()
+    names = {p.name for p in blobs.rglob("*") if p.is_file() and len(p.name) == 64}
+    assert names == {hashlib.sha256(at_limit).hexdigest()}
+    # A huge declared length is refused before a single body byte is sent.
+    with small.db.write() as conn:
+        token = store.create_token(conn, "rm-raw", "release-manager")
+    t0 = time.monotonic()
+    resp = _raw_admin_request(
+        small,
+        b"POST /admin/v1/images HTTP/1.1\r\nHost: localhost\r\n"
+        + f"Authorization: Bearer {token}\r\n".encode()
+        + f"Content-Length: {1 << 40}\r\n\r\n".encode(),
+    )
+    assert resp.startswith(b"HTTP/1.1 413") and b'"E_TOO_LARGE"' in resp, resp[:200]
+    assert time.monotonic() - t0 < 10
+
+
+def test_release_class_id_must_match_model_text(small: Harness) -> None:
+    rm = admin(small, "release-manager")
+    image = os.urandom(1000)
+    blob = rm.post("/admin/v1/images", content=image).json()["blob"]
+    # Correctly signed, but the class-id is another product's than the text says ("gw"/"r1").
+    env = make_release("2.0.0", image, klass=class_id(VENDOR, "cam", "r9"))
+    r = rm.post("/admin/v1/releases", params={"image": blob}, content=env)
+    assert r.status_code == 400 and r.json()["error"] == "E_CLASS_ID"
+    env = make_release("2.0.0", image, klass=class_id(VENDOR, "gw", "r2"))
+    r = rm.post("/admin/v1/releases", params={"image": blob}, content=env)
+    assert r.status_code == 400 and r.json()["error"] == "E_CLASS_ID"
+    with small.db.read() as conn:
+        assert conn.execute(models.releases.select()).fetchall() == []
+    ok = rm.post("/admin/v1/releases", params={"image": blob}, content=make_release("2.0.0", image))
+    assert ok.status_code == 201, ok.text
+
+
+# --- G11: key-list publication -----------------------------------------------------------------
+def _key() -> SoftwareSigner:
+    return SoftwareSigner(ed25519.Ed25519PrivateKey.generate())
+
+
+def test_keylist_publication_refusals(
+    db_url: str, fleet_ca: FleetCA, server_tls: Path, tmp_path: Path
+) -> None:
+    now = int(time.time())
+    root, op, fw_only, rogue = _key(), _key(), _key(), _key()
+
+    def auth(k: SoftwareSigner, *roles: Role) -> bytes:
+        return issue_authorization(
+            root,
+            k.public_key,
+            roles=frozenset(roles),
+            scopes=[Scope(VENDOR)],
+            not_before=now - 86400,
+            not_after=now + 300 * 86400,
+        )
+
+    auths = [auth(op, Role.FIRMWARE, Role.KEYLIST), auth(fw_only, Role.FIRMWARE)]
+
+    def keylist(version: int, by: SoftwareSigner = root) -> bytes:
+        return sign_keylist(by, version=version, authorizations=auths, issued_at=now + version)
+
+    v1 = keylist(1)
+    trust = TrustState(TrustStore.create(root.public_key, v1))
+    with harness(db_url, fleet_ca, server_tls, tmp_path, trust=trust) as h:
+        officer = admin(h, "security-officer")
+        v2 = keylist(2)
+        r = officer.put("/admin/v1/keylist", content=v2)
+        assert r.status_code == 201 and r.json()["version"] == 2
+        v3 = keylist(3)
+        # Replay: the same version again, or an older one.
+        for old in (v2, v1):
+            r = officer.put("/admin/v1/keylist", content=old)
+            assert r.status_code == 409 and r.json()["error"] == "E_REPLAY"
+        # Forged: one bit of the root's signature flipped.
+        forged = bytearray(v3)
+        forged[-5] ^= 0x01
+        r = officer.put("/admin/v1/keylist", content=bytes(forged))
+        assert r.status_code == 400 and r.json()["error"] == "E_SIGNATURE"
+        # Signed by a key nobody trusts, and by a trusted key without the keylist role.
+        r = officer.put("/admin/v1/keylist", content=keylist(3, by=rogue))
+        assert r.status_code == 400 and r.json()["error"] == "E_UNTRUSTED_KEY"
+        r = officer.put("/admin/v1/keylist", content=keylist(3, by=fw_only))
+        assert r.status_code == 400 and r.json()["error"] == "E_KEY_ROLE"
+        # Roles: only a security officer publishes key lists (a genuine v3 here).
+        for role in ("viewer", "operator", "release-manager"):
+            r = admin(h, role).put("/admin/v1/keylist", content=v3)
+            assert r.status_code == 403 and r.json()["error"] == "E_FORBIDDEN", role
+        r = h.client(None).put("/admin/v1/keylist", content=v3)
+        assert r.status_code == 401 and r.json()["error"] == "E_AUTH"
+        # Nothing refused was published: devices and the release checker still see v2.
+        dev = h.client(h.enroll("SN-70"))
+        got = dev.get("/v1/keylist")
+        assert got.status_code == 200 and got.content == v2
+        assert got.headers["x-keylist-version"] == "2"
+        resolver = h.srv.trust.resolver
+        assert isinstance(resolver, TrustStore) and resolver.version == 2
+        # The genuine v3 the refused callers sent is accepted from the right role.
+        r = officer.put("/admin/v1/keylist", content=v3)
+        assert r.status_code == 201 and r.json()["version"] == 3
+        assert dev.get("/v1/keylist").content == v3
