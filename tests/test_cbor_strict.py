@@ -166,15 +166,20 @@ def test_round_trip(value: Any) -> None:
     assert cbor.dumps(cbor.loads(encoded)) == encoded  # deterministic: stable re-encoding
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: cbor.dumps uses cbor2 canonical (RFC 7049 length-first key order) while "
-    "Limits(sorted_keys=True) checks RFC 8949 bytewise order, e.g. {24: .., '': ..}",
-)
 @settings(max_examples=200, deadline=None)
 @given(_values)
 def test_canonical_dumps_pass_sorted_profile(value: Any) -> None:
     cbor.check_well_formed(cbor.dumps(value), cbor.Limits(sorted_keys=True))
+
+
+def test_sorted_profile_refuses_out_of_order_keys() -> None:
+    # {24: 0, "": 0} in canonical order puts the 1-byte key "" (0x60) first.
+    good = bytes.fromhex("a26000181800")
+    bad = bytes.fromhex("a21818006000")
+    cbor.check_well_formed(good, cbor.Limits(sorted_keys=True))
+    with pytest.raises(FormatError) as e:
+        cbor.check_well_formed(bad, cbor.Limits(sorted_keys=True))
+    assert e.value.code == ErrorCode.MALFORMED
 
 
 @settings(max_examples=1500, deadline=None)

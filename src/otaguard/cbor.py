@@ -29,7 +29,7 @@ class Limits:
     # Deterministic encoding (RFC 8949 §4.2.1, minus key sorting): minimal heads, definite
     # lengths only. Required for anything we sign so that re-encoding is byte-identical.
     deterministic: bool = True
-    sorted_keys: bool = False
+    sorted_keys: bool = False  # RFC 7049 canonical (length-first) key order
     allow_floats: bool = False
 
 
@@ -140,7 +140,13 @@ class _Walker:
                 key = self.data[kstart:pos]
                 if key in seen:
                     raise self.fail(ErrorCode.MALFORMED, "duplicate CBOR map key", kstart)
-                if self.limits.sorted_keys and prev is not None and key <= prev:
+                # The order cbor.dumps emits (cbor2 canonical = RFC 7049 §3.9: shorter
+                # encoded key first, then bytewise), so what we sign always passes.
+                if (
+                    self.limits.sorted_keys
+                    and prev is not None
+                    and (len(key), key) <= (len(prev), prev)
+                ):
                     raise self.fail(ErrorCode.MALFORMED, "CBOR map keys not in order", kstart)
                 seen.add(key)
                 prev = key
