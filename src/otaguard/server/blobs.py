@@ -73,59 +73,23 @@ class LocalBlobStore:
         return name
 
     def put_stream(self, chunks: Iterable[bytes], max_size: int) -> tuple[str, int]:
-        h = hashlib.sha256()
-        total = 0
-        fd, tmp = tempfile.mkstemp(prefix="blob.", dir=self._tmp)
+        spool = _Spool(self, max_size)
         try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in chunks:
-                    total += len(chunk)
-                    if total > max_size:
-                        raise ServerError(
-                            ErrorCode.TOO_LARGE, f"blob exceeds the limit of {max_size} bytes", 413
-                        )
-                    h.update(chunk)
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            name = h.hexdigest()
-            if self.path(name).exists():
-                os.unlink(tmp)
-            else:
-                self._commit(tmp, name)
-            return name, total
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            for chunk in chunks:
+                spool.write(chunk)
+            return spool.commit()
+        finally:
+            spool.discard()
 
     async def put_async(self, chunks: AsyncIterator[bytes], max_size: int) -> tuple[str, int]:
         """Spool an async body to a temp file in bounded memory, then commit by digest."""
-        h = hashlib.sha256()
-        total = 0
-        fd, tmp = tempfile.mkstemp(prefix="blob.", dir=self._tmp)
+        spool = _Spool(self, max_size)
         try:
-            with os.fdopen(fd, "wb") as f:
-                async for chunk in chunks:
-                    total += len(chunk)
-                    if total > max_size:
-                        raise ServerError(
-                            ErrorCode.TOO_LARGE, f"body exceeds the limit of {max_size} bytes", 413
-                        )
-                    h.update(chunk)
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            name = h.hexdigest()
-            if self.path(name).exists():
-                os.unlink(tmp)
-            else:
-                self._commit(tmp, name)
-            return name, total
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            async for chunk in chunks:
+                spool.write(chunk)
+            return spool.commit()
+        finally:
+            spool.discard()
 
     def size(self, name: str) -> int | None:
         try:
@@ -168,3 +132,40 @@ class LocalBlobStore:
         for chunk in self.open_range(name, 0, max(size - 1, 0)):
             h.update(chunk)
         return h.hexdigest() == name
+
+
+class _Spool:
+    """A temp file in the store that hashes what it is given; committed under its digest."""
+
+    def __init__(self, store: LocalBlobStore, max_size: int) -> None:
+        self._store = store
+        self._max = max_size
+        self._h = hashlib.sha256()
+        self.total = 0
+        fd, self._tmp = tempfile.mkstemp(prefix="blob.", dir=store._tmp)
+        self._f = os.fdopen(fd, "wb")
+
+    def write(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        if self.total > self._max:
+            raise ServerError(
+                ErrorCode.TOO_LARGE, f"blob exceeds the limit of {self._max} bytes", 413
+            )
+        self._h.update(chunk)
+        self._f.write(chunk)
+
+    def commit(self) -> tuple[str, int]:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        name = self._h.hexdigest()
+        if not self._store.path(name).exists():
+            self._store._commit(self._tmp, name)
+        return name, self.total
+
+    def discard(self) -> None:
+        """Remove the temp file unless it was committed (renamed away)."""
+        if not self._f.closed:
+            self._f.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp)
