@@ -32,13 +32,14 @@ def main() -> int:
     r = run_simulation(opts, out, quiet=True)
     wall = time.monotonic() - w0
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    server_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     t99 = r["time_to_patch_h"]["t99_h"]
     kl = (r["key_rotation"] or {}).get("time_to_keylist_h", {}).get("t99_h")
     rows = [
         ("devices (reachable)", f"{r['fleet']['devices']} ({r['fleet']['reachable']})"),
         ("wall time total", f"{wall:.0f} s"),
         ("wall: setup / run", f"{r['wall_s']}"),
-        ("peak RSS", f"{peak_mib:.0f} MiB"),
+        ("peak RSS simulator / server process", f"{peak_mib:.0f} / {server_mib:.0f} MiB"),
         ("simulated time run", f"{r['simulated_h']:.1f} h ({r['stopped']})"),
         ("check-ins over HTTPS", f"{r['traffic']['checkins']}"),
         ("check-ins / wall s (run)", f"{r['traffic']['checkins'] / max(1e-9, r['wall_s']['run']):.0f}"),

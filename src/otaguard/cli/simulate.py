@@ -157,6 +157,7 @@ def options_from(base: SimOptions, *, full_window: bool = False, **kw: Any) -> S
             ch[name] = kw[name]
     if full_window:
         ch["stop_when_converged"] = False
+        ch["retire_converged"] = False
     return dataclasses.replace(base, **ch).validate()
 
 

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ErrorCode, OtaError
 from ..fsutil import atomic_write
+from ..trust.store import TrustStore
 from .bootloader import BootResult, running_manifest
 from .device import Device
 from .selftest import SelfTest
@@ -45,6 +46,16 @@ class CheckinTransport(Transport, Protocol):
     def checkin(self, facts: dict[str, Any] | None = None) -> dict[str, Any] | None: ...
 
     def keylist(self, etag: str | None = None) -> tuple[bytes, str] | None: ...
+
+
+@dataclass(frozen=True)
+class _State:
+    """What the device knows about itself between two writes to its flash: the verified
+    trust store, the boot state, the running manifest's facts, counters and agent state."""
+
+    trust: TrustStore
+    version: str
+    facts: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -76,16 +87,28 @@ class Updater:
         clock: Clock = SYSTEM_CLOCK,
         self_test: SelfTest = _always_pass,
         poll_interval: int = DEFAULT_POLL_INTERVAL,
+        keep_state: bool = False,
     ) -> None:
+        """``keep_state``: keep the verified device state in memory between polls (what a
+        powered-on device does: it verified its trust store and boot state at power-on and
+        only re-reads them after it wrote them itself). Only valid when nothing but this
+        updater changes the device while it runs; a new Updater (a reboot) verifies again.
+        Without it the state is re-read and re-verified from flash at every poll."""
         self.device = device
         self.transport = transport
         self.clock = clock
         self.self_test = self_test
         self.poll_interval = poll_interval
         self._keylist_etag: str | None = None
+        self.keep_state = keep_state
+        self._state: _State | None = None
 
-    # --- device facts --------------------------------------------------------------------------
-    def facts(self) -> dict[str, Any]:
+    def _invalidate(self) -> None:
+        self._state = None
+
+    def _load_state(self) -> _State:
+        if self._state is not None:
+            return self._state
         dev = self.device
         st = dev.bootloader.bootstate.load()
         store = dev.bootloader.trust()
@@ -108,16 +131,26 @@ class Updater:
         last_error = agent.last_error or st.last_error
         if last_error:
             facts["last_error"] = last_error
-        return facts
+        self._state = _State(store, running.info.version, facts)
+        return self._state
+
+    # --- device facts --------------------------------------------------------------------------
+    def facts(self) -> dict[str, Any]:
+        facts = self._load_state().facts
+        return {**facts, "slot_state": dict(facts["slot_state"])}
 
     # --- one cycle -----------------------------------------------------------------------------
     def poll_once(self) -> PollResult:
         at = self.clock.now()
         dev = self.device
+        if not self.keep_state:
+            self._invalidate()
         if dev.bootloader.current is None:
+            self._invalidate()
             dev.boot()  # power-on
         if dev.bootloader.current is not None and dev.bootloader.current.mode == "test":
             # A test boot left over from an interrupted cycle: settle it before anything else.
+            self._invalidate()
             dev.run_self_test(self.self_test)
         try:
             offered = self.transport.checkin(self.facts())
@@ -143,6 +176,7 @@ class Updater:
             return self._result(at, outcome, keylist_from=kl_from, keylist_error=kl_error)
         version = str(offered.get("version"))
         outcome, error = self._install_step()
+        self._invalidate()  # re-read what the install, boots and self-test wrote
         return self._result(
             at,
             outcome,
@@ -155,7 +189,7 @@ class Updater:
     def _keylist_step(self, resp: dict[str, Any]) -> tuple[int | None, str | None]:
         """Install the published key list if it is newer; (old version, refusal code)."""
         published = resp.get("keylist_version")
-        current = self.device.bootloader.trust().version
+        current = self._load_state().trust.version
         if not isinstance(published, int) or published <= current:
             return None, None
         try:
@@ -164,6 +198,7 @@ class Updater:
                 got = self.transport.keylist(None)
             assert got is not None
             doc, etag = got
+            self._invalidate()
             new = self.device.apply_keylist_update(doc)
         except OtaError as err:
             if err.code == ErrorCode.POWER_CUT:
@@ -176,6 +211,7 @@ class Updater:
 
     def _install_step(self) -> tuple[str, str | None]:
         dev = self.device
+        self._invalidate()  # install, boots and self-test write flash; re-read afterwards
         try:
             dev.install(self.transport)  # the agent reports installed/error itself
         except OtaError as err:
@@ -200,12 +236,11 @@ class Updater:
 
     # --- helpers -------------------------------------------------------------------------------
     def _version(self) -> str:
-        dev = self.device
-        st = dev.bootloader.bootstate.load()
-        return running_manifest(dev.flash, dev.layout, st, dev.bootloader.trust()).info.version
+        return self._load_state().version
 
     def _record_error(self, err: OtaError, what: str) -> None:
         storage = self.device.storage
+        self._invalidate()
         state = storage.agent_state()
         storage.write_agent_state(
             replace(state, last_error=err.code.value, last_detail=f"{what}: {err.detail}")
@@ -221,12 +256,12 @@ class Updater:
                 raise
 
     def _result(self, at: float, outcome: str, **kw: Any) -> PollResult:
-        dev = self.device
+        state = self._load_state()
         return PollResult(
             at=at,
             outcome=outcome,
-            version=self._version(),
-            keylist_version=dev.bootloader.trust().version,
+            version=state.version,
+            keylist_version=state.trust.version,
             next_poll=at + self.poll_interval,
             **kw,
         )

@@ -1,18 +1,22 @@
-"""The fleet simulation: a discrete-event loop on a SimClock shared by server and devices.
+"""The fleet simulation: a discrete-event loop on a simulated clock shared by server and devices.
 
 Only devices due at the current simulated instant do real work; each of them runs the real
 :class:`~otaguard.device.updater.Updater` cycle over real mTLS HTTPS (one keep-alive client
-per device identity) against the real server in this process. Events of one quantum
-(default 60 simulated seconds) run at the same instant on a small thread pool.
+per device identity, open connections capped by :class:`ConnectionPool`) against the real
+server, which runs in its own process (:mod:`.serverproc`) on the same
+:class:`~.sharedclock.SharedClock`. Events of one quantum (default 60 simulated seconds) run
+at the same instant on a small thread pool.
 """
 
 from __future__ import annotations
 
 import random
+import resource
 import shutil
 import ssl
+import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,13 +29,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ..clock import SimClock
 from ..device.bootloader import BootResult
 from ..device.device import Device
 from ..device.faults import FaultInjector, FaultPlan
 from ..device.https_transport import HttpsTransport
 from ..device.updater import PollResult, Updater
-from ..errors import DeviceError, ErrorCode, OtaError, PowerCut
+from ..errors import DeviceError, ErrorCode, OtaError, PowerCut, UsageError
 from . import world as W
 from .model import (
     CONNECT_ATTACKS,
@@ -42,6 +45,7 @@ from .model import (
     SimOptions,
     quantize,
 )
+from .sharedclock import SharedClock
 
 TRANSIENT = {ErrorCode.TRANSPORT.value, ErrorCode.POWER_CUT.value, ErrorCode.RATE_LIMIT.value}
 
@@ -57,12 +61,17 @@ class SimTransport:
     """The device's HTTPS client plus what the simulated network does to it for one poll:
     a dropped download, or an attacker substituting what the device receives."""
 
-    def __init__(self, inner: HttpsTransport, kit: AttackKit) -> None:
-        self.inner = inner
+    def __init__(self, pool: ConnectionPool, idx: int, kit: AttackKit) -> None:
+        self.pool = pool
+        self.idx = idx
         self.kit = kit
         self.attack: str | None = None
         self.drop_at: int | None = None
         self.bytes: Counter[str] = Counter()
+
+    @property
+    def inner(self) -> HttpsTransport:
+        return self.pool.get(self.idx)
 
     @property
     def last_checkin(self) -> dict[str, Any] | None:
@@ -125,6 +134,115 @@ class SimTransport:
             yield chunk
 
 
+class ConnectionPool:
+    """Each device's HTTPS client (its TLS context: pinned CA, its own key and certificate,
+    built once, as a device keeps it in RAM) with at most ``cap`` keep-alive connections
+    open at a time, so a 14,000-device fleet stays within the file-descriptor limit. A device
+    whose connection was closed makes a new one (a full TLS handshake) at its next poll.
+
+    Which connection to close: devices poll periodically, so the device that has just
+    finished its poll is the one whose next use is furthest away (Belady's choice, where
+    least-recently-used would close exactly the connection needed next). Over the cap, the
+    releasing device's own connection is closed; least recently used otherwise."""
+
+    def __init__(self, cap: int, make: Callable[[int], HttpsTransport]) -> None:
+        self.cap = max(1, cap)
+        self._make = make
+        self._clients: dict[int, HttpsTransport] = {}
+        self._open: OrderedDict[int, None] = OrderedDict()  # devices with a live connection
+        self._busy: Counter[int] = Counter()
+        self._lock = threading.Lock()
+        self.evicted = 0
+
+    def acquire(self, idx: int) -> None:
+        with self._lock:
+            self._busy[idx] += 1
+            self._open[idx] = None  # it is about to use (or open) its connection
+            self._open.move_to_end(idx)
+
+    def release(self, idx: int) -> None:
+        with self._lock:
+            self._busy[idx] -= 1
+            if self._busy[idx] <= 0:
+                del self._busy[idx]
+            if len(self._open) > self.cap and idx not in self._busy and idx in self._open:
+                del self._open[idx]
+                t = self._clients.get(idx)
+                if t is not None:
+                    self.evicted += 1
+                    _drop_connections(t)
+            for t in self._victims():  # under the lock: no poll can start on it meanwhile
+                _drop_connections(t)
+
+    def get(self, idx: int) -> HttpsTransport:
+        t = self._clients.get(idx)
+        if t is not None:
+            return t
+        t = self._make(idx)  # outside the lock: building the TLS context takes a while
+        with self._lock:
+            return self._clients.setdefault(idx, t)
+
+    def _victims(self) -> list[HttpsTransport]:
+        out: list[HttpsTransport] = []
+        excess = len(self._open) - self.cap
+        if excess <= 0:
+            return out
+        keys: list[int] = []
+        for k in self._open:  # oldest first; stop as soon as enough are found
+            if not self._busy.get(k):
+                keys.append(k)
+                if len(keys) >= excess:
+                    break
+        for k in keys:
+            del self._open[k]
+            t = self._clients.get(k)
+            if t is not None:
+                out.append(t)
+                self.evicted += 1
+        return out
+
+    def close_all(self) -> None:
+        with self._lock:
+            items = list(self._clients.values())
+            self._clients.clear()
+            self._open.clear()
+        for t in items:
+            t.close()
+
+
+def _drop_connections(t: HttpsTransport) -> None:
+    """Close the client's pooled connections but keep the client (and its TLS context)."""
+    inner = getattr(t, "_client", None)
+    transport = getattr(inner, "_transport", None)
+    if isinstance(transport, httpx.HTTPTransport):
+        transport.close()  # httpcore closes the pooled connections; new ones open on demand
+    else:  # pragma: no cover - httpx internals changed: fall back to closing everything
+        t.close()
+
+
+def raise_fd_limit(need: int) -> int:
+    """Raise the open-files limit towards ``need``: the soft limit up to the hard one, and
+    the hard one too where that is permitted (root); the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    inf = resource.RLIM_INFINITY
+    if soft == inf:
+        return 1 << 20
+    if hard != inf and hard < need:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+            return need
+        except (ValueError, OSError):
+            pass
+    want = hard if hard != inf else max(soft, need)
+    if want > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return int(soft)
+
+
 @dataclass
 class SimDevice:
     idx: int
@@ -183,7 +301,8 @@ class Simulation:
         self.stop_reason = "not started"
         self.wall: dict[str, float] = {}
         self.t0 = float(int(time.time()))
-        self.clock = SimClock(self.t0 - HOUR)  # the hour before the release: warm-up
+        # shared with the server process; the hour before the release is warm-up
+        self.clock = SharedClock.create(self.t0 - HOUR)
         self.keys_backend = ""
         self._campaign_seq = 0
         self._campaign: str | None = None
@@ -197,6 +316,17 @@ class Simulation:
     def setup(self) -> None:
         o = self.opts
         w0 = time.monotonic()
+        # one flash file per device stays open, plus at most `cap` device connections (the
+        # server process inherits the limit: it holds the other end of each connection)
+        limit = raise_fd_limit(2 * o.devices + 1024)
+        cap = min(o.devices, limit - o.devices - 512)
+        if cap < 16:
+            raise UsageError(
+                ErrorCode.USAGE,
+                f"{o.devices} devices need more open files than the limit ({limit}): "
+                "raise 'ulimit -n' or use fewer devices",
+            )
+        self.pool = ConnectionPool(cap, self._transport)
         self.work = W.scratch_dir(self.out)
         keys = W.make_keys(self.work, o.rotation, o.hsm)
         self.keys_backend = keys.backend
@@ -226,12 +356,33 @@ class Simulation:
         # The fleet was in service before the release: one check-in each, so the server
         # knows what every device runs when the campaign selects its target.
         with ThreadPoolExecutor(max_workers=o.workers) as pool:
-            list(pool.map(lambda d: d.transport.checkin(d.updater.facts()), self.devices))
+            list(pool.map(self._first_checkin, self.devices))
         self.clock.set(self.t0)
         self.wall["enroll_devices"] = time.monotonic() - w1
         self.log(
             f"fleet: {o.devices} devices enrolled ({self.keys_backend} keys), server at "
             f"{self.world.url}, {len(self.rel.v_new)} B image, {len(self.rel.patch)} B delta"
+        )
+
+    def _first_checkin(self, sd: SimDevice) -> None:
+        self.pool.acquire(sd.idx)
+        try:
+            sd.transport.checkin(sd.updater.facts())
+        finally:
+            self.pool.release(sd.idx)
+
+    def _transport(self, i: int) -> HttpsTransport:
+        assert self.world is not None
+        f = self.fleet.files[i]
+        return HttpsTransport(
+            self.world.url,
+            ca_file=self.world.ca_pem,
+            cert_file=f.cert,
+            key_file=f.key,
+            max_attempts=2,
+            sleep=lambda s: None,
+            rng=random.Random(i),
+            timeout=60,
         )
 
     def _make(
@@ -246,17 +397,7 @@ class Simulation:
         assert self.world is not None
         dev = W.open_device(f, self.clock)
         dev.boot()
-        inner = HttpsTransport(
-            self.world.url,
-            ca_file=self.world.ca_pem,
-            cert_file=f.cert,
-            key_file=f.key,
-            max_attempts=2,
-            sleep=lambda s: None,
-            rng=random.Random(i),
-            timeout=60,
-        )
-        tr = SimTransport(inner, kit)
+        tr = SimTransport(self.pool, i, kit)
         sd = SimDevice(i, f, link, rng, dev, tr, None)  # type: ignore[arg-type]
         sd.selftest_fail = rng.random() < self.opts.selftest_fail_rate
         if attacked:
@@ -271,7 +412,8 @@ class Simulation:
                 return False
             return True
 
-        return Updater(sd.dev, sd.transport, clock=self.clock, self_test=self_test)
+        # keep_state: the device keeps what it verified at power-on in RAM between polls
+        return Updater(sd.dev, sd.transport, clock=self.clock, self_test=self_test, keep_state=True)
 
     # --- campaigns (operator) ------------------------------------------------------------------
     def _start_campaign(self, retry: bool) -> None:
@@ -293,9 +435,8 @@ class Simulation:
             "failure": {"max_failed_fraction": 0.5, "min_finished": 20},
             "deadline": self.t0 + o.sla_s,
         }
-        cs = self.world.srv.campaigns
-        cs.create(body, "simulator")
-        cs.transition(name, "start")
+        W.create_campaign(self.world, body)
+        W.campaign_action(self.world, name, "start")
         self._campaign = name
         self._phase = 1
         self._phase_since = self.clock.now()
@@ -307,10 +448,13 @@ class Simulation:
     def _operate(self) -> None:
         """The operator's policy: resume auto-pauses after a look, re-target stragglers."""
         assert self.world is not None and self._campaign is not None
-        cs = self.world.srv.campaigns
         now = self.clock.now()
         cur = next(
-            (c for c in cs.list_campaigns() if self._campaign in (c.get("id"), c.get("name"))),
+            (
+                c
+                for c in W.list_campaigns(self.world)
+                if self._campaign in (c.get("id"), c.get("name"))
+            ),
             None,
         )
         if cur is None:
@@ -327,7 +471,9 @@ class Simulation:
                     f"{self._h():.1f} h: {self._campaign} paused: {cur.get('pause_reason')}"
                 )
             elif now - self._paused_at >= HOUR:
-                cs.transition(self._campaign, "resume", "operator reviewed the failures")
+                W.campaign_action(
+                    self.world, self._campaign, "resume", "operator reviewed the failures"
+                )
                 self._paused_at = None
                 self.stats.operator.append(f"{self._h():.1f} h: resumed {self._campaign}")
             return
@@ -339,7 +485,9 @@ class Simulation:
         finished = status == "completed" or now - self._phase_since >= self.opts.retry_after_s
         if finished and stragglers:
             if status in ("running", "paused"):
-                cs.transition(self._campaign, "abort", "superseded by a retry campaign")
+                W.campaign_action(
+                    self.world, self._campaign, "abort", "superseded by a retry campaign"
+                )
             self.stats.campaigns.append(cur)
             self._start_campaign(retry=True)
 
@@ -366,6 +514,7 @@ class Simulation:
             )
             faults.fired = False
         res: PollResult | None = None
+        self.pool.acquire(sd.idx)
         try:
             res = sd.updater.poll_once()
         except PowerCut:
@@ -375,6 +524,7 @@ class Simulation:
         except Exception as exc:  # a device-side bug must not end the run
             ev["crash"] = type(exc).__name__
         finally:
+            self.pool.release(sd.idx)
             attack, tr.attack = tr.attack, None
             tr.drop_at = None
             faults.plan = None
@@ -508,6 +658,8 @@ class Simulation:
                 results = pool.map(self._poll, devs, [now] * len(devs))
                 for sd, (nxt, ev) in zip(devs, results, strict=True):
                     self._account(sd, ev)
+                    if o.retire_converged and self._converged(sd):
+                        continue  # only "no update" polls would follow
                     q.push(max(nxt, now + o.quantum_s), sd.idx)
                 if self.progress is not None:
                     self.progress(now - t0, o.duration_s, self._progress_text(alive))
@@ -524,6 +676,13 @@ class Simulation:
         self._sample(self.clock.now())
         self.end_t = self.clock.now()
         self.wall["run"] = time.monotonic() - w0
+
+    def _converged(self, sd: SimDevice) -> bool:
+        return (
+            sd.patched_at is not None
+            and sd.keylist_version >= self.rel.keylist_target
+            and sd.attack is None
+        )
 
     def _progress_text(self, alive: list[SimDevice]) -> str:
         patched = sum(1 for d in alive if d.patched_at is not None)
@@ -554,7 +713,6 @@ class Simulation:
         versions: Counter[str] = Counter()
         for sd in self.devices:
             try:
-                sd.transport.inner.close()
                 sd.dev.close()
                 with W.open_device(sd.files, self.clock) as dev:
                     boot = dev.boot()
@@ -564,9 +722,11 @@ class Simulation:
                     sd.version = boot.version or sd.version
             except OtaError as err:
                 bricked.append(f"{sd.files.serial}: {err.code.value}")
+        self.pool.close_all()
         if self.world is not None:
             self.world.close()
             self.world = None
+        self.clock.close()
         # device flash files, keys and the server database are scratch: the report stays
         shutil.rmtree(self.work, ignore_errors=True)
         return {"bricked": bricked, "versions": dict(versions)}

@@ -27,7 +27,7 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ..clock import SimClock
+from ..clock import Clock
 from ..crypto.algorithms import HashAlg
 from ..crypto.cose import Signer
 from ..crypto.software import SoftwareSigner, generate_private_key
@@ -41,16 +41,14 @@ from ..manifest.build import build_envelope
 from ..manifest.ids import class_id, vendor_id
 from ..manifest.model import DeltaInfo, ManifestInfo
 from ..server import store
-from ..server.app import ServerSettings, TrustState, UpdateServer
-from ..server.blobs import LocalBlobStore
 from ..server.ca import FleetCA
 from ..server.db import Database, sqlite_url
 from ..server.enroll import issue_server_cert
-from ..server.mtls import ThreadedServer, server_ssl_context
-from ..server.ratelimit import RateLimit
 from ..trust.bundle import TrustBundle
 from ..trust.documents import issue_authorization, sign_keylist
 from ..trust.model import Role, Scope
+from .serverproc import ServerProcess, ServerSpec
+from .sharedclock import SharedClock
 
 VENDOR = "hvac.example.com"
 MODEL, HW_REV = "ctl-9", "rev-b"
@@ -262,74 +260,56 @@ def make_releases(keys: KeySet, image_size: int, seed: int, now: int) -> Release
 # --- server --------------------------------------------------------------------------------------
 @dataclass
 class ServerWorld:
-    srv: UpdateServer
-    device_server: ThreadedServer
-    admin_server: ThreadedServer
+    proc: ServerProcess
     admin: httpx.Client
     ca: FleetCA
     db: Database
     ca_pem: Path
-    prev_clock: Any
     tokens: dict[str, str]
+    prev_clock: Clock
 
     @property
     def url(self) -> str:
-        return self.device_server.url
+        return self.proc.device_url
 
     def close(self) -> None:
         self.admin.close()
-        self.device_server.stop()
-        self.admin_server.stop()
+        self.proc.stop()
+        self.db.dispose()
         store.set_clock(self.prev_clock)
 
 
-def start_server(work: Path, clock: SimClock, rel: Releases) -> ServerWorld:
-    """The real update server (device API on mTLS, admin API on TLS) sharing ``clock``."""
-    prev = store.set_clock(clock)
+def start_server(work: Path, clock: SharedClock, rel: Releases) -> ServerWorld:
+    """The real update server (device API on mTLS, admin API on TLS) in its own process,
+    reading ``clock``; the database is prepared (schema, admin tokens) here first."""
     ca = FleetCA.create(work / "ca", passphrase=secrets.token_hex(16).encode())
     tls = work / "tls"
     issue_server_cert(ca, tls, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
     ca_pem = tls / "ca.pem"
     ca_pem.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
     # NORMAL: WAL commits without an fsync each; the simulator does not test durability.
-    db = Database(sqlite_url(work / "otaguard.db"), sqlite_synchronous="NORMAL")
+    url = sqlite_url(work / "otaguard.db")
+    db = Database(url, sqlite_synchronous="NORMAL")
     db.upgrade()
-    settings = ServerSettings(
-        ca_cert=ca.cert,
-        # all simulated devices share 127.0.0.1: the per-IP limit would model one NAT, not a
-        # fleet; per-device limits stay at their defaults, on simulated time
-        ip_rate=RateLimit(rate=1e9, burst=1_000_000_000),
-        lastseen_interval=60,
-    )
-    srv = UpdateServer(
-        db,
-        LocalBlobStore(work / "blobs"),
-        settings,
-        TrustState(rel.bundle.store()),
-        clock=clock.monotonic,
-    )
-    srv.campaigns.clock = clock
-    ctx = server_ssl_context(tls / "server.pem", tls / "server.key", ca_pem)
-    dev_srv = ThreadedServer(srv.asgi("device"), ctx)
-    adm_ctx = server_ssl_context(
-        tls / "server.pem", tls / "server.key", None, require_client_cert=False
-    )
-    adm_srv = ThreadedServer(srv.asgi("admin"), adm_ctx)
-    dev_srv.start()
-    adm_srv.start()
-    with db.write() as conn:
-        token = store.create_token(conn, "simulator", "security-officer")
+    tokens: dict[str, str] = {}
+    # token and enrollment timestamps (written here) on simulated time too
+    prev = store.set_clock(clock)
+    for name, role in (
+        ("simulator", "security-officer"),
+        ("sim-release-manager", "release-manager"),
+        ("sim-operator", "operator"),
+    ):
+        with db.write() as conn:
+            tokens[role] = store.create_token(conn, name, role)
+    spec = ServerSpec(url, work / "blobs", tls, clock.name, rel.bundle.to_bytes())
+    proc = ServerProcess(spec).start()
     admin = httpx.Client(
-        base_url=adm_srv.url,
+        base_url=proc.admin_url,
         verify=ssl.create_default_context(cafile=str(ca_pem)),
-        headers={"Authorization": f"Bearer {token}"},
+        headers={"Authorization": f"Bearer {tokens['security-officer']}"},
         timeout=60,
     )
-    roles = {}
-    for role in ("release-manager", "operator"):
-        with db.write() as conn:
-            roles[role] = store.create_token(conn, f"sim-{role}", role)
-    return ServerWorld(srv, dev_srv, adm_srv, admin, ca, db, ca_pem, prev, roles)
+    return ServerWorld(proc, admin, ca, db, ca_pem, tokens, prev)
 
 
 def _as(w: ServerWorld, role: str) -> dict[str, str]:
@@ -340,6 +320,26 @@ def _ok(r: httpx.Response, what: str) -> dict[str, Any]:
     if r.status_code >= 300:
         raise OtaError(ErrorCode.INTERNAL, f"{what} failed: HTTP {r.status_code} {r.text[:200]}")
     out: dict[str, Any] = r.json()
+    return out
+
+
+# --- campaigns, through the admin API (as an operator would) ------------------------------------
+def create_campaign(w: ServerWorld, body: dict[str, Any]) -> dict[str, Any]:
+    return _ok(w.admin.post("/admin/v1/campaigns", json=body), "campaign create")
+
+
+def campaign_action(
+    w: ServerWorld, name: str, action: str, reason: str | None = None
+) -> dict[str, Any]:
+    body = {"reason": reason} if reason else {}
+    r = w.admin.post(f"/admin/v1/campaigns/{name}/{action}", json=body)
+    return _ok(r, f"campaign {action}")
+
+
+def list_campaigns(w: ServerWorld) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = _ok(w.admin.get("/admin/v1/campaigns"), "campaign list")[
+        "campaigns"
+    ]
     return out
 
 
@@ -397,7 +397,7 @@ def enroll_fleet(
     rel: Releases,
     root: Path,
     n: int,
-    clock: SimClock,
+    clock: Clock,
     progress: Callable[[int], None] = lambda i: None,
 ) -> Fleet:
     """Manufacture ``n`` devices: one golden device, copied; each its own enrolled identity."""
@@ -484,7 +484,7 @@ def _register(w: ServerWorld, batch: list[tuple[str, str, int]]) -> None:
             )
 
 
-def open_device(f: DeviceFiles, clock: SimClock, faults: FaultInjector | None = None) -> Device:
+def open_device(f: DeviceFiles, clock: Clock, faults: FaultInjector | None = None) -> Device:
     dev = Device(f.dir, faults=faults or FaultInjector(), clock=lambda: int(clock.now()))
     if dev.storage.identity() is None:
         dev.storage.write_identity(Identity(f.key.read_bytes(), f.cert.read_bytes()))
