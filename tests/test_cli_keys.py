@@ -25,6 +25,20 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def list_keylist(capsys: pytest.CaptureFixture[str], d: Path, *extra: str) -> tuple[int, str, str]:
+    """`keys list` of the ceremony's key list, verified against its root."""
+    return run(
+        capsys,
+        "keys",
+        "list",
+        "--keylist",
+        str(d / "keylist.cose"),
+        "--root-public",
+        str(d / "root.pub"),
+        *extra,
+    )
+
+
 def ceremony(capsys: pytest.CaptureFixture[str], d: Path) -> None:
     assert (
         run(
@@ -118,18 +132,7 @@ def test_revoke_bumps_version_and_refuses_to_empty_the_list(
     env: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ceremony(capsys, env)
-    kid = json.loads(
-        run(
-            capsys,
-            "keys",
-            "list",
-            "--keylist",
-            str(env / "keylist.cose"),
-            "--root-public",
-            str(env / "root.pub"),
-            "--json",
-        )[1]
-    )["keys"][0]["kid"]
+    kid = json.loads(list_keylist(capsys, env, "--json")[1])["keys"][0]["kid"]
     before = (env / "keylist.cose").read_bytes()
     code, _, err = run(
         capsys,
@@ -185,18 +188,7 @@ def test_revoke_bumps_version_and_refuses_to_empty_the_list(
     )
     assert code == 0, err
     assert json.loads(out)["keylist_version"] == 3
-    listing = json.loads(
-        run(
-            capsys,
-            "keys",
-            "list",
-            "--keylist",
-            str(env / "keylist.cose"),
-            "--root-public",
-            str(env / "root.pub"),
-            "--json",
-        )[1]
-    )
+    listing = json.loads(list_keylist(capsys, env, "--json")[1])
     assert kid in listing["revoked"]
     assert all(k["kid"] != kid for k in listing["keys"])
 
@@ -305,15 +297,7 @@ def test_wrong_passphrase_and_tampered_keylist(
     data = bytearray((env / "keylist.cose").read_bytes())
     data[-3] ^= 0xFF
     (env / "keylist.cose").write_bytes(bytes(data))
-    code, _, err = run(
-        capsys,
-        "keys",
-        "list",
-        "--keylist",
-        str(env / "keylist.cose"),
-        "--root-public",
-        str(env / "root.pub"),
-    )
+    code, _, err = list_keylist(capsys, env)
     assert code == 1 and ErrorCode.SIGNATURE.value in err
 
 
