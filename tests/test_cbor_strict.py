@@ -197,3 +197,93 @@ def test_mutated_encodings_only_raise_format_error(value: Any, data: Any) -> Non
     encoded[i] = data.draw(st.integers(min_value=0, max_value=255))
     with contextlib.suppress(FormatError):
         cbor.loads(bytes(encoded), cbor.Limits(max_depth=64))
+
+
+# --- the fast route (decode, check the tree, re-encode, compare) agrees with the strict walk --
+_wide_scalars = (
+    st.integers(min_value=-(2**70), max_value=2**70)  # bignums need tags 2/3
+    | st.binary(max_size=8)
+    | st.text(max_size=8)
+    | st.booleans()
+    | st.none()
+    | st.floats(allow_nan=False, width=32)
+    | st.just(cbor2.undefined)
+    | st.builds(cbor2.CBORSimpleValue, st.sampled_from([0, 16, 19, 32, 255]))
+)
+_wide_keys = _wide_scalars.filter(lambda k: not isinstance(k, cbor2.CBORSimpleValue)) | st.tuples(
+    st.integers(0, 30), st.text(max_size=3)
+)
+
+
+def _tagged(inner: Any) -> Any:
+    return st.builds(
+        cbor2.CBORTag, st.sampled_from([0, 2, 18, 24, 25, 28, 29, 107, 256, 1000]), inner
+    )
+
+
+_wide_values = st.recursive(
+    _wide_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(_wide_keys, inner, max_size=4)
+        | _tagged(inner)
+    ),
+    max_leaves=20,
+)
+_LIMITS = [
+    cbor.DEFAULT_LIMITS,
+    cbor.Limits(sorted_keys=True),
+    cbor.Limits(max_depth=2),
+    cbor.Limits(max_items=6),
+    cbor.Limits(allow_floats=True),
+]
+
+
+def _answer(fn: Any, data: bytes, limits: cbor.Limits) -> Any:
+    try:
+        return ("ok", fn(data, limits))
+    except FormatError as err:
+        return ("error", err.code)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_wide_values, st.booleans(), st.sampled_from(_LIMITS), st.data())
+def test_fast_route_agrees_with_strict_walk(
+    value: Any, canonical: bool, limits: cbor.Limits, data: Any
+) -> None:
+    try:
+        encoded = bytearray(cbor2.dumps(value, canonical=canonical))
+    except Exception:  # a value cbor2 itself cannot encode (e.g. a tagged cycle): not our case
+        return
+    if data.draw(st.booleans()) and encoded:
+        i = data.draw(st.integers(0, len(encoded) - 1))
+        encoded[i] = data.draw(st.integers(0, 255))
+    blob = bytes(encoded)
+    assert _answer(cbor.loads, blob, limits) == _answer(cbor.strict_loads, blob, limits)
+
+
+@pytest.mark.parametrize(
+    "hexdata",
+    [
+        "d81c81d81d00",  # shared value referring to itself: a cycle
+        "d8198100",  # stringref outside a namespace
+        "d9010082616161d81900",  # stringref namespace
+        "c249010000000000000000",  # bignum 2**64 (tag 2)
+        "d9001200",  # tag 18 with a non-minimal tag number
+        "f4",
+        "fb3ff0000000000000",
+    ],
+)
+def test_fast_route_agrees_on_edge_cases(hexdata: str) -> None:
+    blob = bytes.fromhex(hexdata)
+    for limits in _LIMITS:
+        assert _answer(cbor.loads, blob, limits) == _answer(cbor.strict_loads, blob, limits)
+
+
+def test_fast_route_is_taken_for_canonical_documents() -> None:
+    doc = cbor.dumps(cbor.Tag(18, [b"\xa1\x01\x27", {4: b"kid"}, None, b"s" * 64]))
+    assert cbor._fast_loads(doc, cbor.DEFAULT_LIMITS) is not cbor._MISS
+    assert cbor._fast_loads(doc, cbor.Limits(sorted_keys=True)) is not cbor._MISS
+    nested = b"\x81" * 3 + b"\x00"
+    assert cbor._fast_loads(nested, cbor.Limits(max_depth=3)) is not cbor._MISS
+    assert cbor._fast_loads(nested, cbor.Limits(max_depth=2)) is cbor._MISS

@@ -194,7 +194,26 @@ def check_well_formed(data: bytes, limits: Limits = DEFAULT_LIMITS) -> int:
 
 
 def loads(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
-    """Decode one CBOR item after the strict walk. Never raises anything but FormatError."""
+    """Decode one CBOR item under ``limits``. Never raises anything but FormatError.
+
+    Two routes, one answer. Input in the encoding otaguard itself writes (minimal heads,
+    definite lengths, no floats, plain types) is decoded by cbor2 and accepted only if it
+    re-encodes to the very same bytes, which proves at C speed everything the strict walk would
+    check byte by byte; the few structural limits that re-encoding cannot see (depth, key
+    types, value types) are checked on the decoded tree. Anything else, every rejection
+    included, goes through :func:`check_well_formed`, so errors and their codes come from one
+    place.
+    """
+    if isinstance(data, bytes | bytearray | memoryview) and 0 < len(data) <= limits.max_size:
+        data = bytes(data)
+        obj = _fast_loads(data, limits)
+        if obj is not _MISS:
+            return obj
+    return strict_loads(data, limits)
+
+
+def strict_loads(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """:func:`loads` without the fast route: the reference the fast route is tested against."""
     tags = check_well_formed(data, limits)
     try:
         obj = cbor2.loads(bytes(data))
@@ -203,6 +222,118 @@ def loads(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
         return _thaw(obj) if tags else obj
     except Exception as exc:  # cbor2 raises several types; none may escape untyped
         raise FormatError(ErrorCode.MALFORMED, f"CBOR decode failed: {exc}") from None
+
+
+# --- fast route ---------------------------------------------------------------------------------
+_MISS: Any = object()
+_U64 = 1 << 64
+_KEY_SCALARS = (int, bytes, str)
+
+
+class _Miss(Exception):
+    """The fast route cannot vouch for this input; the strict walk decides."""
+
+
+def _fast_loads(data: bytes, limits: Limits) -> Any:
+    if not limits.deterministic:  # accepts encodings that re-encoding cannot reproduce
+        return _MISS
+    try:
+        obj = cbor2.loads(data, allow_indefinite=False, allow_duplicate_keys=False)
+    except Exception:
+        return _MISS
+    # Nodes still allowed, counted as the walk counts items; every item has a byte of its own,
+    # so more nodes than bytes means value sharing (refused; and never re-encoded). Tags seen.
+    budget = [min(len(data), limits.max_items), 0]
+    try:
+        _tree(obj, 0, limits.max_depth, budget)
+        if budget[0] < 0:
+            return _MISS
+        again = cbor2.dumps(obj, canonical=limits.sorted_keys)
+    except _Miss:
+        return _MISS
+    except Exception:  # cbor2 could not re-encode what it decoded: let the walk judge
+        return _MISS
+    if again != data:
+        return _MISS
+    return _thaw(obj) if budget[1] else obj
+
+
+def _tree(obj: Any, depth: int, max_depth: int, budget: list[int]) -> None:
+    """Check what re-encoding cannot: nesting depth, map key types, value types, sharing.
+
+    Mirrors the strict walk: an item at depth > max_depth, a key other than int/bytes/text
+    (or a flat array of those), a float, a simple value other than false/true/null/undefined,
+    an integer that needs a bignum tag, or a reference tag all make this route give up."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _Miss
+    t = type(obj)
+    if t is list or t is tuple:
+        if obj:
+            inner = depth + 1
+            if inner > max_depth:
+                raise _Miss
+            for x in obj:
+                tx = type(x)
+                if tx is bytes or tx is str or tx is bool or x is None:
+                    budget[0] -= 1
+                elif tx is int:
+                    budget[0] -= 1
+                    if not -_U64 <= x < _U64:
+                        raise _Miss
+                else:
+                    _tree(x, inner, max_depth, budget)
+        return
+    if t is dict or t is cbor2.frozendict:
+        if obj:
+            inner = depth + 1
+            if inner > max_depth:
+                raise _Miss
+            for k, v in obj.items():
+                _key(k, inner, max_depth, budget)
+                tv = type(v)
+                if tv is bytes or tv is str or tv is bool or v is None:
+                    budget[0] -= 1
+                elif tv is int:
+                    budget[0] -= 1
+                    if not -_U64 <= v < _U64:
+                        raise _Miss
+                else:
+                    _tree(v, inner, max_depth, budget)
+        return
+    if t is bytes or t is str or t is bool or obj is None or obj is cbor2.undefined:
+        return
+    if t is int:
+        if not -_U64 <= obj < _U64:
+            raise _Miss
+        return
+    if t is cbor2.CBORTag:
+        if obj.tag in _REFERENCE_TAGS or depth + 1 > max_depth:
+            raise _Miss
+        budget[1] += 1
+        _tree(obj.value, depth + 1, max_depth, budget)
+        return
+    raise _Miss  # float, simple value, or an object a semantic tag decoded into
+
+
+def _key(k: Any, depth: int, max_depth: int, budget: list[int]) -> None:
+    budget[0] -= 1
+    t = type(k)
+    if t is int:
+        if not -_U64 <= k < _U64:
+            raise _Miss
+    elif t is tuple:  # an array key: only int/bytes/text inside (see the walk)
+        if k and depth + 1 > max_depth:
+            raise _Miss
+        for x in k:
+            tx = type(x)
+            if tx is not bytes and tx is not str and (tx is not int or not -_U64 <= x < _U64):
+                raise _Miss
+            budget[0] -= 1
+    elif t is not bytes and t is not str:
+        raise _Miss
+    if budget[0] < 0:
+        raise _Miss
 
 
 def _thaw(obj: Any) -> Any:

@@ -113,6 +113,7 @@ class StreamingHasher:
 
 
 def digest_bytes(data: bytes | bytearray | memoryview, alg: HashAlg = HashAlg.SHA256) -> bytes:
-    h = StreamingHasher(alg)
-    h.update(data)
-    return h.digest()
+    return _HASH_FUNCS[alg](data).digest()
+
+
+_HASH_FUNCS = {HashAlg.SHA256: hashlib.sha256, HashAlg.SHA384: hashlib.sha384}

@@ -46,8 +46,10 @@ class ManifestInfo:
     text: dict[str, str] = field(default_factory=dict)  # model, hw_rev, description...
     delta: DeltaInfo | None = None
 
-    def validate(self) -> None:
-        """Raise E_MALFORMED unless every field is within the profile's ranges."""
+    def validate(self) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+        """Raise E_MALFORMED unless every field is within the profile's ranges.
+
+        Returns the parsed (version, min_version), which the encoder needs anyway."""
         _uint(self.sequence_number, "sequence_number")
         _uint(self.security_counter, "security_counter")
         _uint(self.image_size, "image_size")
@@ -57,9 +59,8 @@ class ManifestInfo:
             raise FormatError(ErrorCode.MALFORMED, "vendor_id/class_id must be UUIDs")
         alg = HashAlg(self.digest_alg)
         _digest(self.image_digest, alg, "image_digest")
-        parse_version(self.version)
-        if self.min_version is not None:
-            parse_version(self.min_version)
+        version = parse_version(self.version)
+        minimum = None if self.min_version is None else parse_version(self.min_version)
         if self.uri is not None:
             _uri(self.uri, "uri")
         if not isinstance(self.text, dict) or len(self.text) > MAX_TEXT_ENTRIES:
@@ -76,6 +77,7 @@ class ManifestInfo:
             _uint(d.patch_size, "delta.patch_size")
             if d.patch_uri is not None:
                 _uri(d.patch_uri, "delta.patch_uri")
+        return version, minimum
 
 
 def _uint(v: object, what: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from .. import cbor
+from .. import cborenc as enc
 from ..crypto.algorithms import HASH_SIZES, HashAlg, hash_alg
 from ..errors import ErrorCode, FormatError
 from . import suit
@@ -60,82 +60,130 @@ _MANIFEST_PROFILE_KEYS = {
 }
 
 
-def _dig(alg: HashAlg, value: bytes) -> bytes:
-    return cbor.dumps([int(alg), value])
-
-
 # --- encoding --------------------------------------------------------------------------------
+# Written from byte fragments (otaguard.cborenc) rather than through a general encoder: the
+# verifier's canonical route re-encodes every manifest it accepts (manifest/canonical.py), so
+# this function is on the device's hot path. tests/test_manifest_encoding.py holds it against
+# the same structure built as Python objects and encoded by cbor2.
+_REP = enc.uint(suit.REP_POLICY)
+_COMPONENT_KEY = enc.array([enc.bstr(c) for c in COMPONENT_ID])
+_VERSION_GE = enc.integer(suit.VERSION_GREATER_EQUAL)
+_ALG = {alg: enc.integer(int(alg)) for alg in HashAlg}
+_UUID_HEAD = enc.head(2, 16)
+# Map keys below are written in canonical order (shorter encoding first, then bytewise), which
+# for these fixed key sets is the order of the lines; the encoding test checks it against cbor2.
+_P_VENDOR = enc.integer(suit.P_VENDOR_ID) + _UUID_HEAD
+_P_CLASS = enc.integer(suit.P_CLASS_ID) + _UUID_HEAD
+_P_DIGEST = enc.integer(suit.P_IMAGE_DIGEST)
+_P_USE_BEFORE = enc.integer(suit.P_USE_BEFORE)
+_P_SIZE = enc.integer(suit.P_IMAGE_SIZE)
+_P_VERSION = enc.integer(suit.P_VERSION)
+_P_COUNTER = enc.integer(suit.P_OTA_SECURITY_COUNTER)
+_P_DELTA = enc.integer(suit.P_OTA_DELTA)
+_COND_REQUIRED = enc.uint(suit.COND_VENDOR_ID) + _REP + enc.uint(suit.COND_CLASS_ID) + _REP
+_COND_USE_BEFORE = enc.uint(suit.COND_USE_BEFORE) + _REP
+_COND_VERSION = enc.uint(suit.COND_VERSION) + _REP
+_OVERRIDE = enc.uint(suit.DIR_OVERRIDE_PARAMETERS)
+_COMMON_HEAD = (
+    enc.head(5, 2)
+    + enc.uint(suit.COMMON_COMPONENTS)
+    + enc.array([enc.array([enc.bstr(c) for c in COMPONENT_ID])])
+    + enc.uint(suit.COMMON_SHARED_SEQUENCE)
+)
+_M_VERSION = enc.uint(suit.MAN_VERSION) + enc.uint(1)
+_M_SEQUENCE = enc.uint(suit.MAN_SEQUENCE)
+_M_COMMON = enc.uint(suit.MAN_COMMON)
+_M_SET_VERSION = enc.uint(suit.MAN_SET_VERSION)
+_M_VALIDATE = enc.uint(suit.MAN_VALIDATE) + enc.bstr(
+    enc.array([enc.uint(suit.COND_IMAGE_MATCH), _REP])
+)
+_M_INSTALL = enc.uint(suit.MAN_INSTALL)
+_M_TEXT = enc.uint(suit.MAN_TEXT)
+_INSTALL_HEAD = (
+    enc.head(4, 6) + enc.uint(suit.DIR_SET_PARAMETERS) + enc.head(5, 1) + enc.uint(suit.P_URI)
+)
+_INSTALL_TAIL = enc.uint(suit.DIR_FETCH) + _REP + enc.uint(suit.COND_IMAGE_MATCH) + _REP
+
+
+def _version(parts: tuple[int, ...]) -> bytes:
+    return enc.array([enc.uint(p) for p in parts])
+
+
 def encode_manifest(info: ManifestInfo) -> bytes:
     """Serialise ``info`` as a SUIT_Manifest (the bytes that go into envelope key 3)."""
-    info.validate()
+    version, min_version = info.validate()
     alg = HashAlg(info.digest_alg)
-    params: dict[int, Any] = {
-        suit.P_VENDOR_ID: info.vendor_id.bytes,
-        suit.P_CLASS_ID: info.class_id.bytes,
-        suit.P_IMAGE_DIGEST: _dig(alg, info.image_digest),
-        suit.P_IMAGE_SIZE: info.image_size,
-        suit.P_OTA_SECURITY_COUNTER: info.security_counter,
-    }
-    conditions: list[Any] = [
-        suit.COND_VENDOR_ID,
-        suit.REP_POLICY,
-        suit.COND_CLASS_ID,
-        suit.REP_POLICY,
-    ]
+    n_params = 5
+    params = (
+        _P_VENDOR
+        + info.vendor_id.bytes
+        + _P_CLASS
+        + info.class_id.bytes
+        + _P_DIGEST
+        + enc.bstr(enc.head(4, 2) + _ALG[alg] + enc.bstr(info.image_digest))
+    )
+    conditions, n_conditions = _COND_REQUIRED, 2
     if info.expires is not None:
-        params[suit.P_USE_BEFORE] = info.expires
-        conditions += [suit.COND_USE_BEFORE, suit.REP_POLICY]
-    if info.min_version is not None:
-        params[suit.P_VERSION] = cbor.dumps(
-            [suit.VERSION_GREATER_EQUAL, list(parse_version(info.min_version))]
-        )
-        conditions += [suit.COND_VERSION, suit.REP_POLICY]
+        params += _P_USE_BEFORE + enc.uint(info.expires)
+        conditions += _COND_USE_BEFORE
+        n_conditions += 1
+        n_params += 1
+    params += _P_SIZE + enc.uint(info.image_size)
+    if min_version is not None:
+        minimum = enc.head(4, 2) + _VERSION_GE + _version(min_version)
+        params += _P_VERSION + enc.bstr(minimum)
+        conditions += _COND_VERSION
+        n_conditions += 1
+        n_params += 1
+    params += _P_COUNTER + enc.uint(info.security_counter)
     if info.delta is not None:
         d = info.delta
-        params[suit.P_OTA_DELTA] = cbor.dumps(
-            [d.base_digest, d.patch_digest, d.patch_size, d.patch_uri]
-        )
-    shared = [suit.DIR_OVERRIDE_PARAMETERS, params, *conditions]
-    common = {
-        suit.COMMON_COMPONENTS: [list(COMPONENT_ID)],
-        suit.COMMON_SHARED_SEQUENCE: cbor.dumps(shared),
-    }
-    manifest: dict[int, Any] = {
-        suit.MAN_VERSION: 1,
-        suit.MAN_SEQUENCE: info.sequence_number,
-        suit.MAN_COMMON: cbor.dumps(common),
-        suit.MAN_SET_VERSION: cbor.dumps(list(parse_version(info.version))),
-        suit.MAN_VALIDATE: cbor.dumps([suit.COND_IMAGE_MATCH, suit.REP_POLICY]),
-    }
+        uri = enc.NULL if d.patch_uri is None else enc.tstr(d.patch_uri)
+        patch = enc.bstr(d.base_digest) + enc.bstr(d.patch_digest) + enc.uint(d.patch_size)
+        params += _P_DELTA + enc.bstr(enc.head(4, 4) + patch + uri)
+        n_params += 1
+    # [override-parameters, {params}, condition, policy, ...]
+    shared = (
+        enc.head(4, 2 + 2 * n_conditions) + _OVERRIDE + enc.head(5, n_params) + params + conditions
+    )
+    body = (
+        _M_VERSION
+        + _M_SEQUENCE
+        + enc.uint(info.sequence_number)
+        + _M_COMMON
+        + enc.bstr(_COMMON_HEAD + enc.bstr(shared))
+        + _M_SET_VERSION
+        + enc.bstr(_version(version))
+        + _M_VALIDATE
+    )
+    entries = 5
     if info.uri is not None:
-        manifest[suit.MAN_INSTALL] = cbor.dumps(
-            [
-                suit.DIR_SET_PARAMETERS,
-                {suit.P_URI: info.uri},
-                suit.DIR_FETCH,
-                suit.REP_POLICY,
-                suit.COND_IMAGE_MATCH,
-                suit.REP_POLICY,
-            ]
-        )
+        body += _M_INSTALL + enc.bstr(_INSTALL_HEAD + enc.tstr(info.uri) + _INSTALL_TAIL)
+        entries += 1
     if info.text:
-        manifest[suit.MAN_TEXT] = cbor.dumps(encode_text(info.text))
-    return cbor.dumps(manifest)
+        body += _M_TEXT + enc.bstr(encode_text(info.text))
+        entries += 1
+    return enc.head(5, entries) + body
 
 
-def encode_text(text: dict[str, str]) -> dict[str, Any]:
-    top: dict[Any, Any] = {}
-    comp: dict[Any, str] = {}
+def encode_text(text: dict[str, str]) -> bytes:
+    """SUIT_Text_Map for one language: profile names map to SUIT labels, other keys stay text
+    (documented extension) and belong to the component."""
+    top: list[tuple[bytes, bytes]] = []
+    comp: list[tuple[bytes, bytes]] = []
     for key, value in text.items():
         if key in TEXT_TOP:
-            top[TEXT_TOP[key]] = value
+            top.append((enc.uint(TEXT_TOP[key]), enc.tstr(value)))
         elif key in TEXT_COMPONENT:
-            comp[TEXT_COMPONENT[key]] = value
+            comp.append((enc.uint(TEXT_COMPONENT[key]), enc.tstr(value)))
         else:
-            comp[key] = value  # documented extension: text labels for our own keys
+            comp.append((enc.tstr(key), enc.tstr(value)))  # documented extension
     if comp:
-        top[COMPONENT_ID] = comp
-    return {TEXT_LANGUAGE: top}
+        top.append((_COMPONENT_KEY, enc.cmap(comp)))
+    return _TEXT_HEAD + enc.cmap(top)
+
+
+_TEXT_HEAD = enc.head(5, 1) + enc.tstr(TEXT_LANGUAGE)
 
 
 # --- extraction --------------------------------------------------------------------------------

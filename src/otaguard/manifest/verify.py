@@ -26,7 +26,7 @@ from ..crypto.algorithms import digest_bytes
 from ..crypto.cose import decode_sign1
 from ..errors import CryptoError, ErrorCode, FormatError, OtaError, TrustError
 from ..trust.model import KeyResolver, Role, TrustedKey
-from . import suit
+from . import canonical, suit
 from .envelope import (
     MAX_ENVELOPE_SIZE,
     RawEnvelope,
@@ -257,7 +257,27 @@ def verify_envelope(
     Raises OtaError with E_TOO_LARGE/E_MALFORMED (shape), E_NO_AUTH, E_DIGEST, E_SIGNATURE,
     E_UNTRUSTED_KEY/E_KEY_*/E_ALGORITHM (per signer), E_THRESHOLD, E_VERSION,
     E_CRITICAL_UNKNOWN/E_UNSUPPORTED (profile) or E_KEY_SCOPE.
+
+    An envelope in exactly the encoding otaguard writes is accepted by the canonical route
+    (:mod:`.canonical`, a fraction of the cost); anything else, and every rejection with its
+    code, comes from :func:`verify_strict`.
     """
+    if type(data) is bytes and len(data) <= max_size:
+        fast = canonical.verify(data, resolver, now)
+        if fast is not None:
+            return VerifiedManifest(fast.info, data, fast.digest, fast.signers)
+    return verify_strict(data, resolver, now=now, max_size=max_size)
+
+
+def verify_strict(
+    data: bytes,
+    resolver: KeyResolver,
+    *,
+    now: int | None = None,
+    max_size: int = MAX_ENVELOPE_SIZE,
+) -> VerifiedManifest:
+    """:func:`verify_envelope` by the general route only: any SUIT encoding the profile allows,
+    and the source of every rejection and its code."""
     from .profile import extract_info
 
     raw = parse_envelope(data, max_size=max_size, require_tag=True)
@@ -284,6 +304,15 @@ def decode_pinned(data: bytes, *, max_size: int = MAX_ENVELOPE_SIZE) -> Verified
     was later rotated out or revoked keep booting, while anything new is verified in full.
     ``signers`` is empty.
     """
+    if type(data) is bytes and len(data) <= max_size:
+        fast = canonical.decode_pinned(data)
+        if fast is not None:
+            return VerifiedManifest(fast.info, data, fast.digest, ())
+    return decode_pinned_strict(data, max_size=max_size)
+
+
+def decode_pinned_strict(data: bytes, *, max_size: int = MAX_ENVELOPE_SIZE) -> VerifiedManifest:
+    """:func:`decode_pinned` by the general route only."""
     from .profile import extract_info
 
     raw = parse_envelope(data, max_size=max_size, require_tag=True)

@@ -20,8 +20,8 @@ def parse_version(text: str) -> tuple[int, ...]:
     """Parse "1.2.3" into (1, 2, 3); raise E_MALFORMED for anything else."""
     if not isinstance(text, str) or not _RE.match(text):
         raise FormatError(ErrorCode.MALFORMED, f"invalid version {text!r} (want e.g. '1.2.3')")
-    parts = tuple(int(p) for p in text.split("."))
-    if len(parts) > MAX_COMPONENTS or any(p > MAX_COMPONENT for p in parts):
+    parts = tuple(map(int, text.split(".")))
+    if len(parts) > MAX_COMPONENTS or max(parts) > MAX_COMPONENT:
         raise FormatError(ErrorCode.MALFORMED, f"version {text!r} out of range")
     return parts
 
@@ -56,6 +56,6 @@ def version_gt(a: str, b: str) -> bool:
 
 
 def format_version(parts: tuple[int, ...] | list[int]) -> str:
-    if not parts or any((not isinstance(p, int)) or isinstance(p, bool) or p < 0 for p in parts):
+    if not parts or not all(type(p) is int and p >= 0 for p in parts):
         raise FormatError(ErrorCode.MALFORMED, f"invalid version components {parts!r}")
-    return ".".join(str(p) for p in parts)
+    return ".".join(map(str, parts))

@@ -107,6 +107,11 @@ class StaticKeys:
         if not keys:
             raise TrustError(ErrorCode.EMPTY_KEYLIST, "no keys given")
         self._keys = {k.key_id: k for k in keys}
+        # Built once: a verifier resolves a key for every signature it checks.
+        self._trusted = {
+            kid: TrustedKey(k, frozenset(Role), (_ANY_SCOPE,), 0, 2**63 - 1, "static")
+            for kid, k in self._keys.items()
+        }
         self._threshold = max(1, threshold)
 
     @property
@@ -115,16 +120,16 @@ class StaticKeys:
 
     def resolve(self, kid: bytes | None, alg: CoseAlg, role: Role, now: int | None) -> TrustedKey:
         if kid is not None:
-            key = self._keys.get(kid)
+            trusted = self._trusted.get(kid)
         elif len(self._keys) == 1:
             # The SUIT examples carry no kid; with exactly one candidate the choice is forced.
-            key = next(iter(self._keys.values()))
+            trusted = next(iter(self._trusted.values()))
         else:
-            key = None
-        if key is None:
+            trusted = None
+        if trusted is None:
             raise TrustError(ErrorCode.UNTRUSTED_KEY, f"no trusted key with kid {kid!r}")
-        key.check_alg(alg)
-        return TrustedKey(key, frozenset(Role), (_ANY_SCOPE,), 0, 2**63 - 1, "static")
+        trusted.key.check_alg(alg)
+        return trusted
 
 
 class _AnyScope(Scope):
