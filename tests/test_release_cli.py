@@ -364,3 +364,27 @@ def test_parse_expires() -> None:
         with pytest.raises(OtaError) as ei:
             parse_expires(bad, now)
         assert ei.value.code == ErrorCode.USAGE
+
+
+def test_fast_forward_needs_the_flag(
+    tmp_path: Path, keyfile: tuple[Path, Path], image: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """G4: a counter jump beyond the policy's step is refused unless explicitly authorized."""
+    key, pub = keyfile
+    log = tmp_path / "audit.log"
+    signing = ["--key-file", key, "--audit-log", log]
+    rc, _, _ = run(capsys, *release_args(image, tmp_path / "r1"), *signing)
+    assert rc == 0
+    jump = release_args(image, tmp_path / "r2", version="1.5.0", security_counter="200")
+    rc, _, err = run(capsys, *jump, *signing)
+    assert rc == 1 and "E_FAST_FORWARD" in err
+    assert not (tmp_path / "r2").exists() and not list(tmp_path.glob(".r2.tmp-*"))
+    rc, stdout, err = run(capsys, *jump, *signing, "--fast-forward", "--json")
+    assert rc == 0 and "FAST-FORWARD" in err
+    summary = json.loads(stdout)
+    assert summary["fast_forward"] is True and summary["security_counter"] == 200
+    assert json.loads((tmp_path / "r2" / "release.json").read_text()) == summary
+    rc, stdout, _ = run(
+        capsys, "manifest", "verify", tmp_path / "r2" / "manifest.suit", "--key", pub, "--json"
+    )
+    assert rc == 0 and json.loads(stdout)["security_counter"] == 200

@@ -77,6 +77,12 @@ def _summary_text(s: dict[str, Any]) -> str:
 @click.option(
     "--downgrade", is_flag=True, help="Request a version downgrade (security officer only)."
 )
+@click.option(
+    "--fast-forward",
+    is_flag=True,
+    help="Authorize a security-counter or major-version jump beyond the policy's step "
+    "(security officer only).",
+)
 @signer_options
 @click.option("--signing-url", metavar="URL", help=f"Signing service; token from ${TOKEN_ENV}.")
 @click.option(
@@ -132,6 +138,7 @@ def create(
     description: str | None,
     digest_alg: str,
     downgrade: bool,
+    fast_forward: bool,
     pkcs11_uri: str | None,
     pkcs11_module: str | None,
     key_file: Path | None,
@@ -176,6 +183,7 @@ def create(
             uri=uri,
             description=description,
             downgrade=downgrade,
+            fast_forward=fast_forward,
         )
         req.validate()
         return req
@@ -254,6 +262,10 @@ def create(
                 close()
     if result.summary.get("downgrade"):
         click.echo("WARNING: this release is an authorized version DOWNGRADE", err=True)
+    if result.summary.get("fast_forward"):
+        click.echo(
+            "WARNING: this release is an authorized FAST-FORWARD (counter/version jump)", err=True
+        )
     emit(result.summary, as_json, _summary_text)
     if not as_json:
         click.echo(f"  written   {result.out}")

@@ -218,6 +218,7 @@ def build_release(
             "signed_by": signed_by,
             "audit": {"seq": audit.seq, "hash": audit.hash},
             "downgrade": req.downgrade,
+            "fast_forward": req.fast_forward,
         }
         if bases:
             summary.update(
