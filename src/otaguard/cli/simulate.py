@@ -63,10 +63,14 @@ def run_simulation(opts: SimOptions, out: Path, *, quiet: bool = False) -> dict[
             sim.run()
         except KeyboardInterrupt:
             interrupted = True
+        except BaseException:
+            sim.discard_flash()
+            raise
     finally:
         if progress_ctx is not None:
             progress_ctx.stop()
     if not sim.devices:
+        sim.discard_flash()
         if interrupted:
             raise KeyboardInterrupt
         raise OtaError(ErrorCode.INTERNAL, "simulation did not start")

@@ -13,6 +13,7 @@ it is written.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,13 +64,31 @@ class Flash:
         elif self.path.stat().st_size != size:
             raise FlashError(ErrorCode.FLASH, f"{self.path} is not a {size}-byte flash image")
         self._f = self.path.open("r+b", buffering=0)
+        self._parked = False
         self.reads = 0
         self.bytes_read = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
+        self._parked = False
         if not self._f.closed:
             self._f.close()
+
+    def park(self) -> None:
+        """Release the backing file's descriptor until the next access reopens it.
+
+        For a host running thousands of simulated parts (the fleet simulator): the flash
+        contents are unchanged, only the open-files budget is given back. Unlike
+        :meth:`close`, the part stays usable."""
+        if not self._f.closed:
+            self._f.close()
+            self._parked = True
+
+    def _file(self) -> io.FileIO:
+        if self._parked:
+            self._f = self.path.open("r+b", buffering=0)
+            self._parked = False
+        return self._f
 
     def __enter__(self) -> Flash:
         return self
@@ -78,17 +97,19 @@ class Flash:
         self.close()
 
     def sync(self) -> None:
-        os.fsync(self._f.fileno())
+        os.fsync(self._file().fileno())
 
     # --- raw file access ---------------------------------------------------------------------
     def _raw_read(self, addr: int, n: int) -> bytes:
-        self._f.seek(addr)
-        data = self._f.read(n)
+        f = self._file()
+        f.seek(addr)
+        data = f.read(n)
         return data.translate(_INVERT)
 
     def _raw_write(self, addr: int, data: bytes) -> None:
-        self._f.seek(addr)
-        self._f.write(data.translate(_INVERT))
+        f = self._file()
+        f.seek(addr)
+        f.write(data.translate(_INVERT))
 
     def _bounds(self, addr: int, n: int) -> None:
         if addr < 0 or n < 0 or addr + n > self.size:

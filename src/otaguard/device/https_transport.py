@@ -74,7 +74,11 @@ class HttpsTransport:
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        keepalive_expiry: float | None = 5.0,
     ) -> None:
+        """``keepalive_expiry``: seconds an idle connection is kept for reuse (httpx's
+        default 5 s; None keeps it until the server closes it, as a device polling over one
+        long-lived connection does)."""
         self.base_url = base_url.rstrip("/")
         self._pins = {p.lower() for p in spki_pins} if spki_pins else None
         self._status = status
@@ -90,6 +94,7 @@ class HttpsTransport:
             verify=pinned_context(ca_file, cert_file, key_file),
             timeout=timeout,
             follow_redirects=False,
+            limits=httpx.Limits(keepalive_expiry=keepalive_expiry),
             # bodies are read raw (never decompressed), so a compressed bomb cannot expand
             headers={"Accept-Encoding": "identity"},
         )

@@ -153,6 +153,9 @@ class SimOptions:
     seed: int = 1
     workers: int = 8
     quantum_s: float = 60.0
+    # how far (in quanta) the clock may run ahead of the oldest poll still in progress;
+    # 0: every quantum waits for all its polls (docs/simulator.md, "Time and processes")
+    lookahead_quanta: int = 5
     stop_when_converged: bool = True
     # a device that is patched and on the target key list stops polling (its further polls
     # would all be "no update"); --full-window keeps every device polling
@@ -190,6 +193,8 @@ class SimOptions:
             raise _bad("--image-size must be between 4 KiB and 4 MiB")
         if self.workers < 1 or self.quantum_s <= 0:
             raise _bad("--workers must be >= 1")
+        if self.lookahead_quanta < 0:
+            raise _bad("--lookahead must be >= 0")
         if self.hsm not in ("auto", "softhsm", "software"):
             raise _bad("--keys must be auto, softhsm or software")
         return self
@@ -263,7 +268,7 @@ SCENARIOS: dict[str, SimOptions] = {
         image_size=128 * 1024,
         attack_rate=0.005,
         duration_s=14 * DAY,
-        workers=8,
+        workers=16,  # ~90 polls due per quantum: enough work to keep both processes busy
         scenario="hvac-14k",
     ),
 }

@@ -38,6 +38,10 @@ def build_report(sim: Simulation, end: dict[str, Any], *, interrupted: bool) -> 
         "stopped": "interrupted (Ctrl-C)" if interrupted else sim.stop_reason,
         "simulated_h": (getattr(sim, "end_t", sim.clock.now()) - t0) / HOUR,
         "wall_s": {k: round(v, 2) for k, v in sim.wall.items()},
+        "clock": {  # how far the clock moved on while a poll ran (bounded by the lookahead)
+            "lookahead_s": o.lookahead_quanta * o.quantum_s,
+            "max_poll_drift_s": s.max_drift_s,
+        },
         "fleet": {
             "devices": len(sim.devices),
             "reachable": n,

@@ -4,21 +4,32 @@ Only devices due at the current simulated instant do real work; each of them run
 :class:`~otaguard.device.updater.Updater` cycle over real mTLS HTTPS (one keep-alive client
 per device identity, open connections capped by :class:`ConnectionPool`) against the real
 server, which runs in its own process (:mod:`.serverproc`) on the same
-:class:`~.sharedclock.SharedClock`. Events of one quantum (default 60 simulated seconds) run
-at the same instant on a small thread pool.
+:class:`~.sharedclock.SharedClock`. Events of one quantum (default 60 simulated seconds) start
+at the same instant on a small thread pool; the clock may move on while they run, by at most
+``SimOptions.lookahead_quanta`` quanta (see :meth:`Simulation.run`).
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import queue
 import random
 import resource
 import shutil
 import ssl
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import (
+    ALL_COMPLETED,
+    FIRST_COMPLETED,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+)
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +40,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ..clock import SimClock
 from ..device.bootloader import BootResult
 from ..device.device import Device
 from ..device.faults import FaultInjector, FaultPlan
@@ -47,6 +59,7 @@ from .model import (
 )
 from .sharedclock import SharedClock
 
+SETUP_WORKERS = 32  # threads for the fleet's first check-ins (setup only)
 TRANSIENT = {ErrorCode.TRANSPORT.value, ErrorCode.POWER_CUT.value, ErrorCode.RATE_LIMIT.value}
 
 
@@ -278,6 +291,7 @@ class Stats:
     timeline: list[dict[str, Any]] = field(default_factory=list)
     campaigns: list[dict[str, Any]] = field(default_factory=list)
     operator: list[str] = field(default_factory=list)
+    max_drift_s: float = 0.0  # clock time that passed during one poll, at most
 
     def attack(self, kind: str, outcome: str) -> None:
         self.attacks.setdefault(kind, Counter())[outcome] += 1
@@ -316,10 +330,11 @@ class Simulation:
     def setup(self) -> None:
         o = self.opts
         w0 = time.monotonic()
-        # one flash file per device stays open, plus at most `cap` device connections (the
-        # server process inherits the limit: it holds the other end of each connection)
-        limit = raise_fd_limit(2 * o.devices + 1024)
-        cap = min(o.devices, limit - o.devices - 512)
+        # a device's flash file is open only while it runs (Flash.park), so the open-files
+        # budget goes to keep-alive connections: at most `cap` (the server process inherits
+        # the limit and holds the other end of each connection)
+        limit = raise_fd_limit(o.devices + 1024)
+        cap = min(o.devices, limit - 1024)
         if cap < 16:
             raise UsageError(
                 ErrorCode.USAGE,
@@ -328,6 +343,7 @@ class Simulation:
             )
         self.pool = ConnectionPool(cap, self._transport)
         self.work = W.scratch_dir(self.out)
+        self.flash_root = W.flash_dir(self.work, o.devices)
         keys = W.make_keys(self.work, o.rotation, o.hsm)
         self.keys_backend = keys.backend
         if "software" in keys.backend:
@@ -337,26 +353,40 @@ class Simulation:
         w1 = time.monotonic()
         self.world = W.start_server(self.work, self.clock, self.rel)
         self.rid = W.publish(self.world, self.rel)
-        self.fleet = W.enroll_fleet(
-            self.world,
-            self.rel,
-            self.work,
-            o.devices,
-            self.clock,
-            progress=lambda i: self.progress(i, o.devices, "enrolling") if self.progress else None,
-        )
         kit = AttackKit(self.rel.factory_manifest, self.rel.other_manifest, self.rel.other_image)
         rng = random.Random(o.seed)
         n_attacked = round(o.attack_rate * o.devices)
         attacked = set(rng.sample(range(o.devices), n_attacked)) if n_attacked else set()
-        for i, f in enumerate(self.fleet.files):
-            drng = random.Random(rng.getrandbits(64))
-            link = W_link(o, drng)
-            self.devices.append(self._make(i, f, link, drng, kit, i in attacked))
         # The fleet was in service before the release: one check-in each, so the server
-        # knows what every device runs when the campaign selects its target.
-        with ThreadPoolExecutor(max_workers=o.workers) as pool:
-            list(pool.map(self._first_checkin, self.devices))
+        # knows what every device runs when the campaign selects its target. Each enrolled
+        # batch powers on and checks in on the pool while the next batch is manufactured.
+        # More threads than --workers here: a first check-in is mostly a TLS handshake, i.e.
+        # waiting on the server process, and there is nothing else to run meanwhile.
+        with ThreadPoolExecutor(max_workers=max(o.workers, SETUP_WORKERS)) as pool:
+            started: list[Future[None]] = []
+
+            def ready(files: list[W.DeviceFiles]) -> None:
+                for f in files:
+                    i = len(self.devices)
+                    drng = random.Random(rng.getrandbits(64))
+                    link = W_link(o, drng)
+                    sd = self._make(i, f, link, drng, kit, i in attacked)
+                    self.devices.append(sd)
+                    started.append(pool.submit(self._first_checkin, sd))
+
+            self.fleet = W.enroll_fleet(
+                self.world,
+                self.rel,
+                self.flash_root,
+                o.devices,
+                self.clock,
+                progress=lambda i: (
+                    self.progress(i, o.devices, "enrolling") if self.progress else None
+                ),
+                ready=ready,
+            )
+            for fut in started:
+                fut.result()
         self.clock.set(self.t0)
         self.wall["enroll_devices"] = time.monotonic() - w1
         self.log(
@@ -370,10 +400,11 @@ class Simulation:
             sd.transport.checkin(sd.updater.facts())
         finally:
             self.pool.release(sd.idx)
+            sd.dev.flash.park()
 
     def _transport(self, i: int) -> HttpsTransport:
         assert self.world is not None
-        f = self.fleet.files[i]
+        f = self.devices[i].files
         return HttpsTransport(
             self.world.url,
             ca_file=self.world.ca_pem,
@@ -383,6 +414,9 @@ class Simulation:
             sleep=lambda s: None,
             rng=random.Random(i),
             timeout=60,
+            # the connection idles for a poll interval (tens of wall seconds): keep it, as
+            # the server process does (httpx would drop it after 5 s and handshake again)
+            keepalive_expiry=None,
         )
 
     def _make(
@@ -397,6 +431,7 @@ class Simulation:
         assert self.world is not None
         dev = W.open_device(f, self.clock)
         dev.boot()
+        dev.flash.park()
         tr = SimTransport(self.pool, i, kit)
         sd = SimDevice(i, f, link, rng, dev, tr, None)  # type: ignore[arg-type]
         sd.selftest_fail = rng.random() < self.opts.selftest_fail_rate
@@ -528,7 +563,9 @@ class Simulation:
             attack, tr.attack = tr.attack, None
             tr.drop_at = None
             faults.plan = None
+            sd.dev.flash.park()
         ev["bytes"] = dict(tr.bytes)
+        ev["drift"] = self.clock.now() - t
         transfer = sum(tr.bytes.values()) / sd.link.bandwidth
         done = t + transfer
         if "power_cut" in ev or "crash" in ev:
@@ -563,6 +600,7 @@ class Simulation:
         """Power comes back: a new Device on the same flash (the bootloader runs again)."""
         sd.dev.close()
         sd.dev = W.open_device(sd.files, self.clock, FaultInjector())
+        sd.dev.flash.park()
         sd.updater = self._updater(sd)
 
     def _account(self, sd: SimDevice, ev: dict[str, Any]) -> None:
@@ -572,6 +610,7 @@ class Simulation:
             s.offline_polls += 1
             return
         s.checkins += 1
+        s.max_drift_s = max(s.max_drift_s, ev.get("drift", 0.0))
         b = ev.get("bytes", {})
         s.bytes_full += b.get("full", 0)
         s.bytes_delta += b.get("delta", 0)
@@ -617,6 +656,13 @@ class Simulation:
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
+        """The event loop. Polls due in one quantum start at that quantum's instant on the
+        thread pool; the loop does not wait for them before moving the clock on, but never
+        more than ``lookahead_quanta`` quanta past the start of the oldest poll still
+        running (a long install sees the clock move a few simulated minutes, as it would in
+        reality, instead of every quantum waiting for its slowest poll). Before an hourly
+        sample and at the end every running poll is waited for; the operator's look every
+        10 simulated minutes sees the polls finished so far, like a dashboard."""
         o = self.opts
         q = EventQueue()
         t0 = self.t0
@@ -632,16 +678,61 @@ class Simulation:
         self._start_campaign(retry=False)
         end = t0 + o.duration_s
         alive = [d for d in self.devices if not d.link.dead]
+        # what the stop test needs, kept up to date instead of rescanned every quantum
+        behind = {d.idx for d in alive if not self._done(d)}
+        connect_left = len(connect)
         next_sample = t0
         next_op = t0
         w0 = time.monotonic()
         self.stop_reason = f"simulated window of {o.duration_s / HOUR:.0f} h ended"
+        running: dict[Future[tuple[float, dict[str, Any]]], tuple[SimDevice, float]] = {}
+        # finished polls arrive here (a done-callback each): harvesting costs O(finished),
+        # not a scan of (or a waiter on) every running future
+        finished: queue.SimpleQueue[Future[tuple[float, dict[str, Any]]]] = queue.SimpleQueue()
+        # start times of running polls, oldest first (they are submitted in time order)
+        starts: deque[float] = deque()
+        live: Counter[float] = Counter()
+        slack = o.lookahead_quanta * o.quantum_s
+        shown = 0.0
+
+        def harvest(block: str | None) -> None:
+            """Account finished polls; ``block``: first wait for one (FIRST_COMPLETED) or for
+            all of them (ALL_COMPLETED)."""
+            n = 0
+            while running:
+                blocking = block == ALL_COMPLETED or (block is not None and n == 0)
+                try:  # a timeout keeps Ctrl-C responsive while waiting
+                    fut = finished.get(timeout=1.0) if blocking else finished.get_nowait()
+                except queue.Empty:
+                    if blocking:
+                        continue
+                    return
+                n += 1
+                sd, started = running.pop(fut)
+                live[started] -= 1
+                while starts and live[starts[0]] <= 0:
+                    del live[starts.popleft()]
+                nxt, ev = fut.result()
+                self._account(sd, ev)
+                if sd.idx in behind and self._done(sd):
+                    behind.discard(sd.idx)
+                if o.retire_converged and self._converged(sd):
+                    continue  # only "no update" polls would follow
+                q.push(max(nxt, started + o.quantum_s, self.clock.now()), sd.idx)
+
         with ThreadPoolExecutor(max_workers=o.workers) as pool:
             while True:
+                harvest(None)
                 nt = q.peek()
                 if nt is None or nt > end:
+                    if running:  # finished polls may schedule more within the window
+                        harvest(ALL_COMPLETED)
+                        continue
                     break
                 now = quantize(max(nt, self.clock.now()), t0, o.quantum_s)
+                if running and (next_sample <= now or now - starts[0] > slack):
+                    harvest(ALL_COMPLETED if next_sample <= now else FIRST_COMPLETED)
+                    continue  # the queue may hold earlier events now
                 self.clock.set(now)
                 while next_sample <= now:
                     self._sample(next_sample)
@@ -649,33 +740,36 @@ class Simulation:
                 if now >= next_op:
                     self._operate()
                     next_op = now + 600
-                due = q.pop_due(now)
-                devs = [self.devices[k] for _, k in due if k >= 0]
-                for _, k in due:
+                for _, k in q.pop_due(now):
                     if k < 0:
+                        connect_left -= 1
                         kind = connect[-1 - k][1]
                         self.stats.attack(kind, self._connect_attack(kind))
-                results = pool.map(self._poll, devs, [now] * len(devs))
-                for sd, (nxt, ev) in zip(devs, results, strict=True):
-                    self._account(sd, ev)
-                    if o.retire_converged and self._converged(sd):
-                        continue  # only "no update" polls would follow
-                    q.push(max(nxt, now + o.quantum_s), sd.idx)
-                if self.progress is not None:
+                    else:
+                        sd = self.devices[k]
+                        fut = pool.submit(self._poll, sd, now)
+                        running[fut] = (sd, now)
+                        if not starts or starts[-1] != now:
+                            starts.append(now)
+                        live[now] += 1
+                        fut.add_done_callback(finished.put)
+                if slack <= 0:
+                    harvest(ALL_COMPLETED)  # one quantum at a time
+                if self.progress is not None and time.monotonic() - shown >= 0.25:
+                    shown = time.monotonic()  # the text counts the whole fleet: not every quantum
                     self.progress(now - t0, o.duration_s, self._progress_text(alive))
-                if (
-                    o.stop_when_converged
-                    and not any(k < 0 for _, k in _pending(q))
-                    and all(
-                        d.patched_at is not None and d.keylist_version >= self.rel.keylist_target
-                        for d in alive
-                    )
-                ):
+                if o.stop_when_converged and not connect_left and not behind:
+                    harvest(ALL_COMPLETED)
                     self.stop_reason = "every reachable device converged"
                     break
+            harvest(ALL_COMPLETED)
         self._sample(self.clock.now())
         self.end_t = self.clock.now()
         self.wall["run"] = time.monotonic() - w0
+
+    def _done(self, sd: SimDevice) -> bool:
+        """Patched and on the target key list (what the stop test waits for)."""
+        return sd.patched_at is not None and sd.keylist_version >= self.rel.keylist_target
 
     def _converged(self, sd: SimDevice) -> bool:
         return (
@@ -707,33 +801,75 @@ class Simulation:
         )
 
     # --- the end -------------------------------------------------------------------------------
+    def discard_flash(self) -> None:
+        """Remove the devices' flash files (they may be on tmpfs, i.e. RAM) after a failed
+        setup; :meth:`finish` does this itself."""
+        root = getattr(self, "flash_root", None)
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+
     def finish(self) -> dict[str, Any]:
-        """Reboot every device from flash (is anything bricked?) and tear the server down."""
-        bricked: list[str] = []
-        versions: Counter[str] = Counter()
+        """Tear the server down, then reboot every device from its flash (is anything
+        bricked?): each device's bootloader runs on its flash file, in up to two processes."""
+        w0 = time.monotonic()
         for sd in self.devices:
-            try:
-                sd.dev.close()
-                with W.open_device(sd.files, self.clock) as dev:
-                    boot = dev.boot()
-                    if boot.mode == "test":  # an unconfirmed image at the end: not bricked
-                        boot = dev.boot()
-                    versions[boot.version or "?"] += 1
-                    sd.version = boot.version or sd.version
-            except OtaError as err:
-                bricked.append(f"{sd.files.serial}: {err.code.value}")
+            sd.dev.close()
         self.pool.close_all()
         if self.world is not None:
             self.world.close()
             self.world = None
+        now = self.clock.now()
         self.clock.close()
+        results = reboot_fleet([sd.files for sd in self.devices], now)
+        bricked: list[str] = []
+        versions: Counter[str] = Counter()
+        for sd, (version, error) in zip(self.devices, results, strict=True):
+            if error is not None:
+                bricked.append(f"{sd.files.serial}: {error}")
+                continue
+            versions[version or "?"] += 1
+            sd.version = version or sd.version
+        self.wall["reboot_check"] = time.monotonic() - w0
         # device flash files, keys and the server database are scratch: the report stays
+        shutil.rmtree(self.flash_root, ignore_errors=True)
         shutil.rmtree(self.work, ignore_errors=True)
         return {"bricked": bricked, "versions": dict(versions)}
 
 
-def _pending(q: EventQueue) -> list[tuple[float, int]]:
-    return [(e.t, e.key) for e in q._h]
+def reboot_check(files: list[W.DeviceFiles], now: float) -> list[tuple[str | None, str | None]]:
+    """Power each device up from its flash (a new Device: the bootloader decides, verifies
+    and boots); (running version, None) or (None, the error code that left it unbootable).
+    An unconfirmed image left in test mode is not a brick: it reverts at the next boot."""
+    clock = SimClock(now)
+    out: list[tuple[str | None, str | None]] = []
+    for f in files:
+        try:
+            with W.open_device(f, clock) as dev:
+                boot = dev.boot()
+                if boot.mode == "test":
+                    boot = dev.boot()
+                out.append((boot.version, None))
+        except OtaError as err:
+            out.append((None, err.code.value))
+    return out
+
+
+def reboot_fleet(
+    files: list[W.DeviceFiles], now: float, *, procs: int | None = None, chunk: int = 500
+) -> list[tuple[str | None, str | None]]:
+    """:func:`reboot_check` for the whole fleet, split over worker processes (the server is
+    stopped by then, so every core is free); in-process for a small fleet."""
+    procs = procs if procs is not None else min(2, os.cpu_count() or 1)
+    if procs < 2 or len(files) < 2 * chunk:
+        return reboot_check(files, now)
+    parts = [files[i : i + chunk] for i in range(0, len(files), chunk)]
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=procs, mp_context=ctx) as ex:
+            done = list(ex.map(reboot_check, parts, [now] * len(parts)))
+    except (OSError, BrokenProcessPool):
+        return reboot_check(files, now)
+    return [r for part in done for r in part]
 
 
 def W_link(o: SimOptions, rng: random.Random) -> Link:

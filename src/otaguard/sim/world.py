@@ -399,8 +399,12 @@ def enroll_fleet(
     n: int,
     clock: Clock,
     progress: Callable[[int], None] = lambda i: None,
+    ready: Callable[[list[DeviceFiles]], None] = lambda files: None,
+    batch_size: int = 250,
 ) -> Fleet:
-    """Manufacture ``n`` devices: one golden device, copied; each its own enrolled identity."""
+    """Manufacture ``n`` devices: one golden device, copied; each its own enrolled identity.
+    ``ready`` gets each batch of devices as soon as the server knows them (registered), so
+    the caller can start them while the next batch is manufactured."""
     cfg = layout_for(len(rel.v_new))
     golden = root / "golden"
     prov = Provisioning(
@@ -424,8 +428,9 @@ def enroll_fleet(
         files.append(
             _make_device(w, root / "devices" / f"{i:06d}", serial, size, blocks, dev_json, batch)
         )
-        if len(batch) >= 500 or i == n - 1:
+        if len(batch) >= batch_size or i == n - 1:
             _register(w, batch)
+            ready(files[len(files) - len(batch) :])
             batch.clear()
         progress(i + 1)
     fleet = Fleet(files, golden, cfg)
@@ -489,6 +494,29 @@ def open_device(f: DeviceFiles, clock: Clock, faults: FaultInjector | None = Non
     if dev.storage.identity() is None:
         dev.storage.write_identity(Identity(f.key.read_bytes(), f.cert.read_bytes()))
     return dev
+
+
+SHM = Path("/dev/shm")  # noqa: S108 - only ever used through mkdtemp (private, 0700)
+
+
+def flash_dir(work: Path, devices: int, shm: Path = SHM) -> Path:
+    """Where the devices' flash files live: in RAM (tmpfs) when there is room for them.
+
+    A device polls every few simulated hours, i.e. tens of wall seconds; on a disk-backed
+    file system the kernel evicts those idle pages and every poll then reads its flash back
+    from disk (gigabytes over a 14,000-device run). tmpfs pages are never evicted without
+    swap. Same files, same semantics; elsewhere the work directory is used."""
+    try:
+        st = os.statvfs(shm)
+        if st.f_bavail * st.f_frsize >= devices * 1024 * 1024 + (1 << 30) and os.access(
+            shm, os.W_OK
+        ):
+            return Path(tempfile.mkdtemp(prefix="otaguard-sim-flash-", dir=shm))
+    except OSError:
+        pass
+    d = work / "flash"
+    d.mkdir(exist_ok=True)
+    return d
 
 
 def scratch_dir(out: Path) -> Path:

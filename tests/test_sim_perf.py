@@ -1,0 +1,173 @@
+"""What makes the 14,000-device scenario fit the machine, each checked for real:
+
+- a parked flash gives its file descriptor back and reopens on the next access (so every
+  device can hold a keep-alive connection under the open-files limit);
+- the device HTTPS client keeps its connection across an idle longer than httpx's 5 s when
+  asked to (``keepalive_expiry=None``), and by default still drops it;
+- the end-of-run reboot check gives the same answer split over processes as in-process, and
+  reports a device whose flash no longer boots.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import types
+from pathlib import Path
+from typing import Any
+
+import httpcore._sync.http11 as h11_mod
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from otaguard.clock import SimClock
+from otaguard.device.device import Device, Provisioning
+from otaguard.device.flash import Flash, Geometry
+from otaguard.device.https_transport import HttpsTransport
+from otaguard.device.lab import chunks
+from otaguard.server.ca import FleetCA
+from otaguard.server.mtls import running, server_ssl_context
+from otaguard.sim import world as W
+from otaguard.sim.runner import reboot_check, reboot_fleet
+from tests.pg import fleet_ca, server_tls  # noqa: F401
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_parked_flash_releases_its_descriptor_and_reopens(tmp_path: Path) -> None:
+    flash = Flash(tmp_path / "f.bin", 8192, Geometry(4096, 256))
+    flash.program(0, b"\x12\x34")
+    before = _fds()
+    flash.park()
+    assert _fds() == before - 1
+    flash.park()  # idempotent
+    assert flash.read(0, 2) == b"\x12\x34"  # reopened on use, contents unchanged
+    assert _fds() == before
+    flash.park()
+    flash.program(256, b"\x56")  # a write reopens too
+    flash.erase_sector(4096)
+    assert flash.read(256, 1) == b"\x56"
+    flash.close()
+    with pytest.raises(ValueError):  # closed means closed: no silent reopen
+        flash.read(0, 1)
+    flash.park()  # parking a closed part is a no-op
+    with pytest.raises(ValueError):
+        flash.read(0, 1)
+
+
+def _device_identity(ca: FleetCA, d: Path, serial: str) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    issued = ca.issue_device(serial, key.public_key(), days=1)
+    cert_p, key_p = d / "dev.pem", d / "dev.key"
+    cert_p.write_bytes(issued.pem)
+    key_p.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_p, key_p
+
+
+@pytest.mark.parametrize("expiry", [None, 5.0])
+def test_keepalive_connection_survives_a_long_idle_only_when_asked(
+    expiry: float | None,
+    fleet_ca: FleetCA,  # noqa: F811
+    server_tls: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    peers: list[tuple[Any, bytes | None]] = []
+
+    async def checkin(request: Request) -> JSONResponse:
+        # the client's (host, port) names the TCP connection; the verified certificate is
+        # what mTLS put in the scope for this connection
+        peers.append((request.scope["client"], request.scope.get("otaguard.peer_cert_der")))
+        return JSONResponse({"update": None})
+
+    app = Starlette(routes=[Route("/v1/checkin", checkin, methods=["POST"])])
+    ctx = server_ssl_context(
+        server_tls / "server.pem", server_tls / "server.key", server_tls / "ca.pem"
+    )
+    cert, key = _device_identity(fleet_ca, tmp_path, "KA-0001")
+    with running(app, ctx) as srv:
+        t = HttpsTransport(
+            srv.url,
+            ca_file=server_tls / "ca.pem",
+            cert_file=cert,
+            key_file=key,
+            keepalive_expiry=expiry,
+        )
+        try:
+            t.checkin({})
+            # an hour of idle, as far as the connection pool's clock can tell
+            real = h11_mod.time.monotonic
+            monkeypatch.setattr(
+                h11_mod, "time", types.SimpleNamespace(monotonic=lambda: real() + 3600)
+            )
+            t.checkin({})
+        finally:
+            t.close()
+    assert len(peers) == 2
+    assert all(der for _, der in peers)  # both requests authenticated by the certificate
+    same = peers[0][0] == peers[1][0]
+    assert same is (expiry is None)
+
+
+def _fleet_of(tmp_path: Path, n: int) -> list[W.DeviceFiles]:
+    keys = W.make_keys(tmp_path, rotation=False, mode="software")
+    rel = W.make_releases(keys, 16384, seed=5, now=int(dt.datetime.now(dt.UTC).timestamp()))
+    prov = Provisioning(
+        bundle=rel.bundle,
+        vendor_id=rel.vendor_id,
+        class_id=rel.class_id,
+        model=W.MODEL,
+        hw_rev=W.HW_REV,
+        factory_manifest=rel.factory_manifest,
+    )
+    ca = FleetCA.create(tmp_path / "ca", passphrase=b"test-passphrase-123")
+    files: list[W.DeviceFiles] = []
+    for i in range(n):
+        d = tmp_path / f"dev{i}"
+        Device.create(d, W.layout_for(len(rel.v_new)), prov, chunks(rel.v_old)).close()
+        cert, key = _device_identity(ca, d, f"T-{i}")
+        files.append(W.DeviceFiles(f"T-{i}", d, cert, key))
+    return files
+
+
+def test_reboot_check_in_processes_matches_in_process_and_finds_a_brick(
+    tmp_path: Path,
+) -> None:
+    files = _fleet_of(tmp_path, 4)
+    # wreck device 2: erase both slots' contents (the bootloader finds nothing to boot)
+    now = dt.datetime.now(dt.UTC).timestamp()
+    with W.open_device(files[2], SimClock(now)) as dev:
+        for slot in dev.layout.slots:
+            dev.flash.erase_range(slot.region.offset, slot.region.size)
+    here = reboot_check(files, now)
+    split = reboot_fleet(files, now, procs=2, chunk=1)
+    assert split == here
+    assert [v for v, _ in here] == [W.V_OLD, W.V_OLD, None, W.V_OLD]
+    assert here[2][1] is not None and here[2][1].startswith("E_")
+
+
+def test_flash_dir_uses_tmpfs_only_when_it_has_room(tmp_path: Path) -> None:
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    d = W.flash_dir(work, 10, shm=shm)
+    assert d.parent == shm and d.name.startswith("otaguard-sim-flash-")
+    assert (d.stat().st_mode & 0o777) == 0o700  # private: mkdtemp
+    free = os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize
+    too_many = free // (1024 * 1024) + 1
+    assert W.flash_dir(work, too_many, shm=shm) == work / "flash"
+    assert W.flash_dir(work, 10, shm=tmp_path / "missing") == work / "flash"
