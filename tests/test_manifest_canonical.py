@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from dataclasses import replace
 from typing import Any
 
 import cbor2
@@ -25,7 +24,6 @@ from otaguard.crypto.software import SoftwareSigner, generate_private_key
 from otaguard.errors import ErrorCode, OtaError
 from otaguard.manifest import canonical, suit
 from otaguard.manifest.build import assemble_envelope, build_envelope, sign_manifest
-from otaguard.manifest.ids import class_id, vendor_id
 from otaguard.manifest.model import DeltaInfo, ManifestInfo
 from otaguard.manifest.profile import TEXT_COMPONENT, TEXT_TOP, encode_manifest
 from otaguard.manifest.verify import (
@@ -36,9 +34,8 @@ from otaguard.manifest.verify import (
 )
 from otaguard.manifest.version import parse_version
 from otaguard.trust.model import Role, Scope, StaticKeys, TrustedKey
+from tests.test_manifest_verify import make_info
 
-VENDOR = vendor_id("acme.example")
-CLASS = class_id(VENDOR, "sensor", "r2")
 ED = SoftwareSigner(generate_private_key("ed25519"), CoseAlg.ED25519)
 P256 = SoftwareSigner(generate_private_key("p256"), CoseAlg.ESP256)
 KEYS = StaticKeys([ED.public_key, P256.public_key])
@@ -152,24 +149,6 @@ def test_canonical_route_reads_back_every_profile_manifest(info: ManifestInfo) -
     assert canonical.manifest_info(raw) == info
 
 
-def make_info(**kw: Any) -> ManifestInfo:
-    base = ManifestInfo(
-        sequence_number=7,
-        vendor_id=VENDOR,
-        class_id=CLASS,
-        digest_alg=HashAlg.SHA256,
-        image_digest=hashlib.sha256(b"fw").digest(),
-        image_size=4096,
-        version="2.0.1",
-        min_version="1.9.0",
-        security_counter=3,
-        expires=1_900_000_000,
-        uri="https://fw.acme.example/2.0.1.bin",
-        text={"model": "sensor", "hw_rev": "r2"},
-    )
-    return replace(base, **kw)
-
-
 def outcome(fn: Any, *args: Any, **kw: Any) -> Any:
     try:
         return fn(*args, **kw)
@@ -276,7 +255,10 @@ def test_non_canonical_forms_go_to_the_strict_route(name: str) -> None:
     assert outcome(verify_envelope, data, KEYS) == outcome(verify_strict, data, KEYS)
 
 
-ENVELOPES = [build_envelope(make_info(), [ED]), build_envelope(make_info(delta=None), [P256])]
+ENVELOPES = [
+    build_envelope(make_info(), [ED]),
+    build_envelope(make_info(expires=None, min_version=None, uri=None, text={}), [P256]),
+]
 
 
 @st.composite
