@@ -1,7 +1,7 @@
 """A small `otaguard demo`: real server, real HTTPS, real device runtimes on simulated time.
 
 Asserts the demo's three checks (no attack accepted, no device bricked, fleet converged) with
-every attack kind exercised, power cuts and self-test failures injected."""
+every attack kind exercised, power cuts, link drops and self-test failures injected."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ def test_small_demo_checks_pass(tmp_path: Path) -> None:
             "simulate", "--devices", "45", "--days", "4", "--phases", "20:1h,100",
             "--attack-rate", "0.2", "--powercut-rate", "0.3", "--selftest-fail-rate", "0.1",
             "--image-size", "65536", "--rotation", "--keys", "software", "--seed", "3",
+            "--drop-rate", "0.3",
             "--out", str(out), "--quiet",
         ],
     )  # fmt: skip
@@ -41,6 +42,7 @@ def test_small_demo_checks_pass(tmp_path: Path) -> None:
     assert set(by_kind["no-cert"]) == {"E_CERT"}
     assert report["faults"]["power_cuts"] > 0
     assert report["faults"]["self_test_reverts"] > 0
+    assert report["faults"]["link_drops"] > 0  # injected under downloads, resumed or retried
     assert report["traffic"]["bytes_delta"] > 0
     assert report["key_rotation"]["time_to_keylist_h"]["t100_h"] is not None
     # polls overlap the next quanta, but the clock never ran past the lookahead during one
