@@ -627,8 +627,9 @@ class Simulation:
             s.installs_ok += 1
         elif out == "reverted":
             s.reverts += 1
-        # Counted where the link drops, not from the poll's outcome: the updater resumes a
-        # dropped download within the same poll, so most drops end in a confirmed install.
+        # Counted where the link drops, not from the poll's outcome: a dropped patch download
+        # is resumed within the same poll (device/agent.py) and a dropped image download ends
+        # the poll as a crash (resumed at the next), so neither shows as an E_TRANSPORT error.
         s.drops += ev.get("drops", 0)
         if ev.get("error"):
             s.failures[ev["error"]] += 1
