@@ -14,12 +14,12 @@ from ..crypto.cose import Signer, sign1
 from ..errors import ErrorCode, UsageError
 from . import suit
 from .model import ManifestInfo
-from .profile import encode_manifest
+from .profile import encode_digest, encode_manifest
 
 
 def manifest_digest(manifest: bytes, alg: HashAlg = HashAlg.SHA256) -> bytes:
     """The encoded SUIT_Digest over the manifest bstr (head + content): the signed payload."""
-    return cbor.dumps([int(alg), digest_bytes(cbor.dumps(manifest), alg)])
+    return encode_digest(alg, digest_bytes(cbor.dumps(manifest), alg))
 
 
 def assemble_envelope(manifest: bytes, payload: bytes, blocks: Sequence[bytes]) -> bytes:

@@ -29,11 +29,10 @@ from ..crypto.algorithms import HASH_SIZES, CoseAlg, HashAlg, digest_bytes
 from ..errors import OtaError
 from ..trust.model import KeyResolver, Role, TrustedKey
 from . import suit
+from .envelope import MAX_AUTH_BLOCKS
 from .model import DeltaInfo, ManifestInfo
-from .profile import decode_text, encode_manifest
+from .profile import decode_text, encode_digest, encode_manifest
 from .version import format_version
-
-MAX_AUTH_BLOCKS = 8
 
 # Everything a malformed or merely unexpected input can raise on this route; all mean "ask
 # the strict route". Programming errors (AttributeError, NameError...) are deliberately not
@@ -49,7 +48,6 @@ _KID_MAP = enc.head(5, 1) + enc.uint(4)  # unprotected header: {kid}
 _PROTECTED_ALG = enc.head(5, 1) + enc.uint(1)  # protected header: {alg}
 _SIG_STRUCTURE = enc.head(4, 4) + enc.tstr("Signature1")
 _EMPTY_AAD = enc.bstr(b"")
-_DIGEST_HEAD = enc.head(4, 2)
 _COSE_ALGS = {int(a): a for a in CoseAlg}
 _HASH_ALGS = {int(a): a for a in HashAlg}
 
@@ -103,7 +101,7 @@ def _verify(data: bytes, resolver: KeyResolver | None, now: int | None) -> Canon
     payload = auth[0]
     alg_number, digest = cbor2.loads(payload)
     alg = _HASH_ALGS[alg_number]
-    if payload != _DIGEST_HEAD + enc.integer(alg_number) + enc.bstr(digest):
+    if payload != encode_digest(alg, digest):
         return None
     if len(digest) != HASH_SIZES[alg]:
         return None

@@ -70,6 +70,7 @@ _COMPONENT_KEY = enc.array([enc.bstr(c) for c in COMPONENT_ID])
 _VERSION_GE = enc.integer(suit.VERSION_GREATER_EQUAL)
 _ALG = {alg: enc.integer(int(alg)) for alg in HashAlg}
 _UUID_HEAD = enc.head(2, 16)
+_PAIR = enc.head(4, 2)  # a two-element array
 # Map keys below are written in canonical order (shorter encoding first, then bytewise), which
 # for these fixed key sets is the order of the lines; the encoding test checks it against cbor2.
 _P_VENDOR = enc.integer(suit.P_VENDOR_ID) + _UUID_HEAD
@@ -105,6 +106,11 @@ _INSTALL_HEAD = (
 _INSTALL_TAIL = enc.uint(suit.DIR_FETCH) + _REP + enc.uint(suit.COND_IMAGE_MATCH) + _REP
 
 
+def encode_digest(alg: HashAlg, value: bytes) -> bytes:
+    """SUIT_Digest ``[alg, bytes]``: the image digest here, the signed payload in the wrapper."""
+    return _PAIR + _ALG[alg] + enc.bstr(value)
+
+
 def _version(parts: tuple[int, ...]) -> bytes:
     return enc.array([enc.uint(p) for p in parts])
 
@@ -120,7 +126,7 @@ def encode_manifest(info: ManifestInfo) -> bytes:
         + _P_CLASS
         + info.class_id.bytes
         + _P_DIGEST
-        + enc.bstr(enc.head(4, 2) + _ALG[alg] + enc.bstr(info.image_digest))
+        + enc.bstr(encode_digest(alg, info.image_digest))
     )
     conditions, n_conditions = _COND_REQUIRED, 2
     if info.expires is not None:
@@ -130,7 +136,7 @@ def encode_manifest(info: ManifestInfo) -> bytes:
         n_params += 1
     params += _P_SIZE + enc.uint(info.image_size)
     if min_version is not None:
-        minimum = enc.head(4, 2) + _VERSION_GE + _version(min_version)
+        minimum = _PAIR + _VERSION_GE + _version(min_version)  # [>=, version]
         params += _P_VERSION + enc.bstr(minimum)
         conditions += _COND_VERSION
         n_conditions += 1
