@@ -291,3 +291,112 @@ def test_both_routes_answer_alike_on_any_profile_manifest(info: ManifestInfo) ->
     """Whatever the field values (out-of-scope ids, huge counters, odd text), same answer."""
     env = build_envelope(info, [ED])
     assert outcome(verify_envelope, env, KEYS) == outcome(verify_strict, env, KEYS)
+
+
+# --- the body reader: exactly the encoder's output, nothing else --------------------------------
+@st.composite
+def mutated_manifests(draw: st.DrawFn) -> bytes:
+    data = bytearray(encode_manifest(draw(infos())))
+    for _ in range(draw(st.integers(1, 3))):
+        pos = draw(st.integers(0, len(data) - 1))
+        kind = draw(st.sampled_from(["flip", "set", "insert", "delete"]))
+        if kind == "flip":
+            data[pos] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "set":
+            data[pos] = draw(st.integers(0, 255))
+        elif kind == "insert":
+            data.insert(pos, draw(st.integers(0, 255)))
+        elif len(data) > 1:
+            del data[pos]
+    return bytes(data)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_manifests())
+def test_body_reader_accepts_only_what_the_encoder_writes(raw: bytes) -> None:
+    """A mutated manifest is either declined or is itself the encoding of what was read (a
+    mutation inside a value, such as a digest byte or a text character, can be)."""
+    info = canonical.manifest_info(raw)
+    if info is not None:
+        assert encode_manifest(info) == raw
+
+
+def _tweaked(change: Any) -> bytes:
+    """make_info()'s manifest with one layer decoded, changed by ``change`` and re-encoded
+    canonically: values the encoder refuses to write (it validates first), in a correct form."""
+    manifest = cbor2.loads(encode_manifest(make_info()))
+    common = cbor2.loads(manifest[suit.MAN_COMMON])
+    shared = cbor2.loads(common[suit.COMMON_SHARED_SEQUENCE])
+    layers = {
+        "manifest": manifest,
+        "params": shared[1],
+        "install": cbor2.loads(manifest[suit.MAN_INSTALL]),
+        "text": cbor2.loads(manifest[suit.MAN_TEXT]),
+    }
+    change(layers)
+    common[suit.COMMON_SHARED_SEQUENCE] = cbor.dumps(shared)
+    manifest[suit.MAN_COMMON] = cbor.dumps(common)
+    manifest[suit.MAN_INSTALL] = cbor.dumps(layers["install"])
+    manifest[suit.MAN_TEXT] = cbor.dumps(layers["text"])
+    return cbor.dumps(manifest)
+
+
+def _set(layer: str, key: Any, value: Any) -> Any:
+    def change(layers: dict[str, Any]) -> None:
+        target = layers[layer]
+        if layer == "install":
+            target = target[1]
+        elif layer == "text":
+            target = target["en"][(b"\x00",)]
+        target[key] = value
+
+    return change
+
+
+def _version(parts: list[Any]) -> Any:
+    return _set("manifest", suit.MAN_SET_VERSION, cbor.dumps(parts))
+
+
+OUT_OF_PROFILE = {
+    "uri longer than 1024 bytes": _set("install", suit.P_URI, "h" * 1025),
+    "empty uri": _set("install", suit.P_URI, ""),
+    "text value longer than 1024 bytes": _set("text", 2, "x" * 1025),
+    "17 text entries": lambda layers: layers["text"]["en"][(b"\x00",)].update(
+        {f"k{i}": "v" for i in range(17)}
+    ),
+    "empty text key": _set("text", "", "v"),
+    "labelled text under its name": _set("text", "model", "x"),
+    "version of 9 components": _version([1] * 9),
+    "empty version": _version([]),
+    "version component 2**32": _version([1, 2**32]),
+    "min version component 2**32": _set(
+        "params", suit.P_VERSION, cbor.dumps([suit.VERSION_GREATER_EQUAL, [2**32]])
+    ),
+    "31-byte image digest": _set(
+        "params", suit.P_IMAGE_DIGEST, cbor.dumps([int(HashAlg.SHA256), bytes(31)])
+    ),
+    "sequence number 2**64 (bignum)": _set("manifest", suit.MAN_SEQUENCE, 2**64),
+    "negative image size": _set("params", suit.P_IMAGE_SIZE, -1),
+    "counter as true": _set("params", suit.P_OTA_SECURITY_COUNTER, True),
+    "expiry as float": _set("params", suit.P_USE_BEFORE, 1.5),
+}
+
+
+@pytest.mark.parametrize("name", list(OUT_OF_PROFILE))
+def test_values_the_encoder_refuses_are_declined(name: str) -> None:
+    """Canonically encoded and properly signed, but outside the profile's ranges: the body
+    reader declines, and the answer (here always a rejection) comes from the strict route."""
+    raw = _tweaked(OUT_OF_PROFILE[name])
+    assert raw != encode_manifest(make_info())
+    assert canonical.manifest_info(raw) is None
+    env = sign_manifest(raw, [ED])
+    answer = outcome(verify_envelope, env, KEYS)
+    assert answer == outcome(verify_strict, env, KEYS)
+    assert isinstance(answer, ErrorCode)
+
+
+def test_the_unchanged_tweak_is_accepted() -> None:
+    """The control for the test above: the same re-encoding with nothing changed is read."""
+    raw = _tweaked(lambda layers: None)
+    assert raw == encode_manifest(make_info())
+    assert canonical.manifest_info(raw) == make_info()

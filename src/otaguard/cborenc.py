@@ -1,15 +1,15 @@
 """Deterministic CBOR written from pre-encoded parts.
 
-The manifest encoder and the verifier's canonical route (:mod:`otaguard.manifest.canonical`)
-rebuild the same few layouts for every release and every check. Composing them from byte
-fragments avoids building Python trees only to hand them to a general encoder, which costs
-more than the signature check itself on a small device CPU.
+The manifest encoder writes the same few layouts for every release, and the verifier's
+canonical route (:mod:`otaguard.manifest.canonical`, reading with :mod:`otaguard.cborread`)
+expects exactly those bytes. Composing them from byte fragments keeps the layout visible as
+constants both sides share, and avoids building Python trees only to hand them to a general
+encoder.
 
 The output is exactly :func:`otaguard.cbor.dumps` (canonical: minimal heads, definite lengths,
 map keys shorter-first then bytewise); tests hold the two side by side. Each function accepts
 only the one Python type it encodes (``True`` is not an integer here, ``str`` is not ``bytes``),
-so when the verifier re-encodes what it decoded, a look-alike value can never reproduce the
-bytes of a real one.
+so a look-alike value (``True`` for 1) can never reproduce the bytes of a real one.
 """
 
 from __future__ import annotations

@@ -61,10 +61,11 @@ _MANIFEST_PROFILE_KEYS = {
 
 
 # --- encoding --------------------------------------------------------------------------------
-# Written from byte fragments (otaguard.cborenc) rather than through a general encoder: the
-# verifier's canonical route re-encodes every manifest it accepts (manifest/canonical.py), so
-# this function is on the device's hot path. tests/test_manifest_encoding.py holds it against
-# the same structure built as Python objects and encoded by cbor2.
+# Written from byte fragments (otaguard.cborenc) rather than through a general encoder. The
+# fragments below are also the layout the verifier's canonical route reads back in place
+# (manifest/canonical.py), so a change here is a change there; its tests fail (the route is
+# no longer taken) rather than accept anything else. tests/test_manifest_canonical.py holds
+# this encoder against the same structure built as Python objects and encoded by cbor2.
 _REP = enc.uint(suit.REP_POLICY)
 _COMPONENT_KEY = enc.array([enc.bstr(c) for c in COMPONENT_ID])
 _VERSION_GE = enc.integer(suit.VERSION_GREATER_EQUAL)
