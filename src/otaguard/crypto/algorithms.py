@@ -44,6 +44,8 @@ HASH_SIZES = {HashAlg.SHA256: 32, HashAlg.SHA384: 48}
 
 def cose_alg(value: object) -> CoseAlg:
     """Map a decoded COSE 'alg' value to an allowed algorithm or raise E_ALGORITHM."""
+    if type(value) is CoseAlg:  # already mapped (every signature check maps it twice)
+        return value
     if isinstance(value, int) and not isinstance(value, bool):
         try:
             return CoseAlg(value)
