@@ -261,9 +261,9 @@ ENVELOPES = [
 ]
 
 
-@st.composite
-def mutated(draw: st.DrawFn) -> bytes:
-    data = bytearray(draw(st.sampled_from(ENVELOPES)))
+def _mutate(draw: st.DrawFn, original: bytes) -> bytes:
+    """One to three byte-level edits: flip a bit, set, insert or delete a byte."""
+    data = bytearray(original)
     for _ in range(draw(st.integers(1, 3))):
         pos = draw(st.integers(0, len(data) - 1))
         kind = draw(st.sampled_from(["flip", "set", "insert", "delete"]))
@@ -276,6 +276,11 @@ def mutated(draw: st.DrawFn) -> bytes:
         elif len(data) > 1:
             del data[pos]
     return bytes(data)
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    return _mutate(draw, draw(st.sampled_from(ENVELOPES)))
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -296,19 +301,7 @@ def test_both_routes_answer_alike_on_any_profile_manifest(info: ManifestInfo) ->
 # --- the body reader: exactly the encoder's output, nothing else --------------------------------
 @st.composite
 def mutated_manifests(draw: st.DrawFn) -> bytes:
-    data = bytearray(encode_manifest(draw(infos())))
-    for _ in range(draw(st.integers(1, 3))):
-        pos = draw(st.integers(0, len(data) - 1))
-        kind = draw(st.sampled_from(["flip", "set", "insert", "delete"]))
-        if kind == "flip":
-            data[pos] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "set":
-            data[pos] = draw(st.integers(0, 255))
-        elif kind == "insert":
-            data.insert(pos, draw(st.integers(0, 255)))
-        elif len(data) > 1:
-            del data[pos]
-    return bytes(data)
+    return _mutate(draw, encode_manifest(draw(infos())))
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
