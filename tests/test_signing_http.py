@@ -10,7 +10,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from otaguard.errors import ErrorCode, OtaError
 from otaguard.manifest.verify import verify_envelope
 from otaguard.signing.audit import AuditLog, read_records
 from otaguard.signing.client import SigningClient
-from otaguard.signing.http import TokenTable, create_app, hash_token, new_token
+from otaguard.signing.http import SignRate, TokenTable, create_app, hash_token, new_token
 from otaguard.signing.policy import Grant, Policy, Role, SigningRequest
 from otaguard.signing.service import SigningService
 from otaguard.signing.state import SigningState
@@ -66,8 +66,21 @@ def run_server(
         sock.close()
 
 
+# The module-scoped fixture signs more than the default burst in quick succession; the rate
+# limit itself is tested in test_signing_tokens.py with an injected clock.
+GENEROUS = SignRate(per_minute=6000, burst=1000)
+
+
 class Service:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        sign_rate: SignRate = GENEROUS,
+        not_after: dict[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
+        rate_clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.signer = SoftwareSigner(ed25519.Ed25519PrivateKey.generate())
         self.tokens = {
             "ci": new_token(),
@@ -81,19 +94,28 @@ class Service:
             "viewer": Role.VIEWER,
             "outsider": Role.RELEASE,
         }
-        table = TokenTable.from_config(
-            [
-                {"sha256": hash_token(tok), "requester": rid, "role": roles[rid].value}
-                for rid, tok in self.tokens.items()
-            ]
-        )
+        entries: list[dict[str, str]] = [
+            {"sha256": hash_token(tok), "requester": rid, "role": roles[rid].value}
+            for rid, tok in self.tokens.items()
+        ]
+        for e in entries:
+            if not_after and e["requester"] in not_after:
+                e["not_after"] = not_after[e["requester"]]
+        table = TokenTable.from_config(entries)
         policy = Policy(
             grants={"ci": (Grant("example.com", "thermo"),), "officer": (Grant("example.com"),)}
         )
         self.log_path = tmp / "audit.log"
         log = AuditLog.open(self.log_path, self.signer, seal_every=2)
         self.service = SigningService(self.signer, policy, log, SigningState(tmp / "st.sqlite"))
-        self.app = create_app(self.service, table, max_body=4096)
+        self.app = create_app(
+            self.service,
+            table,
+            max_body=4096,
+            sign_rate=sign_rate,
+            clock=clock,
+            rate_clock=rate_clock,
+        )
 
 
 def body(**kw: Any) -> dict[str, Any]:

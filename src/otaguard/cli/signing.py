@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -12,7 +14,7 @@ import click
 from ..errors import ErrorCode, UsageError
 from ..signing.audit import AuditLog
 from ..signing.config import ServiceConfig
-from ..signing.http import create_app, hash_token, new_token
+from ..signing.http import create_app, format_utc, hash_token, new_token
 from ..signing.policy import Role
 from ..signing.service import SigningService
 from ..signing.state import SigningState
@@ -45,7 +47,13 @@ def serve(config: Path, host: str, port: int, tls_cert: Path | None, tls_key: Pa
     log = AuditLog.open(cfg.audit_log, signer, seal_every=cfg.seal_every)
     service = SigningService(signer, cfg.policy, log, state)
     try:
-        app = create_app(service, cfg.tokens, max_body=cfg.max_body)
+        now = time.time()
+        for e in cfg.tokens.entries:
+            if e.not_after is None:
+                click.echo(f"WARNING: token for {e.requester!r} never expires", err=True)
+            elif e.not_after < now:
+                click.echo(f"WARNING: token for {e.requester!r} has expired", err=True)
+        app = create_app(service, cfg.tokens, max_body=cfg.max_body, sign_rate=cfg.sign_rate)
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
@@ -72,6 +80,23 @@ def serve(config: Path, host: str, port: int, tls_cert: Path | None, tls_key: Pa
             close()
 
 
+_DURATION = re.compile(r"\A([1-9][0-9]{0,5})([dh])\Z")
+MAX_VALID_FOR = 3650 * 86400
+
+
+def parse_duration(text: str) -> int:
+    """``"90d"`` / ``"12h"`` → seconds (at most 3650 days); anything else is ``E_USAGE``."""
+    m = _DURATION.match(text)
+    if m is None:
+        raise UsageError(
+            ErrorCode.USAGE, f"--valid-for: want a duration like 90d or 12h, got {text!r}"
+        )
+    seconds = int(m.group(1)) * (86400 if m.group(2) == "d" else 3600)
+    if seconds > MAX_VALID_FOR:
+        raise UsageError(ErrorCode.USAGE, f"--valid-for: at most 3650d, got {text!r}")
+    return seconds
+
+
 @signing.command("token")
 @click.option("--requester", required=True, help="Requester id (must match the policy file).")
 @click.option(
@@ -80,9 +105,25 @@ def serve(config: Path, host: str, port: int, tls_cert: Path | None, tls_key: Pa
     default=Role.RELEASE.value,
     show_default=True,
 )
-def token_cmd(requester: str, role: str) -> None:
+@click.option(
+    "--valid-for",
+    metavar="DURATION",
+    default=None,
+    help="Lifetime, e.g. 90d or 12h; written as not_after (RFC 3339 UTC).  [default: 90d]",
+)
+@click.option("--no-expiry", is_flag=True, help="Write no not_after: the token never expires.")
+def token_cmd(requester: str, role: str, valid_for: str | None, no_expiry: bool) -> None:
     """Mint a request token: the token goes to CI's secret store, the entry into the config."""
+    if no_expiry and valid_for is not None:
+        raise UsageError(ErrorCode.USAGE, "--valid-for and --no-expiry exclude each other")
+    lifetime = None if no_expiry else parse_duration("90d" if valid_for is None else valid_for)
     tok = new_token()
     entry = {"sha256": hash_token(tok), "requester": requester, "role": role}
+    if lifetime is not None:
+        entry["not_after"] = format_utc(time.time() + lifetime)
     click.echo(f"token (give to the requester; shown once): {tok}", err=True)
+    if lifetime is None:
+        click.echo("WARNING: this token never expires (--no-expiry)", err=True)
+    else:
+        click.echo(f"token expires at {entry['not_after']}", err=True)
     click.echo(json.dumps(entry, sort_keys=True))

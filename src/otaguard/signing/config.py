@@ -7,12 +7,20 @@
                 "pkcs11_module": "/usr/lib/softhsm/libsofthsm2.so", "alg": "ed25519"},
      "audit_log": "audit.log", "state": "signing-state.sqlite", "policy": "policy.json",
      "seal_every": 16, "max_body": 65536,
+     "sign_rate": {"per_minute": 30, "burst": 10},
      "tokens": [{"sha256": "<hex of SHA-256(token)>", "requester": "ci-main",
-                 "role": "release"}]}
+                 "role": "release", "not_after": "2027-02-21T00:00:00Z"}]}
 
-Relative paths are relative to the config file. Secrets are never in the file: the PIN comes
-from ``$OTAGUARD_PKCS11_PIN`` (or the key-file passphrase from ``$OTAGUARD_KEY_PASSPHRASE``),
-and tokens are stored only as hashes (``otaguard signing token`` prints a new one).
+Relative paths are relative to the config file. ``not_after`` (optional, RFC 3339 UTC, whole
+seconds, ``Z`` or ``+00:00``) is the last instant the token is accepted; after it requests get
+401 ``E_AUTH`` "token expired". An entry without it never expires (older configs);
+``otaguard signing token`` writes one by default (``--valid-for 90d``). ``sign_rate``
+(optional; default 30 per minute, burst 10) limits ``POST /v1/sign`` per requester id; over it
+the service answers 429 ``E_RATE_LIMIT`` with ``Retry-After``.
+
+Secrets are never in the file: the PIN comes from ``$OTAGUARD_PKCS11_PIN`` (or the key-file
+passphrase from ``$OTAGUARD_KEY_PASSPHRASE``), and tokens are stored only as
+hashes (``otaguard signing token`` prints a new one).
 """
 
 from __future__ import annotations
@@ -24,11 +32,21 @@ from pathlib import Path
 from ..errors import ErrorCode, FormatError
 from ..fsutil import read_limited
 from .audit import DEFAULT_SEAL_EVERY
-from .http import DEFAULT_MAX_BODY, TokenTable
+from .http import DEFAULT_MAX_BODY, DEFAULT_SIGN_RATE, SignRate, TokenTable
 from .policy import Policy
 
 MAX_CONFIG = 256 * 1024
-_KEYS = {"version", "signer", "audit_log", "state", "policy", "seal_every", "max_body", "tokens"}
+_KEYS = {
+    "version",
+    "signer",
+    "audit_log",
+    "state",
+    "policy",
+    "seal_every",
+    "max_body",
+    "sign_rate",
+    "tokens",
+}
 _SIGNER_KEYS = {"pkcs11_uri", "pkcs11_module", "key_file", "alg"}
 
 
@@ -44,6 +62,7 @@ class ServiceConfig:
     tokens: TokenTable
     seal_every: int = DEFAULT_SEAL_EVERY
     max_body: int = DEFAULT_MAX_BODY
+    sign_rate: SignRate = DEFAULT_SIGN_RATE
 
     @classmethod
     def load(cls, path: str | Path) -> ServiceConfig:
@@ -79,6 +98,11 @@ class ServiceConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise FormatError(ErrorCode.MALFORMED, f"{p}: {name} must be a positive integer")
         key_file = signer.get("key_file")
+        try:
+            tokens = TokenTable.from_config(obj.get("tokens"))
+            sign_rate = SignRate.from_config(obj.get("sign_rate"))
+        except FormatError as err:
+            raise FormatError(err.code, f"{p}: {err.detail}") from None
         return cls(
             pkcs11_uri=signer.get("pkcs11_uri"),
             pkcs11_module=signer.get("pkcs11_module"),
@@ -87,7 +111,8 @@ class ServiceConfig:
             audit_log=path_of("audit_log"),
             state=path_of("state"),
             policy=Policy.from_json(read_limited(policy_path, MAX_CONFIG)),
-            tokens=TokenTable.from_config(obj.get("tokens")),
+            tokens=tokens,
             seal_every=seal_every,
             max_body=max_body,
+            sign_rate=sign_rate,
         )

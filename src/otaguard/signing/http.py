@@ -7,7 +7,14 @@
 
 Tokens are stored as SHA-256 hashes with a requester id and a role; the presented token is
 hashed and compared against every entry with :func:`hmac.compare_digest` (no early exit), so
-neither the table nor response timing reveals a token. Errors are typed JSON bodies
+neither the table nor response timing reveals a token. An entry may carry ``not_after`` (RFC 3339
+UTC); past it the token is refused with 401 ``E_AUTH`` "token expired" (the expiry is looked at
+only after the full scan, so an unknown token still costs exactly one pass over the table).
+``POST /v1/sign`` is rate limited per requester id (token bucket, :class:`SignRate`): over the
+limit the request is refused with 429 ``E_RATE_LIMIT`` and ``Retry-After`` before its body is
+read, so it never reaches the policy, the HSM or the audit log; each refusal is logged at
+WARNING with the requester id. Times come from injectable clocks (``clock`` wall time for
+expiry, ``rate_clock`` monotonic for the buckets). Errors are typed JSON bodies
 ``{"error": "E_...", "detail": "..."}``. The body is read with a hard size limit before it is
 parsed, and only after the credential checked out.
 """
@@ -19,8 +26,13 @@ import hashlib
 import hmac
 import json
 import logging
+import math
+import re
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
@@ -30,6 +42,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import ErrorCode, FormatError, OtaError
+from ..server.ratelimit import RateLimit, TokenBuckets, retry_after_header
 from .policy import Requester, Role, SigningRequest
 from .service import SignedRelease, SigningService
 
@@ -46,6 +59,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.SECURITY_COUNTER: 409,
     ErrorCode.TOO_LARGE: 413,
     ErrorCode.NOT_FOUND: 404,
+    ErrorCode.RATE_LIMIT: 429,
     ErrorCode.MALFORMED: 400,
     ErrorCode.USAGE: 400,
     ErrorCode.ALGORITHM: 400,
@@ -66,16 +80,47 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+_RFC3339_UTC = re.compile(r"\A(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:Z|\+00:00)\Z")
+
+
+def parse_utc(text: object) -> int:
+    """``"2027-02-21T00:00:00Z"`` → POSIX seconds. Only UTC (``Z`` or ``+00:00``), no fractions."""
+    m = _RFC3339_UTC.match(text) if isinstance(text, str) else None
+    if m is None:
+        raise FormatError(
+            ErrorCode.MALFORMED, f"not an RFC 3339 UTC time like 2027-02-21T00:00:00Z: {text!r}"
+        )
+    try:
+        y, mo, d, h, mi, sec = (int(g) for g in m.groups())
+        return int(datetime(y, mo, d, h, mi, sec, tzinfo=UTC).timestamp())
+    except ValueError:
+        raise FormatError(ErrorCode.MALFORMED, f"no such time: {text!r}") from None
+
+
+def format_utc(t: float) -> str:
+    """POSIX seconds → ``"2027-02-21T00:00:00Z"`` (what :func:`parse_utc` reads back)."""
+    return datetime.fromtimestamp(int(t), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 @dataclass(frozen=True)
 class TokenEntry:
     sha256: bytes
     requester: str
     role: Role
+    not_after: int | None = None  # POSIX seconds; None = never expires (legacy entries)
+
+
+_REQUIRED = {"sha256", "requester", "role"}
+_OPTIONAL = {"not_after"}
 
 
 class TokenTable:
     def __init__(self, entries: list[TokenEntry]) -> None:
         self._entries = list(entries)
+
+    @property
+    def entries(self) -> tuple[TokenEntry, ...]:
+        return tuple(self._entries)
 
     @classmethod
     def from_config(cls, items: object) -> TokenTable:
@@ -83,43 +128,105 @@ class TokenTable:
             raise FormatError(ErrorCode.MALFORMED, "tokens must be a list")
         entries = []
         for it in items:
-            if not isinstance(it, dict) or set(it) != {"sha256", "requester", "role"}:
+            if not isinstance(it, dict) or not _REQUIRED <= set(it) <= _REQUIRED | _OPTIONAL:
                 raise FormatError(
-                    ErrorCode.MALFORMED, "each token needs exactly sha256, requester, role"
+                    ErrorCode.MALFORMED,
+                    "each token needs exactly sha256, requester, role (and optional not_after)",
                 )
             h, rid, role = it["sha256"], it["requester"], it["role"]
             if not isinstance(h, str) or len(h) != 64 or not isinstance(rid, str) or not rid:
                 raise FormatError(ErrorCode.MALFORMED, "token sha256 must be 64 hex digits")
+            not_after = None
+            if "not_after" in it:
+                try:
+                    not_after = parse_utc(it["not_after"])
+                except FormatError as err:
+                    raise FormatError(
+                        ErrorCode.MALFORMED, f"token for {rid!r}: not_after: {err.detail}"
+                    ) from None
             try:
-                entries.append(TokenEntry(bytes.fromhex(h), rid, Role(role)))
+                entries.append(TokenEntry(bytes.fromhex(h), rid, Role(role), not_after))
             except ValueError:
                 raise FormatError(ErrorCode.MALFORMED, f"bad token entry for {rid!r}") from None
         return cls(entries)
 
-    def authenticate(self, token: str) -> Requester | None:
+    def _lookup(self, token: str) -> TokenEntry | None:
         presented = hashlib.sha256(token.encode()).digest()
         found: TokenEntry | None = None
         for e in self._entries:  # no early exit: time does not depend on which entry matched
             if hmac.compare_digest(e.sha256, presented):
                 found = e
-        return None if found is None else Requester(found.requester, found.role)
+        return found
+
+    def check(self, token: str, now: float) -> Requester:
+        """The requester behind ``token`` at time ``now``; else :class:`OtaError` ``E_AUTH``."""
+        found = self._lookup(token)
+        if found is None:
+            raise OtaError(ErrorCode.AUTH, "invalid token")
+        if found.not_after is not None and now > found.not_after:
+            log.warning("expired signing token presented for requester %r", found.requester)
+            raise OtaError(ErrorCode.AUTH, "token expired")
+        return Requester(found.requester, found.role)
+
+    def authenticate(self, token: str, now: float | None = None) -> Requester | None:
+        """Like :meth:`check` but None when unknown or (``now`` given) expired."""
+        try:
+            return self.check(token, time.time() if now is None else now)
+        except OtaError:
+            return None
 
 
-def _error(err: OtaError) -> JSONResponse:
+@dataclass(frozen=True)
+class SignRate:
+    """Per-requester limit on ``POST /v1/sign``: ``per_minute`` sustained, ``burst`` at once."""
+
+    per_minute: float = 30.0
+    burst: int = 10
+
+    def __post_init__(self) -> None:
+        if not 0 < self.per_minute < math.inf or self.burst < 1:
+            raise FormatError(ErrorCode.MALFORMED, "sign_rate: per_minute > 0 and burst >= 1")
+
+    @classmethod
+    def from_config(cls, obj: object) -> SignRate:
+        if obj is None:
+            return cls()
+        if not isinstance(obj, dict) or not set(obj) <= {"per_minute", "burst"}:
+            raise FormatError(
+                ErrorCode.MALFORMED, 'sign_rate must be {"per_minute": N, "burst": M}'
+            )
+        d = cls()
+        per_minute = obj.get("per_minute", d.per_minute)
+        burst = obj.get("burst", d.burst)
+        if (
+            not isinstance(per_minute, int | float)
+            or isinstance(per_minute, bool)
+            or not isinstance(burst, int)
+            or isinstance(burst, bool)
+        ):
+            raise FormatError(ErrorCode.MALFORMED, "sign_rate: per_minute and burst are numbers")
+        return cls(float(per_minute), burst)
+
+    def limit(self) -> RateLimit:
+        return RateLimit(rate=self.per_minute / 60.0, burst=self.burst)
+
+
+DEFAULT_SIGN_RATE = SignRate()
+
+
+def _error(err: OtaError, headers: dict[str, str] | None = None) -> JSONResponse:
     status = STATUS.get(err.code, 500)
-    headers = {"WWW-Authenticate": 'Bearer realm="otaguard-signing"'} if status == 401 else None
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="otaguard-signing"'}
     return JSONResponse(err.to_dict(), status_code=status, headers=headers)
 
 
-def _requester(request: Request, tokens: TokenTable) -> Requester:
+def _requester(request: Request, tokens: TokenTable, now: float) -> Requester:
     auth = request.headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise OtaError(ErrorCode.AUTH, "missing bearer token")
-    who = tokens.authenticate(token.strip())
-    if who is None:
-        raise OtaError(ErrorCode.AUTH, "invalid token")
-    return who
+    return tokens.check(token.strip(), now)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -150,13 +257,27 @@ def signed_to_json(s: SignedRelease) -> dict[str, Any]:
 
 
 def create_app(
-    service: SigningService, tokens: TokenTable, *, max_body: int = DEFAULT_MAX_BODY
+    service: SigningService,
+    tokens: TokenTable,
+    *,
+    max_body: int = DEFAULT_MAX_BODY,
+    sign_rate: SignRate = DEFAULT_SIGN_RATE,
+    clock: Callable[[], float] = time.time,
+    rate_clock: Callable[[], float] = time.monotonic,
 ) -> Starlette:
+    """``clock``: wall time for token expiry; ``rate_clock``: monotonic time for the buckets."""
+    buckets = TokenBuckets(sign_rate.limit(), max_keys=10_000, clock=rate_clock)
+
     async def sign(request: Request) -> Response:
         try:
-            who = _requester(request, tokens)
+            who = _requester(request, tokens, clock())
             if who.role == Role.VIEWER:
                 raise OtaError(ErrorCode.FORBIDDEN, f"role {who.role.value!r} may not sign")
+            wait = buckets.take(who.id)
+            if wait > 0:
+                log.warning("sign rate limit: refused requester %r (retry in %.1f s)", who.id, wait)
+                err = OtaError(ErrorCode.RATE_LIMIT, "too many signing requests")
+                return _error(err, {"Retry-After": retry_after_header(wait)})
             if "json" not in request.headers.get("content-type", ""):
                 raise FormatError(ErrorCode.UNSUPPORTED, "Content-Type must be application/json")
             body = await _read_body(request, max_body)
@@ -174,7 +295,7 @@ def create_app(
 
     async def public_key(request: Request) -> Response:
         try:
-            _requester(request, tokens)
+            _requester(request, tokens, clock())
         except OtaError as err:
             return _error(err)
         key = service.signer.public_key
