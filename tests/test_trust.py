@@ -376,3 +376,36 @@ def test_mutated_update_is_refused_with_a_code_or_identical(data: st.DataObject)
         return
     assert mutated == _UPDATE
     assert new.version == 2
+
+
+def test_keylist_version_fast_forward_is_bounded() -> None:
+    """G4b: a keylist-role key (transition mode, possibly compromised) cannot push the version
+    so far ahead that no later list fits; the root can jump, but not past the absolute bound."""
+    from otaguard.trust.store import MAX_KEYLIST_STEP, MAX_KEYLIST_VERSION
+
+    f = Fleet()
+    auth_a = f.auth(f.a, roles=(Role.FIRMWARE, Role.KEYLIST))
+    auth_b = f.auth(f.b)
+    store = f.store(auth_a, auth_b)
+    base = store.keylist.version
+    # A step of exactly the bound is a device that missed many publications: accepted.
+    stepped = store.apply_update(
+        f.keylist([auth_a, auth_b], by=f.a, version=base + MAX_KEYLIST_STEP), T0
+    )
+    assert stepped.keylist.version == base + MAX_KEYLIST_STEP
+    # One more, by the same keylist-role signer: refused, the store unchanged.
+    with pytest.raises(OtaError) as e:
+        store.apply_update(
+            f.keylist([auth_a, auth_b], by=f.a, version=base + MAX_KEYLIST_STEP + 1), T0
+        )
+    assert code_of(e) == ErrorCode.FAST_FORWARD
+    assert store.keylist.version == base
+    # The root may jump (recovery), up to the absolute bound and not past it.
+    top = store.apply_update(f.keylist([auth_a, auth_b], version=MAX_KEYLIST_VERSION), T0)
+    assert top.keylist.version == MAX_KEYLIST_VERSION
+    with pytest.raises(OtaError) as e:
+        store.apply_update(f.keylist([auth_a, auth_b], version=MAX_KEYLIST_VERSION + 1), T0)
+    assert code_of(e) == ErrorCode.FAST_FORWARD
+    with pytest.raises(OtaError) as e:
+        store.apply_update(f.keylist([auth_a, auth_b], version=2**63), T0)
+    assert code_of(e) == ErrorCode.FAST_FORWARD

@@ -19,6 +19,16 @@ from ..errors import ErrorCode, TrustError
 from .documents import KeyList, decode_keylist_unverified, parse_keylist
 from .model import _ANY_SCOPE, Role, TrustedKey
 
+# Fast-forward bounds (DESIGN threat 2.4, docs/threat-model.md G4b). Key-list versions only
+# grow, so a list with an absurd version would leave no room for any later list, not even the
+# root's: the fleet could never rotate again. No signer may go past MAX_KEYLIST_VERSION, and a
+# transition-mode signer (a ``keylist``-role key, possibly compromised) may advance the
+# version by at most MAX_KEYLIST_STEP per update, far more than a device that missed every
+# publication for years would see, and little enough that exhausting the range through
+# devices that take one list per poll would take centuries.
+MAX_KEYLIST_VERSION = 2**32 - 1
+MAX_KEYLIST_STEP = 1000
+
 
 @dataclass(frozen=True)
 class TrustStore:
@@ -145,7 +155,18 @@ class TrustStore:
                 ErrorCode.REPLAY,
                 f"key-list version {new.version} is not newer than {self.keylist.version}",
             )
+        if new.version > MAX_KEYLIST_VERSION:
+            raise TrustError(
+                ErrorCode.FAST_FORWARD,
+                f"key-list version {new.version} is beyond the limit {MAX_KEYLIST_VERSION}",
+            )
         if signer != self.root:
+            if new.version - self.keylist.version > MAX_KEYLIST_STEP:
+                raise TrustError(
+                    ErrorCode.FAST_FORWARD,
+                    f"key-list version jumps {new.version - self.keylist.version} ahead; only "
+                    f"the root may advance it by more than {MAX_KEYLIST_STEP}",
+                )
             if new.threshold < self.keylist.threshold:
                 raise TrustError(
                     ErrorCode.THRESHOLD, "only the root may lower the signature threshold"
