@@ -393,3 +393,25 @@ def test_the_unchanged_tweak_is_accepted() -> None:
     raw = _tweaked(lambda layers: None)
     assert raw == encode_manifest(make_info())
     assert canonical.manifest_info(raw) == make_info()
+
+
+def test_text_keys_out_of_order_are_declined() -> None:
+    """The text map's keys in reverse order (cbor2 keeps insertion order when not canonical):
+    same content, another encoding. The body reader declines it; the strict route decides."""
+    info = make_info(text={"description": "d", "model": "m", "hw_rev": "r", "zz-extra": "x"})
+    manifest = cbor2.loads(encode_manifest(info))
+    text = cbor2.loads(manifest[suit.MAN_TEXT])
+    component = text["en"][(b"\x00",)]
+    reversed_component = dict(reversed(list(component.items())))
+    for layer in (
+        {"en": {**text["en"], (b"\x00",): reversed_component}},
+        {"en": dict(reversed(list(text["en"].items())))},
+    ):
+        manifest[suit.MAN_TEXT] = cbor2.dumps(layer)
+        raw = cbor2.dumps(manifest)
+        assert raw != encode_manifest(info)
+        assert canonical.manifest_info(raw) is None
+        env = sign_manifest(raw, [ED])
+        assert outcome(verify_envelope, env, KEYS) == outcome(verify_strict, env, KEYS)
+    manifest[suit.MAN_TEXT] = cbor2.dumps(text)  # the control: canonical again, and read
+    assert canonical.manifest_info(cbor2.dumps(manifest)) == info

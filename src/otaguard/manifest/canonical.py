@@ -338,34 +338,26 @@ def _delta(data: bytes, pos: int, size: int) -> tuple[DeltaInfo, int]:
 
 def _text(data: bytes, start: int, end: int) -> dict[str, str]:
     """SUIT_Text_Map for the one language :func:`.profile.encode_text` writes: labelled
-    manifest texts, then the component map of labelled texts and text-keyed extensions, each
-    map's keys in canonical order (shorter encoding first, then bytewise)."""
+    manifest texts, then the component map, each map's keys in canonical order (shorter
+    encoding first, then bytewise, no repeats)."""
     n, pos = rd.head(data, rd.expect(data, start, _TEXT_HEAD), 5)
     text: dict[str, str] = {}
-    last = b""
+    previous = (0, b"")  # (length, bytes) of the last key read: how keys sort
     for _ in range(n):
         key_start = pos
         if data.startswith(_COMPONENT_KEY, pos):
             pos += len(_COMPONENT_KEY)
-            last = _after(last, data[key_start:pos])
-            count, pos = rd.head(data, pos, 5)
-            if not count:
-                raise rd.Mismatch("empty component text")
-            inner = b""
-            for _ in range(count):
-                key_start = pos
-                if data[pos] >> 5 == 3:
-                    name, pos = rd.tstr(data, pos)
-                    if not name or name in TEXT_COMPONENT or name in TEXT_TOP:
-                        raise rd.Mismatch("component text key")
-                else:
-                    label, pos = rd.uint(data, pos)
-                    name = _TEXT_COMPONENT_REV[label]
-                inner = _after(inner, data[key_start:pos])
-                text[name], pos = _text_value(data, pos)
+            key = (len(_COMPONENT_KEY), _COMPONENT_KEY)
+            if key <= previous:
+                raise rd.Mismatch("text keys out of canonical order")
+            previous = key
+            pos = _component_text(data, pos, text)
         else:
             label, pos = rd.uint(data, pos)
-            last = _after(last, data[key_start:pos])
+            key = (pos - key_start, data[key_start:pos])
+            if key <= previous:
+                raise rd.Mismatch("text keys out of canonical order")
+            previous = key
             text[_TEXT_TOP_REV[label]], pos = _text_value(data, pos)
     rd.at_end(pos, end)
     if not text or len(text) > MAX_TEXT_ENTRIES:
@@ -373,11 +365,28 @@ def _text(data: bytes, start: int, end: int) -> dict[str, str]:
     return text
 
 
-def _after(previous: bytes, key: bytes) -> bytes:
-    """``key`` if it sorts strictly after ``previous`` in canonical map order."""
-    if previous and (len(key), key) <= (len(previous), previous):
-        raise rd.Mismatch("map keys out of canonical order")
-    return key
+def _component_text(data: bytes, pos: int, text: dict[str, str]) -> int:
+    """The component's text map, into ``text``: labelled entries, then text-keyed extensions
+    (which may not spell a label's name: the encoder would have used the label)."""
+    count, pos = rd.head(data, pos, 5)
+    if not count:
+        raise rd.Mismatch("empty component text")
+    previous = (0, b"")
+    for _ in range(count):
+        key_start = pos
+        if data[pos] >> 5 == 3:
+            name, pos = rd.tstr(data, pos)
+            if not name or name in TEXT_COMPONENT or name in TEXT_TOP:
+                raise rd.Mismatch("component text key")
+        else:
+            label, pos = rd.uint(data, pos)
+            name = _TEXT_COMPONENT_REV[label]
+        key = (pos - key_start, data[key_start:pos])
+        if key <= previous:
+            raise rd.Mismatch("component text keys out of canonical order")
+        previous = key
+        text[name], pos = _text_value(data, pos)
+    return pos
 
 
 def _text_value(data: bytes, pos: int) -> tuple[str, int]:
