@@ -10,6 +10,7 @@ Targets (issue 8): the 14,000-device, 14-day scenario in < 10 min wall on this 2
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import sys
 import tempfile
@@ -25,9 +26,12 @@ def main() -> int:
     ap.add_argument("--scenario", default="hvac-14k", choices=sorted(SCENARIOS))
     ap.add_argument("--devices", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None, help="device threads (scenario's)")
+    ap.add_argument("--server-procs", type=int, default=None, help="server processes (2)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     opts = options_from(SCENARIOS[a.scenario], devices=a.devices, workers=a.workers, hsm="software")
+    if a.server_procs is not None:
+        opts = dataclasses.replace(opts, server_procs=a.server_procs).validate()
     out = a.out or Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     w0 = time.monotonic()
     r = run_simulation(opts, out, quiet=True)

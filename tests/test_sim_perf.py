@@ -2,8 +2,8 @@
 
 - a parked flash gives its file descriptor back and reopens on the next access (so every
   device can hold a keep-alive connection under the open-files limit);
-- the device HTTPS client keeps its connection across an idle longer than httpx's 5 s when
-  asked to (``keepalive_expiry=None``), and by default still drops it;
+- the device HTTPS client keeps its connection across an idle longer than its default 5 s
+  when asked to (``keepalive_expiry=None``), and by default still drops it;
 - the end-of-run reboot check gives the same answer split over processes as in-process, and
   reports a device whose flash no longer boots.
 """
@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import types
 from pathlib import Path
 from typing import Any
 
-import httpcore._sync.http11 as h11_mod
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -83,7 +81,6 @@ def test_keepalive_connection_survives_a_long_idle_only_when_asked(
     fleet_ca: FleetCA,  # noqa: F811
     server_tls: Path,  # noqa: F811
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     peers: list[tuple[Any, bytes | None]] = []
 
@@ -98,6 +95,7 @@ def test_keepalive_connection_survives_a_long_idle_only_when_asked(
         server_tls / "server.pem", server_tls / "server.key", server_tls / "ca.pem"
     )
     cert, key = _device_identity(fleet_ca, tmp_path, "KA-0001")
+    now = [1000.0]
     with running(app, ctx) as srv:
         t = HttpsTransport(
             srv.url,
@@ -105,14 +103,11 @@ def test_keepalive_connection_survives_a_long_idle_only_when_asked(
             cert_file=cert,
             key_file=key,
             keepalive_expiry=expiry,
+            clock=lambda: now[0],
         )
         try:
             t.checkin({})
-            # an hour of idle, as far as the connection pool's clock can tell
-            real = h11_mod.time.monotonic
-            monkeypatch.setattr(
-                h11_mod, "time", types.SimpleNamespace(monotonic=lambda: real() + 3600)
-            )
+            now[0] += 3600  # an hour of idle, as far as the client's clock can tell
             t.checkin({})
         finally:
             t.close()
@@ -171,3 +166,31 @@ def test_flash_dir_uses_tmpfs_only_when_it_has_room(tmp_path: Path) -> None:
     too_many = free // (1024 * 1024) + 1
     assert W.flash_dir(work, too_many, shm=shm) == work / "flash"
     assert W.flash_dir(work, 10, shm=tmp_path / "missing") == work / "flash"
+
+
+def test_strict_clock_on_one_server_process(tmp_path: Path) -> None:
+    """``lookahead_quanta=0`` (every quantum waits for its polls) with the server in a single
+    process: the same checks pass and no poll ever saw the clock move."""
+    import dataclasses
+
+    from otaguard.cli.simulate import options_from, run_simulation
+    from otaguard.sim.model import SCENARIOS
+
+    base = options_from(
+        SCENARIOS["demo"],
+        devices=24,
+        days=3,
+        phases="25:1h,100",
+        image_size=32768,
+        hsm="software",
+        seed=5,
+    )
+    opts = dataclasses.replace(base, lookahead_quanta=0, server_procs=1).validate()
+    r = run_simulation(opts, tmp_path / "out", quiet=True)
+    assert r["checks"] == {
+        "no_attack_accepted": True,
+        "no_device_bricked": True,
+        "fleet_converged": True,
+    }
+    assert r["clock"]["max_poll_drift_s"] == 0
+    assert r["traffic"]["checkins"] > 0

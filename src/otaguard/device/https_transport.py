@@ -26,16 +26,18 @@ device forever (slow retrieval, E_TRANSPORT).
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import random
+import select
 import ssl
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -45,7 +47,18 @@ MAX_MANIFEST = 64 * 1024
 MAX_JSON = 64 * 1024
 MAX_KEYLIST = 64 * 1024  # TrustStore.apply_update refuses larger lists anyway
 CHUNK = 64 * 1024
+MAX_URL = 2048  # a URL from the server (manifest, image, patch): no spaces or controls
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# What a refused or retried response's body may be read (and thrown away) to keep the
+# connection; a larger one closes the connection instead.
+DRAIN_LIMIT = 64 * 1024
+# Everything the network or a misbehaving server can raise while a request is on the wire:
+# socket and TLS errors (OSError: refused, reset, timeout, handshake/verification failure) and
+# HTTP framing errors (http.client.HTTPException: bad status line, too many or too long
+# headers, a body cut short).
+NET_ERRORS = (OSError, http.client.HTTPException)
+
+Origin = tuple[str, int]
 
 
 def pinned_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
@@ -53,10 +66,26 @@ def pinned_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLCon
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_verify_locations(cafile=str(ca_file))
     ctx.load_cert_chain(str(cert_file), str(key_file))
+    ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 
 
+class _Conn:
+    """One keep-alive HTTP/1.1 connection to one origin, and when it went idle."""
+
+    __slots__ = ("http", "idle_since")
+
+    def __init__(self, http_conn: http.client.HTTPSConnection) -> None:
+        self.http = http_conn
+        self.idle_since: float | None = None
+
+
 class HttpsTransport:
+    """HTTP/1.1 over the standard library (``http.client``) on the pinned ``ssl`` context: one
+    keep-alive connection per origin, reopened on demand (the SPKI pin is checked on every new
+    connection, before a request byte is sent). :meth:`close` closes the connections; the
+    transport stays usable and reconnects at its next request."""
+
     def __init__(
         self,
         base_url: str,
@@ -76,10 +105,16 @@ class HttpsTransport:
         clock: Callable[[], float] = time.monotonic,
         keepalive_expiry: float | None = 5.0,
     ) -> None:
-        """``keepalive_expiry``: seconds an idle connection is kept for reuse (httpx's
-        default 5 s; None keeps it until the server closes it, as a device polling over one
-        long-lived connection does)."""
+        """``keepalive_expiry``: seconds (on ``clock``) an idle connection is kept for reuse
+        (5 s by default; None keeps it until the server closes it, as a device polling over
+        one long-lived connection does). A connection the server has closed meanwhile is
+        noticed before reuse and replaced without costing a retry."""
         self.base_url = base_url.rstrip("/")
+        parts = urllib.parse.urlsplit(self.base_url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise DeviceError(ErrorCode.USAGE, f"update server URL must be https://: {base_url}")
+        self._origin: Origin = (parts.hostname, parts.port or 443)
+        self._prefix = parts.path.rstrip("/")
         self._pins = {p.lower() for p in spki_pins} if spki_pins else None
         self._status = status
         self.max_attempts = max_attempts
@@ -89,15 +124,10 @@ class HttpsTransport:
         self.deadline = deadline
         self._clock = clock
         self._rng = rng or random.SystemRandom()
-        self._client = httpx.Client(
-            base_url=self.base_url,
-            verify=pinned_context(ca_file, cert_file, key_file),
-            timeout=timeout,
-            follow_redirects=False,
-            limits=httpx.Limits(keepalive_expiry=keepalive_expiry),
-            # bodies are read raw (never decompressed), so a compressed bomb cannot expand
-            headers={"Accept-Encoding": "identity"},
-        )
+        self._timeout = timeout
+        self._keepalive = keepalive_expiry
+        self._ctx = pinned_context(ca_file, cert_file, key_file)
+        self._conns: dict[Origin, _Conn] = {}
         self.update: dict[str, Any] | None = None
         self.last_checkin: dict[str, Any] | None = None
 
@@ -106,15 +136,28 @@ class HttpsTransport:
         return self.base_url
 
     def close(self) -> None:
-        self._client.close()
+        conns, self._conns = self._conns, {}
+        for c in conns.values():
+            c.http.close()
 
     # --- plumbing ------------------------------------------------------------------------------
-    def _check_pin(self, response: httpx.Response) -> None:
+    def _target(self, url: str) -> tuple[Origin, str]:
+        """(origin, request target) of a path on the update server or an absolute https URL
+        the server handed out (verified with the same pinned context)."""
+        if len(url) > MAX_URL or any(ch <= " " or ch == "\x7f" for ch in url):
+            raise DeviceError(ErrorCode.MALFORMED, f"refusing a malformed URL: {url[:100]!r}")
+        if url.startswith("/") and not url.startswith("//"):
+            return self._origin, self._prefix + url
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise DeviceError(ErrorCode.MALFORMED, f"refusing a non-https URL: {url[:100]!r}")
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return (parts.hostname, parts.port or 443), target
+
+    def _check_pin(self, sock: Any) -> None:
         if self._pins is None:
             return
-        stream = response.extensions.get("network_stream")
-        sslobj = stream.get_extra_info("ssl_object") if stream is not None else None
-        der = sslobj.getpeercert(True) if sslobj is not None else None
+        der = sock.getpeercert(True) if isinstance(sock, ssl.SSLSocket) else None
         if not der:
             raise DeviceError(ErrorCode.CERT, "cannot read the server certificate for pinning")
         spki = (
@@ -125,8 +168,34 @@ class HttpsTransport:
             )
         )
         if hashlib.sha256(spki).hexdigest() not in self._pins:
-            response.close()
             raise DeviceError(ErrorCode.CERT, "server certificate does not match the SPKI pin")
+
+    def _connection(self, origin: Origin) -> _Conn:
+        """A connected, pinned connection to ``origin``: the idle one if it is still good."""
+        c = self._conns.get(origin)
+        if c is not None and c.http.sock is not None:
+            if c.idle_since is None:
+                c.http.close()  # an earlier response was abandoned unread: not reusable
+            elif (
+                self._keepalive is not None and self._clock() - c.idle_since > self._keepalive
+            ) or _readable(c.http.sock):  # readable while idle: the server closed it (or junk)
+                c.http.close()
+        if c is None:
+            c = _Conn(
+                http.client.HTTPSConnection(
+                    origin[0], origin[1], timeout=self._timeout, context=self._ctx
+                )
+            )
+            self._conns[origin] = c
+        c.idle_since = None
+        if c.http.sock is None:
+            try:
+                c.http.connect()
+                self._check_pin(c.http.sock)
+            except BaseException:
+                c.http.close()
+                raise
+        return c
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
         cap = min(self.max_delay, self.base_delay * (2**attempt))
@@ -135,21 +204,39 @@ class HttpsTransport:
             delay = max(delay, min(float(retry_after), self.max_delay))
         return delay
 
-    def _request(self, method: str, url: str, **kw: Any) -> httpx.Response:
+    def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> _Response:
         """Send with retries; return a response whose status is not retryable (body unread)."""
+        origin, target = self._target(url)
+        hdrs = {"Accept-Encoding": "identity"}  # bodies are read raw: no compression bombs
+        if headers:
+            hdrs.update(headers)
+        if body is not None:
+            hdrs["Content-Type"] = "application/json"
         last: str = ""
         for attempt in range(self.max_attempts):
             retry_after: str | None = None
             try:
-                req = self._client.build_request(method, url, **kw)
-                resp = self._client.send(req, stream=True)
-                self._check_pin(resp)
-                if resp.status_code not in RETRY_STATUSES:
+                c = self._connection(origin)
+                try:
+                    c.http.request(method, target, body=body, headers=hdrs)
+                    raw = c.http.getresponse()
+                except BaseException:
+                    c.http.close()
+                    raise
+                resp = _Response(raw, c, self._clock)
+                if resp.status not in RETRY_STATUSES:
                     return resp
-                retry_after = resp.headers.get("retry-after")
-                last = f"HTTP {resp.status_code}"
-                resp.close()
-            except httpx.TransportError as exc:
+                retry_after = resp.header("retry-after")
+                last = f"HTTP {resp.status}"
+                resp.discard()
+            except NET_ERRORS as exc:
                 last = f"{type(exc).__name__}: {exc}"
             if attempt + 1 < self.max_attempts:
                 self._sleep(self._delay(attempt, retry_after))
@@ -161,11 +248,11 @@ class HttpsTransport:
                 ErrorCode.TRANSPORT, f"{what}: download exceeded its {self.deadline:g} s deadline"
             )
 
-    def _read_bounded(self, resp: httpx.Response, limit: int, what: str) -> bytes:
+    def _read_bounded(self, resp: _Response, limit: int, what: str) -> bytes:
         """The whole body, refused as soon as it is known to exceed ``limit``; closes ``resp``."""
         started = self._clock()
         try:
-            declared = resp.headers.get("content-length")
+            declared = resp.header("content-length")
             if declared is not None:
                 if not declared.strip().isdigit():
                     raise DeviceError(ErrorCode.MALFORMED, f"{what}: bad Content-Length")
@@ -179,14 +266,14 @@ class HttpsTransport:
                 if len(buf) > limit:
                     raise DeviceError(ErrorCode.TOO_LARGE, f"{what}: over the {limit}-byte limit")
                 self._check_deadline(started, what)
-        except httpx.TransportError as exc:
-            raise DeviceError(ErrorCode.TRANSPORT, f"{what}: {exc}") from None
+        except NET_ERRORS as exc:
+            raise DeviceError(ErrorCode.TRANSPORT, f"{what}: {type(exc).__name__}: {exc}") from None
         finally:
             resp.close()
         return bytes(buf)
 
-    def _error(self, resp: httpx.Response) -> OtaError:
-        status = resp.status_code
+    def _error(self, resp: _Response) -> OtaError:
+        status = resp.status
         try:
             obj = json.loads(self._read_bounded(resp, MAX_JSON, "error response"))
             code = ErrorCode(obj["error"])
@@ -196,12 +283,15 @@ class HttpsTransport:
         return DeviceError(code, f"server: {detail}")
 
     def _json(self, method: str, url: str, body: dict[str, Any] | None = None) -> Any:
-        resp = self._request(method, url, json=body)
-        if resp.status_code >= 400:
+        data = None
+        if body is not None:
+            data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        resp = self._request(method, url, body=data)
+        if resp.status >= 400:
             raise self._error(resp)
-        data = self._read_bounded(resp, MAX_JSON, "server response")
+        raw = self._read_bounded(resp, MAX_JSON, "server response")
         try:
-            return json.loads(data)
+            return json.loads(raw)
         except ValueError:
             raise DeviceError(ErrorCode.MALFORMED, "server response is not JSON") from None
 
@@ -235,7 +325,7 @@ class HttpsTransport:
 
     def _get_manifest(self, url: str) -> bytes:
         resp = self._request("GET", url)
-        if resp.status_code != 200:
+        if resp.status != 200:
             raise self._error(resp)
         return self._read_bounded(resp, MAX_MANIFEST, "manifest")
 
@@ -252,12 +342,12 @@ class HttpsTransport:
     def _open_blob(self, url: str, offset: int, what: str) -> Iterator[bytes]:
         headers = {"Range": f"bytes={offset}-"} if offset > 0 else {}
         resp = self._request("GET", url, headers=headers)
-        if resp.status_code == 416:
-            resp.close()
+        if resp.status == 416:
+            resp.discard()
             return
-        if resp.status_code not in (200, 206):
+        if resp.status not in (200, 206):
             raise self._error(resp)
-        skip = offset if resp.status_code == 200 else 0
+        skip = offset if resp.status == 200 else 0
         started = self._clock()
         try:
             for chunk in resp.iter_raw():
@@ -269,7 +359,7 @@ class HttpsTransport:
                     if not chunk:
                         continue
                 yield chunk
-        except httpx.TransportError as exc:
+        except NET_ERRORS as exc:
             raise DeviceError(ErrorCode.TRANSPORT, f"{what} download interrupted: {exc}") from None
         finally:
             resp.close()
@@ -293,10 +383,74 @@ class HttpsTransport:
         """The published key-list document and its ETag; None if unchanged since ``etag``."""
         headers = {"If-None-Match": etag} if etag else {}
         resp = self._request("GET", "/v1/keylist", headers=headers)
-        if resp.status_code == 304:
-            resp.close()
+        if resp.status == 304:
+            resp.discard()
             return None
-        if resp.status_code != 200:
+        if resp.status != 200:
             raise self._error(resp)
-        etag = resp.headers.get("etag", "")
+        etag = resp.header("etag") or ""
         return self._read_bounded(resp, MAX_KEYLIST, "key list"), etag
+
+
+def _readable(sock: Any) -> bool:
+    """Whether an idle socket has something to read (the peer closed it, or sent junk).
+    poll(), not select(): descriptors above 1024 are normal in a 14,000-device simulation."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    p = select.poll()
+    p.register(sock, select.POLLIN)
+    return bool(p.poll(0))
+
+
+class _Response:
+    """A response with its body unread. Reading it to the end hands the connection back for
+    reuse; closing it before the end closes the connection (its unread bytes are garbage to
+    the next request), as does a server's ``Connection: close``."""
+
+    __slots__ = ("_clock", "_conn", "_done", "_raw", "status")
+
+    def __init__(self, raw: http.client.HTTPResponse, conn: _Conn, clock: Callable[[], float]):
+        self._raw = raw
+        self._conn = conn
+        self._clock = clock
+        self._done = False
+        self.status = raw.status
+
+    def header(self, name: str) -> str | None:
+        return self._raw.getheader(name)
+
+    def iter_raw(self) -> Iterator[bytes]:
+        """The body as it arrives (at most one socket read per chunk), never decoded. A body
+        that ends before its declared length raises IncompleteRead (a drop, not an end)."""
+        raw = self._raw
+        while True:
+            if not raw.chunked and raw.length == 0:
+                break
+            chunk = raw.read1(CHUNK)
+            if not chunk:
+                if raw.length:  # EOF with declared bytes still missing
+                    raise http.client.IncompleteRead(b"", raw.length)
+                break
+            yield chunk
+        self._done = True
+
+    def discard(self) -> None:
+        """Throw the body away: read if small (the connection stays usable), else close."""
+        raw = self._raw
+        length = raw.length
+        if not raw.chunked and length is not None and length <= DRAIN_LIMIT:
+            try:
+                raw.read()
+                self._done = True
+            except NET_ERRORS:
+                pass
+        self.close()
+
+    def close(self) -> None:
+        raw = self._raw
+        complete = self._done or raw.isclosed()
+        raw.close()
+        if not complete or raw.will_close:
+            self._conn.http.close()
+        else:
+            self._conn.idle_since = self._clock()

@@ -4,12 +4,18 @@ SQLite is the default (one file, WAL journal, busy timeout). Python's sqlite3 dr
 deferred ``BEGIN`` lazily, and a deferred transaction that reads and then writes can fail with
 SQLITE_BUSY no matter how long the busy timeout is; so we take over transaction start and
 open write transactions with ``BEGIN IMMEDIATE`` (the writer lock is taken up front, and the
-busy timeout then really waits). PostgreSQL needs none of this.
+busy timeout then really waits). Writers also queue on a lock file (``<database>-writelock``,
+``flock``) before ``BEGIN IMMEDIATE``: several server processes on one SQLite file (the
+simulator's pre-forked servers, or two ``otaguard server run``) then wait for each other in the
+kernel and are woken when the writer finishes, instead of in SQLite's busy handler, which polls
+with sleeps of 1 to 100 ms. PostgreSQL needs none of this.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +38,39 @@ _PG_MIGRATION_LOCK = 0x07A6_0001
 
 def sqlite_url(path: str | Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
+
+
+class WriterLock:
+    """One SQLite writer at a time: the threads of this process on a lock, then the processes
+    on ``flock`` of ``path`` (opened on first use, close-on-exec)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 class Database:
@@ -60,9 +99,12 @@ class Database:
         else:
             raise ServerError(ErrorCode.USAGE, f"unsupported database {self.dialect!r}", 500)
         self.engine: Engine = create_engine(u, **kwargs)
-        # A process-level writer lock keeps SQLite writers from queueing inside the busy
-        # handler (which sleeps in coarse steps); other processes still use the busy timeout.
-        self._write_lock = threading.Lock() if self.dialect == "sqlite" else None
+        # Writers queue here, not inside SQLite's busy handler (which sleeps in coarse steps);
+        # the busy timeout stays for processes that do not take the lock file.
+        self._write_lock: WriterLock | None = None
+        if self.dialect == "sqlite":
+            assert u.database is not None
+            self._write_lock = WriterLock(Path(f"{u.database}-writelock"))
         if self.dialect == "sqlite":
             sync = sqlite_synchronous.upper()
             if sync not in {"FULL", "NORMAL", "EXTRA"}:
@@ -132,3 +174,5 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._write_lock is not None:
+            self._write_lock.close()

@@ -17,7 +17,7 @@ import contextlib
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,23 @@ except ImportError:  # pragma: no cover - httptools is a declared dependency
     pass
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop (libuv) when it is installed, else asyncio's. Every request crosses
+    the loop several times (TLS records, the worker-thread hop for a database write and back),
+    and uvloop's transports and cross-thread wake-up cost a fraction of the pure-Python ones."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency (not on Windows)
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """``asyncio.run`` on :func:`new_event_loop`."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(main)
+
+
 def server_ssl_context(
     cert: Path, key: Path, client_ca: Path | None, *, require_client_cert: bool = True
 ) -> ssl.SSLContext:
@@ -180,15 +197,24 @@ def uvicorn_config(
 class ThreadedServer:
     """Run the server on a background thread (tests, benchmarks, the simulator)."""
 
-    def __init__(self, app: ASGIApp, ctx: ssl.SSLContext | None, host: str = "127.0.0.1") -> None:
-        self.sock = bind_socket(host, 0)
+    def __init__(
+        self,
+        app: ASGIApp,
+        ctx: ssl.SSLContext | None,
+        host: str = "127.0.0.1",
+        *,
+        sock: socket.socket | None = None,
+    ) -> None:
+        """``sock``: a listening socket to serve (e.g. inherited, shared with other server
+        processes); by default a new one on a free port of ``host``."""
+        self.sock = sock if sock is not None else bind_socket(host, 0)
         self.port: int = self.sock.getsockname()[1]
         self.host = host
         self.server = uvicorn.Server(uvicorn_config(app, ctx))
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        asyncio.run(self.server.serve(sockets=[self.sock]))
+        run_loop(self.server.serve(sockets=[self.sock]))
 
     def start(self) -> ThreadedServer:
         self._thread.start()

@@ -1,7 +1,8 @@
 """Assemble a server from a data directory and run it (``otaguard server run``).
 
-Data directory layout: ``otaguard.db`` (default SQLite database), ``blobs/`` (content-addressed
-store). The schema is migrated to the newest revision on every start.
+Data directory layout: ``otaguard.db`` (default SQLite database, with SQLite's ``-wal`` and
+``-shm`` files and ``otaguard.db-writelock``, the writers' lock file: :mod:`.db`), ``blobs/``
+(content-addressed store). The schema is migrated to the newest revision on every start.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .app import IpNet, ServerSettings, TrustState, UpdateServer
 from .blobs import LocalBlobStore
 from .ca import MAX_PEM, load_cert_pem
 from .db import Database, sqlite_url
-from .mtls import bind_socket, server_ssl_context, uvicorn_config
+from .mtls import bind_socket, run_loop, server_ssl_context, uvicorn_config
 from .ratelimit import RateLimit
 
 log = logging.getLogger("otaguard.server")
@@ -127,4 +128,4 @@ def run(opts: RunOptions) -> None:
     async def main() -> None:
         await asyncio.gather(dev.serve(sockets=[dev_sock]), adm.serve(sockets=[adm_sock]))
 
-    asyncio.run(main())
+    run_loop(main())

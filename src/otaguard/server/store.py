@@ -38,14 +38,32 @@ def now_s() -> int:
     return int(_CLOCK.now())
 
 
+# Statements on the device request path are built once and executed with parameters (the
+# column values of an INSERT or UPDATE ... SET come from the parameter names): building a
+# statement and its cache key per request cost more than running it on SQLite.
+_INSERT_IGNORE: dict[tuple[str, str, tuple[str, ...]], Any] = {}
+
+
+def _only_columns(table: Any, values: dict[str, Any]) -> None:
+    """A parameter that names no column would be ignored by an executed statement (a
+    ``.values()`` built per call refused it): refuse it here too."""
+    extra = values.keys() - table.c.keys()
+    if extra:
+        raise ServerError(ErrorCode.INTERNAL, f"not columns of {table.name}: {sorted(extra)}", 500)
+
+
 def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]) -> bool:
     """INSERT that silently does nothing on a unique conflict; True if a row was written."""
     # RETURNING, not rowcount: drivers disagree on rowcount for a conflict-skipped insert.
-    if conn.dialect.name == "postgresql":
-        pg = postgresql.insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
-        return conn.execute(pg.returning(table.c.id)).first() is not None
-    lite = sqlite.insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
-    return conn.execute(lite.returning(table.c.id)).first() is not None
+    _only_columns(table, values)
+    dialect = conn.dialect.name
+    ck = (dialect, table.name, tuple(keys))
+    stmt = _INSERT_IGNORE.get(ck)
+    if stmt is None:
+        ins = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+        stmt = ins.on_conflict_do_nothing(index_elements=keys).returning(table.c.id)
+        _INSERT_IGNORE[ck] = stmt
+    return conn.execute(stmt, values).first() is not None
 
 
 # --- devices -----------------------------------------------------------------------------------
@@ -140,7 +158,11 @@ def record_checkin(
     """
     values = checkin_changes(device, facts, lastseen_interval=lastseen_interval)
     if values is not None:
-        conn.execute(update(m.devices).where(m.devices.c.id == device.id).values(**values))
+        _only_columns(m.devices, values)
+        conn.execute(_UPDATE_DEVICE, dict(values, b_id=device.id))
+
+
+_UPDATE_DEVICE = update(m.devices).where(m.devices.c.id == bindparam("b_id"))
 
 
 def checkin_changes(
@@ -169,52 +191,72 @@ def pending_update(conn: Connection, device_id: int) -> Row[Any] | None:
     return conn.execute(_PENDING_UPDATE, {"device_id": device_id}).first()
 
 
+_UPDATE_ASSIGNMENT = update(m.assignments).where(
+    m.assignments.c.device_id == bindparam("b_device_id")
+)
+_DELETE_ASSIGNMENT = delete(m.assignments).where(
+    m.assignments.c.device_id == bindparam("b_device_id")
+)
+_INSERT_ASSIGNMENT = insert(m.assignments)
+
+
 def set_assignment_state(conn: Connection, device_id: int, state: str) -> None:
     conn.execute(
-        update(m.assignments)
-        .where(m.assignments.c.device_id == device_id)
-        .values(state=state, updated_at=now_s())
+        _UPDATE_ASSIGNMENT, {"state": state, "updated_at": now_s(), "b_device_id": device_id}
     )
 
 
 def assign(conn: Connection, device_id: int, release_id: int, campaign_id: int | None) -> None:
     """Point a device at a release (replacing any earlier target: one target per device)."""
     t = now_s()
-    conn.execute(delete(m.assignments).where(m.assignments.c.device_id == device_id))
+    conn.execute(_DELETE_ASSIGNMENT, {"b_device_id": device_id})
     conn.execute(
-        insert(m.assignments).values(
-            device_id=device_id,
-            release_id=release_id,
-            campaign_id=campaign_id,
-            state="assigned",
-            assigned_at=t,
-            updated_at=t,
-        )
+        _INSERT_ASSIGNMENT,
+        {
+            "device_id": device_id,
+            "release_id": release_id,
+            "campaign_id": campaign_id,
+            "state": "assigned",
+            "assigned_at": t,
+            "updated_at": t,
+        },
     )
+
+
+_MAY_FETCH: dict[str, Any] = {}
+_MAY_FETCH_DELTA: dict[str, Any] = {}
 
 
 def device_may_fetch(conn: Connection, device_id: int, column: str, blob: str) -> bool:
     """Only a device that was offered a release may download its manifest or image
     (or, for a release with deltas, a delta manifest or patch: ``image_blob`` covers patches)."""
-    col = m.releases.c[column]
-    j = m.assignments.join(m.releases, m.assignments.c.release_id == m.releases.c.id)
-    row = conn.execute(
-        select(m.releases.c.id)
-        .select_from(j)
-        .where(m.assignments.c.device_id == device_id, col == blob)
-        .limit(1)
-    ).first()
-    return row is not None or _device_may_fetch_delta(conn, device_id, column, blob)
+    q = _MAY_FETCH.get(column)
+    if q is None:
+        col = m.releases.c[column]  # KeyError for a column that does not exist
+        j = m.assignments.join(m.releases, m.assignments.c.release_id == m.releases.c.id)
+        q = _MAY_FETCH[column] = (
+            select(m.releases.c.id)
+            .select_from(j)
+            .where(m.assignments.c.device_id == bindparam("device_id"), col == bindparam("blob"))
+            .limit(1)
+        )
+    params = {"device_id": device_id, "blob": blob}
+    row = conn.execute(q, params).first()
+    return row is not None or _device_may_fetch_delta(conn, params, column)
 
 
-def _device_may_fetch_delta(conn: Connection, device_id: int, column: str, blob: str) -> bool:
-    d = m.release_deltas
-    col = d.c.envelope_blob if column == "envelope_blob" else d.c.patch_blob
-    j = m.assignments.join(d, m.assignments.c.release_id == d.c.release_id)
-    row = conn.execute(
-        select(d.c.id).select_from(j).where(m.assignments.c.device_id == device_id, col == blob)
-    ).first()
-    return row is not None
+def _device_may_fetch_delta(conn: Connection, params: dict[str, Any], column: str) -> bool:
+    q = _MAY_FETCH_DELTA.get(column)
+    if q is None:
+        d = m.release_deltas
+        col = d.c.envelope_blob if column == "envelope_blob" else d.c.patch_blob
+        j = m.assignments.join(d, m.assignments.c.release_id == d.c.release_id)
+        q = _MAY_FETCH_DELTA[column] = (
+            select(d.c.id)
+            .select_from(j)
+            .where(m.assignments.c.device_id == bindparam("device_id"), col == bindparam("blob"))
+        )
+    return conn.execute(q, params).first() is not None
 
 
 # --- reports -----------------------------------------------------------------------------------
@@ -242,10 +284,19 @@ def record_probe(
     detail: str = "",
 ) -> None:
     conn.execute(
-        insert(m.probe_events).values(
-            device_id=device_id, ip=ip, kind=kind, path=path[:200], detail=detail[:200], at=now_s()
-        )
+        _INSERT_PROBE,
+        {
+            "device_id": device_id,
+            "ip": ip,
+            "kind": kind,
+            "path": path[:200],
+            "detail": detail[:200],
+            "at": now_s(),
+        },
     )
+
+
+_INSERT_PROBE = insert(m.probe_events)
 
 
 def flag_suspect(conn: Connection, device_id: int, reason: str) -> None:
@@ -314,16 +365,19 @@ def insert_delta(conn: Connection, values: dict[str, Any]) -> int:
     return int(res.inserted_primary_key[0])  # type: ignore[index]
 
 
+_DELTA_REF = select(m.release_deltas).where(
+    m.release_deltas.c.release_id == bindparam("release_id"),
+    m.release_deltas.c.base_digest == bindparam("base"),
+)
+
+
 def delta_ref(
     conn: Connection, release_id: int, running_digest: str | None
 ) -> dict[str, Any] | None:
     """The delta of ``release_id`` whose base is the device's running image, as offered."""
     if not running_digest:
         return None
-    d = m.release_deltas
-    row = conn.execute(
-        select(d).where(d.c.release_id == release_id, d.c.base_digest == running_digest)
-    ).first()
+    row = conn.execute(_DELTA_REF, {"release_id": release_id, "base": running_digest}).first()
     if row is None:
         return None
     return {

@@ -3,7 +3,7 @@
 Only devices due at the current simulated instant do real work; each of them runs the real
 :class:`~otaguard.device.updater.Updater` cycle over real mTLS HTTPS (one keep-alive client
 per device identity, open connections capped by :class:`ConnectionPool`) against the real
-server, which runs in its own process (:mod:`.serverproc`) on the same
+server, which runs in processes of its own (:mod:`.serverproc`) on the same
 :class:`~.sharedclock.SharedClock`. Events of one quantum (default 60 simulated seconds) start
 at the same instant on a small thread pool; the clock may move on while they run, by at most
 ``SimOptions.lookahead_quanta`` quanta (see :meth:`Simulation.run`).
@@ -226,13 +226,9 @@ class ConnectionPool:
 
 
 def _drop_connections(t: HttpsTransport) -> None:
-    """Close the client's pooled connections but keep the client (and its TLS context)."""
-    inner = getattr(t, "_client", None)
-    transport = getattr(inner, "_transport", None)
-    if isinstance(transport, httpx.HTTPTransport):
-        transport.close()  # httpcore closes the pooled connections; new ones open on demand
-    else:  # pragma: no cover - httpx internals changed: fall back to closing everything
-        t.close()
+    """Close the client's connection but keep the client (and its TLS context): it
+    reconnects, with a full handshake, at its next request."""
+    t.close()
 
 
 def raise_fd_limit(need: int) -> int:
@@ -353,7 +349,7 @@ class Simulation:
         self.rel = W.make_releases(keys, o.image_size, o.seed, int(self.t0))
         self.wall["keys_releases"] = time.monotonic() - w0
         w1 = time.monotonic()
-        self.world = W.start_server(self.work, self.clock, self.rel)
+        self.world = W.start_server(self.work, self.clock, self.rel, o.server_procs)
         self.rid = W.publish(self.world, self.rel)
         kit = AttackKit(self.rel.factory_manifest, self.rel.other_manifest, self.rel.other_image)
         rng = random.Random(o.seed)
@@ -417,7 +413,7 @@ class Simulation:
             rng=random.Random(i),
             timeout=60,
             # the connection idles for a poll interval (tens of wall seconds): keep it, as
-            # the server process does (httpx would drop it after 5 s and handshake again)
+            # the server process does (the default drops it after 5 s: a handshake per poll)
             keepalive_expiry=None,
         )
 

@@ -1,6 +1,6 @@
-"""A simulated clock shared across processes (the simulator and its server process).
+"""A simulated clock shared across processes (the simulator and its server processes).
 
-The fleet simulator runs the update server in its own process (its own GIL, the second core)
+The fleet simulator runs the update server in processes of its own (their own GILs)
 and the devices in the simulator's process; both must read the same simulated time. The
 clock lives in a 24-byte named shared-memory block: a sequence number, the current time and
 the monotonic origin. There is exactly one writer (the simulator, which owns the block); any

@@ -279,9 +279,10 @@ class ServerWorld:
         store.set_clock(self.prev_clock)
 
 
-def start_server(work: Path, clock: SharedClock, rel: Releases) -> ServerWorld:
-    """The real update server (device API on mTLS, admin API on TLS) in its own process,
-    reading ``clock``; the database is prepared (schema, admin tokens) here first."""
+def start_server(work: Path, clock: SharedClock, rel: Releases, procs: int = 1) -> ServerWorld:
+    """The real update server (device API on mTLS, admin API on TLS) in ``procs`` processes
+    of its own (serverproc), reading ``clock``; the database is prepared (schema, admin
+    tokens) here first."""
     ca = FleetCA.create(work / "ca", passphrase=secrets.token_hex(16).encode())
     tls = work / "tls"
     issue_server_cert(ca, tls, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
@@ -301,7 +302,7 @@ def start_server(work: Path, clock: SharedClock, rel: Releases) -> ServerWorld:
     ):
         with db.write() as conn:
             tokens[role] = store.create_token(conn, name, role)
-    spec = ServerSpec(url, work / "blobs", tls, clock.name, rel.bundle.to_bytes())
+    spec = ServerSpec(url, work / "blobs", tls, clock.name, rel.bundle.to_bytes(), procs)
     proc = ServerProcess(spec).start()
     admin = httpx.Client(
         base_url=proc.admin_url,
