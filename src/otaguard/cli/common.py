@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -121,3 +122,48 @@ def load_signer(
     assert pkcs11_uri is not None
     pin = secret_from_env_or_prompt(PIN_ENV, "Token PIN")
     return Pkcs11Signer.open(pkcs11_uri, pin=pin.decode(), module=pkcs11_module, alg=alg)
+
+
+# --- credential lifetimes (signing-service tokens, admin tokens) ---------------------------------
+_DURATION = re.compile(r"\A([1-9][0-9]{0,5})([dh])\Z")
+MAX_VALID_FOR = 3650 * 86400
+DEFAULT_VALID_FOR = "90d"
+
+
+def parse_duration(text: str) -> int:
+    """``"90d"`` / ``"12h"`` → seconds (at most 3650 days); anything else is ``E_USAGE``."""
+    m = _DURATION.match(text)
+    if m is None:
+        raise UsageError(
+            ErrorCode.USAGE, f"--valid-for: want a duration like 90d or 12h, got {text!r}"
+        )
+    seconds = int(m.group(1)) * (86400 if m.group(2) == "d" else 3600)
+    if seconds > MAX_VALID_FOR:
+        raise UsageError(ErrorCode.USAGE, f"--valid-for: at most 3650d, got {text!r}")
+    return seconds
+
+
+def lifetime_options(valid_for_help: str, no_expiry_help: str) -> Callable[[F], F]:
+    """``--valid-for DURATION`` / ``--no-expiry`` for a command that mints a credential: one
+    spelling and one default for every token otaguard issues."""
+
+    def deco(f: F) -> F:
+        f = click.option("--no-expiry", is_flag=True, help=no_expiry_help)(f)
+        return click.option(
+            "--valid-for",
+            metavar="DURATION",
+            default=None,
+            help=f"{valid_for_help}  [default: {DEFAULT_VALID_FOR}]",
+        )(f)
+
+    return deco
+
+
+def lifetime_seconds(valid_for: str | None, no_expiry: bool) -> int | None:
+    """The credential's lifetime in seconds, or None for ``--no-expiry``; ``E_USAGE`` for a
+    bad duration or both options (checked before anything is written)."""
+    if no_expiry and valid_for is not None:
+        raise UsageError(ErrorCode.USAGE, "--valid-for and --no-expiry exclude each other")
+    return (
+        None if no_expiry else parse_duration(DEFAULT_VALID_FOR if valid_for is None else valid_for)
+    )

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from .common import lifetime_options, lifetime_seconds
 from .fleet import _data_dir_option, _db_option, _open_db
 
 
@@ -96,16 +97,36 @@ def run(
     required=True,
     type=click.Choice(["viewer", "operator", "release-manager", "security-officer"]),
 )
+@lifetime_options(
+    "Lifetime, e.g. 90d or 12h, on the server clock.", "The token never expires (avoid)."
+)
 @_data_dir_option
 @_db_option
-def token_create(name: str, role: str, data_dir: Path, db_url: str | None) -> None:
-    """Create an admin bearer token (printed once; only its hash is stored)."""
-    from ..server import store
+def token_create(
+    name: str,
+    role: str,
+    valid_for: str | None,
+    no_expiry: bool,
+    data_dir: Path,
+    db_url: str | None,
+) -> None:
+    """Create an admin bearer token (printed once; only its hash is stored).
 
+    stdout's first line is the token (scripts read it); the expiry goes to stderr.
+    """
+    from ..server import store
+    from ..signing.http import format_utc
+
+    lifetime = lifetime_seconds(valid_for, no_expiry)  # before the database: no row on error
     db = _open_db(data_dir, db_url)
     with db.write() as conn:
-        token = store.create_token(conn, name, role)
+        token = store.create_token(conn, name, role, valid_for=lifetime)
+        expires_at = store.token_expiry(conn, name)
     click.echo(token)
+    if expires_at is None:
+        click.echo(f"WARNING: admin token {name!r} never expires (--no-expiry)", err=True)
+    else:
+        click.echo(f"token {name!r} expires at {format_utc(expires_at)}", err=True)
 
 
 @server.command("migrate")

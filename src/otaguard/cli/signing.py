@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import socket
 import sys
 import time
@@ -18,7 +17,7 @@ from ..signing.http import create_app, format_utc, hash_token, new_token
 from ..signing.policy import Role
 from ..signing.service import SigningService
 from ..signing.state import SigningState
-from .common import load_signer
+from .common import lifetime_options, lifetime_seconds, load_signer
 
 
 @click.group()
@@ -80,23 +79,6 @@ def serve(config: Path, host: str, port: int, tls_cert: Path | None, tls_key: Pa
             close()
 
 
-_DURATION = re.compile(r"\A([1-9][0-9]{0,5})([dh])\Z")
-MAX_VALID_FOR = 3650 * 86400
-
-
-def parse_duration(text: str) -> int:
-    """``"90d"`` / ``"12h"`` → seconds (at most 3650 days); anything else is ``E_USAGE``."""
-    m = _DURATION.match(text)
-    if m is None:
-        raise UsageError(
-            ErrorCode.USAGE, f"--valid-for: want a duration like 90d or 12h, got {text!r}"
-        )
-    seconds = int(m.group(1)) * (86400 if m.group(2) == "d" else 3600)
-    if seconds > MAX_VALID_FOR:
-        raise UsageError(ErrorCode.USAGE, f"--valid-for: at most 3650d, got {text!r}")
-    return seconds
-
-
 @signing.command("token")
 @click.option("--requester", required=True, help="Requester id (must match the policy file).")
 @click.option(
@@ -105,18 +87,13 @@ def parse_duration(text: str) -> int:
     default=Role.RELEASE.value,
     show_default=True,
 )
-@click.option(
-    "--valid-for",
-    metavar="DURATION",
-    default=None,
-    help="Lifetime, e.g. 90d or 12h; written as not_after (RFC 3339 UTC).  [default: 90d]",
+@lifetime_options(
+    "Lifetime, e.g. 90d or 12h; written as not_after (RFC 3339 UTC).",
+    "Write no not_after: the token never expires.",
 )
-@click.option("--no-expiry", is_flag=True, help="Write no not_after: the token never expires.")
 def token_cmd(requester: str, role: str, valid_for: str | None, no_expiry: bool) -> None:
     """Mint a request token: the token goes to CI's secret store, the entry into the config."""
-    if no_expiry and valid_for is not None:
-        raise UsageError(ErrorCode.USAGE, "--valid-for and --no-expiry exclude each other")
-    lifetime = None if no_expiry else parse_duration("90d" if valid_for is None else valid_for)
+    lifetime = lifetime_seconds(valid_for, no_expiry)
     tok = new_token()
     entry = {"sha256": hash_token(tok), "requester": requester, "role": role}
     if lifetime is not None:

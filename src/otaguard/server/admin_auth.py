@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 
 async def token_identity(srv: UpdateServer, request: Request) -> tuple[str, str]:
-    """(token name, role) of the request's bearer token, or 401 E_AUTH."""
+    """(token name, role) of the request's bearer token, or 401 E_AUTH (missing, unknown,
+    revoked, or expired on the server clock: ``store.token_role``)."""
     auth = request.headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():

@@ -170,6 +170,9 @@ admin_tokens = Table(
     Column("role", String(32), nullable=False),
     Column("created_at", BigInteger, nullable=False),
     Column("revoked", Boolean, nullable=False, default=False),
+    # POSIX seconds on the server clock (migration 0005); NULL = never expires (tokens made
+    # before 0005, or ``token-create --no-expiry``).
+    Column("expires_at", BigInteger),
 )
 
 # Campaigns (migration 0003_campaigns): ``state`` is ``rollout.Campaign.to_dict()`` as JSON;

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +19,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ErrorCode, OtaError, ServerError
 from . import models as m
+
+log = logging.getLogger(__name__)
 
 ADMIN_ROLES = ("viewer", "operator", "release-manager", "security-officer")
 ASSIGNMENT_STATES = ("assigned", "offered", "installing", "done", "failed")
@@ -413,31 +416,69 @@ def latest_keylist(conn: Connection) -> Row[Any] | None:
 
 
 # --- admin tokens ------------------------------------------------------------------------------
-def create_token(conn: Connection, name: str, role: str) -> str:
-    """Create a bearer token; only its SHA-256 is stored, the token is shown once."""
+DEFAULT_TOKEN_LIFETIME = 90 * 86400
+
+
+def create_token(
+    conn: Connection, name: str, role: str, *, valid_for: int | None = DEFAULT_TOKEN_LIFETIME
+) -> str:
+    """Create a bearer token; only its SHA-256 is stored, the token is shown once.
+
+    It expires ``valid_for`` seconds from now on the server clock (a stolen laptop's token
+    stops working on its own); ``valid_for=None`` makes a token that never expires.
+    """
     if role not in ADMIN_ROLES:
         raise OtaError(ErrorCode.USAGE, f"role must be one of {', '.join(ADMIN_ROLES)}")
+    if valid_for is not None and valid_for <= 0:
+        raise OtaError(ErrorCode.USAGE, f"token lifetime must be positive, got {valid_for}s")
     token = "otg_" + secrets.token_urlsafe(32)
+    t = now_s()
     conn.execute(
         insert(m.admin_tokens).values(
             name=name,
             token_sha256=hashlib.sha256(token.encode()).hexdigest(),
             role=role,
-            created_at=now_s(),
+            created_at=t,
             revoked=False,
+            expires_at=None if valid_for is None else t + valid_for,
         )
     )
     return token
 
 
-def token_role(conn: Connection, token: str) -> tuple[str, str] | None:
+def token_expiry(conn: Connection, name: str) -> int | None:
+    """The named token's ``expires_at`` (None: never expires); E_NOT_FOUND if no such token."""
     row = conn.execute(
-        select(m.admin_tokens.c.name, m.admin_tokens.c.role).where(
-            m.admin_tokens.c.token_sha256 == hashlib.sha256(token.encode()).hexdigest(),
-            m.admin_tokens.c.revoked.is_(False),
-        )
+        select(m.admin_tokens.c.expires_at).where(m.admin_tokens.c.name == name)
     ).first()
-    return (row.name, row.role) if row is not None else None
+    if row is None:
+        raise OtaError(ErrorCode.NOT_FOUND, f"no admin token {name!r}")
+    return None if row.expires_at is None else int(row.expires_at)
+
+
+_TOKEN_BY_HASH = select(
+    m.admin_tokens.c.name, m.admin_tokens.c.role, m.admin_tokens.c.expires_at
+).where(
+    m.admin_tokens.c.token_sha256 == bindparam("sha256"),
+    m.admin_tokens.c.revoked.is_(False),
+)
+
+
+def token_role(conn: Connection, token: str) -> tuple[str, str] | None:
+    """(name, role) of a live token; None if unknown or revoked.
+
+    An expired token (``expires_at`` reached on the server clock) is refused with 401
+    ``E_AUTH`` "token expired" and logged at WARNING with its name: someone still holds it.
+    """
+    row = conn.execute(
+        _TOKEN_BY_HASH, {"sha256": hashlib.sha256(token.encode()).hexdigest()}
+    ).first()
+    if row is None:
+        return None
+    if row.expires_at is not None and now_s() >= row.expires_at:
+        log.warning("expired admin token presented: %r (expired at %d)", row.name, row.expires_at)
+        raise ServerError(ErrorCode.AUTH, "token expired", 401)
+    return (row.name, row.role)
 
 
 def device_view(conn: Connection, device: Row[Any]) -> dict[str, Any]:
