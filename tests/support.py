@@ -9,6 +9,8 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +49,28 @@ def softhsm_module() -> str:
             return path
     missing("SoftHSM2 PKCS#11 module (libsofthsm2.so)")
     raise AssertionError("unreachable")
+
+
+def server_run_argv(data: Path, tls: Path, *extra: str) -> list[str]:
+    """``otaguard server run`` on ephemeral ports with the TLS files of ``tls`` (ca.pem,
+    server.pem, server.key), as a subprocess argv; ``extra`` options go last."""
+    return [
+        sys.executable,
+        "-m",
+        "otaguard.cli.main",
+        "server",
+        "run",
+        "--data-dir",
+        str(data),
+        "--ca-cert",
+        str(tls / "ca.pem"),
+        "--tls-cert",
+        str(tls / "server.pem"),
+        "--tls-key",
+        str(tls / "server.key"),
+        "--port",
+        "0",
+        "--admin-port",
+        "0",
+        *extra,
+    ]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -17,35 +16,12 @@ from otaguard.server.ca import FleetCA
 from otaguard.server.db import Database
 from otaguard.server.enroll import Enrollment, enroll_device
 from tests.pg import db_url, device_context, fleet_ca, pg_cluster, server_tls  # noqa: F401
+from tests.support import server_run_argv
 
 
 def _start(data: Path, tls: Path, db: str) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "otaguard.cli.main",
-            "server",
-            "run",
-            "--data-dir",
-            str(data),
-            "--db",
-            db,
-            "--ca-cert",
-            str(tls / "ca.pem"),
-            "--tls-cert",
-            str(tls / "server.pem"),
-            "--tls-key",
-            str(tls / "server.key"),
-            "--port",
-            "0",
-            "--admin-port",
-            "0",
-            "--device-rate",
-            "1000",
-            "--device-burst",
-            "1000",
-        ],
+        server_run_argv(data, tls, "--db", db, "--device-rate", "1000", "--device-burst", "1000"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

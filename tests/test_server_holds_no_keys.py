@@ -29,7 +29,6 @@ import shutil
 import sqlite3
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from otaguard.server.enroll import Enrollment, enroll_device, issue_server_cert
 from otaguard.trust.bundle import TrustBundle
 from otaguard.trust.documents import issue_authorization, sign_keylist
 from otaguard.trust.model import Role, Scope
+from tests.support import server_run_argv
 
 PASS = b"signing-key-passphrase"
 CA_PASS = b"fleet-ca-passphrase"
@@ -252,27 +252,7 @@ def start_server(w: World, log: Path) -> tuple[subprocess.Popen[bytes], int, int
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTAGUARD_")}
     with log.open("wb") as err:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "otaguard.cli.main",
-                "server",
-                "run",
-                "--data-dir",
-                str(w.data),
-                "--ca-cert",
-                str(tls / "ca.pem"),
-                "--tls-cert",
-                str(tls / "server.pem"),
-                "--tls-key",
-                str(tls / "server.key"),
-                "--trust-bundle",
-                str(w.server_in / "bundle.cbor"),
-                "--port",
-                "0",
-                "--admin-port",
-                "0",
-            ],
+            server_run_argv(w.data, tls, "--trust-bundle", str(w.server_in / "bundle.cbor")),
             stdout=subprocess.PIPE,
             stderr=err,
             env=env,
