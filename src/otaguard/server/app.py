@@ -70,6 +70,10 @@ class ServerSettings:
     probe_threshold: int = 20
     probe_window: float = 60.0
     probe_event_interval: float = 10.0
+    # Refusals that are not about load (revoked/superseded certificate, a manifest or image
+    # the device was not offered) flag an identity after this many within the window.
+    refusal_threshold: int = 10
+    refusal_window: float = 600.0
     max_device_body: int = 64 * 1024
     max_envelope: int = 64 * 1024
     max_image: int = 1 << 30
@@ -171,6 +175,11 @@ class UpdateServer:
         self.probes = ProbeDetector(settings.probe_threshold, settings.probe_window, clock=clock)
         self._clock = clock
         self._last_probe_event: dict[str, float] = {}
+        self.refusals = ProbeDetector(
+            settings.refusal_threshold, settings.refusal_window, clock=clock
+        )
+        self._refusal_lock = threading.Lock()  # hit() runs on worker threads too
+        self._last_refusal_event: dict[str, float] = {}
         self._cert_cache: OrderedDict[bytes, Identity] = OrderedDict()
         self._fwd_cache: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
         self.campaigns = CampaignService(db)
@@ -327,6 +336,36 @@ class UpdateServer:
                 conn, device_id=device_id, ip=ip, kind=kind, path=path, detail=detail
             )
 
+    def _refusal_hit(self, serial: str, *, always_record: bool) -> tuple[bool, bool]:
+        """Count a refusal for ``serial``: (flag it now, record a probe event). Events that
+        are not always recorded are limited to one per ``probe_event_interval``."""
+        with self._refusal_lock:
+            flag = self.refusals.hit(serial)
+            if always_record:
+                return flag, True
+            now = self._clock()
+            last = self._last_refusal_event.get(serial, -1e18)
+            record = flag or now - last >= self.settings.probe_event_interval
+            if record:
+                self._last_refusal_event[serial] = now
+            return flag, record
+
+    def _record_refusal(
+        self, device_id: int, ip: str | None, kind: str, path: str, detail: str, flag: bool
+    ) -> None:
+        with self.db.write() as conn:
+            store.record_probe(
+                conn, device_id=device_id, ip=ip, kind=kind, path=path, detail=detail
+            )
+            if flag:
+                store.flag_suspect(
+                    conn,
+                    device_id,
+                    f"possible probe: {self.settings.refusal_threshold} refused requests "
+                    f"(revoked certificate or not offered) within "
+                    f"{self.settings.refusal_window:.0f} s",
+                )
+
     def _device_work(
         self,
         ident: Identity,
@@ -354,7 +393,15 @@ class UpdateServer:
                 )
             else:
                 return fn(conn, dev)
-        self._probe(device_id, ip, refusal.code.value, request.url.path, refusal.detail)
+        if refusal.code is ErrorCode.CERT_REVOKED and device_id is not None:
+            # Every cert refusal is recorded (the device rate limit bounds them) and counts
+            # towards the refusal threshold of that identity.
+            flag, _ = self._refusal_hit(ident.serial, always_record=True)
+            self._record_refusal(
+                device_id, ip, refusal.code.value, request.url.path, refusal.detail, flag
+            )
+        else:
+            self._probe(device_id, ip, refusal.code.value, request.url.path, refusal.detail)
         raise refusal
 
     def _device_read(self, ident: Identity, fn: Callable[[Connection, Row[Any]], T]) -> T | None:
@@ -514,13 +561,33 @@ class UpdateServer:
             status_code=201 if fresh else 200,
         )
 
+    async def _may_fetch(self, request: Request, column: str, digest: str) -> bool:
+        """Whether the calling device was offered ``digest``; a refusal is a probe (counted
+        towards the refusal threshold, recorded at most once per ``probe_event_interval``)."""
+        ident = await self.identify(request)
+
+        def work(conn: Connection, dev: Row[Any]) -> tuple[int, bool]:
+            return dev.id, store.device_may_fetch(conn, dev.id, column, digest)
+
+        dev_id, ok = await run_in_threadpool(self._device_work, ident, request, work, write=False)
+        if not ok:
+            flag, record = self._refusal_hit(ident.serial, always_record=False)
+            if record:
+                ip = request.client.host if request.client else None
+                await run_in_threadpool(
+                    self._record_refusal,
+                    dev_id,
+                    ip,
+                    "not_offered",
+                    request.url.path,
+                    f"{column} {digest}",
+                    flag,
+                )
+        return ok
+
     async def manifest(self, request: Request) -> Response:
         digest = check_name(request.path_params["digest"])
-
-        def work(conn: Connection, dev: Row[Any]) -> bool:
-            return store.device_may_fetch(conn, dev.id, "envelope_blob", digest)
-
-        if not await self._run(request, work, write=False):
+        if not await self._may_fetch(request, "envelope_blob", digest):
             raise ServerError(ErrorCode.NOT_FOUND, "no such manifest for this device", 404)
         etag = f'"{digest}"'
         if _etag_matches(request.headers.get("if-none-match"), etag):
@@ -530,11 +597,7 @@ class UpdateServer:
 
     async def image(self, request: Request) -> Response:
         digest = check_name(request.path_params["digest"])
-
-        def work(conn: Connection, dev: Row[Any]) -> bool:
-            return store.device_may_fetch(conn, dev.id, "image_blob", digest)
-
-        if not await self._run(request, work, write=False):
+        if not await self._may_fetch(request, "image_blob", digest):
             raise ServerError(ErrorCode.NOT_FOUND, "no such image for this device", 404)
         size = self.blobs.size(digest)
         if size is None:
