@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -28,7 +27,7 @@ from otaguard.device.device import Device, Provisioning
 from otaguard.device.flash import Flash, Geometry
 from otaguard.device.https_transport import HttpsTransport
 from otaguard.device.lab import chunks
-from otaguard.server.ca import FleetCA
+from otaguard.server.ca import FleetCA, write_private_key
 from otaguard.server.mtls import running, server_ssl_context
 from otaguard.sim import world as W
 from otaguard.sim.runner import reboot_check, reboot_fleet
@@ -65,13 +64,7 @@ def _device_identity(ca: FleetCA, d: Path, serial: str) -> tuple[Path, Path]:
     issued = ca.issue_device(serial, key.public_key(), days=1)
     cert_p, key_p = d / "dev.pem", d / "dev.key"
     cert_p.write_bytes(issued.pem)
-    key_p.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    write_private_key(key_p, key)
     return cert_p, key_p
 
 
