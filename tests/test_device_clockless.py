@@ -21,6 +21,7 @@ from otaguard.device.layout import LayoutConfig
 from otaguard.device.updater import Updater
 from otaguard.errors import ErrorCode, OtaError
 from otaguard.trust.documents import sign_keylist
+from tests.test_rotation_device import FakeServer
 
 CFG = LayoutConfig(slot_size=64 * 1024, manifest_size=4096)
 V1 = image_bytes(20_000, 1)
@@ -127,34 +128,13 @@ def test_keylist_time_boundary(lab: Lab, dev_dir: Path, issued_offset: int, expi
             assert dev.boot().mode == "test"
 
 
-class CheckinServer(MemoryTransport):
-    """An in-memory check-in transport that offers ``manifest`` and publishes a key list."""
-
-    def __init__(self, manifest: bytes, image: bytes, keylist_doc: bytes, version: int) -> None:
-        super().__init__(manifest, image)
-        self.keylist_doc = keylist_doc
-        self.keylist_version = version
-        self.last_checkin: dict[str, Any] | None = None
-
-    def checkin(self, facts: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        update = {"version": "1.1.0"}
-        self.last_checkin = {
-            "update": update,
-            "keylist_version": self.keylist_version,
-            "poll_interval": 1800,
-        }
-        return update
-
-    def keylist(self, etag: str | None = None) -> tuple[bytes, str] | None:
-        return self.keylist_doc, '"kl"'
-
-
 @pytest.mark.parametrize("newer_list", [True, False], ids=["list-after-expiry", "old-list"])
 def test_updater_on_a_clockless_device(lab: Lab, dev_dir: Path, newer_list: bool) -> None:
     """Same check through the polling client: the key list lands first, then the offer."""
     manifest, expires = expiring_release(lab)
     issued = expires + 1 if newer_list else lab.now - DAY // 2
-    srv = CheckinServer(manifest, V2, keylist_issued_at(lab, issued), version=2)
+    srv = FakeServer(manifest, V2, keylist_issued_at(lab, issued))
+    srv.keylist_version = 2
     with clockless(dev_dir) as dev:
         r = Updater(dev, srv, clock=SimClock(0)).poll_once()
         assert (r.keylist_from, r.keylist_version) == (1, 2)

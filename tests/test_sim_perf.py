@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from otaguard.clock import SimClock
-from otaguard.device.device import Device, Provisioning
+from otaguard.device.device import Device
 from otaguard.device.flash import Flash, Geometry
 from otaguard.device.https_transport import HttpsTransport
 from otaguard.device.lab import chunks
@@ -113,14 +113,7 @@ def test_keepalive_connection_survives_a_long_idle_only_when_asked(
 def _fleet_of(tmp_path: Path, n: int) -> list[W.DeviceFiles]:
     keys = W.make_keys(tmp_path, rotation=False, mode="software")
     rel = W.make_releases(keys, 16384, seed=5, now=int(dt.datetime.now(dt.UTC).timestamp()))
-    prov = Provisioning(
-        bundle=rel.bundle,
-        vendor_id=rel.vendor_id,
-        class_id=rel.class_id,
-        model=W.MODEL,
-        hw_rev=W.HW_REV,
-        factory_manifest=rel.factory_manifest,
-    )
+    prov = rel.provisioning()
     ca = FleetCA.create(tmp_path / "ca", passphrase=b"test-passphrase-123")
     files: list[W.DeviceFiles] = []
     for i in range(n):

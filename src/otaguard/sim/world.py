@@ -178,6 +178,17 @@ class Releases:
     other_image: bytes
     keylist_target: int
 
+    def provisioning(self) -> Provisioning:
+        """What the factory puts on every simulated device: trust bundle, ids, v_old's manifest."""
+        return Provisioning(
+            bundle=self.bundle,
+            vendor_id=self.vendor_id,
+            class_id=self.class_id,
+            model=MODEL,
+            hw_rev=HW_REV,
+            factory_manifest=self.factory_manifest,
+        )
+
 
 def make_releases(keys: KeySet, image_size: int, seed: int, now: int) -> Releases:
     vid = vendor_id(VENDOR)
@@ -408,14 +419,7 @@ def enroll_fleet(
     the caller can start them while the next batch is manufactured."""
     cfg = layout_for(len(rel.v_new))
     golden = root / "golden"
-    prov = Provisioning(
-        bundle=rel.bundle,
-        vendor_id=rel.vendor_id,
-        class_id=rel.class_id,
-        model=MODEL,
-        hw_rev=HW_REV,
-        factory_manifest=rel.factory_manifest,
-    )
+    prov = rel.provisioning()
     from ..device.lab import chunks
 
     with Device.create(golden, cfg, prov, chunks(rel.v_old), clock=lambda: int(clock.now())):
