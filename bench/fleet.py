@@ -27,17 +27,22 @@ def main() -> int:
     ap.add_argument("--devices", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None, help="device threads (scenario's)")
     ap.add_argument("--server-procs", type=int, default=None, help="server processes (2)")
+    ap.add_argument("--sim-procs", type=int, default=None, help="simulator processes (2)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     opts = options_from(SCENARIOS[a.scenario], devices=a.devices, workers=a.workers, hsm="software")
     if a.server_procs is not None:
         opts = dataclasses.replace(opts, server_procs=a.server_procs).validate()
+    if a.sim_procs is not None:
+        opts = dataclasses.replace(opts, sim_procs=a.sim_procs).validate()
     out = a.out or Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     w0 = time.monotonic()
     r = run_simulation(opts, out, quiet=True)
     wall = time.monotonic() - w0
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    server_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_mib, server_mib = me.ru_maxrss / 1024, kids.ru_maxrss / 1024
+    cpu_me, cpu_kids = me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
     t99 = r["time_to_patch_h"]["t99_h"]
     kl = (r["key_rotation"] or {}).get("time_to_keylist_h", {}).get("t99_h")
     rows = [
@@ -45,6 +50,8 @@ def main() -> int:
         ("wall time total", f"{wall:.0f} s"),
         ("wall: setup / run", f"{r['wall_s']}"),
         ("peak RSS simulator / server process", f"{peak_mib:.0f} / {server_mib:.0f} MiB"),
+        ("CPU simulator / servers + children", f"{cpu_me:.0f} / {cpu_kids:.0f} s "
+         f"({100 * (cpu_me + cpu_kids) / wall:.0f}% of one core)"),
         ("simulated time run", f"{r['simulated_h']:.1f} h ({r['stopped']})"),
         ("check-ins over HTTPS", f"{r['traffic']['checkins']}"),
         ("check-ins / wall s (run)", f"{r['traffic']['checkins'] / max(1e-9, r['wall_s']['run']):.0f}"),

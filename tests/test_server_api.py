@@ -92,6 +92,33 @@ def hxt(db_url: str, fleet_ca: FleetCA, server_tls: Path, tmp_path: Path):  # ty
 
 
 def test_full_device_flow(hxt: Harness) -> None:
+    _device_flow(hxt)
+
+
+def test_full_device_flow_with_inline_io(
+    fleet_ca: FleetCA, server_tls: Path, tmp_path: Path
+) -> None:
+    """The same flow with the database work and blob reads on the event loop (``inline_io``,
+    as the simulator runs the server): same answers, ranges and refusals."""
+    settings = ServerSettings(
+        ca_cert=fleet_ca.cert,
+        device_rate=RateLimit(rate=1000.0, burst=1000),
+        ip_rate=RateLimit(rate=10000.0, burst=10000),
+        inline_io=True,
+    )
+    with harness(
+        sqlite_url(tmp_path / "inline.db"),
+        fleet_ca,
+        server_tls,
+        tmp_path,
+        trust=TrustState(StaticKeys([SIGNER.public_key])),
+        settings=settings,
+    ) as h:
+        assert h.srv.settings.inline_io
+        _device_flow(h)
+
+
+def _device_flow(hxt: Harness) -> None:
     image = os.urandom(300_000)
     rid = publish(hxt, "1.1.0", image)
     e = hxt.enroll("SN-10")

@@ -156,7 +156,8 @@ def test_flash_dir_uses_tmpfs_only_when_it_has_room(tmp_path: Path) -> None:
 
 def test_strict_clock_on_one_server_process(tmp_path: Path) -> None:
     """``lookahead_quanta=0`` (every quantum waits for its polls) with the server in a single
-    process: the same checks pass and no poll ever saw the clock move."""
+    process and the devices in the simulator's own (one in-process shard): the same checks
+    pass and no poll ever saw the clock move."""
     import dataclasses
 
     from otaguard.cli.simulate import options_from, run_simulation
@@ -171,7 +172,7 @@ def test_strict_clock_on_one_server_process(tmp_path: Path) -> None:
         hsm="software",
         seed=5,
     )
-    opts = dataclasses.replace(base, lookahead_quanta=0, server_procs=1).validate()
+    opts = dataclasses.replace(base, lookahead_quanta=0, server_procs=1, sim_procs=1).validate()
     r = run_simulation(opts, tmp_path / "out", quiet=True)
     assert r["checks"] == {
         "no_attack_accepted": True,

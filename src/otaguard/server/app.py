@@ -20,10 +20,10 @@ import threading
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from cryptography import x509
 from sqlalchemy import Connection, Row
@@ -46,6 +46,7 @@ from .ratelimit import ProbeDetector, RateLimit, TokenBuckets, retry_after_heade
 
 log = logging.getLogger("otaguard.server")
 T = TypeVar("T")
+P = ParamSpec("P")
 
 IpNet = ipaddress.IPv4Network | ipaddress.IPv6Network
 ENVELOPE_TYPE = "application/suit-envelope+cose"
@@ -79,6 +80,12 @@ class ServerSettings:
     max_image: int = 1 << 30
     lastseen_interval: int = 60
     poll_interval: int = 300
+    # Run the device API's database work and blob reads on the event loop instead of worker
+    # threads. For SQLite whose commits do not wait for fsync (synchronous=NORMAL, as the
+    # simulator runs it) and blobs in the page cache, the work costs less than the two thread
+    # switches of each hop; with fsync per commit, a database across a network or blobs on
+    # slow storage, keep the default so one slow call does not stall every connection.
+    inline_io: bool = False
 
 
 class TrustState:
@@ -183,6 +190,12 @@ class UpdateServer:
         self._cert_cache: OrderedDict[bytes, Identity] = OrderedDict()
         self._fwd_cache: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
         self.campaigns = CampaignService(db)
+
+    async def _db(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Database work of a device request: on a worker thread, or inline (``inline_io``)."""
+        if self.settings.inline_io:
+            return fn(*args, **kwargs)
+        return await run_in_threadpool(fn, *args, **kwargs)
 
     # --- app -----------------------------------------------------------------------------------
     def asgi(self, part: str = "device") -> ASGIApp:
@@ -290,7 +303,7 @@ class UpdateServer:
         der: bytes | None = request.scope.get(PEER_CERT_KEY)
         if header is not None:
             if not self._is_proxy(ip):
-                await run_in_threadpool(self._probe, None, ip, "forged_header", request.url.path)
+                await self._db(self._probe, None, ip, "forged_header", request.url.path)
                 raise ServerError(
                     ErrorCode.CERT,
                     "X-Client-Cert is accepted only from configured proxies",
@@ -313,7 +326,7 @@ class UpdateServer:
         last = self._last_probe_event.get(ident.serial, -1e18)
         if flag or now - last >= self.settings.probe_event_interval:
             self._last_probe_event[ident.serial] = now
-            await run_in_threadpool(self._record_limit, ident.serial, ip, path, flag)
+            await self._db(self._record_limit, ident.serial, ip, path, flag)
 
     def _record_limit(self, serial: str, ip: str | None, path: str, flag: bool) -> None:
         with self.db.write() as conn:
@@ -429,7 +442,7 @@ class UpdateServer:
         write: bool,
     ) -> T:
         ident = await self.identify(request)
-        return await run_in_threadpool(self._device_work, ident, request, fn, write=write)
+        return await self._db(self._device_work, ident, request, fn, write=write)
 
     # --- request bodies ------------------------------------------------------------------------
     @staticmethod
@@ -464,7 +477,7 @@ class UpdateServer:
         _check_serial_claim(body, ident)
         facts = _checkin_facts(body)
         if self.campaigns.tick_due():  # refresh cached campaigns, timed phase advances
-            await run_in_threadpool(self.campaigns.tick)
+            await self._db(self.campaigns.tick)
 
         def work(conn: Connection, dev: Row[Any], dry: bool) -> dict[str, Any] | None:
             # dry: inside a read-only transaction, returns None as soon as a write is needed
@@ -511,7 +524,7 @@ class UpdateServer:
         # transaction (no writer lock, no commit); anything else takes the full write path.
         result = await self._read_only(ident, partial(work, dry=True))
         if result is None:
-            result = await run_in_threadpool(
+            result = await self._db(
                 self._device_work, ident, request, partial(work, dry=False), write=True
             )
         assert result is not None
@@ -523,7 +536,7 @@ class UpdateServer:
         _check_serial_claim(body, ident)
         report = _parse_report(body)
         if self.campaigns.tick_due():
-            await run_in_threadpool(self.campaigns.tick)
+            await self._db(self.campaigns.tick)
 
         def work(conn: Connection, dev: Row[Any]) -> bool:
             rel = store.pending_update(conn, dev.id)
@@ -553,7 +566,7 @@ class UpdateServer:
                         store.set_assignment_state(conn, dev.id, "installing")
             return fresh
 
-        fresh = await run_in_threadpool(self._device_work, ident, request, work, write=True)
+        fresh = await self._db(self._device_work, ident, request, work, write=True)
         # The response is sent only after the transaction committed: an acknowledged report
         # is durable. A repeat of the same report_id is acknowledged again, never re-counted.
         return JSONResponse(
@@ -569,12 +582,12 @@ class UpdateServer:
         def work(conn: Connection, dev: Row[Any]) -> tuple[int, bool]:
             return dev.id, store.device_may_fetch(conn, dev.id, column, digest)
 
-        dev_id, ok = await run_in_threadpool(self._device_work, ident, request, work, write=False)
+        dev_id, ok = await self._db(self._device_work, ident, request, work, write=False)
         if not ok:
             flag, record = self._refusal_hit(ident.serial, always_record=False)
             if record:
                 ip = request.client.host if request.client else None
-                await run_in_threadpool(
+                await self._db(
                     self._record_refusal,
                     dev_id,
                     ip,
@@ -631,10 +644,18 @@ class UpdateServer:
             headers=headers,
         )
 
-    def _chunks(self, digest: str, start: int, end: int) -> Iterator[bytes]:
-        if end < start:
-            return iter(())
-        return self.blobs.open_range(digest, start, end)
+    def _chunks(self, digest: str, start: int, end: int) -> Iterator[bytes] | AsyncIterator[bytes]:
+        """The blob's bytes: a plain iterator is read on worker threads by the response, one
+        hop per chunk; with ``inline_io`` it is read on the event loop."""
+        chunks = self.blobs.open_range(digest, start, end) if end >= start else iter(())
+        if not self.settings.inline_io:
+            return chunks
+
+        async def inline() -> AsyncIterator[bytes]:
+            for chunk in chunks:
+                yield chunk
+
+        return inline()
 
     async def keylist(self, request: Request) -> Response:
         def work(conn: Connection, dev: Row[Any]) -> tuple[int, bytes, str] | None:

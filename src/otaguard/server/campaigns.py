@@ -148,6 +148,28 @@ _MEMBER_Q = (
     .where(_cd.c.device_id == bindparam("device_id"), _cd.c.state.in_(UNFINISHED))
 )
 _COUNT_COLS = [_c.c[f"n_{s.value}"] for s in DeviceState]
+# Statements of the device request path, built once (building and cache-keying a statement
+# per report cost more than executing it): values come in the parameters, the row in b_*.
+_LOAD_Q = select(_c).where(_c.c.id == bindparam("b_id"))
+_LOAD_Q_LOCKED = _LOAD_Q.with_for_update()
+_REPORT_MEMBER_Q = _MEMBER_Q.where(
+    _cd.c.campaign_id.in_(select(_c.c.id).where(_c.c.status.in_(ACTIVE)))
+)
+_MOVE_MEMBER = update(_cd).where(
+    _cd.c.campaign_id == bindparam("b_campaign_id"), _cd.c.device_id == bindparam("b_device_id")
+)
+_MOVE_COUNTS: dict[tuple[str, str], Any] = {}
+
+
+def _move_counts(old: DeviceState, new: DeviceState) -> Any:
+    """``n_<old> - 1, n_<new> + 1`` on one campaign row (built once per pair of states)."""
+    key = (old.value, new.value)
+    q = _MOVE_COUNTS.get(key)
+    if q is None:
+        a, b = _c.c[f"n_{old.value}"], _c.c[f"n_{new.value}"]
+        q = update(_c).where(_c.c.id == bindparam("b_id")).values({a: a - 1, b: b + 1})
+        _MOVE_COUNTS[key] = q
+    return q
 
 
 def _progress(row: Any) -> DeviceProgress:
@@ -244,10 +266,8 @@ class CampaignService:
                 del self._cache[gone]
 
     def _load(self, conn: Connection, db_id: int, *, lock: bool = False) -> tuple[Any, _Entry]:
-        q = select(_c).where(_c.c.id == db_id)
-        if lock and conn.dialect.name == "postgresql":
-            q = q.with_for_update()
-        row = conn.execute(q).first()
+        q = _LOAD_Q_LOCKED if lock and conn.dialect.name == "postgresql" else _LOAD_Q
+        row = conn.execute(q, {"b_id": db_id}).first()
         if row is None:
             raise ServerError(ErrorCode.NOT_FOUND, f"no campaign {db_id}", 404)
         with self._lock:
@@ -413,29 +433,26 @@ class CampaignService:
         if new == old:
             return
         conn.execute(
-            update(_cd)
-            .where(_cd.c.campaign_id == db_id, _cd.c.device_id == device_id)
-            .values(
-                state=new.state.value,
-                version=new.version,
-                step_done=new.step_done,
-                steps=new.steps,
-                error=new.error,
-                updated_at=store.now_s(),
-            )
+            _MOVE_MEMBER,
+            {
+                "state": new.state.value,
+                "version": new.version,
+                "step_done": new.step_done,
+                "steps": new.steps,
+                "error": new.error,
+                "updated_at": store.now_s(),
+                "b_campaign_id": db_id,
+                "b_device_id": device_id,
+            },
         )
         if new.state is not old.state:
-            a, b = _c.c[f"n_{old.state.value}"], _c.c[f"n_{new.state.value}"]
-            conn.execute(update(_c).where(_c.c.id == db_id).values({a: a - 1, b: b + 1}))
+            conn.execute(_move_counts(old.state, new.state), {"b_id": db_id})
 
     # --- reports -----------------------------------------------------------------------------
     def report_member(self, conn: Connection, device_id: int) -> Member | None:
         """The membership a report is about (queried, not cached: a report must count even if
         this process has not seen the campaign yet)."""
-        rows = conn.execute(
-            _MEMBER_Q.where(_cd.c.campaign_id.in_(select(_c.c.id).where(_c.c.status.in_(ACTIVE)))),
-            {"device_id": device_id},
-        ).all()
+        rows = conn.execute(_REPORT_MEMBER_Q, {"device_id": device_id}).all()
         return _member(rows[0]) if rows else None
 
     def on_report(

@@ -155,6 +155,8 @@ class SimOptions:
     # update server processes sharing the device listener (sim/serverproc.py); the default
     # fills a 2-core machine with the simulator
     server_procs: int = 2
+    # simulator processes running the devices (sim/shard.py): 1 runs them in this process
+    sim_procs: int = 2
     quantum_s: float = 60.0
     # how far (in quanta) the clock may run ahead of the oldest poll still in progress;
     # 0: every quantum waits for all its polls (docs/simulator.md, "Time and processes")
@@ -198,6 +200,8 @@ class SimOptions:
             raise _bad("--workers must be >= 1")
         if not 1 <= self.server_procs <= 16:
             raise _bad(f"server processes must be 1-16 (got {self.server_procs})")
+        if not 1 <= self.sim_procs <= 16:
+            raise _bad(f"simulator processes must be 1-16 (got {self.sim_procs})")
         if self.lookahead_quanta < 0:
             raise _bad("--lookahead must be >= 0")
         if self.hsm not in ("auto", "softhsm", "software"):

@@ -2,11 +2,12 @@
 
 Only devices due at the current simulated instant do real work; each of them runs the real
 :class:`~otaguard.device.updater.Updater` cycle over real mTLS HTTPS (one keep-alive client
-per device identity, open connections capped by :class:`ConnectionPool`) against the real
-server, which runs in processes of its own (:mod:`.serverproc`) on the same
-:class:`~.sharedclock.SharedClock`. Events of one quantum (default 60 simulated seconds) start
-at the same instant on a small thread pool; the clock may move on while they run, by at most
-``SimOptions.lookahead_quanta`` quanta (see :meth:`Simulation.run`).
+per device identity, open connections capped by :class:`~.shard.ConnectionPool`) against the
+real server, which runs in processes of its own (:mod:`.serverproc`) on the same
+:class:`~.sharedclock.SharedClock`. The devices run in shards (:mod:`.shard`): child
+processes with a few threads each, or this process for ``sim_procs=1``. Events of one quantum
+(default 60 simulated seconds) start at the same instant; the clock may move on while they
+run, by at most ``SimOptions.lookahead_quanta`` quanta (see :meth:`Simulation.run`).
 """
 
 from __future__ import annotations
@@ -15,19 +16,16 @@ import multiprocessing
 import os
 import queue
 import random
-import resource
 import shutil
 import ssl
-import threading
 import time
-from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import (
     ALL_COMPLETED,
     FIRST_COMPLETED,
     Future,
     ProcessPoolExecutor,
-    ThreadPoolExecutor,
 )
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -41,235 +39,62 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ..clock import SimClock
-from ..device.bootloader import BootResult
-from ..device.device import Device
-from ..device.faults import FaultInjector, FaultPlan
-from ..device.https_transport import HttpsTransport
-from ..device.updater import PollResult, Updater
-from ..errors import DeviceError, ErrorCode, OtaError, PowerCut, UsageError
+from ..errors import ErrorCode, OtaError, UsageError
 from . import world as W
-from .model import (
-    CONNECT_ATTACKS,
-    HOUR,
-    TRANSPORT_ATTACKS,
-    EventQueue,
-    Link,
-    SimOptions,
-    quantize,
+from .model import CONNECT_ATTACKS, HOUR, EventQueue, Link, SimOptions, quantize
+from .shard import (
+    AttackKit,
+    ConnectionPool,
+    DeviceSpec,
+    DeviceStatus,
+    LocalShard,
+    PollOutcome,
+    ProcessShard,
+    Shard,
+    ShardConfig,
+    device_spec,
+    raise_fd_limit,
 )
 from .sharedclock import SharedClock
 
-SETUP_WORKERS = 32  # threads for the fleet's first check-ins (setup only)
-TRANSIENT = {ErrorCode.TRANSPORT.value, ErrorCode.POWER_CUT.value, ErrorCode.RATE_LIMIT.value}
+__all__ = ["ConnectionPool", "Simulation", "raise_fd_limit", "reboot_check", "reboot_fleet"]
 
 
 @dataclass
-class AttackKit:
-    old_manifest: bytes
-    other_manifest: bytes
-    other_image: bytes
+class DeviceRecord:
+    """What the event loop knows of a device: who it is, its link, and its status as of its
+    last finished poll (the device itself runs in a shard, :mod:`.shard`)."""
 
-
-class SimTransport:
-    """The device's HTTPS client plus what the simulated network does to it for one poll:
-    a dropped download, or an attacker substituting what the device receives."""
-
-    def __init__(self, pool: ConnectionPool, idx: int, kit: AttackKit) -> None:
-        self.pool = pool
-        self.idx = idx
-        self.kit = kit
-        self.attack: str | None = None
-        self.drop_at: int | None = None
-        self.drops = 0  # links dropped under a download this poll (the updater may resume)
-        self.bytes: Counter[str] = Counter()
-
-    @property
-    def inner(self) -> HttpsTransport:
-        return self.pool.get(self.idx)
-
-    @property
-    def last_checkin(self) -> dict[str, Any] | None:
-        return self.inner.last_checkin
-
-    @last_checkin.setter
-    def last_checkin(self, value: dict[str, Any] | None) -> None:
-        self.inner.last_checkin = value
-
-    @property
-    def endpoint(self) -> str:
-        return self.inner.endpoint
-
-    def checkin(self, facts: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        return self.inner.checkin(facts)
-
-    def keylist(self, etag: str | None = None) -> tuple[bytes, str] | None:
-        return self.inner.keylist(etag)
-
-    def report(self, event: dict[str, Any]) -> None:
-        self.inner.report(event)
-
-    def fetch_manifest(self) -> bytes:
-        if self.attack == "replay":
-            self.inner.fetch_manifest()  # the genuine request still happens on the wire
-            return self.kit.old_manifest
-        if self.attack == "cross-model":
-            return self.kit.other_manifest
-        return self.inner.fetch_manifest()
-
-    def fetch_delta_manifest(self) -> bytes | None:
-        if self.attack in ("replay", "cross-model"):
-            return None
-        return self.inner.fetch_delta_manifest()
-
-    def open_image(self, offset: int) -> Iterator[bytes]:
-        if self.attack == "cross-model":
-            return self._count("full", iter([self.kit.other_image[offset:]]))
-        return self._count("full", self.inner.open_image(offset))
-
-    def open_patch(self, offset: int) -> Iterator[bytes]:
-        return self._count("delta", self.inner.open_patch(offset))
-
-    def _count(self, kind: str, it: Iterator[bytes]) -> Iterator[bytes]:
-        pos = 0
-        for chunk in it:
-            if self.attack == "tamper" and pos == 0 and chunk:
-                b = bytearray(chunk)
-                b[len(b) // 2] ^= 0x01
-                chunk = bytes(b)
-            if self.drop_at is not None and pos + len(chunk) > self.drop_at:
-                keep = max(0, self.drop_at - pos)
-                self.drop_at = None
-                self.drops += 1
-                if keep:
-                    self.bytes[kind] += keep
-                    yield chunk[:keep]
-                raise DeviceError(ErrorCode.TRANSPORT, "simulated link drop")
-            pos += len(chunk)
-            self.bytes[kind] += len(chunk)
-            yield chunk
-
-
-class ConnectionPool:
-    """Each device's HTTPS client (its TLS context: pinned CA, its own key and certificate,
-    built once, as a device keeps it in RAM) with at most ``cap`` keep-alive connections
-    open at a time, so a 14,000-device fleet stays within the file-descriptor limit. A device
-    whose connection was closed makes a new one (a full TLS handshake) at its next poll.
-
-    Which connection to close: devices poll periodically, so the device that has just
-    finished its poll is the one whose next use is furthest away (Belady's choice, where
-    least-recently-used would close exactly the connection needed next). Over the cap, the
-    releasing device's own connection is closed; least recently used otherwise."""
-
-    def __init__(self, cap: int, make: Callable[[int], HttpsTransport]) -> None:
-        self.cap = max(1, cap)
-        self._make = make
-        self._clients: dict[int, HttpsTransport] = {}
-        self._open: OrderedDict[int, None] = OrderedDict()  # devices with a live connection
-        self._busy: Counter[int] = Counter()
-        self._lock = threading.Lock()
-        self.evicted = 0
-
-    def acquire(self, idx: int) -> None:
-        with self._lock:
-            self._busy[idx] += 1
-            self._open[idx] = None  # it is about to use (or open) its connection
-            self._open.move_to_end(idx)
-
-    def release(self, idx: int) -> None:
-        with self._lock:
-            self._busy[idx] -= 1
-            if self._busy[idx] <= 0:
-                del self._busy[idx]
-            if len(self._open) > self.cap and idx not in self._busy and idx in self._open:
-                del self._open[idx]
-                t = self._clients.get(idx)
-                if t is not None:
-                    self.evicted += 1
-                    _drop_connections(t)
-            for t in self._victims():  # under the lock: no poll can start on it meanwhile
-                _drop_connections(t)
-
-    def get(self, idx: int) -> HttpsTransport:
-        t = self._clients.get(idx)
-        if t is not None:
-            return t
-        t = self._make(idx)  # outside the lock: building the TLS context takes a while
-        with self._lock:
-            return self._clients.setdefault(idx, t)
-
-    def _victims(self) -> list[HttpsTransport]:
-        out: list[HttpsTransport] = []
-        excess = len(self._open) - self.cap
-        if excess <= 0:
-            return out
-        keys: list[int] = []
-        for k in self._open:  # oldest first; stop as soon as enough are found
-            if not self._busy.get(k):
-                keys.append(k)
-                if len(keys) >= excess:
-                    break
-        for k in keys:
-            del self._open[k]
-            t = self._clients.get(k)
-            if t is not None:
-                out.append(t)
-                self.evicted += 1
-        return out
-
-    def close_all(self) -> None:
-        with self._lock:
-            items = list(self._clients.values())
-            self._clients.clear()
-            self._open.clear()
-        for t in items:
-            t.close()
-
-
-def _drop_connections(t: HttpsTransport) -> None:
-    """Close the client's connection but keep the client (and its TLS context): it
-    reconnects, with a full handshake, at its next request."""
-    t.close()
-
-
-def raise_fd_limit(need: int) -> int:
-    """Raise the open-files limit towards ``need``: the soft limit up to the hard one, and
-    the hard one too where that is permitted (root); the limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    inf = resource.RLIM_INFINITY
-    if soft == inf:
-        return 1 << 20
-    if hard != inf and hard < need:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
-            return need
-        except (ValueError, OSError):
-            pass
-    want = hard if hard != inf else max(soft, need)
-    if want > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-            soft = want
-        except (ValueError, OSError):
-            pass
-    return int(soft)
-
-
-@dataclass
-class SimDevice:
     idx: int
     files: W.DeviceFiles
     link: Link
-    rng: random.Random
-    dev: Device
-    transport: SimTransport
-    updater: Updater
-    selftest_fail: bool = False
-    attack: str | None = None
-    patched_at: float | None = None
-    keylist_at: float | None = None
-    reached: bool = False
-    version: str = W.V_OLD
-    keylist_version: int = 1
+    first_poll: float  # seconds into its poll interval at which it first polls
+    status: DeviceStatus
+
+    # the report reads these
+    @property
+    def patched_at(self) -> float | None:
+        return self.status.patched_at
+
+    @property
+    def keylist_at(self) -> float | None:
+        return self.status.keylist_at
+
+    @property
+    def reached(self) -> bool:
+        return self.status.reached
+
+    @property
+    def version(self) -> str:
+        return self.status.version
+
+    @property
+    def keylist_version(self) -> int:
+        return self.status.keylist_version
+
+    @property
+    def attack(self) -> str | None:
+        return self.status.attack
 
 
 @dataclass
@@ -309,7 +134,8 @@ class Simulation:
         self.log = log
         self.progress = progress
         self.stats = Stats()
-        self.devices: list[SimDevice] = []
+        self.devices: list[DeviceRecord] = []
+        self.shards: list[Shard] = []
         self.stop_reason = "not started"
         self.wall: dict[str, float] = {}
         self.t0 = float(int(time.time()))
@@ -339,7 +165,6 @@ class Simulation:
                 f"{o.devices} devices need more open files than the limit ({limit}): "
                 "raise 'ulimit -n' or use fewer devices",
             )
-        self.pool = ConnectionPool(cap, self._transport)
         self.work = W.scratch_dir(self.out)
         self.flash_root = W.flash_dir(self.work, o.devices)
         keys = W.make_keys(self.work, o.rotation, o.hsm)
@@ -352,39 +177,41 @@ class Simulation:
         self.world = W.start_server(self.work, self.clock, self.rel, o.server_procs)
         self.rid = W.publish(self.world, self.rel)
         kit = AttackKit(self.rel.factory_manifest, self.rel.other_manifest, self.rel.other_image)
+        self._start_shards(kit, cap)
         rng = random.Random(o.seed)
         n_attacked = round(o.attack_rate * o.devices)
         attacked = set(rng.sample(range(o.devices), n_attacked)) if n_attacked else set()
         # The fleet was in service before the release: one check-in each, so the server
         # knows what every device runs when the campaign selects its target. Each enrolled
-        # batch powers on and checks in on the pool while the next batch is manufactured.
-        # More threads than --workers here: a first check-in is mostly a TLS handshake, i.e.
-        # waiting on the server process, and there is nothing else to run meanwhile.
-        with ThreadPoolExecutor(max_workers=max(o.workers, SETUP_WORKERS)) as pool:
-            started: list[Future[None]] = []
+        # batch powers on and checks in in its shards while the next batch is manufactured.
+        started: list[Future[None]] = []
 
-            def ready(files: list[W.DeviceFiles]) -> None:
-                for f in files:
-                    i = len(self.devices)
-                    drng = random.Random(rng.getrandbits(64))
-                    link = W_link(o, drng)
-                    sd = self._make(i, f, link, drng, kit, i in attacked)
-                    self.devices.append(sd)
-                    started.append(pool.submit(self._first_checkin, sd))
+        def ready(files: list[W.DeviceFiles]) -> None:
+            batches: list[list[DeviceSpec]] = [[] for _ in self.shards]
+            for f in files:
+                i = len(self.devices)
+                spec, first = device_spec(
+                    i, f, o, random.Random(rng.getrandbits(64)), i in attacked
+                )
+                self.devices.append(
+                    DeviceRecord(i, f, spec.link, first, DeviceStatus(attack=spec.attack))
+                )
+                batches[i % len(self.shards)].append(spec)
+            for shard, batch in zip(self.shards, batches, strict=True):
+                if batch:
+                    started.append(shard.add(batch))
 
-            self.fleet = W.enroll_fleet(
-                self.world,
-                self.rel,
-                self.flash_root,
-                o.devices,
-                self.clock,
-                progress=lambda i: (
-                    self.progress(i, o.devices, "enrolling") if self.progress else None
-                ),
-                ready=ready,
-            )
-            for fut in started:
-                fut.result()
+        self.fleet = W.enroll_fleet(
+            self.world,
+            self.rel,
+            self.flash_root,
+            o.devices,
+            self.clock,
+            progress=lambda i: self.progress(i, o.devices, "enrolling") if self.progress else None,
+            ready=ready,
+        )
+        for fut in started:
+            fut.result()
         self.clock.set(self.t0)
         self.wall["enroll_devices"] = time.monotonic() - w1
         self.log(
@@ -392,61 +219,37 @@ class Simulation:
             f"{self.world.url}, {len(self.rel.v_new)} B image, {len(self.rel.patch)} B delta"
         )
 
-    def _first_checkin(self, sd: SimDevice) -> None:
-        self.pool.acquire(sd.idx)
-        try:
-            sd.transport.checkin(sd.updater.facts())
-        finally:
-            self.pool.release(sd.idx)
-            sd.dev.flash.park()
-
-    def _transport(self, i: int) -> HttpsTransport:
+    def _start_shards(self, kit: AttackKit, cap: int) -> None:
+        """The device side: ``sim_procs`` child processes (or this process for one), each
+        with an equal share of the device threads and of the open-connection budget."""
         assert self.world is not None
-        f = self.devices[i].files
-        return HttpsTransport(
-            self.world.url,
-            ca_file=self.world.ca_pem,
-            cert_file=f.cert,
-            key_file=f.key,
-            max_attempts=2,
-            sleep=lambda s: None,
-            rng=random.Random(i),
-            timeout=60,
-            # the connection idles for a poll interval (tens of wall seconds): keep it, as
-            # the server process does (the default drops it after 5 s: a handshake per poll)
-            keepalive_expiry=None,
-        )
+        o = self.opts
+        n = min(o.sim_procs, o.devices)
 
-    def _make(
-        self,
-        i: int,
-        f: W.DeviceFiles,
-        link: Link,
-        rng: random.Random,
-        kit: AttackKit,
-        attacked: bool,
-    ) -> SimDevice:
-        assert self.world is not None
-        dev = W.open_device(f, self.clock)
-        dev.boot()
-        dev.flash.park()
-        tr = SimTransport(self.pool, i, kit)
-        sd = SimDevice(i, f, link, rng, dev, tr, None)  # type: ignore[arg-type]
-        sd.selftest_fail = rng.random() < self.opts.selftest_fail_rate
-        if attacked:
-            sd.attack = TRANSPORT_ATTACKS[i % len(TRANSPORT_ATTACKS)]
-        sd.updater = self._updater(sd)
-        return sd
+        def cfg(k: int) -> ShardConfig:
+            return ShardConfig(
+                url=self.world.url if self.world is not None else "",
+                ca_pem=self.world.ca_pem if self.world is not None else Path(),
+                clock_name=self.clock.name,
+                opts=o,
+                kit=kit,
+                patch_len=len(self.rel.patch),
+                keylist_target=self.rel.keylist_target,
+                t0=self.t0,
+                workers=max(1, -(-o.workers // n)),
+                fd_cap=max(16, cap // n),
+            )
 
-    def _updater(self, sd: SimDevice) -> Updater:
-        def self_test(_boot: BootResult) -> bool:
-            if sd.selftest_fail:
-                sd.selftest_fail = False  # a flaky sensor at first boot: passes next time
-                return False
-            return True
+        if n <= 1:
+            self.shards = [LocalShard(cfg(0), self.clock)]
+        else:
+            self.shards = [ProcessShard(cfg(k), f"sim-shard-{k}") for k in range(n)]
 
-        # keep_state: the device keeps what it verified at power-on in RAM between polls
-        return Updater(sd.dev, sd.transport, clock=self.clock, self_test=self_test, keep_state=True)
+    def close_shards(self) -> None:
+        """Stop the shards (their running polls finish; their devices' flash is closed)."""
+        shards, self.shards = self.shards, []
+        for sh in shards:
+            sh.close()
 
     # --- campaigns (operator) ------------------------------------------------------------------
     def _start_campaign(self, retry: bool) -> None:
@@ -524,86 +327,8 @@ class Simulation:
             self.stats.campaigns.append(cur)
             self._start_campaign(retry=True)
 
-    # --- one device poll -----------------------------------------------------------------------
-    def _poll(self, sd: SimDevice, t: float) -> tuple[float, dict[str, Any]]:
-        o = self.opts
-        ev: dict[str, Any] = {}
-        if not sd.link.online(o.profile, t - self.t0, t, sd.rng):
-            ev["offline"] = True
-            return sd.link.next_poll(t, sd.rng), ev
-        tr = sd.transport
-        tr.bytes.clear()
-        tr.drops = 0
-        pending = sd.patched_at is None
-        if pending and sd.attack is not None:
-            tr.attack = sd.attack
-        if pending and sd.rng.random() < o.profile.drop_rate:
-            tr.drop_at = sd.rng.randrange(1, max(2, len(self.rel.patch)))
-        faults = sd.dev.flash.faults
-        if pending and sd.rng.random() < o.powercut_rate:
-            n_ops = o.image_size // 1024 + o.image_size // 4096 + 64
-            faults.plan = FaultPlan(
-                cut_at_op=faults.ops + sd.rng.randrange(n_ops),
-                mode=sd.rng.choice(("before", "torn", "after")),
-            )
-            faults.fired = False
-        res: PollResult | None = None
-        self.pool.acquire(sd.idx)
-        try:
-            res = sd.updater.poll_once()
-        except PowerCut:
-            ev["power_cut"] = True
-        except OtaError as err:
-            ev["crash"] = err.code.value
-        except Exception as exc:  # a device-side bug must not end the run
-            ev["crash"] = type(exc).__name__
-        finally:
-            self.pool.release(sd.idx)
-            attack, tr.attack = tr.attack, None
-            tr.drop_at = None
-            faults.plan = None
-            sd.dev.flash.park()
-        ev["bytes"] = dict(tr.bytes)
-        ev["drops"] = tr.drops
-        ev["drift"] = self.clock.now() - t
-        transfer = sum(tr.bytes.values()) / sd.link.bandwidth
-        done = t + transfer
-        if "power_cut" in ev or "crash" in ev:
-            self._reboot(sd)
-            if attack is not None:
-                ev["attack"] = (attack, "interrupted")
-            return done + sd.rng.uniform(60, 600), ev
-        assert res is not None
-        ev["outcome"] = res.outcome
-        ev["error"] = res.error
-        if res.outcome != "unreachable":
-            sd.reached = True
-        if attack is not None:
-            if res.outcome == "confirmed":
-                ev["attack"] = (attack, "ACCEPTED")
-            elif res.error is not None and res.offered is not None:
-                ev["attack"] = (attack, res.error)
-                sd.attack = None  # the attacker had its go; the next poll is genuine
-        sd.version = res.version
-        sd.keylist_version = res.keylist_version
-        if res.keylist_from is not None and sd.keylist_at is None:
-            sd.keylist_at = t
-        if sd.keylist_at is None and res.keylist_version >= self.rel.keylist_target:
-            sd.keylist_at = t
-        if res.version == W.V_NEW and sd.patched_at is None:
-            sd.patched_at = done
-        if res.error in TRANSIENT or res.outcome in ("failed", "reverted"):
-            return done + sd.rng.uniform(600, 1800), ev  # retry soon after a failure
-        return sd.link.next_poll(done, sd.rng), ev
-
-    def _reboot(self, sd: SimDevice) -> None:
-        """Power comes back: a new Device on the same flash (the bootloader runs again)."""
-        sd.dev.close()
-        sd.dev = W.open_device(sd.files, self.clock, FaultInjector())
-        sd.dev.flash.park()
-        sd.updater = self._updater(sd)
-
-    def _account(self, sd: SimDevice, ev: dict[str, Any]) -> None:
+    # --- accounting ---------------------------------------------------------------------------
+    def _account(self, sd: DeviceRecord, ev: dict[str, Any]) -> None:
         s = self.stats
         s.polls += 1
         if ev.get("offline"):
@@ -669,7 +394,7 @@ class Simulation:
         q = EventQueue()
         t0 = self.t0
         for sd in self.devices:
-            q.push(t0 + sd.rng.uniform(0, sd.link.poll_s), sd.idx)
+            q.push(t0 + sd.first_poll, sd.idx)
         rng = random.Random(o.seed + 1)
         connect: list[tuple[float, str]] = []
         for kind in CONNECT_ATTACKS:
@@ -687,10 +412,10 @@ class Simulation:
         next_op = t0
         w0 = time.monotonic()
         self.stop_reason = f"simulated window of {o.duration_s / HOUR:.0f} h ended"
-        running: dict[Future[tuple[float, dict[str, Any]]], tuple[SimDevice, float]] = {}
+        running: dict[Future[PollOutcome], tuple[DeviceRecord, float]] = {}
         # finished polls arrive here (a done-callback each): harvesting costs O(finished),
         # not a scan of (or a waiter on) every running future
-        finished: queue.SimpleQueue[Future[tuple[float, dict[str, Any]]]] = queue.SimpleQueue()
+        finished: queue.SimpleQueue[Future[PollOutcome]] = queue.SimpleQueue()
         # start times of running polls, oldest first (they are submitted in time order)
         starts: deque[float] = deque()
         live: Counter[float] = Counter()
@@ -714,7 +439,7 @@ class Simulation:
                 live[started] -= 1
                 while starts and live[starts[0]] <= 0:
                     del live[starts.popleft()]
-                nxt, ev = fut.result()
+                nxt, ev, sd.status = fut.result()
                 self._account(sd, ev)
                 if sd.idx in behind and self._done(sd):
                     behind.discard(sd.idx)
@@ -722,65 +447,65 @@ class Simulation:
                     continue  # only "no update" polls would follow
                 q.push(max(nxt, started + o.quantum_s, self.clock.now()), sd.idx)
 
-        with ThreadPoolExecutor(max_workers=o.workers) as pool:
-            while True:
-                harvest(None)
-                nt = q.peek()
-                if nt is None or nt > end:
-                    if running:  # finished polls may schedule more within the window
-                        harvest(ALL_COMPLETED)
-                        continue
-                    break
-                now = quantize(max(nt, self.clock.now()), t0, o.quantum_s)
-                if running and (next_sample <= now or now - starts[0] > slack):
-                    harvest(ALL_COMPLETED if next_sample <= now else FIRST_COMPLETED)
-                    continue  # the queue may hold earlier events now
-                self.clock.set(now)
-                while next_sample <= now:
-                    self._sample(next_sample)
-                    next_sample += HOUR
-                if now >= next_op:
-                    self._operate()
-                    next_op = now + 600
-                for _, k in q.pop_due(now):
-                    if k < 0:
-                        connect_left -= 1
-                        kind = connect[-1 - k][1]
-                        self.stats.attack(kind, self._connect_attack(kind))
-                    else:
-                        sd = self.devices[k]
-                        fut = pool.submit(self._poll, sd, now)
-                        running[fut] = (sd, now)
-                        if not starts or starts[-1] != now:
-                            starts.append(now)
-                        live[now] += 1
-                        fut.add_done_callback(finished.put)
-                if slack <= 0:
-                    harvest(ALL_COMPLETED)  # one quantum at a time
-                if self.progress is not None and time.monotonic() - shown >= 0.25:
-                    shown = time.monotonic()  # the text counts the whole fleet: not every quantum
-                    self.progress(now - t0, o.duration_s, self._progress_text(alive))
-                if o.stop_when_converged and not connect_left and not behind:
+        shards = self.shards
+        while True:
+            harvest(None)
+            nt = q.peek()
+            if nt is None or nt > end:
+                if running:  # finished polls may schedule more within the window
                     harvest(ALL_COMPLETED)
-                    self.stop_reason = "every reachable device converged"
-                    break
-            harvest(ALL_COMPLETED)
+                    continue
+                break
+            now = quantize(max(nt, self.clock.now()), t0, o.quantum_s)
+            if running and (next_sample <= now or now - starts[0] > slack):
+                harvest(ALL_COMPLETED if next_sample <= now else FIRST_COMPLETED)
+                continue  # the queue may hold earlier events now
+            self.clock.set(now)
+            while next_sample <= now:
+                self._sample(next_sample)
+                next_sample += HOUR
+            if now >= next_op:
+                self._operate()
+                next_op = now + 600
+            for _, k in q.pop_due(now):
+                if k < 0:
+                    connect_left -= 1
+                    kind = connect[-1 - k][1]
+                    self.stats.attack(kind, self._connect_attack(kind))
+                else:
+                    sd = self.devices[k]
+                    fut = shards[k % len(shards)].poll(k, now)
+                    running[fut] = (sd, now)
+                    if not starts or starts[-1] != now:
+                        starts.append(now)
+                    live[now] += 1
+                    fut.add_done_callback(finished.put)
+            if slack <= 0:
+                harvest(ALL_COMPLETED)  # one quantum at a time
+            if self.progress is not None and time.monotonic() - shown >= 0.25:
+                shown = time.monotonic()  # the text counts the whole fleet: not every quantum
+                self.progress(now - t0, o.duration_s, self._progress_text(alive))
+            if o.stop_when_converged and not connect_left and not behind:
+                harvest(ALL_COMPLETED)
+                self.stop_reason = "every reachable device converged"
+                break
+        harvest(ALL_COMPLETED)
         self._sample(self.clock.now())
         self.end_t = self.clock.now()
         self.wall["run"] = time.monotonic() - w0
 
-    def _done(self, sd: SimDevice) -> bool:
+    def _done(self, sd: DeviceRecord) -> bool:
         """Patched and on the target key list (what the stop test waits for)."""
         return sd.patched_at is not None and sd.keylist_version >= self.rel.keylist_target
 
-    def _converged(self, sd: SimDevice) -> bool:
+    def _converged(self, sd: DeviceRecord) -> bool:
         return (
             sd.patched_at is not None
             and sd.keylist_version >= self.rel.keylist_target
             and sd.attack is None
         )
 
-    def _progress_text(self, alive: list[SimDevice]) -> str:
+    def _progress_text(self, alive: list[DeviceRecord]) -> str:
         patched = sum(1 for d in alive if d.patched_at is not None)
         return f"{patched}/{len(alive)} patched, {self.stats.checkins} check-ins"
 
@@ -806,6 +531,7 @@ class Simulation:
     def discard_flash(self) -> None:
         """Remove the devices' flash files (they may be on tmpfs, i.e. RAM) after a failed
         setup; :meth:`finish` does this itself."""
+        self.close_shards()
         root = getattr(self, "flash_root", None)
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
@@ -814,9 +540,7 @@ class Simulation:
         """Tear the server down, then reboot every device from its flash (is anything
         bricked?): each device's bootloader runs on its flash file, in up to two processes."""
         w0 = time.monotonic()
-        for sd in self.devices:
-            sd.dev.close()
-        self.pool.close_all()
+        self.close_shards()
         if self.world is not None:
             self.world.close()
             self.world = None
@@ -830,7 +554,7 @@ class Simulation:
                 bricked.append(f"{sd.files.serial}: {error}")
                 continue
             versions[version or "?"] += 1
-            sd.version = version or sd.version
+            sd.status.version = version or sd.status.version
         self.wall["reboot_check"] = time.monotonic() - w0
         # device flash files, keys and the server database are scratch: the report stays
         shutil.rmtree(self.flash_root, ignore_errors=True)
@@ -872,10 +596,6 @@ def reboot_fleet(
     except (OSError, BrokenProcessPool):
         return reboot_check(files, now)
     return [r for part in done for r in part]
-
-
-def W_link(o: SimOptions, rng: random.Random) -> Link:
-    return Link.draw(o.profile, rng)
 
 
 def _foreign_identity(work: Path, serial: str) -> tuple[Path, Path]:

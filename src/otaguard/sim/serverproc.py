@@ -64,6 +64,7 @@ def _serve(spec: ServerSpec, dev_fd: int, adm_fd: int | None) -> None:
         # fleet; per-device limits stay at their defaults, on simulated time
         ip_rate=RateLimit(rate=1e9, burst=1_000_000_000),
         lastseen_interval=60,
+        inline_io=True,  # synchronous=NORMAL, blobs on tmpfs: cheaper than a thread hop
     )
     srv = UpdateServer(
         db,

@@ -1,0 +1,97 @@
+"""The simulator's device shards (sim/shard.py) around their failures: a request that fails
+in a shard process comes back as a typed error and the shard keeps serving; a shard process
+that dies fails every pending and later request instead of leaving the event loop waiting;
+a device's draw depends only on its seed. (A whole run on 2 shard processes is
+tests/test_demo.py; on one in-process shard, tests/test_sim_perf.py's strict-clock run.)
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+
+from otaguard.errors import ErrorCode, OtaError
+from otaguard.sim import world as W
+from otaguard.sim.model import SCENARIOS, SimOptions
+from otaguard.sim.shard import AttackKit, ProcessShard, ShardConfig, _all_of, device_spec
+from otaguard.sim.sharedclock import SharedClock
+
+
+def _cfg(tmp_path: Path, clock: SharedClock) -> ShardConfig:
+    return ShardConfig(
+        url="https://127.0.0.1:9",
+        ca_pem=tmp_path / "ca.pem",
+        clock_name=clock.name,
+        opts=SimOptions(),
+        kit=AttackKit(b"", b"", b""),
+        patch_len=1,
+        keylist_target=2,
+        t0=1_000.0,
+        workers=2,
+        fd_cap=16,
+    )
+
+
+def test_shard_process_failures_are_typed_and_never_hang(tmp_path: Path) -> None:
+    clock = SharedClock.create(1_000.0)
+    shard = ProcessShard(_cfg(tmp_path, clock), "test-shard")
+    try:
+        # a poll of a device the shard does not have fails in the child: a typed error back
+        for _ in range(2):  # and the shard still serves the next request
+            with pytest.raises(OtaError) as e:
+                shard.poll(7, 1_000.0).result(timeout=60)
+            assert e.value.code is ErrorCode.INTERNAL
+            assert "KeyError" in e.value.detail
+        shard._proc.kill()
+        shard._proc.join(timeout=30)
+        t = time.monotonic()
+        with pytest.raises(OtaError) as e:
+            shard.poll(1, 1_000.0).result(timeout=30)
+        assert e.value.code is ErrorCode.INTERNAL
+        assert time.monotonic() - t < 30
+    finally:
+        t = time.monotonic()
+        shard.close()  # a dead shard closes at once
+        assert time.monotonic() - t < 15
+        clock.close()
+
+
+def test_all_of_waits_for_every_future_and_keeps_the_first_failure() -> None:
+    a: Future[None] = Future()
+    b: Future[None] = Future()
+    both = _all_of([a, b])
+    a.set_result(None)
+    assert not both.done()
+    b.set_result(None)
+    assert both.result(timeout=0) is None
+    c: Future[None] = Future()
+    d: Future[None] = Future()
+    one_bad = _all_of([c, d])
+    c.set_exception(OtaError(ErrorCode.INTERNAL, "first"))
+    assert one_bad.done()  # no need to wait for the rest once one failed
+    d.set_exception(OtaError(ErrorCode.INTERNAL, "second"))
+    with pytest.raises(OtaError, match="first"):
+        one_bad.result(timeout=0)
+    assert _all_of([]).result(timeout=0) is None
+
+
+def test_device_draw_depends_only_on_its_seed(tmp_path: Path) -> None:
+    opts = SCENARIOS["hvac-14k"]
+    f = W.DeviceFiles("HVAC-000003", tmp_path, tmp_path / "c.pem", tmp_path / "k.pem")
+    one = device_spec(3, f, opts, random.Random(42), attacked=True)
+    two = device_spec(3, f, opts, random.Random(42), attacked=True)
+    assert one == two
+    spec, first = one
+    assert 0 <= first <= spec.link.poll_s
+    assert spec.attack is not None
+    # the shard continues the device's stream where the draw left it
+    r1, r2 = random.Random(), random.Random(42)
+    r1.setstate(spec.rng_state)
+    device_spec(3, f, opts, r2, attacked=True)
+    assert r1.random() == r2.random()
+    other, _ = device_spec(3, f, opts, random.Random(43), attacked=False)
+    assert other.attack is None and other.rng_state != spec.rng_state
