@@ -457,7 +457,7 @@ def _all_of(futs: list[Future[None]]) -> Future[None]:
         with lock:
             left[0] -= 1
             last = left[0] == 0
-        exc = f.exception()
+        exc = _failure(f)
         if exc is not None and not out.done():
             out.set_exception(exc)
         elif last and not out.done():
@@ -468,6 +468,13 @@ def _all_of(futs: list[Future[None]]) -> Future[None]:
     for f in futs:
         f.add_done_callback(one)
     return out
+
+
+def _failure(f: Future[Any]) -> BaseException | None:
+    """A done future's exception; a cancelled one (its shard closing) counts as failed."""
+    if f.cancelled():
+        return OtaError(ErrorCode.INTERNAL, "cancelled: the simulator shard is closing")
+    return f.exception()
 
 
 class _Threads:
@@ -489,8 +496,10 @@ class _Threads:
         return self.polls.submit(self.rt.poll, idx, t)
 
     def close(self) -> None:
-        self.setup.shutdown(wait=True)
-        self.polls.shutdown(wait=True)
+        """Running work finishes; queued work (after Ctrl-C: devices still to set up) is
+        cancelled rather than waited for."""
+        self.setup.shutdown(wait=True, cancel_futures=True)
+        self.polls.shutdown(wait=True, cancel_futures=True)
         self.rt.close()  # idempotent
 
 
@@ -575,12 +584,12 @@ def shard_main(conn: Connection, cfg: ShardConfig) -> None:
     # Ctrl-C reaches the whole process group: the parent handles it and closes us
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise_fd_limit(cfg.fd_cap + 1024)
-    clock = SharedClock.attach(cfg.clock_name)
+    clock = SharedClock.attach(cfg.clock_name, creators_tracker=True)  # spawned by its creator
     th = _Threads(cfg, clock)
     send_lock = threading.Lock()
 
     def reply(seq: int, fut: Future[Any]) -> None:
-        exc = fut.exception()
+        exc = _failure(fut)
         msg = (seq, True, fut.result()) if exc is None else (seq, False, f"{exc!r}")
         # a send that fails means the parent is gone: there is no one to tell
         with send_lock, contextlib.suppress(OSError, ValueError):

@@ -42,11 +42,14 @@ class SharedClock:
         return clk
 
     @classmethod
-    def attach(cls, name: str) -> SharedClock:
+    def attach(cls, name: str, *, creators_tracker: bool = False) -> SharedClock:
+        """Attach to the block ``name``. ``creators_tracker``: this process is a
+        multiprocessing child sharing the creator's resource tracker, whose one registration
+        of the block must stay until the creator unlinks it."""
         shm = shared_memory.SharedMemory(name=name)
         # The owner unlinks the block; an attaching process must not have the resource
         # tracker unlink it again (or warn about a "leak") when it exits.
-        if shm.name in _OWNED:  # attached in the creating process: one registration
+        if shm.name in _OWNED or creators_tracker:  # one registration: the creator's
             return cls(shm, owner=False)
         with contextlib.suppress(AttributeError, KeyError, ValueError):
             resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
