@@ -49,8 +49,8 @@ def main() -> int:
         ("devices (reachable)", f"{r['fleet']['devices']} ({r['fleet']['reachable']})"),
         ("wall time total", f"{wall:.0f} s"),
         ("wall: setup / run", f"{r['wall_s']}"),
-        ("peak RSS simulator / server process", f"{peak_mib:.0f} / {server_mib:.0f} MiB"),
-        ("CPU simulator / servers + children", f"{cpu_me:.0f} / {cpu_kids:.0f} s "
+        ("peak RSS main process / largest child", f"{peak_mib:.0f} / {server_mib:.0f} MiB"),
+        ("CPU main / children (servers, shards, reboot)", f"{cpu_me:.0f} / {cpu_kids:.0f} s "
          f"({100 * (cpu_me + cpu_kids) / wall:.0f}% of one core)"),
         ("simulated time run", f"{r['simulated_h']:.1f} h ({r['stopped']})"),
         ("check-ins over HTTPS", f"{r['traffic']['checkins']}"),

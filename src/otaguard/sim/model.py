@@ -277,7 +277,10 @@ SCENARIOS: dict[str, SimOptions] = {
         image_size=128 * 1024,
         attack_rate=0.005,
         duration_s=14 * DAY,
-        workers=16,  # ~90 polls due per quantum: enough work to keep both processes busy
+        # ~90 polls due per quantum; 8 device threads in each of the 2 shard processes (at
+        # 3,000 devices 24-32 threads were ~10% faster, at 14,000 32 threads were slower:
+        # 541 s against 515-520 s; docs/benchmarks.md "Fleet")
+        workers=16,
         scenario="hvac-14k",
     ),
 }
