@@ -41,6 +41,7 @@ from cryptography.x509.oid import NameOID
 from ..clock import SimClock
 from ..errors import ErrorCode, OtaError, UsageError
 from . import world as W
+from .children import sigint_ignored
 from .model import CONNECT_ATTACKS, HOUR, EventQueue, Link, SimOptions, quantize
 from .shard import (
     AttackKit,
@@ -592,7 +593,9 @@ def reboot_fleet(
     try:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=procs, mp_context=ctx) as ex:
-            done = list(ex.map(reboot_check, parts, [now] * len(parts)))
+            with sigint_ignored():  # the workers start on the first submissions
+                futs = [ex.submit(reboot_check, part, now) for part in parts]
+            done = [f.result() for f in futs]
     except (OSError, BrokenProcessPool):
         return reboot_check(files, now)
     return [r for part in done for r in part]

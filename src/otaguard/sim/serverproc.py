@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ErrorCode, OtaError
+from .children import sigint_ignored
 
 
 @dataclass(frozen=True)
@@ -136,12 +137,13 @@ class ServerProcess:
                         "adm_fd": adm_fd,
                     }
                 )
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "otaguard.sim.serverproc"],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    pass_fds=fds,
-                )
+                with sigint_ignored():
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "otaguard.sim.serverproc"],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        pass_fds=fds,
+                    )
                 self._procs.append(proc)
                 assert proc.stdin is not None
                 proc.stdin.write(line.encode() + b"\n")

@@ -35,6 +35,7 @@ from ..device.https_transport import HttpsTransport
 from ..device.updater import PollResult, Updater
 from ..errors import DeviceError, ErrorCode, OtaError, PowerCut
 from . import world as W
+from .children import sigint_ignored
 from .model import TRANSPORT_ATTACKS, Link, SimOptions
 from .sharedclock import SharedClock
 
@@ -517,7 +518,8 @@ class ProcessShard:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe(duplex=True)
         self._proc = ctx.Process(target=shard_main, args=(child, cfg), name=name, daemon=True)
-        self._proc.start()
+        with sigint_ignored():
+            self._proc.start()
         child.close()
         self._lock = threading.Lock()
         self._pending: dict[int, Future[Any]] = {}
