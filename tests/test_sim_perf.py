@@ -152,6 +152,59 @@ def test_flash_dir_uses_tmpfs_only_when_it_has_room(tmp_path: Path) -> None:
     too_many = free // (1024 * 1024) + 1
     assert W.flash_dir(work, too_many, shm=shm) == work / "flash"
     assert W.flash_dir(work, 10, shm=tmp_path / "missing") == work / "flash"
+    W.remove_flash_dir(d)
+    assert not d.exists()
+
+
+def test_flash_dirs_of_killed_runs_are_swept_and_live_ones_kept(tmp_path: Path) -> None:
+    """tmpfs is RAM until removed: a SIGKILLed run's flash directory is removed by the next
+    run; the directory of a run that is alive (in another process) is not."""
+    import subprocess
+    import sys
+    import time
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    # a run in another process that gets SIGKILLed while using its flash directory
+    code = (
+        "import sys, time; from pathlib import Path; from otaguard.sim import world as W;"
+        "d = W.flash_dir(Path(sys.argv[1]), 10, shm=Path(sys.argv[2]));"
+        "(d / 'flash.bin').write_bytes(b'x' * 4096); print(d, flush=True); time.sleep(600)"
+    )
+    killed = subprocess.Popen(
+        [sys.executable, "-c", code, str(work), str(shm)], stdout=subprocess.PIPE, text=True
+    )
+    alive = subprocess.Popen(
+        [sys.executable, "-c", code, str(work), str(shm)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert killed.stdout is not None and alive.stdout is not None
+        dead_dir = Path(killed.stdout.readline().strip())
+        live_dir = Path(alive.stdout.readline().strip())
+        killed.kill()
+        killed.wait()
+        assert (dead_dir / "flash.bin").exists()  # SIGKILL removes nothing
+        # an older run's directory without an owner file: kept while recent, swept when old
+        legacy = shm / "otaguard-sim-flash-legacy"
+        legacy.mkdir()
+        other = shm / "unrelated"
+        other.mkdir()
+        mine = W.flash_dir(work, 10, shm=shm)  # the next run sweeps before it starts
+        assert not dead_dir.exists()
+        assert live_dir.exists() and (live_dir / "flash.bin").exists()
+        assert legacy.exists() and other.exists()
+        old = time.time() - 7200
+        os.utime(legacy, (old, old))
+        assert W.sweep_stale_flash(shm) == [legacy]
+        assert mine.exists() and live_dir.exists() and other.exists()
+        W.remove_flash_dir(mine)
+    finally:
+        for p in (killed, alive):
+            p.kill()
+            p.wait()
+    assert W.sweep_stale_flash(shm) == [live_dir]  # its run is gone now too
 
 
 def test_strict_clock_on_one_server_process(tmp_path: Path) -> None:

@@ -535,7 +535,7 @@ class Simulation:
         self.close_shards()
         root = getattr(self, "flash_root", None)
         if root is not None:
-            shutil.rmtree(root, ignore_errors=True)
+            W.remove_flash_dir(root)
 
     def finish(self) -> dict[str, Any]:
         """Tear the server down, then reboot every device from its flash (is anything
@@ -558,7 +558,7 @@ class Simulation:
             sd.status.version = version or sd.status.version
         self.wall["reboot_check"] = time.monotonic() - w0
         # device flash files, keys and the server database are scratch: the report stays
-        shutil.rmtree(self.flash_root, ignore_errors=True)
+        W.remove_flash_dir(self.flash_root)
         shutil.rmtree(self.work, ignore_errors=True)
         return {"bricked": bricked, "versions": dict(versions)}
 

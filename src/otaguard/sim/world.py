@@ -8,14 +8,17 @@ per simulated device. Shortcuts taken for speed are listed in docs/simulator.md.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import random
 import secrets
 import shutil
 import ssl
+import stat
 import subprocess
 import tempfile
+import time
 import uuid
 import warnings
 from collections.abc import Callable
@@ -502,6 +505,9 @@ def open_device(f: DeviceFiles, clock: Clock, faults: FaultInjector | None = Non
 
 
 SHM = Path("/dev/shm")  # noqa: S108 - only ever used through mkdtemp (private, 0700)
+FLASH_PREFIX = "otaguard-sim-flash-"
+OWNER_FILE = ".owner"  # flock-held by the run using the directory, for its whole life
+_held: dict[Path, int] = {}  # flash directory -> descriptor holding its owner lock
 
 
 def flash_dir(work: Path, devices: int, shm: Path = SHM) -> Path:
@@ -510,18 +516,76 @@ def flash_dir(work: Path, devices: int, shm: Path = SHM) -> Path:
     A device polls every few simulated hours, i.e. tens of wall seconds; on a disk-backed
     file system the kernel evicts those idle pages and every poll then reads its flash back
     from disk (gigabytes over a 14,000-device run). tmpfs pages are never evicted without
-    swap. Same files, same semantics; elsewhere the work directory is used."""
+    swap. Same files, same semantics; elsewhere the work directory is used.
+
+    tmpfs is memory until the files are removed, and a killed run (SIGKILL, out of memory)
+    removes nothing: first the directories of runs that are gone are swept (see
+    :func:`sweep_stale_flash`)."""
     try:
         st = os.statvfs(shm)
+        if os.access(shm, os.W_OK):
+            sweep_stale_flash(shm)
         if st.f_bavail * st.f_frsize >= devices * 1024 * 1024 + (1 << 30) and os.access(
             shm, os.W_OK
         ):
-            return Path(tempfile.mkdtemp(prefix="otaguard-sim-flash-", dir=shm))
+            d = Path(tempfile.mkdtemp(prefix=FLASH_PREFIX, dir=shm))
+            fd = os.open(d / OWNER_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _held[d] = fd
+            return d
     except OSError:
         pass
     d = work / "flash"
     d.mkdir(exist_ok=True)
     return d
+
+
+def remove_flash_dir(d: Path) -> None:
+    """Remove a flash directory (and give up its owner lock)."""
+    shutil.rmtree(d, ignore_errors=True)
+    fd = _held.pop(d, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def sweep_stale_flash(shm: Path = SHM, *, unowned_after_s: float = 3600.0) -> list[Path]:
+    """Remove the flash directories of runs that no longer exist; the ones removed.
+
+    A live run holds an ``flock`` on the directory's owner file for as long as it uses the
+    directory; the kernel releases it when the process ends, however it ends. So a lock this
+    process can take means nobody is using the directory. A directory without an owner file
+    (made by an older version, or one being created this instant) is removed only when it has
+    not been modified for ``unowned_after_s``. Only this user's directories are touched."""
+    removed: list[Path] = []
+    try:
+        entries = list(shm.iterdir())
+    except OSError:
+        return removed
+    uid = os.getuid()
+    for d in entries:
+        try:
+            if not d.name.startswith(FLASH_PREFIX) or d in _held:
+                continue
+            st = d.lstat()
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+                continue
+            try:
+                fd = os.open(d / OWNER_FILE, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if time.time() - st.st_mtime < unowned_after_s:
+                    continue
+            else:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its run is alive
+                finally:
+                    os.close(fd)
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+        except OSError:
+            continue
+    return removed
 
 
 def scratch_dir(out: Path) -> Path:
