@@ -3,6 +3,7 @@
 # ruff: noqa: F811  (pytest fixtures imported from tests.pg are redefined as parameters)
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -252,3 +253,81 @@ def test_migration_0005_keeps_existing_tokens(db_url: str, clock: SimClock) -> N
             assert store.token_role(conn, old) == ("pre-0005", "security-officer")
     finally:
         db.dispose()
+
+
+# --- list and revoke -----------------------------------------------------------------------------
+def test_revoked_token_refused_on_the_next_request(hx: Harness, clock: SimClock) -> None:
+    """A stolen laptop's token: revoked while the server runs, refused from the next request
+    on (tokens are looked up per request, nothing is cached)."""
+    token = new_token(hx.db, "stolen-laptop", "operator", 30 * DAY)
+    c = bearer(hx, token)
+    assert c.get("/admin/v1/devices").status_code == 200
+    with hx.db.write() as conn:
+        assert store.revoke_token(conn, "stolen-laptop") is True
+    r = c.get("/admin/v1/devices")
+    assert r.status_code == 401
+    assert r.json() == {"error": ErrorCode.AUTH.value, "detail": "unknown or revoked token"}
+    with hx.db.write() as conn:
+        assert store.revoke_token(conn, "stolen-laptop") is False  # already revoked
+        with pytest.raises(OtaError) as ei:
+            store.revoke_token(conn, "no-such-token")
+        assert ei.value.code == ErrorCode.NOT_FOUND
+    other = bearer(hx, new_token(hx.db, "desk", "viewer", 30 * DAY))
+    assert other.get("/admin/v1/devices").status_code == 200  # only that token
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    rc = main(["server", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_cli_token_list_and_revoke(
+    db_url: str, tmp_path: Path, clock: SimClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    where = ("--data-dir", str(tmp_path), "--db", db_url)
+    secrets_shown: list[str] = []
+    for name, life in (("ops", "90d"), ("ci", "10d"), ("short", "12h")):
+        rc, out, err = run_cli(capsys, "token-create", "--name", name, "--role", "operator",
+                               "--valid-for", life, *where)  # fmt: skip
+        assert rc == 0, err
+        secrets_shown.append(out.splitlines()[0])
+    rc, out, err = run_cli(capsys, "token-create", "--name", "glass", "--role", "viewer",
+                           "--no-expiry", *where)  # fmt: skip
+    assert rc == 0, err
+    secrets_shown.append(out.splitlines()[0])
+    rc, out, err = run_cli(capsys, "token-revoke", "--name", "ops", *where)
+    assert (rc, out.strip()) == (0, "revoked admin token 'ops'"), err
+    rc, out, err = run_cli(capsys, "token-revoke", "--name", "ops", *where)
+    assert (rc, out.strip()) == (0, "'ops' was already revoked")
+    clock.set(T0 + DAY)  # "short" (12 h) has expired; "ci" (10 d) expires within 14 days
+
+    rc, out, err = run_cli(capsys, "token-list", "--json", *where)
+    assert rc == 0, err
+    tokens = {t["name"]: t for t in json.loads(out)["tokens"]}
+    assert {n: t["state"] for n, t in tokens.items()} == {
+        "ops": "revoked",
+        "ci": "expiring",
+        "short": "expired",
+        "glass": "active",
+    }
+    assert tokens["ci"]["expires_at"] == T0 + 10 * DAY and tokens["glass"]["expires_at"] is None
+    assert "'ci' expires at" in err and "short" not in err  # a warning for the expiring one
+    rc, table, _ = run_cli(capsys, "token-list", *where)
+    assert rc == 0 and table.splitlines()[0].split() == [
+        "NAME", "ROLE", "CREATED", "EXPIRES", "STATE"
+    ]  # fmt: skip
+    # never a token or its hash, in either form
+    db = Database(db_url)
+    try:
+        with db.read() as conn:
+            hashes = [r[0] for r in conn.execute(select(m.admin_tokens.c.token_sha256))]
+    finally:
+        db.dispose()
+    for secret in secrets_shown + hashes:
+        assert secret not in out and secret not in table
+
+    rc, out, err = run_cli(capsys, "token-revoke", "--name", "nobody", *where)
+    assert rc != 0 and out == ""
+    assert err.startswith(f"otaguard: error {ErrorCode.NOT_FOUND.value}: ") and err.count("\n") == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -127,6 +128,54 @@ def token_create(
         click.echo(f"WARNING: admin token {name!r} never expires (--no-expiry)", err=True)
     else:
         click.echo(f"token {name!r} expires at {format_utc(expires_at)}", err=True)
+
+
+@server.command("token-list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
+@_data_dir_option
+@_db_option
+def token_list(as_json: bool, data_dir: Path, db_url: str | None) -> None:
+    """List admin tokens: name, role, created, expires, state (never a token or its hash).
+
+    Tokens expiring within 14 days are marked ``expiring`` and named on stderr: renew one by
+    creating a new token, then revoking the old one.
+    """
+    from ..server import store
+    from ..signing.http import format_utc
+
+    db = _open_db(data_dir, db_url)
+    with db.read() as conn:
+        tokens = store.list_tokens(conn)
+    if as_json:
+        click.echo(json.dumps({"tokens": tokens}, indent=2))
+    else:
+        click.echo(f"{'NAME':<24} {'ROLE':<17} {'CREATED':<20} {'EXPIRES':<20} STATE")
+        for t in tokens:
+            exp = "never" if t["expires_at"] is None else format_utc(t["expires_at"])
+            click.echo(
+                f"{t['name']:<24} {t['role']:<17} {format_utc(t['created_at']):<20} "
+                f"{exp:<20} {t['state']}"
+            )
+    for t in tokens:
+        if t["state"] == "expiring":
+            click.echo(
+                f"WARNING: admin token {t['name']!r} expires at {format_utc(t['expires_at'])}",
+                err=True,
+            )
+
+
+@server.command("token-revoke")
+@click.option("--name", required=True)
+@_data_dir_option
+@_db_option
+def token_revoke(name: str, data_dir: Path, db_url: str | None) -> None:
+    """Revoke an admin token now: every request with it gets 401 from then on."""
+    from ..server import store
+
+    db = _open_db(data_dir, db_url)
+    with db.write() as conn:
+        changed = store.revoke_token(conn, name)
+    click.echo(f"revoked admin token {name!r}" if changed else f"{name!r} was already revoked")
 
 
 @server.command("migrate")

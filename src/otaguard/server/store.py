@@ -456,6 +456,55 @@ def token_expiry(conn: Connection, name: str) -> int | None:
     return None if row.expires_at is None else int(row.expires_at)
 
 
+TOKEN_EXPIRING_SOON = 14 * 86400  # token-list marks tokens expiring within this
+
+
+def list_tokens(conn: Connection) -> list[dict[str, Any]]:
+    """Every admin token's name, role, creation, expiry and state, never the token or its
+    hash. State: ``revoked``, ``expired``, ``expiring`` (within 14 days: renew it: create a
+    new one, then revoke this) or ``active``."""
+    t = m.admin_tokens
+    now = now_s()
+    out: list[dict[str, Any]] = []
+    for r in conn.execute(
+        select(t.c.name, t.c.role, t.c.created_at, t.c.expires_at, t.c.revoked).order_by(t.c.name)
+    ):
+        exp = None if r.expires_at is None else int(r.expires_at)
+        if r.revoked:
+            state = "revoked"
+        elif exp is not None and now >= exp:
+            state = "expired"
+        elif exp is not None and exp - now <= TOKEN_EXPIRING_SOON:
+            state = "expiring"
+        else:
+            state = "active"
+        out.append(
+            {
+                "name": r.name,
+                "role": r.role,
+                "created_at": int(r.created_at),
+                "expires_at": exp,
+                "state": state,
+            }
+        )
+    return out
+
+
+def revoke_token(conn: Connection, name: str) -> bool:
+    """Revoke the named token: from the commit on, every request with it gets 401 (the
+    server looks tokens up per request). False if it was already revoked; E_NOT_FOUND if
+    there is no such token."""
+    t = m.admin_tokens
+    row = conn.execute(select(t.c.revoked).where(t.c.name == name)).first()
+    if row is None:
+        raise OtaError(ErrorCode.NOT_FOUND, f"no admin token {name!r}")
+    if row.revoked:
+        return False
+    conn.execute(update(t).where(t.c.name == name).values(revoked=True))
+    log.warning("admin token revoked: %r", name)
+    return True
+
+
 _TOKEN_BY_HASH = select(
     m.admin_tokens.c.name, m.admin_tokens.c.role, m.admin_tokens.c.expires_at
 ).where(
