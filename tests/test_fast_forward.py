@@ -112,3 +112,61 @@ def test_device_refuses_absurd_counter_or_sequence(tmp_path: Path, counter: int,
     # the bounds themselves are still accepted
     info = lab.info(V2, version="1.1.0", seq=MAX_SEQUENCE, counter=MAX_SECURITY_COUNTER)
     check_applicable(info, DeviceFacts(lab.vendor_id, lab.class_id, "1.0.0", 3, 5, None))
+
+
+# --- the sequence number follows the signing host's clock -----------------------------------------
+YEAR = 366 * 86400
+
+
+def test_sequence_step_is_bounded_unless_a_security_officer_fast_forwards() -> None:
+    from otaguard.signing.policy import MAX_SIGNED_SEQUENCE, check_sequence
+
+    last = NOW
+    assert check_sequence(POLICY, last, NOW - 50, False) == last + 1  # clock behind: +1
+    assert check_sequence(POLICY, last, NOW + 4 * YEAR, False) == NOW + 4 * YEAR  # a long gap
+    with pytest.raises(OtaError) as exc:
+        check_sequence(POLICY, last, NOW + 6 * YEAR, False)  # a clock years ahead
+    assert exc.value.code == ErrorCode.FAST_FORWARD and "check the clock" in exc.value.detail
+    assert check_sequence(POLICY, last, NOW + 6 * YEAR, True) == NOW + 6 * YEAR
+    assert check_sequence(POLICY, 0, NOW + 60 * YEAR, False) == NOW + 60 * YEAR  # first ever
+    for prev in (0, last):  # beyond 2106: never, whoever authorizes it
+        with pytest.raises(OtaError) as exc:
+            check_sequence(POLICY, prev, MAX_SIGNED_SEQUENCE + 1, True)
+        assert exc.value.code == ErrorCode.FAST_FORWARD
+    tight = replace(POLICY, max_sequence_step_days=1)
+    check_sequence(tight, last, last + 86400, False)
+    with pytest.raises(OtaError):
+        check_sequence(tight, last, last + 86401, False)
+
+
+def test_service_refuses_a_release_from_a_clock_years_ahead(tmp_path: Path) -> None:
+    """Through the signing service: the refusal is audited, nothing is issued, and a
+    security officer's fast-forward signs it."""
+    from otaguard.signing.audit import read_records
+    from tests.test_signing_service import CI as SCI
+    from tests.test_signing_service import SO as SSO
+    from tests.test_signing_service import Env, make_request
+
+    env = Env(tmp_path)
+    first = env.service.sign_release(make_request(version="1.0.0"), SCI)
+    env.clock += 6 * YEAR
+    ahead = make_request(version="1.1.0", security_counter=2, expires=int(env.clock) + 86400)
+    with pytest.raises(OtaError) as exc:
+        env.service.sign_release(ahead, SCI)
+    assert exc.value.code == ErrorCode.FAST_FORWARD
+    with env.service.state.transaction() as tx:
+        assert tx.last_sequence() == first.sequence  # nothing issued
+    refusals = [r for r in read_records(env.service.audit.path) if r.op == "sign-refused"]
+    assert [r.subject["error"] for r in refusals] == [ErrorCode.FAST_FORWARD.value]
+    signed = env.service.sign_release(replace(ahead, fast_forward=True), SSO)
+    assert signed.sequence == int(env.clock)
+    env.service.close()
+
+
+def test_sequence_step_is_configurable_and_validated() -> None:
+    doc = {"version": 1, "requesters": {}, "max_sequence_step_days": 30}
+    assert Policy.from_json(json.dumps(doc).encode()).max_sequence_step_days == 30
+    for bad in (0, -1, True, "30"):
+        with pytest.raises(OtaError) as exc:
+            Policy.from_json(json.dumps({**doc, "max_sequence_step_days": bad}).encode())
+        assert exc.value.code == ErrorCode.MALFORMED

@@ -269,6 +269,9 @@ class Policy:
     sources: list[str] = field(default_factory=list, compare=False)
     max_counter_step: int = 16  # security-counter rise per release without fast_forward
     max_major_step: int = 1  # major-version rise per release without fast_forward
+    # sequence-number rise per release without fast_forward (the sequence follows the
+    # signing host's clock: a clock years ahead would burn a future sequence into devices)
+    max_sequence_step_days: int = 5 * 366
 
     @classmethod
     def allow_all(cls, requester: str) -> Policy:
@@ -304,6 +307,7 @@ class Policy:
             "uri_prefixes",
             "max_counter_step",
             "max_major_step",
+            "max_sequence_step_days",
         }
         if set(obj) - allowed:
             raise FormatError(
@@ -341,11 +345,13 @@ class Policy:
             raise FormatError(ErrorCode.MALFORMED, "require_expiry must be a boolean")
         step = obj.get("max_counter_step", 16)
         major = obj.get("max_major_step", 1)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (step, major)) or (
-            step < 1 or major < 0
-        ):
+        seq_days = obj.get("max_sequence_step_days", 5 * 366)
+        if not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in (step, major, seq_days)
+        ) or (step < 1 or major < 0 or seq_days < 1):
             raise FormatError(
-                ErrorCode.MALFORMED, "max_counter_step must be >= 1 and max_major_step >= 0"
+                ErrorCode.MALFORMED,
+                "max_counter_step and max_sequence_step_days must be >= 1, max_major_step >= 0",
             )
         return cls(
             grants,
@@ -356,6 +362,7 @@ class Policy:
             tuple(prefixes),
             max_counter_step=step,
             max_major_step=major,
+            max_sequence_step_days=seq_days,
         )
 
 
@@ -451,6 +458,38 @@ def check_request(
             f"version {req.version} is not above the last signed {last.version}; a downgrade "
             "needs explicit security-officer authorization",
         )
+
+
+MAX_SIGNED_SEQUENCE = 2**32 - 1  # POSIX seconds: February 2106
+
+
+def check_sequence(policy: Policy, last_sequence: int, now: int, fast_forward: bool) -> int:
+    """The sequence number a new release gets, ``max(last + 1, now)``, or E_FAST_FORWARD.
+
+    The sequence follows the signing host's clock, so a service restored from an old backup
+    still issues numbers devices accept; but a clock set years ahead would burn a future
+    sequence into every device that installs the release, which then refuses every later
+    legitimate one (``E_REPLAY``) until the real date catches up. So a rise of more than
+    ``max_sequence_step_days`` over the last issued number needs a security officer's
+    ``fast_forward``, and a number beyond 2106 is never signed (devices accept up to 2^40).
+    """
+    seq = max(last_sequence + 1, now)
+    if seq > MAX_SIGNED_SEQUENCE:
+        raise PolicyError(
+            ErrorCode.FAST_FORWARD,
+            f"sequence number {seq} (the signing host's clock) is beyond {MAX_SIGNED_SEQUENCE}:"
+            " check the clock (never allowed)",
+        )
+    step = policy.max_sequence_step_days * DAY
+    if last_sequence > 0 and seq - last_sequence > step and not fast_forward:
+        days = (seq - last_sequence) // DAY
+        raise PolicyError(
+            ErrorCode.FAST_FORWARD,
+            f"the signing host's clock puts this release's sequence number {days} days after "
+            f"the last one issued (more than {policy.max_sequence_step_days}): check the clock;"
+            " a fast-forward needs explicit security-officer authorization",
+        )
+    return seq
 
 
 def _major(version: str) -> int:

@@ -30,7 +30,7 @@ from ..manifest.model import ManifestInfo
 from ..manifest.verify import verify_envelope
 from ..trust.model import StaticKeys
 from .audit import AuditHead, AuditLog, read_records, verify_log
-from .policy import Policy, Requester, SigningRequest, check_request
+from .policy import Policy, Requester, SigningRequest, check_request, check_sequence
 from .state import SigningState, StateTxn
 
 log = logging.getLogger("otaguard.signing")
@@ -200,6 +200,7 @@ class SigningService:
             delta = req.delta
             if delta is None:
                 check_request(self.policy, req, requester, tx.last_release(class_hex), now)
+                check_sequence(self.policy, tx.last_sequence(), now, req.fast_forward)
                 sequence = tx.next_sequence(now)
             else:
                 # Not a new release: another encoding of one already signed, so no floor
