@@ -29,3 +29,28 @@ def sigint_ignored() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C until the block is done, then deliver it (main thread only; elsewhere
+    nothing changes). For a message into a pipe: a KeyboardInterrupt halfway through would
+    leave a truncated message that the reader at the other end waits on forever."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def hold(signum: int, _frame: object) -> None:
+        caught.append(signum)
+
+    old = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if caught and old is not signal.SIG_IGN:
+        if callable(old):
+            old(signal.SIGINT, None)
+        else:
+            raise KeyboardInterrupt

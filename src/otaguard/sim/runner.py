@@ -179,6 +179,10 @@ class Simulation:
         self.rid = W.publish(self.world, self.rel)
         kit = AttackKit(self.rel.factory_manifest, self.rel.other_manifest, self.rel.other_image)
         self._start_shards(kit, cap)
+        self.log(
+            f"enrolling {o.devices} devices ({len(self.shards)} simulator and "
+            f"{o.server_procs} server processes)"
+        )
         rng = random.Random(o.seed)
         n_attacked = round(o.attack_rate * o.devices)
         attacked = set(rng.sample(range(o.devices), n_attacked)) if n_attacked else set()
@@ -191,9 +195,7 @@ class Simulation:
             batches: list[list[DeviceSpec]] = [[] for _ in self.shards]
             for f in files:
                 i = len(self.devices)
-                spec, first = device_spec(
-                    i, f, o, random.Random(rng.getrandbits(64)), i in attacked
-                )
+                spec, first = device_spec(i, f, o, rng.getrandbits(64), i in attacked)
                 self.devices.append(
                     DeviceRecord(i, f, spec.link, first, DeviceStatus(attack=spec.attack))
                 )
@@ -226,25 +228,22 @@ class Simulation:
         assert self.world is not None
         o = self.opts
         n = min(o.sim_procs, o.devices)
-
-        def cfg(k: int) -> ShardConfig:
-            return ShardConfig(
-                url=self.world.url if self.world is not None else "",
-                ca_pem=self.world.ca_pem if self.world is not None else Path(),
-                clock_name=self.clock.name,
-                opts=o,
-                kit=kit,
-                patch_len=len(self.rel.patch),
-                keylist_target=self.rel.keylist_target,
-                t0=self.t0,
-                workers=max(1, -(-o.workers // n)),
-                fd_cap=max(16, cap // n),
-            )
-
+        cfg = ShardConfig(
+            url=self.world.url,
+            ca_pem=self.world.ca_pem,
+            clock_name=self.clock.name,
+            opts=o,
+            kit=kit,
+            patch_len=len(self.rel.patch),
+            keylist_target=self.rel.keylist_target,
+            t0=self.t0,
+            workers=max(1, -(-o.workers // n)),
+            fd_cap=max(16, cap // n),
+        )
         if n <= 1:
-            self.shards = [LocalShard(cfg(0), self.clock)]
+            self.shards = [LocalShard(cfg, self.clock)]
         else:
-            self.shards = [ProcessShard(cfg(k), f"sim-shard-{k}") for k in range(n)]
+            self.shards = [ProcessShard(cfg, f"sim-shard-{k}") for k in range(n)]
 
     def close_shards(self) -> None:
         """Stop the shards (their running polls finish; their devices' flash is closed)."""

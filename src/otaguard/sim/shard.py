@@ -35,7 +35,7 @@ from ..device.https_transport import HttpsTransport
 from ..device.updater import PollResult, Updater
 from ..errors import DeviceError, ErrorCode, OtaError, PowerCut
 from . import world as W
-from .children import sigint_ignored
+from .children import sigint_deferred, sigint_ignored
 from .model import TRANSPORT_ATTACKS, Link, SimOptions
 from .sharedclock import SharedClock
 
@@ -73,7 +73,7 @@ class DeviceSpec:
     idx: int
     files: W.DeviceFiles
     link: Link
-    rng_state: Any  # random.Random.getstate(): the device's own stream continues there
+    poll_seed: int  # seeds the device's random stream for its polls (drawn from its fate)
     selftest_fail: bool
     attack: str | None
 
@@ -298,8 +298,7 @@ class DeviceRuntime:
     def add(self, spec: DeviceSpec) -> None:
         """Power the device on (the bootloader verifies and boots) and check in once: the
         fleet was in service before the release, so the server knows what each device runs."""
-        rng = random.Random()
-        rng.setstate(spec.rng_state)
+        rng = random.Random(spec.poll_seed)
         dev = W.open_device(spec.files, self.clock)
         dev.boot()
         dev.flash.park()
@@ -521,7 +520,8 @@ class ProcessShard:
         with sigint_ignored():
             self._proc.start()
         child.close()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # pending requests
+        self._send_lock = threading.Lock()  # one message at a time into the pipe
         self._pending: dict[int, Future[Any]] = {}
         self._seq = 0
         self._dead: str | None = None
@@ -535,11 +535,18 @@ class ProcessShard:
                 fut.set_exception(OtaError(ErrorCode.INTERNAL, self._dead))
                 return fut
             self._seq += 1
-            self._pending[self._seq] = fut
+            seq = self._seq
+            self._pending[seq] = fut
+        # Not under self._lock: a send blocks while the pipe is full, and the reader must
+        # still be able to take answers off the other pipe meanwhile (the child may be
+        # waiting to send one before it reads on). A Ctrl-C waits until the message is
+        # whole: a truncated one would stall the shard's reader for good.
+        with self._send_lock, sigint_deferred():
             try:
-                self._conn.send((self._seq, *msg))
+                self._conn.send((seq, *msg))
             except (OSError, ValueError) as exc:
-                del self._pending[self._seq]
+                with self._lock:
+                    self._pending.pop(seq, None)
                 fut.set_exception(OtaError(ErrorCode.INTERNAL, f"shard process gone: {exc}"))
         return fut
 
@@ -621,12 +628,15 @@ def shard_main(conn: Connection, cfg: ShardConfig) -> None:
 
 
 def device_spec(
-    idx: int, files: W.DeviceFiles, opts: SimOptions, rng: random.Random, attacked: bool
+    idx: int, files: W.DeviceFiles, opts: SimOptions, seed: int, attacked: bool
 ) -> tuple[DeviceSpec, float]:
-    """Draw one device's link and fate from its own random stream; the spec, and when in
-    its first poll interval it first polls (seconds)."""
+    """Draw one device's link and fate from its own random stream (``seed``); the spec, and
+    when in its first poll interval it first polls (seconds). The spec carries a seed for
+    the device's polls, not the stream itself: a few bytes per device to its shard."""
+    rng = random.Random(seed)
     link = Link.draw(opts.profile, rng)
     selftest_fail = rng.random() < opts.selftest_fail_rate
     attack = TRANSPORT_ATTACKS[idx % len(TRANSPORT_ATTACKS)] if attacked else None
     first = rng.uniform(0, link.poll_s)
-    return DeviceSpec(idx, files, link, rng.getstate(), selftest_fail, attack), first
+    spec = DeviceSpec(idx, files, link, rng.getrandbits(64), selftest_fail, attack)
+    return spec, first
