@@ -22,7 +22,7 @@ import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -346,14 +346,8 @@ class DeviceRuntime:
         happened, its status now)."""
         sd = self.devices[idx]
         nxt, ev = self._poll(sd, t)
-        s = sd.status
-        return (
-            nxt,
-            ev,
-            DeviceStatus(
-                s.patched_at, s.keylist_at, s.reached, s.version, s.keylist_version, s.attack
-            ),
-        )
+        # a copy: in-process, the event loop keeps it while the device polls on
+        return nxt, ev, replace(sd.status)
 
     def _poll(self, sd: SimDevice, t: float) -> tuple[float, dict[str, Any]]:
         o = self.opts

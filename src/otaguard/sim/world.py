@@ -522,12 +522,11 @@ def flash_dir(work: Path, devices: int, shm: Path = SHM) -> Path:
     removes nothing: first the directories of runs that are gone are swept (see
     :func:`sweep_stale_flash`)."""
     try:
+        if not os.access(shm, os.W_OK):
+            raise OSError(f"{shm} is not writable")
+        sweep_stale_flash(shm)  # before measuring the room: what it frees counts
         st = os.statvfs(shm)
-        if os.access(shm, os.W_OK):
-            sweep_stale_flash(shm)
-        if st.f_bavail * st.f_frsize >= devices * 1024 * 1024 + (1 << 30) and os.access(
-            shm, os.W_OK
-        ):
+        if st.f_bavail * st.f_frsize >= devices * 1024 * 1024 + (1 << 30):
             d = Path(tempfile.mkdtemp(prefix=FLASH_PREFIX, dir=shm))
             fd = os.open(d / OWNER_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
