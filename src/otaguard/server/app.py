@@ -26,7 +26,7 @@ from functools import partial
 from typing import Any, ParamSpec, TypeVar
 
 from cryptography import x509
-from sqlalchemy import Connection, Row
+from sqlalchemy import Connection
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -42,6 +42,7 @@ from .ca import fingerprint, serial_of, verify_forwarded_cert
 from .campaigns import TRANSIENT_ERRORS, CampaignService, Plan
 from .db import Database
 from .mtls import PEER_CERT_KEY
+from .prepared import Record
 from .ratelimit import ProbeDetector, RateLimit, TokenBuckets, retry_after_header
 
 log = logging.getLogger("otaguard.server")
@@ -383,7 +384,7 @@ class UpdateServer:
         self,
         ident: Identity,
         request: Request,
-        fn: Callable[[Connection, Row[Any]], T],
+        fn: Callable[[Connection, Record], T],
         *,
         write: bool,
     ) -> T:
@@ -417,7 +418,7 @@ class UpdateServer:
             self._probe(device_id, ip, refusal.code.value, request.url.path, refusal.detail)
         raise refusal
 
-    def _device_read(self, ident: Identity, fn: Callable[[Connection, Row[Any]], T]) -> T | None:
+    def _device_read(self, ident: Identity, fn: Callable[[Connection, Record], T]) -> T | None:
         """Read-only fast path: ``fn``'s result for a valid device, or None when the request
         must take the full path (``_device_work``: refusals are recorded there)."""
         with self.db.read() as conn:
@@ -427,7 +428,7 @@ class UpdateServer:
             return fn(conn, dev)
 
     async def _read_only(
-        self, ident: Identity, fn: Callable[[Connection, Row[Any]], T | None]
+        self, ident: Identity, fn: Callable[[Connection, Record], T | None]
     ) -> T | None:
         # Inline on the event loop, no thread hop: a few indexed reads (SQLite file, or a
         # PostgreSQL on this host) cost less than handing the request to a worker thread and
@@ -437,7 +438,7 @@ class UpdateServer:
     async def _run(
         self,
         request: Request,
-        fn: Callable[[Connection, Row[Any]], T],
+        fn: Callable[[Connection, Record], T],
         *,
         write: bool,
     ) -> T:
@@ -479,7 +480,7 @@ class UpdateServer:
         if self.campaigns.tick_due():  # refresh cached campaigns, timed phase advances
             await self._db(self.campaigns.tick)
 
-        def work(conn: Connection, dev: Row[Any], dry: bool) -> dict[str, Any] | None:
+        def work(conn: Connection, dev: Record, dry: bool) -> dict[str, Any] | None:
             # dry: inside a read-only transaction, returns None as soon as a write is needed
             # (the caller then repeats this in a write transaction). Any write added here
             # must be preceded by ``if dry: return None``.
@@ -538,7 +539,7 @@ class UpdateServer:
         if self.campaigns.tick_due():
             await self._db(self.campaigns.tick)
 
-        def work(conn: Connection, dev: Row[Any]) -> bool:
+        def work(conn: Connection, dev: Record) -> bool:
             rel = store.pending_update(conn, dev.id)
             if rel is not None and report.get("manifest_digest") in (None, rel.manifest_digest):
                 report["release_id"] = rel.id
@@ -579,7 +580,7 @@ class UpdateServer:
         towards the refusal threshold, recorded at most once per ``probe_event_interval``)."""
         ident = await self.identify(request)
 
-        def work(conn: Connection, dev: Row[Any]) -> tuple[int, bool]:
+        def work(conn: Connection, dev: Record) -> tuple[int, bool]:
             return dev.id, store.device_may_fetch(conn, dev.id, column, digest)
 
         dev_id, ok = await self._db(self._device_work, ident, request, work, write=False)
@@ -658,7 +659,7 @@ class UpdateServer:
         return inline()
 
     async def keylist(self, request: Request) -> Response:
-        def work(conn: Connection, dev: Row[Any]) -> tuple[int, bytes, str] | None:
+        def work(conn: Connection, dev: Record) -> tuple[int, bytes, str] | None:
             kl = store.latest_keylist(conn)
             return (kl.version, kl.document, kl.sha256) if kl is not None else None
 
@@ -770,7 +771,7 @@ def _parse_report(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _update_ref(rel: Row[Any]) -> dict[str, Any]:
+def _update_ref(rel: Record) -> dict[str, Any]:
     return {
         "release_id": rel.id,
         "version": rel.version,

@@ -30,12 +30,13 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ErrorCode, FormatError, ServerError
 from . import models as m
 from . import store
+from .prepared import Prepared, Record, in_consts
 from .rollout import (
     Campaign,
     CampaignRunner,
@@ -145,29 +146,34 @@ _MEMBER_Q = (
         _a.c.state.label("a_state"),
     )
     .select_from(_cd.outerjoin(_a, _a.c.device_id == _cd.c.device_id))
-    .where(_cd.c.device_id == bindparam("device_id"), _cd.c.state.in_(UNFINISHED))
+    .where(_cd.c.device_id == bindparam("device_id"), in_consts(_cd.c.state, UNFINISHED))
 )
 _COUNT_COLS = [_c.c[f"n_{s.value}"] for s in DeviceState]
 # Statements of the device request path, built once (building and cache-keying a statement
 # per report cost more than executing it): values come in the parameters, the row in b_*.
-_LOAD_Q = select(_c).where(_c.c.id == bindparam("b_id"))
-_LOAD_Q_LOCKED = _LOAD_Q.with_for_update()
-_REPORT_MEMBER_Q = _MEMBER_Q.where(
-    _cd.c.campaign_id.in_(select(_c.c.id).where(_c.c.status.in_(ACTIVE)))
+_LOAD = select(_c).where(_c.c.id == bindparam("b_id"))
+_LOAD_Q = Prepared(_LOAD)
+_LOAD_Q_LOCKED = Prepared(_LOAD.with_for_update())
+_REPORT_MEMBER_Q = Prepared(
+    _MEMBER_Q.where(_cd.c.campaign_id.in_(select(_c.c.id).where(in_consts(_c.c.status, ACTIVE))))
 )
-_MOVE_MEMBER = update(_cd).where(
-    _cd.c.campaign_id == bindparam("b_campaign_id"), _cd.c.device_id == bindparam("b_device_id")
+_MEMBER_P = Prepared(_MEMBER_Q)
+_MOVE_MEMBER = Prepared(
+    update(_cd).where(
+        _cd.c.campaign_id == bindparam("b_campaign_id"),
+        _cd.c.device_id == bindparam("b_device_id"),
+    )
 )
-_MOVE_COUNTS: dict[tuple[str, str], Any] = {}
+_MOVE_COUNTS: dict[tuple[str, str], Prepared] = {}
 
 
-def _move_counts(old: DeviceState, new: DeviceState) -> Any:
+def _move_counts(old: DeviceState, new: DeviceState) -> Prepared:
     """``n_<old> - 1, n_<new> + 1`` on one campaign row (built once per pair of states)."""
     key = (old.value, new.value)
     q = _MOVE_COUNTS.get(key)
     if q is None:
         a, b = _c.c[f"n_{old.value}"], _c.c[f"n_{new.value}"]
-        q = update(_c).where(_c.c.id == bindparam("b_id")).values({a: a - 1, b: b + 1})
+        q = Prepared(update(_c).where(_c.c.id == bindparam("b_id")).values({a: a - 1, b: b + 1}))
         _MOVE_COUNTS[key] = q
     return q
 
@@ -267,7 +273,7 @@ class CampaignService:
 
     def _load(self, conn: Connection, db_id: int, *, lock: bool = False) -> tuple[Any, _Entry]:
         q = _LOAD_Q_LOCKED if lock and conn.dialect.name == "postgresql" else _LOAD_Q
-        row = conn.execute(q, {"b_id": db_id}).first()
+        row = q.execute(conn, {"b_id": db_id}).first()
         if row is None:
             raise ServerError(ErrorCode.NOT_FOUND, f"no campaign {db_id}", 404)
         with self._lock:
@@ -338,14 +344,14 @@ class CampaignService:
     # --- check-in ----------------------------------------------------------------------------
     def member(self, conn: Connection, device_id: int) -> Member | None:
         """The device's unfinished row in an active campaign (at most one by construction)."""
-        rows = conn.execute(_MEMBER_Q, {"device_id": device_id}).all()
+        rows = _MEMBER_P.execute(conn, {"device_id": device_id}).all()
         for r in rows:
             if r.campaign_id in self._cache:
                 return _member(r)
         return None
 
     def checkin(
-        self, conn: Connection, dev: Row[Any], facts: dict[str, Any], *, dry: bool
+        self, conn: Connection, dev: Record, facts: dict[str, Any], *, dry: bool
     ) -> Plan | None:
         """The campaign side of one check-in. ``dry`` (read-only transaction): returns None as
         soon as something must be written; the caller repeats in a write transaction."""
@@ -432,8 +438,8 @@ class CampaignService:
     ) -> None:
         if new == old:
             return
-        conn.execute(
-            _MOVE_MEMBER,
+        _MOVE_MEMBER.execute(
+            conn,
             {
                 "state": new.state.value,
                 "version": new.version,
@@ -446,13 +452,13 @@ class CampaignService:
             },
         )
         if new.state is not old.state:
-            conn.execute(_move_counts(old.state, new.state), {"b_id": db_id})
+            _move_counts(old.state, new.state).execute(conn, {"b_id": db_id})
 
     # --- reports -----------------------------------------------------------------------------
     def report_member(self, conn: Connection, device_id: int) -> Member | None:
         """The membership a report is about (queried, not cached: a report must count even if
         this process has not seen the campaign yet)."""
-        rows = conn.execute(_REPORT_MEMBER_Q, {"device_id": device_id}).all()
+        rows = _REPORT_MEMBER_Q.execute(conn, {"device_id": device_id}).all()
         return _member(rows[0]) if rows else None
 
     def on_report(
@@ -461,7 +467,7 @@ class CampaignService:
         device_id: int,
         mem: Member,
         report: dict[str, Any],
-        release: Row[Any] | None,
+        release: Record | None,
     ) -> None:
         """Feed one fresh (first-delivery) report into the member's progress, then evaluate."""
         event = REPORT_EVENTS.get(str(report.get("state")))

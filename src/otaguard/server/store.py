@@ -13,12 +13,13 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ErrorCode, OtaError, ServerError
 from . import models as m
+from .prepared import Prepared, Record, in_consts
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def now_s() -> int:
 # Statements on the device request path are built once and executed with parameters (the
 # column values of an INSERT or UPDATE ... SET come from the parameter names): building a
 # statement and its cache key per request cost more than running it on SQLite.
-_INSERT_IGNORE: dict[tuple[str, str, tuple[str, ...]], Any] = {}
+_INSERT_IGNORE: dict[tuple[str, str, tuple[str, ...]], Prepared] = {}
 
 
 def _only_columns(table: Any, values: dict[str, Any]) -> None:
@@ -64,9 +65,9 @@ def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any], keys: l
     stmt = _INSERT_IGNORE.get(ck)
     if stmt is None:
         ins = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
-        stmt = ins.on_conflict_do_nothing(index_elements=keys).returning(table.c.id)
+        stmt = Prepared(ins.on_conflict_do_nothing(index_elements=keys).returning(table.c.id))
         _INSERT_IGNORE[ck] = stmt
-    return conn.execute(stmt, values).first() is not None
+    return stmt.execute(conn, values).first() is not None
 
 
 # --- devices -----------------------------------------------------------------------------------
@@ -137,11 +138,11 @@ def revoke_device(conn: Connection, serial: str) -> None:
 # Statements on the check-in hot path are built once: SQLAlchemy then reuses the statement's
 # memoized cache key, compiled form and result metadata, instead of rebuilding and re-keying a
 # new Select on every request (about two thirds of a small query's Python cost).
-_DEVICE_BY_SERIAL = select(m.devices).where(m.devices.c.serial == bindparam("serial"))
+_DEVICE_BY_SERIAL = Prepared(select(m.devices).where(m.devices.c.serial == bindparam("serial")))
 
 
-def device_by_serial(conn: Connection, serial: str) -> Row[Any] | None:
-    return conn.execute(_DEVICE_BY_SERIAL, {"serial": serial}).first()
+def device_by_serial(conn: Connection, serial: str) -> Record | None:
+    return _DEVICE_BY_SERIAL.execute(conn, {"serial": serial}).first()
 
 
 def device_groups(conn: Connection, device_id: int) -> list[str]:
@@ -152,7 +153,7 @@ def device_groups(conn: Connection, device_id: int) -> list[str]:
 
 
 def record_checkin(
-    conn: Connection, device: Row[Any], facts: dict[str, Any], *, lastseen_interval: int
+    conn: Connection, device: Record, facts: dict[str, Any], *, lastseen_interval: int
 ) -> None:
     """Write what the device reported; skip the write when nothing changed but the clock.
 
@@ -162,14 +163,14 @@ def record_checkin(
     values = checkin_changes(device, facts, lastseen_interval=lastseen_interval)
     if values is not None:
         _only_columns(m.devices, values)
-        conn.execute(_UPDATE_DEVICE, dict(values, b_id=device.id))
+        _UPDATE_DEVICE.execute(conn, dict(values, b_id=device.id))
 
 
-_UPDATE_DEVICE = update(m.devices).where(m.devices.c.id == bindparam("b_id"))
+_UPDATE_DEVICE = Prepared(update(m.devices).where(m.devices.c.id == bindparam("b_id")))
 
 
 def checkin_changes(
-    device: Row[Any], facts: dict[str, Any], *, lastseen_interval: int
+    device: Record, facts: dict[str, Any], *, lastseen_interval: int
 ) -> dict[str, Any] | None:
     """The device-row values a check-in must write, or None if only the clock moved."""
     t = now_s()
@@ -179,42 +180,42 @@ def checkin_changes(
     return dict(changed, last_seen=t)
 
 
-_PENDING_UPDATE = (
+_PENDING_UPDATE = Prepared(
     select(m.releases, m.assignments.c.state.label("assignment_state"))
     .select_from(m.assignments.join(m.releases, m.assignments.c.release_id == m.releases.c.id))
     .where(
         m.assignments.c.device_id == bindparam("device_id"),
-        m.assignments.c.state.in_(("assigned", "offered", "installing")),
+        in_consts(m.assignments.c.state, ("assigned", "offered", "installing")),
     )
 )
 
 
-def pending_update(conn: Connection, device_id: int) -> Row[Any] | None:
+def pending_update(conn: Connection, device_id: int) -> Record | None:
     """The release assigned to this device (joined), if its assignment is still open."""
-    return conn.execute(_PENDING_UPDATE, {"device_id": device_id}).first()
+    return _PENDING_UPDATE.execute(conn, {"device_id": device_id}).first()
 
 
-_UPDATE_ASSIGNMENT = update(m.assignments).where(
-    m.assignments.c.device_id == bindparam("b_device_id")
+_UPDATE_ASSIGNMENT = Prepared(
+    update(m.assignments).where(m.assignments.c.device_id == bindparam("b_device_id"))
 )
-_DELETE_ASSIGNMENT = delete(m.assignments).where(
-    m.assignments.c.device_id == bindparam("b_device_id")
+_DELETE_ASSIGNMENT = Prepared(
+    delete(m.assignments).where(m.assignments.c.device_id == bindparam("b_device_id"))
 )
-_INSERT_ASSIGNMENT = insert(m.assignments)
+_INSERT_ASSIGNMENT = Prepared(insert(m.assignments))
 
 
 def set_assignment_state(conn: Connection, device_id: int, state: str) -> None:
-    conn.execute(
-        _UPDATE_ASSIGNMENT, {"state": state, "updated_at": now_s(), "b_device_id": device_id}
+    _UPDATE_ASSIGNMENT.execute(
+        conn, {"state": state, "updated_at": now_s(), "b_device_id": device_id}
     )
 
 
 def assign(conn: Connection, device_id: int, release_id: int, campaign_id: int | None) -> None:
     """Point a device at a release (replacing any earlier target: one target per device)."""
     t = now_s()
-    conn.execute(_DELETE_ASSIGNMENT, {"b_device_id": device_id})
-    conn.execute(
-        _INSERT_ASSIGNMENT,
+    _DELETE_ASSIGNMENT.execute(conn, {"b_device_id": device_id})
+    _INSERT_ASSIGNMENT.execute(
+        conn,
         {
             "device_id": device_id,
             "release_id": release_id,
@@ -226,8 +227,8 @@ def assign(conn: Connection, device_id: int, release_id: int, campaign_id: int |
     )
 
 
-_MAY_FETCH: dict[str, Any] = {}
-_MAY_FETCH_DELTA: dict[str, Any] = {}
+_MAY_FETCH: dict[str, Prepared] = {}
+_MAY_FETCH_DELTA: dict[str, Prepared] = {}
 
 
 def device_may_fetch(conn: Connection, device_id: int, column: str, blob: str) -> bool:
@@ -237,14 +238,14 @@ def device_may_fetch(conn: Connection, device_id: int, column: str, blob: str) -
     if q is None:
         col = m.releases.c[column]  # KeyError for a column that does not exist
         j = m.assignments.join(m.releases, m.assignments.c.release_id == m.releases.c.id)
-        q = _MAY_FETCH[column] = (
+        q = _MAY_FETCH[column] = Prepared(
             select(m.releases.c.id)
             .select_from(j)
             .where(m.assignments.c.device_id == bindparam("device_id"), col == bindparam("blob"))
             .limit(1)
         )
     params = {"device_id": device_id, "blob": blob}
-    row = conn.execute(q, params).first()
+    row = q.execute(conn, params).first()
     return row is not None or _device_may_fetch_delta(conn, params, column)
 
 
@@ -254,12 +255,12 @@ def _device_may_fetch_delta(conn: Connection, params: dict[str, Any], column: st
         d = m.release_deltas
         col = d.c.envelope_blob if column == "envelope_blob" else d.c.patch_blob
         j = m.assignments.join(d, m.assignments.c.release_id == d.c.release_id)
-        q = _MAY_FETCH_DELTA[column] = (
+        q = _MAY_FETCH_DELTA[column] = Prepared(
             select(d.c.id)
             .select_from(j)
             .where(m.assignments.c.device_id == bindparam("device_id"), col == bindparam("blob"))
         )
-    return conn.execute(q, params).first() is not None
+    return q.execute(conn, params).first() is not None
 
 
 # --- reports -----------------------------------------------------------------------------------
@@ -344,7 +345,7 @@ def insert_release(conn: Connection, values: dict[str, Any]) -> int:
     )
 
 
-def release_by_id(conn: Connection, release_id: int) -> Row[Any] | None:
+def release_by_id(conn: Connection, release_id: int) -> Record | None:
     return conn.execute(select(m.releases).where(m.releases.c.id == release_id)).first()
 
 
@@ -368,9 +369,11 @@ def insert_delta(conn: Connection, values: dict[str, Any]) -> int:
     return int(res.inserted_primary_key[0])  # type: ignore[index]
 
 
-_DELTA_REF = select(m.release_deltas).where(
-    m.release_deltas.c.release_id == bindparam("release_id"),
-    m.release_deltas.c.base_digest == bindparam("base"),
+_DELTA_REF = Prepared(
+    select(m.release_deltas).where(
+        m.release_deltas.c.release_id == bindparam("release_id"),
+        m.release_deltas.c.base_digest == bindparam("base"),
+    )
 )
 
 
@@ -380,7 +383,7 @@ def delta_ref(
     """The delta of ``release_id`` whose base is the device's running image, as offered."""
     if not running_digest:
         return None
-    row = conn.execute(_DELTA_REF, {"release_id": release_id, "base": running_digest}).first()
+    row = _DELTA_REF.execute(conn, {"release_id": release_id, "base": running_digest}).first()
     if row is None:
         return None
     return {
@@ -408,11 +411,11 @@ def put_keylist(conn: Connection, version: int, document: bytes) -> None:
     )
 
 
-_LATEST_KEYLIST = select(m.keylists).order_by(m.keylists.c.version.desc()).limit(1)
+_LATEST_KEYLIST = Prepared(select(m.keylists).order_by(m.keylists.c.version.desc()).limit(1))
 
 
-def latest_keylist(conn: Connection) -> Row[Any] | None:
-    return conn.execute(_LATEST_KEYLIST).first()
+def latest_keylist(conn: Connection) -> Record | None:
+    return _LATEST_KEYLIST.execute(conn).first()
 
 
 # --- admin tokens ------------------------------------------------------------------------------
@@ -530,7 +533,7 @@ def token_role(conn: Connection, token: str) -> tuple[str, str] | None:
     return (row.name, row.role)
 
 
-def device_view(conn: Connection, device: Row[Any]) -> dict[str, Any]:
+def device_view(conn: Connection, device: Record) -> dict[str, Any]:
     return {
         "serial": device.serial,
         "model": device.model,
