@@ -213,6 +213,49 @@ def test_trust_store_reverified_against_otp(lab: Lab, d: Path) -> None:
         assert exc.value.code == ErrorCode.STORAGE
 
 
+def test_trust_verified_once_per_power_on_and_record(
+    lab: Lab, d: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loads after the boot reuse its verification only for the very same record bytes; an
+    update, a record rewritten behind the agent's back, or a reset is verified again."""
+    from otaguard import cbor
+    from otaguard.trust import store as trust_store
+
+    verified: list[bytes] = []
+    real = trust_store.parse_keylist
+
+    def counting(data: bytes, *a: object, **kw: object) -> object:
+        verified.append(data)
+        return real(data, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trust_store, "parse_keylist", counting)
+    with dev(lab, d) as x:
+        x.boot()
+        assert len(verified) == 1
+        x.bootloader.trust()
+        x.storage.load_trust()
+        x.checkin_facts()
+        assert len(verified) == 1  # same record since power-on: reused
+        assert x.apply_keylist_update(lab.keylist_update(version=2)) == 2
+        n = len(verified)
+        assert x.storage.load_trust().version == 2  # the new record: verified
+        assert len(verified) == n + 1
+        x.storage.load_trust()
+        assert len(verified) == n + 1
+        x.boot()  # a reset forgets it
+        assert len(verified) == n + 2
+        # A record with a broken signature, MAC-valid (written with the device's own record
+        # key): refused although a good store was verified a moment ago.
+        good = x.storage.load_trust()
+        raw = bytearray(good.keylist.raw)
+        raw[-5] ^= 0x01
+        root = good.root.to_cose_key()
+        x.storage.rec["trust"].write(cbor.dumps({1: root, 2: bytes(raw), 3: root, 4: 0}))
+        with pytest.raises(OtaError) as exc:
+            x.storage.load_trust()
+        assert exc.value.code == ErrorCode.SIGNATURE
+
+
 def test_trust_record_rolled_back_below_its_counter_is_refused(lab: Lab, d: Path) -> None:
     """G6: a genuine, validly signed but older key list written back raw is E_STORAGE."""
     v1 = lab.bundle.store()

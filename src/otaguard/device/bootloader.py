@@ -190,6 +190,7 @@ class Bootloader:
 
     def boot(self) -> BootResult:
         """One power-on: decide, verify, and 'jump'. Raises E_NO_VALID_SLOT if nothing runs."""
+        self.storage.power_on()  # nothing verified before this reset counts
         st = self.bootstate.load()
         otp = self.storage.require_otp()
         store = self.trust()

@@ -161,6 +161,8 @@ class SecureStorage:
         self.flash = flash
         self.layout = layout
         self._keys: dict[str, bytes] = {}
+        # (trust record, OTP root hash, the store verified from them) since power-on: RAM
+        self._verified_trust: tuple[bytes, bytes, TrustStore] | None = None
         self.rec = {
             name: Record(
                 flash,
@@ -278,11 +280,31 @@ class SecureStorage:
         return self.rec["trust"].read()
 
     def load_trust(self) -> TrustStore:
-        """The device's trust store, re-verified against the OTP root hash on every load."""
+        """The device's trust store, verified against the OTP root hash.
+
+        The record is read (and its MAC checked) from flash on every load. Its signatures are
+        verified once per power-on and record: a load that finds the very bytes verified
+        earlier since power-on, under the same OTP root, reuses that result (verification is
+        a function of those bytes alone), as firmware keeps its verified trust state in RAM.
+        Any other record (a key-list update, a copy rewritten behind our back) is verified
+        anew. :meth:`power_on` forgets it all: the bootloader verifies from scratch.
+        """
         otp = self.require_otp()
         raw = self.rec["trust"].read()
         if raw is None:
             raise DeviceError(ErrorCode.STORAGE, "trust store unreadable in both copies")
+        seen = self._verified_trust
+        if seen is not None and seen[0] == raw and seen[1] == otp.root_hash:
+            return seen[2]
+        store = self._verify_trust(raw, otp.root_hash)
+        self._verified_trust = (raw, otp.root_hash, store)
+        return store
+
+    def power_on(self) -> None:
+        """RAM does not survive a reset: forget the trust store verified before it."""
+        self._verified_trust = None
+
+    def _verify_trust(self, raw: bytes, root_hash: bytes) -> TrustStore:
         m = _loads(raw, self.rec["trust"].capacity)
         try:
             root = PublicKey.from_cose_key(m[1])
@@ -291,7 +313,7 @@ class SecureStorage:
             latest = int(m[4])
         except (KeyError, TypeError, ValueError) as exc:
             raise DeviceError(ErrorCode.STORAGE, f"trust record malformed: {exc}") from None
-        if root.thumbprint != otp.root_hash:
+        if root.thumbprint != root_hash:
             raise DeviceError(ErrorCode.STORAGE, "trust store root does not match OTP")
         if signer == root:
             return TrustStore.create(root, keylist, latest_time=latest)
