@@ -1,10 +1,10 @@
 """Prepared statements (server/prepared.py) behave exactly like SQLAlchemy Core executions.
 
-The cross-check: while the full device flow and the phased-campaign flows run against a real
-server on SQLite and PostgreSQL, every prepared execution is also run through Core, in the
-same transaction, and the two must agree: the same rows with the same column names and value
-types for a query; for a write, the same rows returned and the same table contents afterwards
-(the prepared write runs first inside a savepoint that is rolled back, then Core's for real).
+The cross-check (tests/prepared_check.py): the full device flow and two phased-campaign
+flows run again here against a real server on SQLite and PostgreSQL, with every prepared
+execution also run through Core in the same transaction; the two must agree (rows, column
+names and value types; for writes, the table contents). tests/test_prepared_delta.py does the
+same for the delta flows.
 
 Then what the cross-check cannot reach: driver errors become ``E_DATABASE``, a lost
 PostgreSQL connection invalidates the pool as an ordinary execution does, and the plans that
@@ -14,9 +14,7 @@ the fast path cannot run faithfully are refused when they are built.
 # ruff: noqa: F811  (pytest fixtures imported from other modules are redefined as parameters)
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, insert, select, text
@@ -27,6 +25,7 @@ from otaguard.server import store
 from otaguard.server.db import Database, sqlite_url
 from otaguard.server.prepared import Prepared, in_consts
 from tests.pg import PgCluster, db_url, fleet_ca, harness, pg_cluster, server_tls  # noqa: F401
+from tests.prepared_check import cross_check  # noqa: F401  (autouse)
 from tests.test_campaign_server import (  # noqa: F401  (re-run under the cross-check)
     hc,
     lab,
@@ -34,68 +33,6 @@ from tests.test_campaign_server import (  # noqa: F401  (re-run under the cross-
     test_phased_campaign_end_to_end,
 )
 from tests.test_server_api import hxt, test_full_device_flow  # noqa: F401
-
-_execute = Prepared.execute
-
-
-FLOWS = {
-    "test_full_device_flow",
-    "test_phased_campaign_end_to_end",
-    "test_failing_self_test_pauses_campaign",
-}
-
-
-def _snapshot(conn: Any, table: Any, mask: int | None) -> list[tuple[Any, ...]]:
-    key = list(table.primary_key.columns) or list(table.c)
-    rows = conn.execute(select(table).order_by(*key))
-    return [tuple(v for i, v in enumerate(r) if i != mask) for r in rows]
-
-
-def _typed(rows: Any, mask: int | None = None) -> list[list[tuple[Any, type]]]:
-    return [[(v, type(v)) for i, v in enumerate(r) if i != mask] for r in rows]
-
-
-@pytest.fixture(autouse=True)
-def cross_check(
-    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
-) -> Iterator[set[str]]:
-    checked: set[str] = set()
-
-    def execute(self: Prepared, conn: Any, params: Any = None) -> Any:
-        params = dict(params or {})
-        stmt: Any = self.stmt
-        if stmt.is_dml:
-            # PostgreSQL sequences do not roll back: an inserted row's new id differs
-            cols = list(stmt.table.c.keys())
-            mask = cols.index("id") if stmt.is_insert and "id" in cols else None
-            ret = 0 if stmt.is_insert and mask is not None else None  # RETURNING id
-            with conn.begin_nested() as sp:
-                fast = _execute(self, conn, params)
-                fast_after = _snapshot(conn, stmt.table, mask)
-                sp.rollback()
-            core = conn.execute(stmt, params)
-            core_rows = core.all() if core.returns_rows else []
-            assert len(fast.all()) == len(core_rows), str(stmt)
-            assert _typed(fast, ret) == _typed(core_rows, ret), str(stmt)
-            assert fast_after == _snapshot(conn, stmt.table, mask), str(stmt)
-            if not stmt.is_insert:  # (psycopg reports -1 for Core's INSERT: not compared)
-                assert fast.rowcount == core.rowcount, str(stmt)
-        else:
-            fast = _execute(self, conn, params)
-            core = conn.execute(stmt, params)
-            keys = list(core.keys())
-            core_rows = core.all()
-            assert _typed(fast) == _typed(core_rows), str(stmt)
-            for row in fast:
-                assert list(row._fields) == keys
-                assert [getattr(row, k) for k in keys] == list(row)
-        checked.add(f"{conn.dialect.name}: {str(stmt)[:60]}")
-        return fast
-
-    monkeypatch.setattr(Prepared, "execute", execute)
-    yield checked
-    if request.node.originalname in FLOWS:  # the flows must really have gone through here
-        assert len(checked) >= 5, checked
 
 
 # --- errors ------------------------------------------------------------------------------------
