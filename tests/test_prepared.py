@@ -177,3 +177,20 @@ def test_update_columns_come_from_the_parameters(tmp_path: Path) -> None:
         assert (dev.last_error, dev.current_version) == ("E_X", "2.0")
     finally:
         db.dispose()
+
+
+def test_constants_in_the_statement_as_core_treats_them(tmp_path: Path) -> None:
+    """A value built into the statement is used unless a parameter of its rendered name is
+    given (the cross-check fixture compares each execution with Core's)."""
+    db = _scratch_db(tmp_path)
+    try:
+        _seed(db)
+        q = Prepared(
+            select(m.devices.c.id).where(in_consts(m.devices.c.serial, ["dev-1"]))  # param_1
+        )
+        with db.read() as conn:
+            assert q.execute(conn, {}).scalar() == 1
+            assert q.execute(conn, {"param_1": "nobody"}).scalar() is None
+            assert conn.execute(q.stmt, {"param_1": "nobody"}).scalar() is None  # Core too
+    finally:
+        db.dispose()

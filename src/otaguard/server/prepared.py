@@ -19,7 +19,9 @@ both ways on SQLite and PostgreSQL and compares rows and table contents.
 
 Limits, refused when the plan is built (a programming error, caught by the tests): no
 expanding ``IN`` parameters (write constant lists as :func:`in_consts`), no column defaults
-computed at execution (pass every value), no executemany.
+computed at execution (pass every value), no executemany. A bound parameter that carries a
+value in the statement (``literal``, ``column + 1``) keeps it unless a parameter of its
+rendered name (``param_1``) is given, which replaces it, as in Core.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ class _Plan:
                         ErrorCode.INTERNAL, f"no value for bound parameter {name!r}", 500
                     ) from None
             else:
-                v = params.get(name, const)
+                v = params.get(name, const)  # as Core: a parameter of its name replaces it
             values.append(v if proc is None else proc(v))
         if self.positional:
             return values
