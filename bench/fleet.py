@@ -11,14 +11,69 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from otaguard.cli.simulate import options_from, run_simulation
 from otaguard.sim.model import SCENARIOS
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+class RoleCpu:
+    """CPU seconds per kind of child process, read from /proc every ``interval`` s (each
+    process's last reading counts: a child's CPU is complete shortly before it exits, and
+    ``getrusage(RUSAGE_CHILDREN)`` only gives the sum). Roles by command line: the server
+    processes (``otaguard.sim.serverproc``) and the multiprocessing children (the device
+    shards, then the reboot-check workers)."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.last: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RoleCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        me = os.getpid()
+        while not self._stop.wait(self.interval):
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        st = f.read().rsplit(")", 1)[1].split()
+                    if int(st[1]) != me:  # children of this process only
+                        continue
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+                except (OSError, IndexError, ValueError):
+                    continue
+                if "serverproc" in cmd:
+                    role = "servers"
+                elif "spawn_main" in cmd:
+                    role = "shards"
+                else:
+                    continue
+                self.last[int(pid)] = (role, (int(st[11]) + int(st[12])) / TICK)
+
+    def totals(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for role, cpu in self.last.values():
+            out[role] = out.get(role, 0.0) + cpu
+        return out
 
 
 def main() -> int:
@@ -37,8 +92,10 @@ def main() -> int:
         opts = dataclasses.replace(opts, sim_procs=a.sim_procs).validate()
     out = a.out or Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     w0 = time.monotonic()
-    r = run_simulation(opts, out, quiet=True)
+    with RoleCpu() as roles:
+        r = run_simulation(opts, out, quiet=True)
     wall = time.monotonic() - w0
+    cpu_roles = roles.totals()
     me = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     peak_mib, server_mib = me.ru_maxrss / 1024, kids.ru_maxrss / 1024
@@ -52,6 +109,8 @@ def main() -> int:
         ("peak RSS main process / largest child", f"{peak_mib:.0f} / {server_mib:.0f} MiB"),
         ("CPU main / children (servers, shards, reboot)", f"{cpu_me:.0f} / {cpu_kids:.0f} s "
          f"({100 * (cpu_me + cpu_kids) / wall:.0f}% of one core)"),
+        ("CPU servers / shards + reboot check (sampled)",
+         f"{cpu_roles.get('servers', 0):.0f} / {cpu_roles.get('shards', 0):.0f} s"),
         ("simulated time run", f"{r['simulated_h']:.1f} h ({r['stopped']})"),
         ("check-ins over HTTPS", f"{r['traffic']['checkins']}"),
         ("check-ins / wall s (run)", f"{r['traffic']['checkins'] / max(1e-9, r['wall_s']['run']):.0f}"),
