@@ -194,3 +194,18 @@ def test_constants_in_the_statement_as_core_treats_them(tmp_path: Path) -> None:
             assert conn.execute(q.stmt, {"param_1": "nobody"}).scalar() is None  # Core too
     finally:
         db.dispose()
+
+
+def test_a_parameter_used_twice(tmp_path: Path) -> None:
+    """One named parameter at two places: SQLite's positional ``?`` gets it twice."""
+    db = _scratch_db(tmp_path)
+    try:
+        _seed(db)
+        d = m.devices.c
+        q = Prepared(select(d.id).where((d.serial == bindparam("s")) | (d.model == bindparam("s"))))
+        with db.read() as conn:
+            assert q.execute(conn, {"s": "dev-1"}).scalar() == 1
+            assert q.execute(conn, {"s": "gw"}).scalar() == 1
+            assert q.execute(conn, {"s": "r1"}).scalar() is None
+    finally:
+        db.dispose()

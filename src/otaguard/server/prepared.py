@@ -73,7 +73,8 @@ class _Plan:
         if getattr(compiled, "insert_prefetch", None) or getattr(compiled, "update_prefetch", None):
             raise TypeError(f"column defaults computed at execution: pass every value: {sql}")
         self.sql = sql
-        names: list[str] = list(compiled.positiontup or compiled.binds)
+        pos = compiled.positiontup  # the order of ``?`` (a name may repeat), or None: named
+        names: list[str] = list(pos if pos is not None else compiled.binds)
         # (name, constant or None, required, bind processor)
         binds: list[tuple[str, Any, bool, Processor | None]] = []
         for name in names:
@@ -82,7 +83,7 @@ class _Plan:
             constant = not bp.required and bp.callable is None
             binds.append((name, bp.effective_value if constant else None, not constant, proc))
         self.binds = binds
-        self.positional = compiled.positiontup is not None
+        self.positional = pos is not None
         self.returns_rows = isinstance(stmt, Select) or bool(compiled.effective_returning)
         self.row: Any = None
         self.procs: list[tuple[int, Processor]] = []
