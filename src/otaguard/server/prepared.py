@@ -14,8 +14,9 @@ What is kept of SQLAlchemy's execution: the column types' bind and result proces
 Boolean comes back as ``bool`` on SQLite too), and its error wrapping: a driver error becomes
 the ``DBAPIError`` that Core would raise (``E_DATABASE``, 503, in ``Database``); after a lost
 PostgreSQL connection the transaction's rollback, which Core runs, invalidates the pool.
-``tests/test_prepared.py`` runs every prepared statement of the device and campaign flows
-both ways on SQLite and PostgreSQL and compares rows and table contents.
+``tests/test_prepared.py`` and ``tests/test_prepared_delta.py`` run every prepared statement
+of the device, delta and campaign flows both ways on SQLite and PostgreSQL and compare rows
+and table contents.
 
 Limits, refused when the plan is built (a programming error, caught by the tests): no
 expanding ``IN`` parameters (write constant lists as :func:`in_consts`), no column defaults
