@@ -193,7 +193,7 @@ def test_record_write_cut_anywhere_leaves_old_or_new(
 def storage(tmp_path: Path) -> tuple[Flash, SecureStorage]:
     lay = Layout(LayoutConfig())
     f = Flash(tmp_path / "s.bin", lay.size, lay.geometry, protected=lay.protected)
-    return f, SecureStorage(f, lay)
+    return f, SecureStorage.on_flash(f, lay)
 
 
 def test_otp_is_write_once(tmp_path: Path) -> None:

@@ -115,7 +115,7 @@ def test_random_operation_sequences_keep_a_bootable_verified_slot(
             otp = dev.storage.require_otp()
             store = dev.bootloader.trust()
             verify_slot(
-                dev.flash, dev.layout.slots[stt.active], store, otp, c, ref=stt.refs[stt.active]
+                dev.slots, dev.slots.slots[stt.active], store, otp, c, ref=stt.refs[stt.active]
             )
     with Device(d, clock=lambda: lab.now, max_tries=2) as dev:
         for _ in range(3):  # a final boot (plus watchdog boots) always lands on a verified image

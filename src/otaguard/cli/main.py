@@ -46,9 +46,11 @@ cli.add_command(audit)
 cli.add_command(release)
 cli.add_command(signing)
 cli.add_command(manifest)
+from .agent import agent  # noqa: E402
 from .device import device  # noqa: E402
 
 cli.add_command(device)
+cli.add_command(agent)
 from .campaign import campaign  # noqa: E402
 
 cli.add_command(campaign)

@@ -36,17 +36,8 @@ from ..manifest.conditions import DeviceFacts, check_applicable
 from ..manifest.verify import VerifiedManifest, verify_envelope
 from ..trust.store import TrustStore
 from .bootloader import Bootloader, running_manifest, verify_slot
-from .flash import Flash
-from .layout import Layout, SlotRegion
-from .slots import (
-    SlotWriter,
-    envelope_ref,
-    erase_image,
-    invalidate,
-    manifest_capacity,
-    slot_reader,
-    write_envelope,
-)
+from .hal import Slot, SlotMedia
+from .slots import envelope_ref
 from .storage import SecureStorage, Staging, keylist_signer
 from .transport import Transport, endpoint_of
 
@@ -85,19 +76,21 @@ class InstallResult:
 class UpdateAgent:
     def __init__(
         self,
-        flash: Flash,
-        layout: Layout,
+        slots: SlotMedia,
         storage: SecureStorage,
         bootloader: Bootloader,
         *,
         clock: Clock = system_clock,
         checkpoint: int = DEFAULT_CHECKPOINT,
+        progress: Callable[[Slot, int, int], None] | None = None,
     ) -> None:
-        ss = layout.geometry.sector_size
-        if checkpoint < ss or checkpoint % ss:
+        """``progress(slot, bytes_committed, image_size)`` is told at every checkpoint (the
+        Linux agent logs it; a power-cut test waits for it)."""
+        unit = slots.unit
+        if checkpoint < unit or checkpoint % unit:
             raise DeviceError(ErrorCode.USAGE, "checkpoint must be a multiple of the sector size")
-        self.flash = flash
-        self.layout = layout
+        self.slots = slots
+        self.progress = progress
         self.storage = storage
         self.bootloader = bootloader
         self.clock = clock
@@ -115,7 +108,7 @@ class UpdateAgent:
             )
         store = self.bootloader.trust()
         now = store.effective_time(self.clock())
-        slot = self.layout.slots[st.inactive]
+        slot = self.slots.slots[st.inactive]
         delta_error: str | None = None
         if callable(getattr(transport, "fetch_delta_manifest", None)):
             offered = self._try_offered_delta(transport, store, st.active, slot, now)
@@ -123,15 +116,17 @@ class UpdateAgent:
                 return offered
             delta_error = offered
         vm = self._fetch_and_verify(transport, store, now)
-        base_refused = False  # E_DELTA_BASE from the manifest alone: nothing was written
+        # Refusals by the manifest alone (conditions, slot size, delta base) leave the inactive
+        # slot as it was: it may hold the fallback image.
+        touched = False
         try:
             running = self._check(vm, store, st.active, slot, now)
             if vm.info.delta is not None:
-                base_refused = True
                 self._check_delta(vm, running)
-                base_refused = False
+                touched = True
                 result = self._apply_delta(transport, vm, store, slot, st.active, running)
             else:
+                touched = True
                 result = self._download(transport, vm, store, slot)
         except OtaError as err:
             if err.code in (ErrorCode.POWER_CUT, ErrorCode.TRANSPORT):
@@ -139,7 +134,7 @@ class UpdateAgent:
                 if err.code == ErrorCode.TRANSPORT:
                     self._fail(transport, err)
                 raise
-            if not base_refused:
+            if touched:
                 self._abort(slot, vm.info.image_size)
             raise self._fail(transport, err) from None
         return replace(result, delta_error=delta_error)
@@ -149,7 +144,7 @@ class UpdateAgent:
         transport: Transport,
         store: TrustStore,
         active: int,
-        slot: SlotRegion,
+        slot: Slot,
         now: int | None,
     ) -> InstallResult | str | None:
         """Install the transport's delta offer; on refusal return its code (fall back to full).
@@ -216,7 +211,7 @@ class UpdateAgent:
         vm: VerifiedManifest,
         store: TrustStore,
         active: int,
-        slot: SlotRegion,
+        slot: Slot,
         now: int | None,
     ) -> VerifiedManifest:
         """Applicability checks; returns the running (active) slot's verified manifest."""
@@ -225,7 +220,7 @@ class UpdateAgent:
         # The running image is known by its boot record, not re-verified: its signing key may
         # have been rotated out or revoked since it was installed (a security patch signed
         # with the new key must still install over it).
-        running = running_manifest(self.flash, self.layout, self.bootloader.bootstate.load(), store)
+        running = running_manifest(self.slots, self.bootloader.bootstate.load(), store)
         facts = DeviceFacts(
             vendor_id=otp.vendor_id,
             class_id=otp.class_id,
@@ -241,7 +236,7 @@ class UpdateAgent:
                 f"image of {vm.info.image_size} bytes exceeds slot {slot.name} "
                 f"({slot.image_capacity} bytes)",
             )
-        if len(vm.envelope) > manifest_capacity(slot):
+        if len(vm.envelope) > self.slots.manifest_capacity(slot):
             raise DeviceError(ErrorCode.TOO_LARGE, "manifest exceeds the slot's manifest area")
         return running
 
@@ -260,7 +255,7 @@ class UpdateAgent:
             )
 
     def _download(
-        self, transport: Transport, vm: VerifiedManifest, store: TrustStore, slot: SlotRegion
+        self, transport: Transport, vm: VerifiedManifest, store: TrustStore, slot: Slot
     ) -> InstallResult:
         info = vm.info
         ref = envelope_ref(vm.envelope)
@@ -275,14 +270,16 @@ class UpdateAgent:
             start = staging.committed
         else:
             self.storage.write_staging(Staging(slot.index, ref, 0, info.image_size))
-            invalidate(self.flash, slot)
-        writer = SlotWriter(self.flash, slot, info.image_size, info.digest_alg, start=start)
+            self.slots.invalidate(slot)
+        writer = self.slots.writer(slot, info.image_size, info.digest_alg, start=start)
         saved = writer.committed
         for chunk in transport.open_image(start):
             writer.write(chunk)
             if writer.committed - saved >= self.checkpoint:
                 saved = writer.committed
                 self.storage.write_staging(Staging(slot.index, ref, saved, info.image_size))
+                if self.progress is not None:
+                    self.progress(slot, saved, info.image_size)
         digest = writer.finish()
         if digest != info.image_digest:
             raise DeviceError(ErrorCode.IMAGE_DIGEST, "image digest does not match the manifest")
@@ -296,7 +293,7 @@ class UpdateAgent:
         transport: Transport,
         vm: VerifiedManifest,
         store: TrustStore,
-        slot: SlotRegion,
+        slot: Slot,
         active: int,
         running: VerifiedManifest,
     ) -> InstallResult:
@@ -314,10 +311,10 @@ class UpdateAgent:
             raise DeviceError(ErrorCode.UNSUPPORTED, "this update source cannot provide a patch")
         ref = envelope_ref(vm.envelope)
         self.storage.write_staging(Staging(slot.index, ref, 0, info.image_size))
-        invalidate(self.flash, slot)
-        writer = SlotWriter(self.flash, slot, info.image_size, info.digest_alg)
+        self.slots.invalidate(slot)
+        writer = self.slots.writer(slot, info.image_size, info.digest_alg)
         applier = PatchApplier(
-            slot_reader(self.flash, self.layout.slots[active]),
+            self.slots.reader(self.slots.slots[active]),
             writer.write,
             old_size=running.info.image_size,
             max_new=slot.image_capacity,
@@ -357,14 +354,14 @@ class UpdateAgent:
         return InstallResult(slot.index, info.version, 0, info.image_size, "delta", received)
 
     def _commit(
-        self, transport: Transport, vm: VerifiedManifest, store: TrustStore, slot: SlotRegion
+        self, transport: Transport, vm: VerifiedManifest, store: TrustStore, slot: Slot
     ) -> None:
         """The image is in ``slot`` and hashed: store the envelope, re-verify, mark pending."""
         ref = envelope_ref(vm.envelope)
-        write_envelope(self.flash, slot, vm.envelope)
-        # Read back from flash: the running hash proved the transport, this proves the flash.
+        self.slots.write_envelope(slot, vm.envelope)
+        # Read back from the slot: the running hash proved the transport, this proves the medium.
         verify_slot(
-            self.flash,
+            self.slots,
             slot,
             store,
             self.storage.require_otp(),
@@ -373,25 +370,17 @@ class UpdateAgent:
         )
         st = self.bootloader.bootstate.load()
         self.bootloader.bootstate.save(st.with_pending(slot.index, ref))
+        self.bootloader.control.pending(slot.index, st.active)
         self.storage.write_staging(None)
         state = self.storage.agent_state()
         if state.last_error is not None:
             self.storage.write_agent_state(replace(state, last_error=None, last_detail=""))
         self._report(transport, {"event": "installed", "version": vm.info.version})
 
-    def _abort(self, slot: SlotRegion, size: int) -> None:
-        """Erase staging: the slot's manifest area and whatever image bytes were written."""
-        try:
-            invalidate(self.flash, slot)
-            erase_image(self.flash, slot, min(size, slot.image_capacity))
-            self.storage.write_staging(None)
-        except OtaError as err:
-            if err.code == ErrorCode.POWER_CUT:
-                raise
-            # A read error while cleaning up: the manifest area is what matters; it is erased
-            # unconditionally so the slot can never verify.
-            self.flash.erase_range(slot.manifest_offset, slot.manifest_size)
-            self.storage.write_staging(None)
+    def _abort(self, slot: Slot, size: int) -> None:
+        """Erase staging: the slot's manifest and whatever image bytes were written."""
+        self.slots.discard(slot, size)
+        self.storage.write_staging(None)
 
     # --- key-list updates --------------------------------------------------------------------
     def apply_keylist_update(self, update: bytes) -> int:

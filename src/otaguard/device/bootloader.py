@@ -42,9 +42,8 @@ from ..manifest.verify import VerifiedManifest, decode_pinned, verify_envelope
 from ..trust.model import KeyResolver, Role, TrustedKey
 from ..trust.store import TrustStore
 from .bootstate import BootState, BootStateStore
-from .flash import Flash
-from .layout import Layout, SlotRegion
-from .slots import envelope_ref, hash_slot, invalidate, read_envelope
+from .hal import BootControl, Slot, SlotMedia
+from .slots import envelope_ref
 from .storage import Counters, OtpData, SecureStorage
 
 DEFAULT_MAX_TRIES = 3
@@ -67,17 +66,17 @@ class BootResolver:
         return self.inner.resolve_untimed(kid, alg, role)
 
 
-def slot_manifest(flash: Flash, slot: SlotRegion, resolver: KeyResolver) -> VerifiedManifest:
-    """Verify the envelope in ``slot``'s manifest area (signature only, not the image)."""
-    env = read_envelope(flash, slot)
+def slot_manifest(media: SlotMedia, slot: Slot, resolver: KeyResolver) -> VerifiedManifest:
+    """Verify the envelope stored with ``slot`` (signature only, not the image)."""
+    env = media.read_envelope(slot)
     if env is None:
         raise DeviceError(ErrorCode.NO_VALID_SLOT, f"slot {slot.name} holds no manifest")
     return verify_envelope(env, BootResolver(resolver))
 
 
 def verify_slot(
-    flash: Flash,
-    slot: SlotRegion,
+    media: SlotMedia,
+    slot: Slot,
     resolver: KeyResolver,
     otp: OtpData,
     counters: Counters,
@@ -85,20 +84,20 @@ def verify_slot(
     ref: bytes | None = None,
 ) -> VerifiedManifest:
     """Everything that must hold before ``slot`` may run. Raises the first failure's code."""
-    vm = slot_manifest(flash, slot, resolver)
+    vm = slot_manifest(media, slot, resolver)
     if ref is not None and envelope_ref(vm.envelope) != ref:
         raise DeviceError(ErrorCode.DIGEST, f"slot {slot.name} manifest is not the accepted one")
-    _check_slot_contents(flash, slot, vm, otp, counters)
+    _check_slot_contents(media, slot, vm, otp, counters)
     return vm
 
 
-def recorded_manifest(flash: Flash, slot: SlotRegion, ref: bytes) -> VerifiedManifest:
+def recorded_manifest(media: SlotMedia, slot: Slot, ref: bytes) -> VerifiedManifest:
     """The confirmed slot's envelope, authenticated by the boot record (its SHA-256).
 
     No signature check: the envelope was verified against the trust store when it was
     installed, and the record pins exactly those bytes.
     """
-    env = read_envelope(flash, slot)
+    env = media.read_envelope(slot)
     if env is None:
         raise DeviceError(ErrorCode.NO_VALID_SLOT, f"slot {slot.name} holds no manifest")
     if envelope_ref(env) != ref:
@@ -107,27 +106,25 @@ def recorded_manifest(flash: Flash, slot: SlotRegion, ref: bytes) -> VerifiedMan
 
 
 def verify_recorded(
-    flash: Flash, slot: SlotRegion, otp: OtpData, counters: Counters, ref: bytes
+    media: SlotMedia, slot: Slot, otp: OtpData, counters: Counters, ref: bytes
 ) -> VerifiedManifest:
     """Everything that must hold before the confirmed ``slot`` may run (see module doc)."""
-    vm = recorded_manifest(flash, slot, ref)
-    _check_slot_contents(flash, slot, vm, otp, counters)
+    vm = recorded_manifest(media, slot, ref)
+    _check_slot_contents(media, slot, vm, otp, counters)
     return vm
 
 
-def running_manifest(
-    flash: Flash, layout: Layout, st: BootState, resolver: KeyResolver
-) -> VerifiedManifest:
+def running_manifest(media: SlotMedia, st: BootState, resolver: KeyResolver) -> VerifiedManifest:
     """The active slot's manifest: by its record, or (no record) verified in full."""
-    slot = layout.slots[st.active]
+    slot = media.slots[st.active]
     ref = st.refs[st.active]
     if ref is not None:
-        return recorded_manifest(flash, slot, ref)
-    return slot_manifest(flash, slot, resolver)
+        return recorded_manifest(media, slot, ref)
+    return slot_manifest(media, slot, resolver)
 
 
 def _check_slot_contents(
-    flash: Flash, slot: SlotRegion, vm: VerifiedManifest, otp: OtpData, counters: Counters
+    media: SlotMedia, slot: Slot, vm: VerifiedManifest, otp: OtpData, counters: Counters
 ) -> None:
     info = vm.info
     if info.vendor_id != otp.vendor_id:
@@ -141,7 +138,7 @@ def _check_slot_contents(
         )
     if info.image_size > slot.image_capacity:
         raise DeviceError(ErrorCode.SLOT_FULL, f"slot {slot.name} image larger than the slot")
-    if hash_slot(flash, slot, info.image_size, info.digest_alg) != info.image_digest:
+    if media.hash_image(slot, info.image_size, info.digest_alg) != info.image_digest:
         raise DeviceError(ErrorCode.IMAGE_DIGEST, f"slot {slot.name} image digest mismatch")
 
 
@@ -161,22 +158,57 @@ class BootResult:
         return self.info.version
 
 
+class SelfBootControl:
+    """The simulated bootloader is this module itself: it starts the pending slot while it has
+    tries left, the confirmed one otherwise, and has no other place to mirror decisions to."""
+
+    def __init__(self, max_tries: int) -> None:
+        self.max_tries = max_tries
+
+    def chosen(self, st: BootState) -> int:
+        if st.pending is not None and st.tries < self.max_tries:
+            return st.pending
+        return st.active
+
+    def pending(self, slot: int, active: int) -> None:
+        pass
+
+    def confirmed(self, slot: int) -> None:
+        pass
+
+    def reverted(self, slot: int, active: int) -> None:
+        pass
+
+    def sync(self, st: BootState) -> None:
+        pass
+
+
 class Bootloader:
+    """The boot-time half of the state machine, on any :class:`~.hal.SlotMedia`.
+
+    On the simulated device this *is* the bootloader. On Linux, GRUB starts a slot first and
+    this runs as the first step of the booted system (``otaguard agent boot-check``): the
+    :class:`~.hal.BootControl` reports what GRUB chose, and a result naming another slot than
+    the running one means "reboot into it".
+    """
+
     def __init__(
         self,
-        flash: Flash,
-        layout: Layout,
+        slots: SlotMedia,
         storage: SecureStorage,
         *,
         max_tries: int = DEFAULT_MAX_TRIES,
+        control: BootControl | None = None,
     ) -> None:
         if max_tries < 1:
             raise DeviceError(ErrorCode.USAGE, "max_tries must be at least 1")
-        self.flash = flash
-        self.layout = layout
+        self.slots = slots
         self.storage = storage
-        self.bootstate = BootStateStore(flash, layout, key=storage.record_key("bootstate"))
+        self.bootstate = BootStateStore(
+            storage.open_record("bootstate", storage.record_key("bootstate"))
+        )
         self.max_tries = max_tries
+        self.control: BootControl = control if control is not None else SelfBootControl(max_tries)
         self.current: BootResult | None = None
 
     def trust(self) -> TrustStore:
@@ -198,14 +230,15 @@ class Bootloader:
         reverted: str | None = None
         pending = st.pending
         if pending is not None:
-            pslot = self.layout.slots[pending]
-            if st.tries >= self.max_tries:
+            pslot = self.slots.slots[pending]
+            if self.control.chosen(st) != pending:
+                # The firmware gave up on the pending slot (tries used up without a confirm).
                 reverted = ErrorCode.WATCHDOG.value
                 self._revert(st, ErrorCode.WATCHDOG)
                 st = self.bootstate.load()
             else:
                 try:
-                    vm = verify_slot(self.flash, pslot, store, otp, counters, ref=st.refs[pending])
+                    vm = verify_slot(self.slots, pslot, store, otp, counters, ref=st.refs[pending])
                 except OtaError as err:
                     if err.code == ErrorCode.POWER_CUT:
                         raise
@@ -216,18 +249,19 @@ class Bootloader:
                     self.bootstate.save(st.test_boot())
                     self.current = BootResult(pending, "test", vm.info)
                     return self.current
-        aslot = self.layout.slots[st.active]
+        aslot = self.slots.slots[st.active]
         active_ref = st.refs[st.active]
         try:
             if active_ref is not None:
-                vm = verify_recorded(self.flash, aslot, otp, counters, active_ref)
+                vm = verify_recorded(self.slots, aslot, otp, counters, active_ref)
             else:
-                vm = verify_slot(self.flash, aslot, store, otp, counters)
+                vm = verify_slot(self.slots, aslot, store, otp, counters)
         except OtaError as err:
             if err.code == ErrorCode.POWER_CUT:
                 raise
             return self._fallback(st, store, otp, counters, err.code)
         self.storage.catch_up(security=vm.info.security_counter, sequence=vm.info.sequence_number)
+        self.control.sync(st)
         self.current = BootResult(st.active, "normal", vm.info, reverted)
         return self.current
 
@@ -242,7 +276,7 @@ class Bootloader:
         """The confirmed slot no longer verifies: test-boot the other one if it does."""
         other = st.inactive
         try:
-            vm = verify_slot(self.flash, self.layout.slots[other], store, otp, counters)
+            vm = verify_slot(self.slots, self.slots.slots[other], store, otp, counters)
         except OtaError as err:
             if err.code == ErrorCode.POWER_CUT:
                 raise
@@ -255,14 +289,16 @@ class Bootloader:
         refs[other] = envelope_ref(vm.envelope)
         new = replace(st, pending=other, tries=1, refs=(refs[0], refs[1]), last_error=reason.value)
         self.bootstate.save(new)
+        self.control.pending(other, st.active)
         self.current = BootResult(other, "test", vm.info, reason.value)
         return self.current
 
     def _revert(self, st: BootState, reason: ErrorCode) -> None:
         assert st.pending is not None
-        slot = self.layout.slots[st.pending]
+        slot = self.slots.slots[st.pending]
         self.bootstate.save(st.reverted(reason))
-        invalidate(self.flash, slot)
+        self.control.reverted(st.pending, st.active)
+        self.slots.invalidate(slot)
 
     # --- called by the running (test-mode) image ---------------------------------------------
     def confirm(self) -> None:
@@ -272,6 +308,7 @@ class Bootloader:
         if cur is None or cur.mode != "test" or st.pending != cur.slot:
             raise DeviceError(ErrorCode.STATE, "confirm is only valid in a test boot")
         self.bootstate.save(st.confirmed())
+        self.control.confirmed(cur.slot)
         self.storage.catch_up(security=cur.info.security_counter, sequence=cur.info.sequence_number)
         self.current = replace(cur, mode="normal")
 

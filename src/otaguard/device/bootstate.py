@@ -12,13 +12,13 @@ when to apply them and writes them to flash.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import cbor
 from ..errors import DeviceError, ErrorCode
-from .flash import Flash
-from .layout import Layout
-from .records import KeySource, Record
+
+if TYPE_CHECKING:
+    from .hal import RecordMedia
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,8 @@ class BootState:
 
 
 class BootStateStore:
-    def __init__(self, flash: Flash, layout: Layout, *, key: KeySource) -> None:
-        self.record = Record(flash, layout.bootstate, key=key)
+    def __init__(self, record: RecordMedia) -> None:
+        self.record = record
 
     def load(self) -> BootState:
         raw = self.record.read()

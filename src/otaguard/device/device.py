@@ -30,9 +30,10 @@ from .bootloader import (
 from .bootstate import BootState
 from .faults import FaultInjector
 from .flash import Flash
+from .hal import SlotMedia
 from .layout import Layout, LayoutConfig
 from .selftest import SelfTest
-from .slots import SlotWriter, envelope_ref, write_envelope
+from .slots import FlashSlots, envelope_ref
 from .storage import Identity, OtpData, SecureStorage, new_huk
 from .transport import Transport
 
@@ -52,6 +53,48 @@ class Provisioning:
     hw_rev: str
     factory_manifest: bytes
     identity: Identity | None = None
+
+
+def provision(
+    storage: SecureStorage,
+    slots: SlotMedia,
+    bootloader: Bootloader,
+    prov: Provisioning,
+    image: Iterable[bytes],
+) -> None:
+    """The factory step on any backend: OTP, trust store, identity, slot A, counters, boot
+    state. The factory image is verified against its signed manifest like any update."""
+    store = prov.bundle.store()
+    vm = verify_envelope(prov.factory_manifest, store, now=None)
+    info = vm.info
+    if info.vendor_id != prov.vendor_id or info.class_id != prov.class_id:
+        raise DeviceError(ErrorCode.CLASS_ID, "factory manifest is for another vendor/model/hw rev")
+    storage.program_otp(
+        OtpData(
+            prov.bundle.root_hash,
+            prov.vendor_id,
+            prov.class_id,
+            prov.model,
+            prov.hw_rev,
+            new_huk(),
+        )
+    )
+    storage.save_trust(store, prov.bundle.root)
+    if prov.identity is not None:
+        storage.write_identity(prov.identity)
+    slot = slots.slots[0]
+    writer = slots.writer(slot, info.image_size, info.digest_alg)
+    for chunk in image:
+        writer.write(chunk)
+    if writer.finish() != info.image_digest:
+        raise DeviceError(ErrorCode.IMAGE_DIGEST, "factory image does not match its manifest")
+    slots.write_envelope(slot, vm.envelope)
+    storage.advance(
+        security=info.security_counter,
+        sequence=info.sequence_number,
+        keylist_version=store.version,
+    )
+    bootloader.bootstate.save(BootState(active=0, refs=(envelope_ref(vm.envelope), None)))
 
 
 class Device:
@@ -77,11 +120,11 @@ class Device:
             faults=faults,
             protected=self.layout.protected,
         )
-        self.storage = SecureStorage(self.flash, self.layout)
-        self.bootloader = Bootloader(self.flash, self.layout, self.storage, max_tries=max_tries)
+        self.slots = FlashSlots(self.flash, self.layout)
+        self.storage = SecureStorage.on_flash(self.flash, self.layout)
+        self.bootloader = Bootloader(self.slots, self.storage, max_tries=max_tries)
         self.agent = UpdateAgent(
-            self.flash,
-            self.layout,
+            self.slots,
             self.storage,
             self.bootloader,
             clock=clock,
@@ -119,39 +162,7 @@ class Device:
         return dev
 
     def _provision(self, prov: Provisioning, image: Iterable[bytes]) -> None:
-        store = prov.bundle.store()
-        vm = verify_envelope(prov.factory_manifest, store, now=None)
-        info = vm.info
-        if info.vendor_id != prov.vendor_id or info.class_id != prov.class_id:
-            raise DeviceError(
-                ErrorCode.CLASS_ID, "factory manifest is for another vendor/model/hw rev"
-            )
-        self.storage.program_otp(
-            OtpData(
-                prov.bundle.root_hash,
-                prov.vendor_id,
-                prov.class_id,
-                prov.model,
-                prov.hw_rev,
-                new_huk(),
-            )
-        )
-        self.storage.save_trust(store, prov.bundle.root)
-        if prov.identity is not None:
-            self.storage.write_identity(prov.identity)
-        slot = self.layout.slots[0]
-        writer = SlotWriter(self.flash, slot, info.image_size, info.digest_alg)
-        for chunk in image:
-            writer.write(chunk)
-        if writer.finish() != info.image_digest:
-            raise DeviceError(ErrorCode.IMAGE_DIGEST, "factory image does not match its manifest")
-        write_envelope(self.flash, slot, vm.envelope)
-        self.storage.advance(
-            security=info.security_counter,
-            sequence=info.sequence_number,
-            keylist_version=store.version,
-        )
-        self.bootloader.bootstate.save(BootState(active=0, refs=(envelope_ref(vm.envelope), None)))
+        provision(self.storage, self.slots, self.bootloader, prov, image)
 
     # --- what a device does ------------------------------------------------------------------
     def close(self) -> None:
@@ -191,75 +202,88 @@ class Device:
 
     # --- status ------------------------------------------------------------------------------
     def checkin_facts(self) -> dict[str, Any]:
-        """The check-in body (``HttpsTransport(status=dev.checkin_facts)``): running version
-        and counters, plus the running image's signed digest, which is what lets the server
-        offer a delta whose base is this image."""
-        st = self.bootloader.bootstate.load()
-        store = self.bootloader.trust()
-        running = running_manifest(self.flash, self.layout, st, store)
-        counters = self.storage.counters()
-        facts: dict[str, Any] = {
-            "version": running.info.version,
-            "security_counter": counters.security,
-            "keylist_version": store.version,
-            "running_digest": running.info.image_digest.hex(),
-        }
-        last_error = self.storage.agent_state().last_error or st.last_error
-        if last_error:
-            facts["last_error"] = last_error
-        return facts
+        """The check-in body (``HttpsTransport(status=dev.checkin_facts)``)."""
+        return checkin_facts(self.storage, self.bootloader, self.slots)
 
     def status(self) -> dict[str, Any]:
-        otp = self.storage.require_otp()
-        st = self.bootloader.bootstate.load()
-        counters = self.storage.counters()
-        agent = self.storage.agent_state()
-        out: dict[str, Any] = {
-            "model": otp.model,
-            "hw_rev": otp.hw_rev,
-            "vendor_id": str(otp.vendor_id),
-            "class_id": str(otp.class_id),
-            "boot_state": st.as_dict(),
-            "counters": counters.as_dict(),
-            "last_error": agent.last_error or st.last_error,
-            "last_boot_error": st.last_error,
-            "suspects": list(agent.suspects),
-            "identity": self.storage.identity() is not None,
-            "staging": None,
-            "slots": [],
+        return device_status(self.storage, self.bootloader, self.slots)
+
+
+def checkin_facts(
+    storage: SecureStorage, bootloader: Bootloader, slots: SlotMedia
+) -> dict[str, Any]:
+    """The check-in body (``HttpsTransport(status=dev.checkin_facts)``): running version
+    and counters, plus the running image's signed digest, which is what lets the server
+    offer a delta whose base is this image."""
+    st = bootloader.bootstate.load()
+    store = bootloader.trust()
+    running = running_manifest(slots, st, store)
+    counters = storage.counters()
+    facts: dict[str, Any] = {
+        "version": running.info.version,
+        "security_counter": counters.security,
+        "keylist_version": store.version,
+        "running_digest": running.info.image_digest.hex(),
+    }
+    last_error = storage.agent_state().last_error or st.last_error
+    if last_error:
+        facts["last_error"] = last_error
+    return facts
+
+
+def device_status(
+    storage: SecureStorage, bootloader: Bootloader, slots: SlotMedia
+) -> dict[str, Any]:
+    otp = storage.require_otp()
+    st = bootloader.bootstate.load()
+    counters = storage.counters()
+    agent = storage.agent_state()
+    out: dict[str, Any] = {
+        "model": otp.model,
+        "hw_rev": otp.hw_rev,
+        "vendor_id": str(otp.vendor_id),
+        "class_id": str(otp.class_id),
+        "boot_state": st.as_dict(),
+        "counters": counters.as_dict(),
+        "last_error": agent.last_error or st.last_error,
+        "last_boot_error": st.last_error,
+        "suspects": list(agent.suspects),
+        "identity": storage.identity() is not None,
+        "staging": None,
+        "slots": [],
+    }
+    stg = storage.staging()
+    if stg is not None:
+        out["staging"] = {
+            "slot": "AB"[stg.slot],
+            "committed": stg.committed,
+            "image_size": stg.image_size,
         }
-        stg = self.storage.staging()
-        if stg is not None:
-            out["staging"] = {
-                "slot": "AB"[stg.slot],
-                "committed": stg.committed,
-                "image_size": stg.image_size,
-            }
-        try:
-            store = self.bootloader.trust()
-            out["keylist_version"] = store.version
-        except OtaError as err:
-            out["keylist_version"] = None
-            out["trust_error"] = err.code.value
-            store = None
-        for slot in self.layout.slots:
-            entry: dict[str, Any] = {"slot": slot.name, "capacity": slot.image_capacity}
-            ref = st.refs[slot.index]
-            if store is not None or (slot.index == st.active and ref is not None):
-                try:
-                    if slot.index == st.active and ref is not None:
-                        vm = verify_recorded(self.flash, slot, otp, counters, ref)
-                    else:
-                        assert store is not None
-                        vm = verify_slot(self.flash, slot, store, otp, counters)
-                    entry.update(
-                        valid=True,
-                        version=vm.info.version,
-                        security_counter=vm.info.security_counter,
-                        sequence_number=vm.info.sequence_number,
-                        image_size=vm.info.image_size,
-                    )
-                except OtaError as err:
-                    entry.update(valid=False, error=err.code.value)
-            out["slots"].append(entry)
-        return out
+    try:
+        store = bootloader.trust()
+        out["keylist_version"] = store.version
+    except OtaError as err:
+        out["keylist_version"] = None
+        out["trust_error"] = err.code.value
+        store = None
+    for slot in slots.slots:
+        entry: dict[str, Any] = {"slot": slot.name, "capacity": slot.image_capacity}
+        ref = st.refs[slot.index]
+        if store is not None or (slot.index == st.active and ref is not None):
+            try:
+                if slot.index == st.active and ref is not None:
+                    vm = verify_recorded(slots, slot, otp, counters, ref)
+                else:
+                    assert store is not None
+                    vm = verify_slot(slots, slot, store, otp, counters)
+                entry.update(
+                    valid=True,
+                    version=vm.info.version,
+                    security_counter=vm.info.security_counter,
+                    sequence_number=vm.info.sequence_number,
+                    image_size=vm.info.image_size,
+                )
+            except OtaError as err:
+                entry.update(valid=False, error=err.code.value)
+        out["slots"].append(entry)
+    return out

@@ -1,4 +1,5 @@
-"""Reading and writing one A/B slot: its manifest area and its image, in bounded chunks.
+"""Reading and writing one A/B slot on the simulated flash: its manifest area and its image,
+in bounded chunks. :class:`FlashSlots` is the flash backend of :class:`~.hal.SlotMedia`.
 
 This module knows nothing about where bytes come from (a file, HTTPS, a delta decoder): the
 :class:`SlotWriter` accepts chunks and keeps a running hash, and :func:`hash_slot` re-reads an
@@ -13,9 +14,10 @@ import struct
 from collections.abc import Callable
 
 from ..crypto.algorithms import HashAlg, StreamingHasher
-from ..errors import DeviceError, ErrorCode
+from ..errors import DeviceError, ErrorCode, OtaError
 from .flash import Flash
-from .layout import SlotRegion
+from .hal import Slot
+from .layout import Layout, SlotRegion
 
 MANIFEST_MAGIC = b"OGMF"
 _MHDR = struct.Struct(">4sI")
@@ -153,3 +155,49 @@ def slot_reader(flash: Flash, slot: SlotRegion) -> Callable[[int, int], bytes]:
         return flash.read(slot.image_offset + offset, n)
 
     return read
+
+
+class FlashSlots:
+    """The two slots of a simulated flash part (:class:`~.hal.SlotMedia`)."""
+
+    def __init__(self, flash: Flash, layout: Layout) -> None:
+        self.flash = flash
+        self.layout = layout
+        self.slots: tuple[Slot, Slot] = layout.slots
+        self.unit = layout.geometry.sector_size
+
+    def _region(self, slot: Slot) -> SlotRegion:
+        return self.layout.slots[slot.index]
+
+    def manifest_capacity(self, slot: Slot) -> int:
+        return manifest_capacity(self._region(slot))
+
+    def read_envelope(self, slot: Slot) -> bytes | None:
+        return read_envelope(self.flash, self._region(slot))
+
+    def write_envelope(self, slot: Slot, envelope: bytes) -> None:
+        write_envelope(self.flash, self._region(slot), envelope)
+
+    def invalidate(self, slot: Slot) -> None:
+        invalidate(self.flash, self._region(slot))
+
+    def discard(self, slot: Slot, size: int) -> None:
+        region = self._region(slot)
+        try:
+            invalidate(self.flash, region)
+            erase_image(self.flash, region, min(size, region.image_capacity))
+        except OtaError as err:
+            if err.code == ErrorCode.POWER_CUT:
+                raise
+            # A read error while cleaning up: the manifest area is what matters; it is erased
+            # unconditionally so the slot can never verify.
+            self.flash.erase_range(region.manifest_offset, region.manifest_size)
+
+    def writer(self, slot: Slot, size: int, alg: HashAlg, *, start: int = 0) -> SlotWriter:
+        return SlotWriter(self.flash, self._region(slot), size, alg, start=start)
+
+    def hash_image(self, slot: Slot, size: int, alg: HashAlg) -> bytes:
+        return hash_slot(self.flash, self._region(slot), size, alg)
+
+    def reader(self, slot: Slot) -> Callable[[int, int], bytes]:
+        return slot_reader(self.flash, self._region(slot))

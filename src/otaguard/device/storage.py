@@ -24,6 +24,7 @@ import hashlib
 import secrets
 import struct
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,8 @@ from ..errors import DeviceError, ErrorCode, OtaError
 from ..trust.documents import decode_keylist_unverified
 from ..trust.store import TrustStore
 from .flash import Flash
-from .layout import Layout
+from .hal import OtpMedia, RecordMedia
+from .layout import DEFAULT_RECORDS, Layout
 from .records import KeySource, Record
 
 OTP_MAGIC = b"OGOT"
@@ -156,21 +158,69 @@ class AgentState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class SecureStorage:
+class FlashOtp:
+    """The OTP sector of a simulated flash part (:class:`~.hal.OtpMedia`): a header with a
+    truncated SHA-256 over the body, programmed once, never erasable."""
+
     def __init__(self, flash: Flash, layout: Layout) -> None:
         self.flash = flash
-        self.layout = layout
+        self.region = layout.otp
+
+    def read_otp(self) -> bytes | None:
+        r = self.region
+        head = self.flash.read(r.offset, _OTP_HDR.size)
+        if head.count(0xFF) == len(head):
+            return None
+        magic, length, digest = _OTP_HDR.unpack(head)
+        if magic != OTP_MAGIC or length > r.size - _OTP_HDR.size:
+            raise DeviceError(ErrorCode.STORAGE, "OTP area is corrupt")
+        body = self.flash.read(r.offset + _OTP_HDR.size, length)
+        if hashlib.sha256(body).digest()[:16] != digest:
+            raise DeviceError(ErrorCode.STORAGE, "OTP area is corrupt")
+        return body
+
+    def program_otp(self, body: bytes) -> None:
+        r = self.region
+        if not self.flash.is_erased(r.offset, r.size):
+            raise DeviceError(ErrorCode.OTP_WRITTEN, "OTP is already programmed (write-once)")
+        blob = _OTP_HDR.pack(OTP_MAGIC, len(body), hashlib.sha256(body).digest()[:16]) + body
+        if len(blob) > r.size:
+            raise DeviceError(ErrorCode.TOO_LARGE, "OTP contents too large")
+        self.flash.program_bytes(r.offset, blob)
+
+
+RecordOpener = Callable[[str, KeySource | None], RecordMedia]
+
+
+class SecureStorage:
+    """OTP, counters, trust store, identity and agent bookkeeping over any backend.
+
+    ``open_record(name, key)`` returns the backend's record ``name`` (MAC-authenticated under
+    ``key`` when one is given); ``otp`` is the backend's write-once area.
+    """
+
+    def __init__(
+        self, otp: OtpMedia, open_record: RecordOpener, names: Iterable[str] = DEFAULT_RECORDS
+    ) -> None:
+        self.otp_media = otp
+        self.open_record = open_record
         self._keys: dict[str, bytes] = {}
         # (trust record, OTP root hash, the store verified from them) since power-on: RAM
         self._verified_trust: tuple[bytes, bytes, TrustStore] | None = None
         self.rec = {
-            name: Record(
-                flash,
-                region,
-                key=self.record_key(name) if name in AUTHENTICATED_RECORDS else None,
+            name: open_record(
+                name, self.record_key(name) if name in AUTHENTICATED_RECORDS else None
             )
-            for name, region in layout.records.items()
+            for name in names
         }
+
+    @classmethod
+    def on_flash(cls, flash: Flash, layout: Layout) -> SecureStorage:
+        def open_record(name: str, key: KeySource | None) -> RecordMedia:
+            region = layout.bootstate if name == "bootstate" else layout.records[name]
+            return Record(flash, region, key=key)
+
+        return cls(FlashOtp(flash, layout), open_record, layout.records)
 
     def record_key(self, name: str) -> KeySource:
         """The MAC key source for record type ``name`` (derived from the HUK on first use)."""
@@ -190,17 +240,8 @@ class SecureStorage:
 
     # --- OTP ---------------------------------------------------------------------------------
     def otp(self) -> OtpData | None:
-        r = self.layout.otp
-        head = self.flash.read(r.offset, _OTP_HDR.size)
-        if head.count(0xFF) == len(head):
-            return None
-        magic, length, digest = _OTP_HDR.unpack(head)
-        if magic != OTP_MAGIC or length > r.size - _OTP_HDR.size:
-            raise DeviceError(ErrorCode.STORAGE, "OTP area is corrupt")
-        body = self.flash.read(r.offset + _OTP_HDR.size, length)
-        if hashlib.sha256(body).digest()[:16] != digest:
-            raise DeviceError(ErrorCode.STORAGE, "OTP area is corrupt")
-        return OtpData.decode(body)
+        body = self.otp_media.read_otp()
+        return None if body is None else OtpData.decode(body)
 
     def require_otp(self) -> OtpData:
         otp = self.otp()
@@ -209,14 +250,7 @@ class SecureStorage:
         return otp
 
     def program_otp(self, data: OtpData) -> None:
-        r = self.layout.otp
-        if not self.flash.is_erased(r.offset, r.size):
-            raise DeviceError(ErrorCode.OTP_WRITTEN, "OTP is already programmed (write-once)")
-        body = data.encode()
-        blob = _OTP_HDR.pack(OTP_MAGIC, len(body), hashlib.sha256(body).digest()[:16]) + body
-        if len(blob) > r.size:
-            raise DeviceError(ErrorCode.TOO_LARGE, "OTP contents too large")
-        self.flash.program_bytes(r.offset, blob)
+        self.otp_media.program_otp(data.encode())
 
     # --- counters ----------------------------------------------------------------------------
     def counters(self) -> Counters:

@@ -28,13 +28,36 @@ from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ErrorCode, OtaError
 from ..fsutil import atomic_write
 from ..trust.store import TrustStore
-from .bootloader import BootResult, running_manifest
-from .device import Device
+from .agent import InstallResult
+from .bootloader import Bootloader, BootResult, running_manifest
+from .hal import SlotMedia
 from .selftest import SelfTest
-from .storage import Identity
+from .storage import Identity, SecureStorage
 from .transport import Transport
 
 DEFAULT_POLL_INTERVAL = 3600
+
+
+class DeviceRuntime(Protocol):
+    """What the polling cycle needs of a device: the simulated :class:`~.device.Device` and
+    the Linux :class:`~.linux.system.LinuxDevice` both provide it."""
+
+    @property
+    def storage(self) -> SecureStorage: ...
+
+    @property
+    def bootloader(self) -> Bootloader: ...
+
+    @property
+    def slots(self) -> SlotMedia: ...
+
+    def boot(self) -> BootResult: ...
+
+    def run_self_test(self, test: SelfTest) -> str: ...
+
+    def install(self, transport: Transport) -> InstallResult: ...
+
+    def apply_keylist_update(self, update: bytes) -> int: ...
 
 
 class CheckinTransport(Transport, Protocol):
@@ -81,7 +104,7 @@ def _always_pass(_boot: BootResult) -> bool:
 class Updater:
     def __init__(
         self,
-        device: Device,
+        device: DeviceRuntime,
         transport: CheckinTransport,
         *,
         clock: Clock = SYSTEM_CLOCK,
@@ -112,7 +135,7 @@ class Updater:
         dev = self.device
         st = dev.bootloader.bootstate.load()
         store = dev.bootloader.trust()
-        running = running_manifest(dev.flash, dev.layout, st, store)
+        running = running_manifest(dev.slots, st, store)
         counters = dev.storage.counters()
         agent = dev.storage.agent_state()
         facts: dict[str, Any] = {
@@ -149,9 +172,10 @@ class Updater:
             self._invalidate()
             dev.boot()  # power-on
         if dev.bootloader.current is not None and dev.bootloader.current.mode == "test":
-            # A test boot left over from an interrupted cycle: settle it before anything else.
+            # A test boot left over from an interrupted cycle (or, on a real device, the boot
+            # into the new image that this very process follows): settle it and say so.
             self._invalidate()
-            dev.run_self_test(self.self_test)
+            self._settle(dev.bootloader.current)
         try:
             offered = self.transport.checkin(self.facts())
         except OtaError as err:
@@ -185,6 +209,16 @@ class Updater:
             offered=version,
             error=error,
         )
+
+    def _settle(self, boot: BootResult) -> None:
+        result = self.device.run_self_test(self.self_test)
+        self._invalidate()
+        if result == "confirmed":
+            self._report({"event": "confirmed", "version": boot.version})
+        elif result == "reverted":
+            self._record_error(OtaError(ErrorCode.SELF_TEST, "self-test failed"), "self-test")
+            self._report({"event": "reverted", "error": ErrorCode.SELF_TEST.value})
+            self.device.boot()  # back on the previous image
 
     def _keylist_step(self, resp: dict[str, Any]) -> tuple[int | None, str | None]:
         """Install the published key list if it is newer; (old version, refusal code)."""
@@ -267,7 +301,9 @@ class Updater:
         )
 
 
-def write_identity_files(device: Device, directory: str | os.PathLike[str]) -> tuple[Path, Path]:
+def write_identity_files(
+    device: DeviceRuntime, directory: str | os.PathLike[str]
+) -> tuple[Path, Path]:
     """Export the device identity in secure storage as (cert.pem, key.pem) for the TLS client.
 
     After a re-enrollment (``fleet enroll --replace``) the new key and certificate are written
@@ -285,6 +321,6 @@ def write_identity_files(device: Device, directory: str | os.PathLike[str]) -> t
     return cert, key
 
 
-def install_identity(device: Device, key_pem: bytes, cert_pem: bytes) -> None:
+def install_identity(device: DeviceRuntime, key_pem: bytes, cert_pem: bytes) -> None:
     """Replace the device identity (re-enrollment): one power-cut-safe record write."""
     device.storage.write_identity(Identity(key_pem, cert_pem))

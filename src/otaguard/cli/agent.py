@@ -1,0 +1,237 @@
+"""``otaguard agent``: the update agent on a real Linux device (docs/device-linux.md).
+
+Boot order (the shipped systemd units): ``boot-check`` first (first-boot verification of
+whatever GRUB started; reboots into the right slot when needed), then ``self-test`` before
+``boot-complete.target``, then ``mark-good`` (or ``mark-bad`` on failure), then ``run``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..device.device import Provisioning
+from ..device.linux.config import AgentConfig
+from ..device.linux.service import log, reboot, run, self_test_of
+from ..device.linux.system import LinuxDevice, RebootRequested, write_outbox
+from ..device.storage import Identity
+from ..device.transport import LocalFileTransport
+from ..errors import DeviceError, ErrorCode, UsageError
+from ..fsutil import atomic_write, read_limited
+from ..manifest.ids import class_id, vendor_id
+from ..manifest.verify import MAX_ENVELOPE_SIZE
+from ..trust.bundle import MAX_BUNDLE, TrustBundle
+from .common import emit
+
+MAX_PEM = 16 * 1024
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    default="/etc/otaguard/agent.toml",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Agent configuration (TOML).",
+)
+
+
+def _chunks(path: Path, n: int = 1024 * 1024) -> Any:
+    with path.open("rb") as f:
+        while chunk := f.read(n):
+            yield chunk
+
+
+@click.group()
+def agent() -> None:
+    """The device agent for Linux devices with A/B partitions and GRUB."""
+
+
+@agent.command("provision")
+@config_option
+@click.option(
+    "--trust", "trust_path", required=True, type=click.Path(dir_okay=False, path_type=Path)
+)
+@click.option("--vendor", required=True)
+@click.option("--model", required=True)
+@click.option("--hw-rev", required=True)
+@click.option("--factory-image", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--factory-manifest", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--identity-key", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--identity-cert", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--server-ca", type=click.Path(dir_okay=False, path_type=Path), help="Fleet CA PEM.")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write the state here instead of the config's (a data-partition image).",
+)
+@click.option("--slot-a", help="Override the config's slot A device (e.g. a partition image).")
+@click.option("--slot-b", help="Override the config's slot B device.")
+@click.option(
+    "--grubenv",
+    nargs=2,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Override the two env copy paths (an ESP being built).",
+)
+@click.option("--json", "as_json", is_flag=True)
+def provision_cmd(
+    config_path: Path,
+    trust_path: Path,
+    vendor: str,
+    model: str,
+    hw_rev: str,
+    factory_image: Path,
+    factory_manifest: Path,
+    identity_key: Path | None,
+    identity_cert: Path | None,
+    server_ca: Path | None,
+    state_dir: Path | None,
+    slot_a: str | None,
+    slot_b: str | None,
+    grubenv: tuple[Path, Path] | None,
+    as_json: bool,
+) -> None:
+    """Factory step: identity facts, trust store, counters, the factory image in slot A."""
+    cfg = AgentConfig.load(config_path)
+    over: dict[str, Any] = {}
+    if state_dir is not None:
+        over["state_dir"] = state_dir
+    if slot_a:
+        over["slot_a"] = slot_a
+    if slot_b:
+        over["slot_b"] = slot_b
+    if grubenv:
+        over["grubenv"] = (Path(grubenv[0]), Path(grubenv[1]))
+    cfg = dataclasses.replace(cfg, **over)
+    bundle = TrustBundle.load(read_limited(trust_path, MAX_BUNDLE))
+    vid = vendor_id(vendor)
+    identity = None
+    if identity_key or identity_cert:
+        if not (identity_key and identity_cert):
+            raise UsageError(ErrorCode.USAGE, "give both --identity-key and --identity-cert")
+        identity = Identity(
+            read_limited(identity_key, MAX_PEM), read_limited(identity_cert, MAX_PEM)
+        )
+    prov = Provisioning(
+        bundle,
+        vid,
+        class_id(vid, model, hw_rev),
+        model,
+        hw_rev,
+        read_limited(factory_manifest, MAX_ENVELOPE_SIZE),
+        identity,
+    )
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    dev = LinuxDevice(cfg, running=0, provisioning=True)
+    if dev.storage.otp() is not None:
+        raise DeviceError(ErrorCode.OTP_WRITTEN, f"{cfg.state_dir} is already provisioned")
+    dev.provision(prov, _chunks(factory_image))
+    if server_ca is not None:
+        atomic_write(
+            state_dir / "server-ca.pem" if state_dir else cfg.server_ca,
+            read_limited(server_ca, MAX_PEM),
+        )
+    emit(dev.status(), as_json)
+
+
+@agent.command("boot-check")
+@config_option
+def boot_check_cmd(config_path: Path) -> None:
+    """First-boot verification of the running slot; reboots into another slot if needed."""
+    cfg = AgentConfig.load(config_path)
+    dev = LinuxDevice(cfg)
+    try:
+        result = dev.assess()
+    except RebootRequested as req:
+        reboot(cfg, req.detail)
+        return
+    extra = f" reverted={result.reverted}" if result.reverted else ""
+    log(f"boot-check slot={result.slot_name} mode={result.mode} version={result.version}{extra}")
+
+
+@agent.command("self-test")
+@config_option
+def self_test_cmd(config_path: Path) -> None:
+    """Run the configured self-test commands (exit 1 if one fails)."""
+    cfg = AgentConfig.load(config_path)
+    dev = LinuxDevice(cfg)
+    cur = dev.bootloader.current
+    if cur is None:
+        raise DeviceError(ErrorCode.STATE, "the boot check has not run on this boot")
+    ok = self_test_of(cfg)(cur)
+    log(f"self-test {'passed' if ok else 'failed'} slot={cur.slot_name} mode={cur.mode}")
+    if not ok:
+        sys.exit(1)
+
+
+@agent.command("mark-good")
+@config_option
+def mark_good_cmd(config_path: Path) -> None:
+    """Confirm a test boot (after its self-test passed); a no-op on a normal boot."""
+    cfg = AgentConfig.load(config_path)
+    dev = LinuxDevice(cfg)
+    cur = dev.bootloader.current
+    if cur is None or cur.mode != "test":
+        log("mark-good: not a test boot, nothing to confirm")
+        return
+    dev.confirm()
+    write_outbox(cfg.state_dir, {"event": "confirmed", "version": cur.version})
+    log(f"mark-good: slot {cur.slot_name} version {cur.version} confirmed")
+
+
+@agent.command("mark-bad")
+@config_option
+def mark_bad_cmd(config_path: Path) -> None:
+    """Reject a test boot (its self-test failed) and reboot into the previous slot."""
+    cfg = AgentConfig.load(config_path)
+    dev = LinuxDevice(cfg)
+    cur = dev.bootloader.current
+    if cur is None or cur.mode != "test":
+        log("mark-bad: not a test boot, nothing to reject")
+        return
+    dev.reject(ErrorCode.SELF_TEST)
+    write_outbox(
+        cfg.state_dir,
+        {"event": "reverted", "error": ErrorCode.SELF_TEST.value, "version": cur.version},
+    )
+    reboot(cfg, f"slot {cur.slot_name} failed its self-test")
+
+
+@agent.command("run")
+@config_option
+@click.option("--once", is_flag=True, help="One poll cycle, then exit.")
+def run_cmd(config_path: Path, once: bool) -> None:
+    """Poll the update server over mTLS, install, reboot; the systemd service."""
+    run(AgentConfig.load(config_path), once=once)
+
+
+@agent.command("install")
+@config_option
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def install_cmd(config_path: Path, source: Path, as_json: bool) -> None:
+    """Offline install from a release directory (manifest.suit + image.bin), e.g. a USB stick.
+
+    The image goes into the inactive slot; the next reboot test-boots it."""
+    cfg = AgentConfig.load(config_path)
+    if not source.is_dir():
+        raise UsageError(ErrorCode.USAGE, f"{source} is not a release directory")
+    manifest, image = source / "manifest.suit", source / "image.bin"
+    if not manifest.is_file() or not image.is_file():
+        raise UsageError(ErrorCode.USAGE, f"{source} holds no manifest.suit and image.bin")
+    dev = LinuxDevice(cfg)
+    if dev.bootloader.current is None:
+        dev.assess()
+    result = dev.install(LocalFileTransport(manifest, image))
+    emit(result.as_dict(), as_json)
+
+
+@agent.command("status")
+@config_option
+@click.option("--json", "as_json", is_flag=True)
+def status_cmd(config_path: Path, as_json: bool) -> None:
+    """Slots, versions, counters, boot environment, last error."""
+    emit(LinuxDevice(AgentConfig.load(config_path)).status(), as_json)

@@ -1,0 +1,324 @@
+"""The Linux backend on the host: regular files stand in for the slot partitions and the ESP.
+
+The same state machine as the simulator runs here; what these tests pin down is the Linux
+side of it: GRUB's env mirrors the authenticated boot state, the running slot is never
+written, each refusal has its code and writes nothing to the inactive slot. The real kernel,
+GRUB and power cuts are in tests/vm/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from otaguard.device.device import Provisioning
+from otaguard.device.lab import Lab, MemoryTransport, chunks
+from otaguard.device.linux.config import AgentConfig
+from otaguard.device.linux.grub import booted_slot
+from otaguard.device.linux.grubenv import (
+    BLOCK_SIZE,
+    SECTOR,
+    BootEnv,
+    GrubEnvStore,
+    decode_block,
+    encode_block,
+    initial_env,
+)
+from otaguard.device.linux.system import LinuxDevice, RebootRequested
+from otaguard.errors import ErrorCode, OtaError
+
+SLOT = 256 * 1024
+PIN = "ab" * 32
+
+
+def image(version: str, n: int = 100_000) -> bytes:
+    seed = hashlib.sha256(version.encode()).digest()
+    return (seed * (n // len(seed) + 1))[:n]
+
+
+def write_config(d: Path, **extra: str) -> Path:
+    lines = {
+        "server": f'url = "https://127.0.0.1:8443"\nspki_pins = ["{PIN}"]',
+        "device": (
+            f'state_dir = "{d / "state"}"\nrun_dir = "{d / "run"}"\n'
+            f'slot_a = "{d / "slot-a.img"}"\nslot_b = "{d / "slot-b.img"}"\n'
+            "max_tries = 3\ncheckpoint = 65536"
+        ),
+        "bootloader": f'grubenv = ["{d / "esp" / "grubenv.0"}", "{d / "esp" / "grubenv.1"}"]\n'
+        f'cmdline = "{d / "cmdline"}"',
+    }
+    lines.update(extra)
+    text = "".join(f"[{k}]\n{v}\n" for k, v in lines.items())
+    p = d / "agent.toml"
+    p.write_text(text)
+    return p
+
+
+class Rig:
+    """One Linux device on files; ``boot(slot)`` is a reboot in which GRUB started ``slot``."""
+
+    def __init__(self, d: Path, lab: Lab) -> None:
+        self.d = d
+        self.lab = lab
+        for n in ("state", "esp"):
+            (d / n).mkdir()
+        for s in ("a", "b"):
+            (d / f"slot-{s}.img").write_bytes(bytes(SLOT))
+        self.cfg = AgentConfig.load(write_config(d))
+        self.boots = 0
+
+    def provision(self, factory: bytes) -> None:
+        manifest = self.lab.release(factory, version="1.0.0", seq=1, counter=1)
+        prov = Provisioning(
+            self.lab.bundle,
+            self.lab.vendor_id,
+            self.lab.class_id,
+            self.lab.model,
+            self.lab.hw_rev,
+            manifest,
+        )
+        dev = LinuxDevice(self.cfg, running=0, provisioning=True)
+        dev.provision(prov, chunks(factory))
+
+    def device(self, running: int) -> LinuxDevice:
+        (self.d / "cmdline").write_text(f"console=ttyS0 otaguard.slot={'AB'[running]} ro\n")
+        return LinuxDevice(self.cfg, clock=lambda: self.lab.now)
+
+    def boot(self, running: int) -> LinuxDevice:
+        """A power cycle: RAM (the run dir) is gone, GRUB started ``running``."""
+        self.boots += 1
+        run = self.d / "run"
+        for f in run.glob("*") if run.exists() else ():
+            f.unlink()
+        return self.device(running)
+
+    def env(self) -> BootEnv:
+        return GrubEnvStore(self.cfg.grubenv).read(repair=False)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    r = Rig(tmp_path, Lab())
+    r.provision(image("1.0.0"))
+    return r
+
+
+def test_update_confirm_mirrors_boot_state_into_grub_env(rig: Rig) -> None:
+    dev = rig.boot(0)
+    assert dev.assess().mode == "normal"
+    assert rig.env().order == ("A", "B") and rig.env().states[0] == "good"
+    new = image("1.1.0")
+    env = rig.lab.release(new, version="1.1.0", seq=2, counter=2)
+    dev.install(MemoryTransport(env, new))
+    e = rig.env()
+    assert e.order == ("B", "A") and e.states == ("good", "pending") and e.tries[1] == 3
+    assert (rig.d / "slot-b.img").read_bytes()[: len(new)] == new
+    with pytest.raises(RebootRequested):
+        dev.boot()  # the installed image runs only after a real reboot
+    dev = rig.boot(1)
+    res = dev.assess()
+    assert (res.slot_name, res.mode, res.version) == ("B", "test", "1.1.0")
+    assert dev.run_self_test(lambda _b: True) == "confirmed"
+    e = rig.env()
+    assert e.order == ("B", "A") and e.states == ("good", "good")
+    st = rig.boot(1)
+    assert st.assess().mode == "normal"
+    status = st.status()
+    assert status["counters"]["security"] == 2
+    assert status["boot"] == {"slot": "B", "mode": "normal"}
+
+
+def test_self_test_failure_reverts_and_reboots_to_old_slot(rig: Rig) -> None:
+    dev = rig.boot(0)
+    dev.assess()
+    new = image("1.1.0")
+    dev.install(MemoryTransport(rig.lab.release(new, version="1.1.0", seq=2, counter=2), new))
+    dev = rig.boot(1)
+    dev.assess()
+    assert dev.run_self_test(lambda _b: False) == "reverted"
+    e = rig.env()
+    assert e.order == ("A", "B") and e.states == ("good", "bad")
+    with pytest.raises(RebootRequested):
+        dev.boot()  # running B, which must not run: back to A
+    res = rig.boot(0).assess()
+    assert (res.slot_name, res.mode) == ("A", "normal")
+    assert rig.boot(0).status()["counters"]["security"] == 1  # never raised
+
+
+def test_grub_giving_up_on_pending_slot_is_a_watchdog_revert(rig: Rig) -> None:
+    dev = rig.boot(0)
+    dev.assess()
+    new = image("1.1.0")
+    dev.install(MemoryTransport(rig.lab.release(new, version="1.1.0", seq=2, counter=2), new))
+    res = rig.boot(0).assess()  # GRUB ran out of tries on B and started A
+    assert (res.slot_name, res.mode, res.reverted) == ("A", "normal", ErrorCode.WATCHDOG.value)
+    assert rig.env().states == ("good", "bad")
+
+
+def test_altered_pending_slot_is_refused_at_first_boot(rig: Rig) -> None:
+    dev = rig.boot(0)
+    dev.assess()
+    new = image("1.1.0")
+    dev.install(MemoryTransport(rig.lab.release(new, version="1.1.0", seq=2, counter=2), new))
+    with (rig.d / "slot-b.img").open("r+b") as f:
+        f.seek(5000)
+        f.write(b"\x00evil")
+    dev = rig.boot(1)
+    with pytest.raises(RebootRequested):
+        dev.assess()
+    assert rig.env().order == ("A", "B") and rig.env().states[1] == "bad"
+    res = rig.boot(0).assess()
+    assert (res.slot_name, res.reverted) == ("A", None)
+    assert rig.boot(0).status()["last_boot_error"] == ErrorCode.IMAGE_DIGEST.value
+
+
+def test_rollback_refused_and_inactive_slot_untouched(rig: Rig) -> None:
+    dev = rig.boot(0)
+    dev.assess()
+    new = image("1.1.0")
+    dev.install(MemoryTransport(rig.lab.release(new, version="1.1.0", seq=2, counter=5), new))
+    dev = rig.boot(1)
+    dev.assess()
+    dev.run_self_test(lambda _b: True)
+    before = (rig.d / "slot-a.img").read_bytes()
+    old = image("1.0.5")
+    dev = rig.boot(1)
+    dev.assess()
+    with pytest.raises(OtaError) as ei:
+        dev.install(MemoryTransport(rig.lab.release(old, version="1.0.5", seq=3, counter=4), old))
+    assert ei.value.code == ErrorCode.SECURITY_COUNTER
+    assert (rig.d / "slot-a.img").read_bytes() == before
+
+
+def test_running_slot_is_never_opened_for_writing(rig: Rig) -> None:
+    dev = rig.boot(0)
+    dev.assess()
+    with pytest.raises(OtaError) as ei:
+        dev.slots.writer(dev.slots.slots[0], 10, dev.bootloader.current.info.digest_alg)  # type: ignore[union-attr]
+    assert ei.value.code == ErrorCode.STATE
+
+
+def test_slot_too_small_refused_before_a_byte_is_written(rig: Rig) -> None:
+    dev = rig.boot(0)
+    dev.assess()
+    big = image("9.0.0", SLOT + 1)
+    with pytest.raises(OtaError) as ei:
+        dev.install(MemoryTransport(rig.lab.release(big, version="9.0.0", seq=2, counter=1), big))
+    assert ei.value.code == ErrorCode.SLOT_FULL
+    assert (rig.d / "slot-b.img").read_bytes() == bytes(SLOT)
+
+
+def test_bad_setup_errors_have_codes(tmp_path: Path, rig: Rig) -> None:
+    cases: list[tuple[str, ErrorCode]] = []
+    # missing config
+    with pytest.raises(OtaError) as ei:
+        AgentConfig.load(tmp_path / "nope.toml")
+    cases.append(("missing", ei.value.code))
+    # no SPKI pin
+    d = tmp_path / "nopin"
+    d.mkdir()
+    p = write_config(d, server='url = "https://127.0.0.1:8443"\nspki_pins = []')
+    with pytest.raises(OtaError) as ei:
+        AgentConfig.load(p)
+    cases.append(("nopin", ei.value.code))
+    # unknown key
+    p = write_config(d, server=f'url = "https://x"\nspki_pins = ["{PIN}"]\nsurprise = 1')
+    with pytest.raises(OtaError) as ei:
+        AgentConfig.load(p)
+    cases.append(("unknown", ei.value.code))
+    assert all(code == ErrorCode.CONFIG for _, code in cases), cases
+    # a slot device that does not exist
+    (rig.d / "slot-b.img").unlink()
+    with pytest.raises(OtaError) as ei:
+        rig.boot(0)
+    assert ei.value.code == ErrorCode.SLOT_DEVICE
+    # a state directory that is not one
+    d2 = tmp_path / "statefile"
+    d2.mkdir()
+    p = write_config(d2)
+    (d2 / "state").write_text("not a directory")
+    with pytest.raises(OtaError) as ei:
+        LinuxDevice(AgentConfig.load(p), running=0)
+    assert ei.value.code == ErrorCode.STORAGE
+
+
+def test_cmdline_without_slot_is_boot_env_error() -> None:
+    assert booted_slot("ro otaguard.slot=B quiet") == 1
+    for bad in ("ro quiet", "otaguard.slot=C", "otaguard.slot=A otaguard.slot=B"):
+        with pytest.raises(OtaError) as ei:
+            booted_slot(bad)
+        assert ei.value.code == ErrorCode.BOOT_ENV
+
+
+# --- the env block ---------------------------------------------------------------------------
+envs = st.builds(
+    BootEnv,
+    seq=st.integers(0, 10**9),
+    order=st.sampled_from([("A", "B"), ("B", "A")]),
+    states=st.tuples(*[st.sampled_from(["good", "pending", "bad"])] * 2),
+    tries=st.tuples(st.integers(0, 9), st.integers(0, 9)),
+)
+
+
+@given(envs)
+def test_env_block_round_trips_within_one_sector(env: BootEnv) -> None:
+    block = encode_block(env.variables())
+    assert len(block) == BLOCK_SIZE
+    assert block[SECTOR:] == b"#" * (BLOCK_SIZE - SECTOR)  # everything in sector 0
+    assert BootEnv.from_variables(decode_block(block)) == env
+
+
+@given(st.binary(min_size=BLOCK_SIZE, max_size=BLOCK_SIZE))
+def test_env_decoder_never_accepts_garbage_as_ours(data: bytes) -> None:
+    try:
+        BootEnv.from_variables(decode_block(data))
+    except OtaError as err:
+        assert err.code == ErrorCode.BOOT_ENV
+    else:
+        raise AssertionError("random bytes accepted as a boot environment")
+
+
+@settings(max_examples=60, deadline=None)
+@given(old=envs, new=envs, cut=st.integers(0, 2), lose=st.sampled_from([None, 0, 1]))
+def test_a_cut_during_an_env_write_leaves_old_or_new(
+    tmp_path_factory: pytest.TempPathFactory,
+    old: BootEnv,
+    new: BootEnv,
+    cut: int,
+    lose: int | None,
+) -> None:
+    """A write is copy 0, then copy 1, each one sector (a sector lands whole or not at all).
+    Cut after ``cut`` of the two writes, and lose one copy on top: the reader sees the old or
+    the new decision, the new one as soon as a surviving copy holds it."""
+    d = tmp_path_factory.mktemp("env")
+    store = GrubEnvStore((d / "0", d / "1"))
+    before = store.write(old)
+    after = BootEnv(before.seq + 1, new.order, new.states, new.tries)
+    blocks = [encode_block(before.variables())] * 2
+    for i in range(cut):
+        blocks[i] = encode_block(after.variables())
+    if lose is not None:
+        blocks[lose] = b"\xa5" * BLOCK_SIZE
+    for i, b in enumerate(blocks):
+        (d / str(i)).write_bytes(b)
+    survivors = [i for i in (0, 1) if i != lose]
+    got = store.read()
+    assert got == (after if any(i < cut for i in survivors) else before)
+    assert (d / "0").read_bytes() == (d / "1").read_bytes() == encode_block(got.variables())
+
+
+def test_corrupt_copy_is_repaired_from_the_other(tmp_path: Path) -> None:
+    store = GrubEnvStore((tmp_path / "0", tmp_path / "1"))
+    e = store.write(initial_env(0))
+    (tmp_path / "0").write_bytes(b"\xff" * BLOCK_SIZE)
+    assert store.read() == e
+    assert (tmp_path / "0").read_bytes() == (tmp_path / "1").read_bytes()
+    (tmp_path / "0").write_bytes(b"junk")
+    (tmp_path / "1").write_bytes(b"junk")
+    with pytest.raises(OtaError) as ei:
+        store.read()
+    assert ei.value.code == ErrorCode.BOOT_ENV
