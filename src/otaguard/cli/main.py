@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a typed rejection (the line names its E_ code), 2 usage
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -15,8 +16,43 @@ import click
 from .. import __version__
 from ..errors import ErrorCode, OtaError
 
+# Sub-command groups, imported when used: a device running ``otaguard agent`` (a small CPU,
+# or a VM without acceleration) should not pay for the server's and simulator's imports.
+COMMANDS: dict[str, str] = {
+    "keys": "keys:keys",
+    "fleet": "fleet:fleet",
+    "server": "server:server",
+    "audit": "audit:audit",
+    "release": "release:release",
+    "signing": "signing:signing",
+    "manifest": "manifest:manifest",
+    "device": "device:device",
+    "agent": "agent:agent",
+    "campaign": "campaign:campaign",
+    "rotation": "rotation:rotation",
+    "simulate": "simulate:simulate",
+    "demo": "simulate:demo",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*COMMANDS, *super().list_commands(ctx)})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands or cmd_name not in COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        module, attr = COMMANDS[cmd_name].split(":")
+        command = getattr(importlib.import_module(f"{__package__}.{module}"), attr)
+        assert isinstance(command, click.Command)
+        self.add_command(command, cmd_name)
+        return command
+
+
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="otaguard")
 @click.option("-v", "--verbose", is_flag=True, help="Log more detail to stderr.")
 def cli(verbose: bool) -> None:
@@ -26,41 +62,6 @@ def cli(verbose: bool) -> None:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-
-
-# Sub-command groups register here (one import + add_command each).
-from .keys import keys  # noqa: E402
-
-cli.add_command(keys)
-from .fleet import fleet  # noqa: E402
-from .manifest import manifest  # noqa: E402
-from .server import server  # noqa: E402
-
-cli.add_command(fleet)
-cli.add_command(server)
-from .audit import audit  # noqa: E402
-from .release import release  # noqa: E402
-from .signing import signing  # noqa: E402
-
-cli.add_command(audit)
-cli.add_command(release)
-cli.add_command(signing)
-cli.add_command(manifest)
-from .agent import agent  # noqa: E402
-from .device import device  # noqa: E402
-
-cli.add_command(device)
-cli.add_command(agent)
-from .campaign import campaign  # noqa: E402
-
-cli.add_command(campaign)
-from .rotation import rotation  # noqa: E402
-
-cli.add_command(rotation)
-from .simulate import demo, simulate  # noqa: E402
-
-cli.add_command(simulate)
-cli.add_command(demo)
 
 
 def main(argv: list[str] | None = None) -> int:
