@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: all demo test lint typecheck unit bench soak clean sysdeps venv
+.PHONY: all demo test test-vm lint typecheck unit bench soak clean sysdeps venv
 
 all: test
 
@@ -34,6 +34,13 @@ unit: venv sysdeps
 
 test: venv sysdeps lint typecheck unit
 
+# The Linux agent in QEMU: OVMF, GRUB, Debian's kernel, A/B partitions, real reboots and
+# power cuts (tests/vm/). KVM when a probe boot works, TCG otherwise. Disk images are built
+# at run time and cached in ~/.cache/otaguard-vm.
+VM_WORKERS ?= 2
+test-vm: venv sysdeps
+	$(BIN)/pytest -n $(VM_WORKERS) -q -m vm tests/vm
+
 demo: venv sysdeps
 	$(BIN)/otaguard demo --out demo-out
 
@@ -44,6 +51,7 @@ bench: venv sysdeps
 	$(BIN)/python bench/delta.py
 	$(BIN)/python bench/server.py
 	$(BIN)/python bench/fleet.py
+	$(BIN)/python bench/agent.py
 
 soak: venv sysdeps
 	OTAGUARD_SOAK_EXAMPLES=$${OTAGUARD_SOAK_EXAMPLES:-20000} $(BIN)/pytest -q -n $(PYTEST_WORKERS) -m soak tests/test_soak.py

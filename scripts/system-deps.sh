@@ -14,6 +14,23 @@ command -v nginx        >/dev/null 2>&1 || need+=(nginx-light)
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   need+=(postgresql)
 fi
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v /usr/bin/time    >/dev/null 2>&1 || need+=(time)
+# The Linux agent's VM scenarios (make test-vm): QEMU, UEFI firmware, GRUB, a kernel, the
+# tools that build disk images from files (no loop mounts).
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+[ -e /usr/share/OVMF/OVMF_CODE_4M.fd ]        || need+=(ovmf)
+[ -d /usr/lib/grub/x86_64-efi ]               || need+=(grub-efi-amd64-bin)
+command -v grub-mkstandalone >/dev/null 2>&1  || need+=(grub-common)
+command -v grub-editenv >/dev/null 2>&1       || need+=(grub-common)
+command -v mcopy >/dev/null 2>&1              || need+=(mtools)
+command -v mkfs.vfat >/dev/null 2>&1          || need+=(dosfstools)
+command -v sgdisk >/dev/null 2>&1             || need+=(gdisk)
+command -v mkfs.ext4 >/dev/null 2>&1          || need+=(e2fsprogs)
+command -v debugfs >/dev/null 2>&1            || need+=(e2fsprogs)
+ls /boot/vmlinuz-* >/dev/null 2>&1            || need+=(linux-image-amd64)
+[ -x /bin/busybox ]                           || need+=(busybox-static)
+command -v cpio >/dev/null 2>&1               || need+=(cpio)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
@@ -21,7 +38,7 @@ if [ "$(id -u)" -eq 0 ]; then
   echo "system-deps: installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  apt-get install -y -qq --no-install-recommends $(printf "%s\n" "${need[@]}" | sort -u) >/dev/null
 else
   echo "system-deps: missing ${need[*]} (not root, not installing)" >&2
 fi

@@ -431,3 +431,27 @@ def test_counter_record_rewritten_lower_is_refused(lab: Lab, dev_dir: Path) -> N
     with open_dev(lab, dev_dir) as dev, pytest.raises(OtaError) as exc:
         dev.boot()
     assert exc.value.code == ErrorCode.STORAGE
+
+
+def test_refused_manifest_keeps_the_fallback_image(lab: Lab, dev_dir: Path) -> None:
+    """A manifest refused on its own (here: rollback) must not touch the inactive slot: after
+    an update it holds the previous, still valid image, the device's fallback if the running
+    one is ever damaged (regression: the refusal used to erase it)."""
+    with open_dev(lab, dev_dir) as dev:
+        dev.install(MemoryTransport(lab.release(V2, version="1.1.0", seq=6, counter=3), V2))
+    with open_dev(lab, dev_dir) as dev:
+        dev.boot()
+        dev.confirm()
+        old = dev.layout.slots[0]
+        before = dev.flash.read(old.region.offset, old.region.size)
+    rollback = MemoryTransport(lab.release(V1, version="0.9.0", seq=7, counter=2), V1)
+    with open_dev(lab, dev_dir) as dev:
+        with pytest.raises(OtaError) as exc:
+            dev.install(rollback)
+        assert exc.value.code == ErrorCode.SECURITY_COUNTER
+        assert dev.flash.read(old.region.offset, old.region.size) == before
+        addr = dev.layout.slots[1].image_offset + 5
+    _flip(dev_dir, addr)  # the running image is damaged: the fallback still boots
+    with open_dev(lab, dev_dir) as dev:
+        r = dev.boot()
+        assert (r.version, r.mode, r.reverted) == ("1.0.0", "test", ErrorCode.IMAGE_DIGEST.value)

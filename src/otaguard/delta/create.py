@@ -66,6 +66,88 @@ def bsdiff_triples(old: bytes, new: bytes) -> tuple[list[Triple], bytes, bytes]:
     return normalize(raw, len(new)), diff, extra
 
 
+# Images above this size are matched in segments (see segmented_triples); below it, one
+# bsdiff run over the whole pair, as the firmware corpus was measured with.
+SEGMENT_THRESHOLD = 8 * 1024 * 1024
+SEGMENT_CHUNK = 64 * 1024
+SEGMENT_WINDOW = 1024 * 1024
+
+
+def segmented_triples(
+    old: bytes,
+    new: bytes,
+    *,
+    chunk: int | None = None,
+    window: int | None = None,
+) -> tuple[list[Triple], bytes, bytes]:
+    """The bsdiff program for a large image (a root file system) without one bsdiff run over it.
+
+    Why: bsdiff's match search is quadratic on long runs of equal bytes, and a file-system
+    image is mostly such runs (free space, zeroed metadata): two 16 MiB ext4 images did not
+    finish in minutes. Here ``new`` is cut into ``chunk``-sized blocks: a block equal to ``old``
+    at the same offset is a copy (zero diff bytes), an all-zero block is extra bytes (both
+    compress to almost nothing), and each run of other blocks is matched by bsdiff against the
+    window of ``old`` around it (``window`` bytes either side catches data that moved a little).
+    The pieces are joined by adjusting the old-file cursor between them, so the result is an
+    ordinary program for the same applier.
+    """
+    chunk = SEGMENT_CHUNK if chunk is None else chunk
+    window = SEGMENT_WINDOW if window is None else window
+    triples: list[Triple] = []
+    diff = bytearray()
+    extra = bytearray()
+    oldpos = 0
+
+    def seek_to(target: int) -> None:
+        nonlocal oldpos
+        delta = target - oldpos
+        if delta:
+            if triples:
+                x, y, z = triples[-1]
+                triples[-1] = (x, y, z + delta)
+            else:
+                triples.append((0, 0, delta))
+            oldpos = target
+
+    spans: list[tuple[str, int, int]] = []
+    for start in range(0, len(new), chunk):
+        end = min(len(new), start + chunk)
+        block = new[start:end]
+        if old[start:end] == block:
+            kind = "same"
+        elif block.count(0) == len(block):
+            kind = "zero"
+        else:
+            kind = "other"
+        if spans and spans[-1][0] == kind:
+            spans[-1] = (kind, spans[-1][1], end)
+        else:
+            spans.append((kind, start, end))
+    for kind, start, end in spans:
+        n = end - start
+        if kind == "same":
+            seek_to(start)
+            triples.append((n, 0, 0))
+            diff += bytes(n)
+            oldpos += n
+        elif kind == "zero":
+            triples.append((0, n, 0))
+            extra += bytes(n)
+        else:
+            lo, hi = max(0, start - window), min(len(old), end + window)
+            part, pdiff, pextra = bsdiff_triples(old[lo:hi], new[start:end])
+            seek_to(lo)
+            for x, y, z in part:
+                if x == 0 and y == 0:
+                    seek_to(oldpos + z)
+                    continue
+                triples.append((x, y, z))
+                oldpos += x + z
+            diff += pdiff
+            extra += pextra
+    return normalize(triples, len(new)), bytes(diff), bytes(extra)
+
+
 def normalize(triples: list[Triple], new_size: int) -> list[Triple]:
     """Fold empty triples into their predecessor (the format allows only a leading empty one)."""
     out: list[Triple] = []
@@ -141,8 +223,11 @@ def create_patch(
     level: int = 9,
     max_dict_log: int = DEFAULT_MAX_DICT_LOG,
     frame_size: int = FRAME_SIZE,
+    segment_threshold: int = SEGMENT_THRESHOLD,
 ) -> bytes:
     """Patch turning ``old`` into ``new`` (both plain, uncompressed images).
+
+    Images larger than ``segment_threshold`` are matched in segments (:func:`segmented_triples`).
 
     ``level`` 1-9 trades creation time for size (9: LZMA2 extreme with a per-stream parameter
     search). ``max_dict_log`` bounds the device's decoder window per stream (2**18 = 256 KiB);
@@ -157,7 +242,10 @@ def create_patch(
     if len(old) > MAX_SIZE or len(new) > MAX_SIZE:
         raise DeltaError(ErrorCode.TOO_LARGE, "image too large")
     old, new = bytes(old), bytes(new)
-    triples, diff, extra = bsdiff_triples(old, new)
+    if len(new) > segment_threshold:
+        triples, diff, extra = segmented_triples(old, new)
+    else:
+        triples, diff, extra = bsdiff_triples(old, new)
     packed = [
         compress_stream(s, level=level, max_dict_log=max_dict_log)
         for s in (encode_ctrl(triples), diff, extra)
