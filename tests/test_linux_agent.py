@@ -9,6 +9,7 @@ GRUB and power cuts are in tests/vm/.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,12 @@ def test_grub_giving_up_on_pending_slot_is_a_watchdog_revert(rig: Rig) -> None:
     res = rig.boot(0).assess()  # GRUB ran out of tries on B and started A
     assert (res.slot_name, res.mode, res.reverted) == ("A", "normal", ErrorCode.WATCHDOG.value)
     assert rig.env().states == ("good", "bad")
+    queued = (rig.cfg.state_dir / "outbox.jsonl").read_text().splitlines()
+    assert [json.loads(q) for q in queued] == [
+        {"event": "reverted", "error": "E_WATCHDOG", "version": "1.0.0"}
+    ]  # the server is told, so it stops offering the release
+    rig.boot(0).assess()
+    assert len((rig.cfg.state_dir / "outbox.jsonl").read_text().splitlines()) == 1  # once
 
 
 def test_altered_pending_slot_is_refused_at_first_boot(rig: Rig) -> None:
@@ -210,6 +217,24 @@ def test_slot_too_small_refused_before_a_byte_is_written(rig: Rig) -> None:
         dev.install(MemoryTransport(rig.lab.release(big, version="9.0.0", seq=2, counter=1), big))
     assert ei.value.code == ErrorCode.SLOT_FULL
     assert (rig.d / "slot-b.img").read_bytes() == bytes(SLOT)
+
+
+def test_corrupt_boot_env_refuses_install_and_boot_check_repairs_it(rig: Rig) -> None:
+    dev = rig.boot(0)
+    dev.assess()
+    for p in rig.cfg.grubenv:
+        p.write_bytes(b"\x00" * 1024)
+    new = image("1.1.0")
+    with pytest.raises(OtaError) as ei:
+        dev.install(MemoryTransport(rig.lab.release(new, version="1.1.0", seq=2, counter=2), new))
+    assert ei.value.code == ErrorCode.BOOT_ENV
+    assert (rig.d / "slot-b.img").read_bytes() == bytes(SLOT)  # nothing written
+    rig.boot(0).assess()  # GRUB used its default (A); the boot check rewrites the env
+    assert rig.env().order == ("A", "B") and rig.env().states == ("good", "bad")
+    dev = rig.boot(0)
+    dev.assess()
+    dev.install(MemoryTransport(rig.lab.release(new, version="1.1.0", seq=2, counter=2), new))
+    assert rig.env().states == ("good", "pending")
 
 
 def test_bad_setup_errors_have_codes(tmp_path: Path, rig: Rig) -> None:
@@ -322,3 +347,75 @@ def test_corrupt_copy_is_repaired_from_the_other(tmp_path: Path) -> None:
     with pytest.raises(OtaError) as ei:
         store.read()
     assert ei.value.code == ErrorCode.BOOT_ENV
+
+
+# --- the CLI and the service plumbing --------------------------------------------------------
+def test_agent_cli_errors_are_one_line_with_a_code(
+    tmp_path: Path, rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from otaguard.cli.main import main
+
+    assert main(["agent", "status", "--config", str(tmp_path / "missing.toml")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("otaguard: error E_CONFIG:"), err
+    (rig.d / "cmdline").write_text("ro quiet\n")  # not booted through otaguard's grub.cfg
+    assert main(["agent", "boot-check", "--config", str(rig.cfg.path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("otaguard: error E_BOOT_ENV:"), err
+    assert main(["agent", "install", "--config", str(rig.cfg.path), str(tmp_path)]) == 2
+    assert "E_USAGE" in capsys.readouterr().err
+
+
+def test_agent_status_reports_file_storage_and_grub_env(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from otaguard.cli.main import main
+
+    rig.boot(0).assess()
+    assert main(["agent", "status", "--config", str(rig.cfg.path), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["storage"] == "file" and st["running_slot"] == "A"
+    assert st["bootloader"] == {
+        "type": "grub",
+        "order": ["A", "B"],
+        "states": ["good", "bad"],
+        "tries": [0, 0],
+    }
+    assert st["boot"] == {"slot": "A", "mode": "normal"}
+
+
+def test_sd_notify_reaches_the_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from otaguard.device.linux.service import sd_notify
+
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert sd_notify("READY=1") is False  # not under systemd: nothing to do
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        assert sd_notify("WATCHDOG=1") is True
+        assert s.recv(100) == b"WATCHDOG=1"
+
+
+def test_outbox_survives_until_sent(tmp_path: Path) -> None:
+    from otaguard.device.linux.system import drain_outbox, write_outbox
+
+    write_outbox(tmp_path, {"event": "confirmed", "version": "2.0.0"})
+    write_outbox(tmp_path, {"event": "reverted", "error": "E_SELF_TEST"})
+    with (tmp_path / "outbox.jsonl").open("ab") as f:
+        f.write(b'{"event": "torn')  # a power cut in the middle of the last append
+    sent: list[dict[str, object]] = []
+
+    def fail(_e: dict[str, object]) -> None:
+        raise OtaError(ErrorCode.TRANSPORT, "offline")
+
+    with pytest.raises(OtaError):
+        drain_outbox(tmp_path, fail)
+    assert (tmp_path / "outbox.jsonl").exists()  # nothing lost while offline
+    assert drain_outbox(tmp_path, sent.append) == 2
+    assert [e["event"] for e in sent] == ["confirmed", "reverted"]
+    assert not (tmp_path / "outbox.jsonl").exists()

@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -154,7 +155,7 @@ class Backend:
             token = store.create_token(conn, "vm-admin", "security-officer")
         self.admin = httpx.Client(
             base_url=self.admin_server.url,
-            verify=str(tls / "ca.pem"),
+            verify=ssl.create_default_context(cafile=str(tls / "ca.pem")),
             headers={"Authorization": f"Bearer {token}"},
             timeout=60,
         )

@@ -116,6 +116,13 @@ class LinuxDevice:
         """First-boot verification, run before anything else on every boot."""
         result = self.bootloader.boot()
         self._save_boot_record(result)
+        if result.reverted is not None:
+            # The server learns of a boot-time revert (watchdog, a slot that failed its
+            # verification) from the queued report, sent by the next `agent run`.
+            write_outbox(
+                self.cfg.state_dir,
+                {"event": "reverted", "error": result.reverted, "version": result.version},
+            )
         if result.slot != self.running:
             raise RebootRequested(
                 ErrorCode.REBOOT,
@@ -149,6 +156,10 @@ class LinuxDevice:
         return "reverted"
 
     def install(self, transport: Transport) -> InstallResult:
+        # GRUB must be able to read what the install will tell it: with no valid env copy it
+        # would start its built-in default, whatever the agent writes. Refuse before anything
+        # is written (the next boot check rewrites the env from the boot state).
+        self.env.read()
         return self.agent.install(transport)
 
     def apply_keylist_update(self, update: bytes) -> int:
