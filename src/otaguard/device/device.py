@@ -32,7 +32,7 @@ from .faults import FaultInjector
 from .flash import Flash
 from .hal import SlotMedia
 from .layout import Layout, LayoutConfig
-from .selftest import SelfTest
+from .selftest import SelfTest, settle_test_boot
 from .slots import FlashSlots, envelope_ref
 from .storage import Identity, OtpData, SecureStorage, new_huk
 from .transport import Transport
@@ -185,14 +185,7 @@ class Device:
 
     def run_self_test(self, test: SelfTest) -> str:
         """After a test boot: run the health check, confirm or revert. Returns the outcome."""
-        cur = self.bootloader.current
-        if cur is None or cur.mode != "test":
-            return "not-in-test"
-        if test(cur):
-            self.confirm()
-            return "confirmed"
-        self.reject()
-        return "reverted"
+        return settle_test_boot(self.bootloader.current, test, self.confirm, self.reject)
 
     def install(self, transport: Transport) -> InstallResult:
         return self.agent.install(transport)

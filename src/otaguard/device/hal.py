@@ -41,7 +41,8 @@ class Slot(Protocol):
 class ImageWriter(Protocol):
     """Streams one image into a slot with a running hash; resumable at ``committed``."""
 
-    position: int  # bytes accepted (hashed) so far
+    @property
+    def position(self) -> int: ...  # bytes accepted (hashed) so far
 
     @property
     def committed(self) -> int: ...  # bytes durably written: where a resume may restart

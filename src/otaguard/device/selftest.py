@@ -41,3 +41,21 @@ def command_self_test(argv: Sequence[str] | str, *, timeout: float = 60.0) -> Se
         return proc.returncode == 0
 
     return check
+
+
+def settle_test_boot(
+    boot: BootResult | None,
+    test: SelfTest,
+    confirm: Callable[[], None],
+    reject: Callable[[], None],
+) -> str:
+    """The one confirm-or-revert decision after a test boot, for every device backend.
+
+    Returns ``not-in-test`` (nothing to decide), ``confirmed`` or ``reverted``."""
+    if boot is None or boot.mode != "test":
+        return "not-in-test"
+    if test(boot):
+        confirm()
+        return "confirmed"
+    reject()
+    return "reverted"

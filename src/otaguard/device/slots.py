@@ -17,6 +17,7 @@ from ..crypto.algorithms import HashAlg, StreamingHasher
 from ..errors import DeviceError, ErrorCode, OtaError
 from .flash import Flash
 from .hal import Slot
+from .imagehash import SignedSizeHash
 from .layout import Layout, SlotRegion
 
 MANIFEST_MAGIC = b"OGMF"
@@ -87,23 +88,15 @@ class SlotWriter:
         self, flash: Flash, slot: SlotRegion, size: int, alg: HashAlg, *, start: int = 0
     ) -> None:
         ss = flash.geometry.sector_size
-        if size > slot.image_capacity:
-            raise DeviceError(
-                ErrorCode.SLOT_FULL,
-                f"image of {size} bytes does not fit slot {slot.name} ({slot.image_capacity})",
-            )
-        if start % ss or start < 0 or start > size:
-            raise DeviceError(ErrorCode.STATE, f"cannot resume at {start}")
+        self.image = SignedSizeHash(size, alg, slot=slot, start=start, unit=ss)
         self.flash = flash
         self.slot = slot
         self.size = size
         self.page = flash.geometry.page_size
         self.sector = ss
-        self.hasher = StreamingHasher(alg)
         base = slot.image_offset
         for off in range(0, start, READ_CHUNK):
-            self.hasher.update(flash.read(base + off, min(READ_CHUNK, start - off)))
-        self.position = start  # bytes accepted (hashed)
+            self.image.resume(flash.read(base + off, min(READ_CHUNK, start - off)))
         self.flushed = start  # bytes programmed
         self._buf = bytearray()
 
@@ -112,15 +105,12 @@ class SlotWriter:
         """Bytes safely on flash in whole sectors: the point a resume may restart from."""
         return self.flushed - self.flushed % self.sector
 
+    @property
+    def position(self) -> int:
+        return self.image.position
+
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
-        n = len(chunk)
-        if self.position + n > self.size:
-            raise DeviceError(
-                ErrorCode.IMAGE_SIZE,
-                f"image is longer than the {self.size} bytes the manifest declares",
-            )
-        self.hasher.update(chunk)
-        self.position += n
+        self.image.update(chunk)
         self._buf += chunk
         while len(self._buf) >= self.page:
             self._program(bytes(self._buf[: self.page]))
@@ -135,15 +125,10 @@ class SlotWriter:
 
     def finish(self) -> bytes:
         """Flush the tail and return the digest; E_IMAGE_SIZE if the image was cut short."""
-        if self.position != self.size:
-            raise DeviceError(
-                ErrorCode.IMAGE_SIZE,
-                f"image ended after {self.position} of {self.size} declared bytes",
-            )
-        if self._buf:
+        if self.position == self.size and self._buf:
             self._program(bytes(self._buf))
             self._buf.clear()
-        return self.hasher.digest()
+        return self.image.digest()
 
 
 def slot_reader(flash: Flash, slot: SlotRegion) -> Callable[[int, int], bytes]:

@@ -26,6 +26,7 @@ from ...crypto.algorithms import HashAlg, StreamingHasher
 from ...errors import DeviceError, ErrorCode
 from ...manifest.verify import MAX_ENVELOPE_SIZE
 from ..hal import Slot
+from ..imagehash import SignedSizeHash
 from .filestore import _read, _write
 
 READ_CHUNK = 1024 * 1024
@@ -91,17 +92,10 @@ class BlockWriter:
     def __init__(
         self, slot: BlockSlot, size: int, alg: HashAlg, *, start: int, unit: int, sync_every: int
     ) -> None:
-        if size > slot.image_capacity:
-            raise DeviceError(
-                ErrorCode.SLOT_FULL,
-                f"image of {size} bytes does not fit slot {slot.name} ({slot.image_capacity})",
-            )
-        if start % unit or start < 0 or start > size:
-            raise DeviceError(ErrorCode.STATE, f"cannot resume at {start}")
+        self.image = SignedSizeHash(size, alg, slot=slot, start=start, unit=unit)
         self.slot = slot
         self.size = size
         self.sync_every = sync_every
-        self.hasher = StreamingHasher(alg)
         try:
             self.fd = os.open(slot.device, os.O_RDWR)
         except OSError as exc:
@@ -109,8 +103,7 @@ class BlockWriter:
                 ErrorCode.SLOT_DEVICE, f"cannot open slot {slot.name}: {exc.strerror}"
             ) from None
         for off in range(0, start, READ_CHUNK):
-            self.hasher.update(os.pread(self.fd, min(READ_CHUNK, start - off), off))
-        self.position = start
+            self.image.resume(os.pread(self.fd, min(READ_CHUNK, start - off), off))
         self._synced = start
         self._buf = bytearray()
 
@@ -118,15 +111,12 @@ class BlockWriter:
     def committed(self) -> int:
         return self._synced
 
+    @property
+    def position(self) -> int:
+        return self.image.position
+
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
-        n = len(chunk)
-        if self.position + n > self.size:
-            raise DeviceError(
-                ErrorCode.IMAGE_SIZE,
-                f"image is longer than the {self.size} bytes the manifest declares",
-            )
-        self.hasher.update(chunk)
-        self.position += n
+        self.image.update(chunk)
         self._buf += chunk
         if len(self._buf) >= self.sync_every:
             self._flush()
@@ -151,14 +141,9 @@ class BlockWriter:
 
     def finish(self) -> bytes:
         try:
-            if self.position != self.size:
-                raise DeviceError(
-                    ErrorCode.IMAGE_SIZE,
-                    f"image ended after {self.position} of {self.size} declared bytes",
-                )
-            if self._buf:
+            if self.position == self.size and self._buf:
                 self._flush()
-            return self.hasher.digest()
+            return self.image.digest()
         finally:
             self.close()
 

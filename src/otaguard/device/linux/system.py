@@ -27,7 +27,7 @@ from ..agent import Clock, InstallResult, UpdateAgent, system_clock
 from ..bootloader import Bootloader, BootResult
 from ..device import Provisioning, checkin_facts, device_status, provision
 from ..hal import Slot
-from ..selftest import SelfTest
+from ..selftest import SelfTest, settle_test_boot
 from ..slots import envelope_ref
 from ..storage import SecureStorage
 from ..transport import Transport
@@ -146,14 +146,8 @@ class LinuxDevice:
         (self.cfg.run_dir / BOOT_RECORD).unlink(missing_ok=True)
 
     def run_self_test(self, test: SelfTest) -> str:
-        cur = self.bootloader.current
-        if cur is None or cur.mode != "test":
-            return "not-in-test"
-        if test(cur):
-            self.confirm()
-            return "confirmed"
-        self.reject()
-        return "reverted"
+        """After a test boot: run the health check, confirm or revert. Returns the outcome."""
+        return settle_test_boot(self.bootloader.current, test, self.confirm, self.reject)
 
     def install(self, transport: Transport) -> InstallResult:
         # GRUB must be able to read what the install will tell it: with no valid env copy it
