@@ -95,7 +95,7 @@ fi
 mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=524288,cache=loose hostroot /host ||
 	fail "cannot mount the host root over 9p"
 mount -t tmpfs -o mode=0755 tmpfs /host/run || fail "tmpfs /host/run"
-mount -t tmpfs -o mode=1777 tmpfs /host/tmp || fail "tmpfs /host/tmp"
+# /host/tmp stays the host's (read-only): a checkout or venv under /tmp must be visible.
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
@@ -131,7 +131,7 @@ agent() {
 	step=$1
 	shift
 	env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-		LANG=C.UTF-8 /bin/busybox chroot /host \
+		LANG=C.UTF-8 TMPDIR=/run /bin/busybox chroot /host \
 		"$OTAGUARD_BIN" agent "$step" --config "$OTAGUARD_CONFIG"
 	rc=$?
 	say "$step rc=$rc"
