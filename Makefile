@@ -52,6 +52,7 @@ bench: venv sysdeps
 	$(BIN)/python bench/server.py
 	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/agent.py
+	$(BIN)/python bench/vm.py
 
 soak: venv sysdeps
 	OTAGUARD_SOAK_EXAMPLES=$${OTAGUARD_SOAK_EXAMPLES:-20000} $(BIN)/pytest -q -n $(PYTEST_WORKERS) -m soak tests/test_soak.py
