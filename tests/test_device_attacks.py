@@ -455,3 +455,28 @@ def test_refused_manifest_keeps_the_fallback_image(lab: Lab, dev_dir: Path) -> N
     with open_dev(lab, dev_dir) as dev:
         r = dev.boot()
         assert (r.version, r.mode, r.reverted) == ("1.0.0", "test", ErrorCode.IMAGE_DIGEST.value)
+
+
+def test_erased_counter_record_is_tamper_not_zero(lab: Lab, dev_dir: Path) -> None:
+    """Erasing the counter record needs no key (an erased region has no MAC to check). It
+    used to read back as counters = 0, and with the running image damaged the device then
+    booted the older image its counter forbids. A provisioned device always has the record,
+    so its absence is tamper: E_STORAGE, and the older image never runs."""
+    t = MemoryTransport(lab.release(V2, version="1.1.0", seq=6, counter=4), V2)
+    with open_dev(lab, dev_dir) as dev:
+        dev.install(t)
+    with open_dev(lab, dev_dir) as dev:
+        dev.boot()
+        dev.confirm()
+        region = dev.storage.rec["counters"].region  # type: ignore[attr-defined]
+        addr = dev.layout.slots[1].image_offset + 5
+        dev.flash.erase_range(region.offset, region.size)  # raw flash: erase both copies
+    _flip(dev_dir, addr)  # and damage the running 1.1.0 (counter 4)
+    with open_dev(lab, dev_dir) as dev:
+        with pytest.raises(OtaError) as exc:
+            dev.storage.counters()
+        assert exc.value.code == ErrorCode.STORAGE
+        with pytest.raises(OtaError) as exc:
+            dev.boot()  # never falls back to 1.0.0 (counter 3)
+        assert exc.value.code == ErrorCode.STORAGE
+        assert dev.bootloader.current is None

@@ -419,3 +419,17 @@ def test_outbox_survives_until_sent(tmp_path: Path) -> None:
     assert drain_outbox(tmp_path, sent.append) == 2
     assert [e["event"] for e in sent] == ["confirmed", "reverted"]
     assert not (tmp_path / "outbox.jsonl").exists()
+
+
+def test_deleted_counter_file_is_tamper_not_zero(rig: Rig) -> None:
+    dev = rig.boot(0)
+    dev.assess()
+    new = image("1.1.0")
+    dev.install(MemoryTransport(rig.lab.release(new, version="1.1.0", seq=2, counter=5), new))
+    dev = rig.boot(1)
+    dev.assess()
+    dev.run_self_test(lambda _b: True)
+    (rig.cfg.state_dir / "counters.rec").unlink()  # someone with the data partition
+    with pytest.raises(OtaError) as ei:
+        rig.boot(1).assess()
+    assert ei.value.code == ErrorCode.STORAGE

@@ -250,7 +250,10 @@ class SecureStorage:
         return otp
 
     def program_otp(self, data: OtpData) -> None:
+        """Fuse the identity facts, then create the counter record at zero: from here on a
+        missing counter record is tamper (:meth:`counters`)."""
         self.otp_media.program_otp(data.encode())
+        self._write_counters(Counters())
 
     # --- counters ----------------------------------------------------------------------------
     def counters(self) -> Counters:
@@ -258,6 +261,13 @@ class SecureStorage:
         if raw is None:
             if self.rec["counters"].written():
                 raise DeviceError(ErrorCode.STORAGE, "counter record unreadable in both copies")
+            if self.otp() is not None:
+                # Provisioning writes the record right after OTP, so a provisioned device
+                # without one had it erased: tamper, never "all counters zero" (which would
+                # let an older signed image boot again).
+                raise DeviceError(
+                    ErrorCode.STORAGE, "counter record missing on a provisioned device"
+                )
             return Counters()
         m = _loads(raw, 256)
         return Counters(int(m[1]), int(m[2]), int(m[3]))
@@ -282,10 +292,11 @@ class SecureStorage:
                 f"monotonic counters cannot go down: {cur.as_dict()} -> {new.as_dict()}",
             )
         if new != cur:
-            self.rec["counters"].write(
-                cbor.dumps({1: new.security, 2: new.sequence, 3: new.keylist_version})
-            )
+            self._write_counters(new)
         return new
+
+    def _write_counters(self, c: Counters) -> None:
+        self.rec["counters"].write(cbor.dumps({1: c.security, 2: c.sequence, 3: c.keylist_version}))
 
     def catch_up(
         self, *, security: int = 0, sequence: int = 0, keylist_version: int = 0
