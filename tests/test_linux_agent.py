@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,7 @@ class Rig:
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Rig:
-    r = Rig(tmp_path, Lab())
+    r = Rig(tmp_path, Lab(now=int(time.time())))  # the CLI runs on the real clock
     r.provision(image("1.0.0"))
     return r
 
@@ -433,3 +434,52 @@ def test_deleted_counter_file_is_tamper_not_zero(rig: Rig) -> None:
     with pytest.raises(OtaError) as ei:
         rig.boot(1).assess()
     assert ei.value.code == ErrorCode.STORAGE
+
+
+def test_install_from_url_verifies_manifest_before_the_image(
+    rig: Rig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`agent install http://...`: a release directory over HTTP on loopback. A manifest the
+    device refuses stops it before image.bin is requested; a good one installs."""
+    import functools
+    import http.server
+    import threading
+
+    from otaguard.cli.main import main
+
+    rel = tmp_path / "rel"
+    rel.mkdir()
+    requested: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requested.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *_a: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path))
+    )
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/rel"
+    rig.boot(0).assess()
+    try:
+        old = image("0.9.0")
+        (rel / "image.bin").write_bytes(old)
+        (rel / "manifest.suit").write_bytes(
+            rig.lab.release(old, version="0.9.0", seq=3, counter=0)  # below the device's 1
+        )
+        assert main(["agent", "install", "--config", str(rig.cfg.path), url]) == 1
+        assert "E_SECURITY_COUNTER" in capsys.readouterr().err
+        assert requested == ["/rel/manifest.suit"]  # the image was never asked for
+        new = image("1.2.0")
+        (rel / "image.bin").write_bytes(new)
+        (rel / "manifest.suit").write_bytes(rig.lab.release(new, version="1.2.0", seq=4, counter=2))
+        assert main(["agent", "install", "--config", str(rig.cfg.path), url, "--json"]) == 0
+        assert "/rel/image.bin" in requested
+    finally:
+        srv.shutdown()
+    assert rig.env().states == ("good", "pending")
+    assert (rig.d / "slot-b.img").read_bytes()[: len(new)] == new

@@ -19,7 +19,8 @@ from ..device.linux.config import AgentConfig
 from ..device.linux.service import log, reboot, run, self_test_of
 from ..device.linux.system import LinuxDevice, RebootRequested, write_outbox
 from ..device.storage import Identity
-from ..device.transport import LocalFileTransport
+from ..device.transport import LocalFileTransport, Transport
+from ..device.url_transport import UrlTransport
 from ..errors import DeviceError, ErrorCode, UsageError
 from ..fsutil import atomic_write, read_limited
 from ..manifest.ids import class_id, vendor_id
@@ -210,22 +211,34 @@ def run_cmd(config_path: Path, once: bool) -> None:
 
 @agent.command("install")
 @config_option
-@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("source")
+@click.option(
+    "--ca",
+    "ca_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CA file for an https:// source (default: the system's store).",
+)
 @click.option("--json", "as_json", is_flag=True)
-def install_cmd(config_path: Path, source: Path, as_json: bool) -> None:
-    """Offline install from a release directory (manifest.suit + image.bin), e.g. a USB stick.
-
-    The image goes into the inactive slot; the next reboot test-boots it."""
+def install_cmd(config_path: Path, source: str, ca_file: Path | None, as_json: bool) -> None:
+    """Install a release directory (manifest.suit + image.bin) from a path (a USB stick) or
+    an http(s):// URL, like `rauc install`. The manifest is verified before any image byte is
+    read; the image goes into the inactive slot and the next reboot test-boots it."""
     cfg = AgentConfig.load(config_path)
-    if not source.is_dir():
-        raise UsageError(ErrorCode.USAGE, f"{source} is not a release directory")
-    manifest, image = source / "manifest.suit", source / "image.bin"
-    if not manifest.is_file() or not image.is_file():
-        raise UsageError(ErrorCode.USAGE, f"{source} holds no manifest.suit and image.bin")
+    transport: Transport
+    if source.startswith(("http://", "https://")):
+        transport = UrlTransport(source, ca_file=ca_file, timeout=cfg.timeout)
+    else:
+        path = Path(source)
+        if not path.is_dir():
+            raise UsageError(ErrorCode.USAGE, f"{source} is not a release directory or URL")
+        manifest, image = path / "manifest.suit", path / "image.bin"
+        if not manifest.is_file() or not image.is_file():
+            raise UsageError(ErrorCode.USAGE, f"{source} holds no manifest.suit and image.bin")
+        transport = LocalFileTransport(manifest, image)
     dev = LinuxDevice(cfg)
     if dev.bootloader.current is None:
         dev.assess()
-    result = dev.install(LocalFileTransport(manifest, image))
+    result = dev.install(transport)
     emit(result.as_dict(), as_json)
 
 
