@@ -212,3 +212,25 @@ def test_verify_with_trust_bundle(
         capsys, "verify", str(env), "--trust", str(bundle), "--now", str(T0 + 86400 * 400), "--json"
     )
     assert rc == 1 and json.loads(out)["error"] == "E_KEY_EXPIRED"
+
+
+def test_verify_refuses_an_expired_manifest(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, ed: SoftwareSigner
+) -> None:
+    """Regression: an expired manifest printed VALID without a word. Its signatures hold, but
+    no device installs it: INVALID E_EXPIRED, judged as devices judge it (expired only after
+    its use-before second)."""
+    from dataclasses import replace
+
+    env = tmp_path / "m.suit"
+    pub = tmp_path / "k.pem"
+    pub.write_bytes(ed.public_key.to_pem())
+    env.write_bytes(build_envelope(replace(INFO, expires=T0), [ed]))
+    rc, out, _ = run(capsys, "verify", str(env), "--key", str(pub), "--now", str(T0 + 1), "--json")
+    doc = json.loads(out)
+    assert rc == 1 and doc["valid"] is False and doc["error"] == "E_EXPIRED"
+    assert "signatures verified" in doc["detail"]
+    rc, out, _ = run(capsys, "verify", str(env), "--key", str(pub), "--now", str(T0 + 1))
+    assert rc == 1 and out.startswith("INVALID: E_EXPIRED")
+    rc, out, _ = run(capsys, "verify", str(env), "--key", str(pub), "--now", str(T0), "--json")
+    assert rc == 0 and json.loads(out)["valid"] is True

@@ -324,3 +324,23 @@ def test_tls(tmp_path: Path) -> None:
         assert ei.value.code == ErrorCode.TRANSPORT
     s.service.close()
     assert json.loads(s.log_path.read_bytes().splitlines()[-1])["op"] == "seal"
+
+
+def test_fast_forward_is_a_conflict_not_a_server_error(svc: tuple[Service, str]) -> None:
+    """Regression: E_FAST_FORWARD was answered with HTTP 500."""
+    from otaguard.signing.policy import MAX_SECURITY_COUNTER
+
+    s, url = svc
+    r = post(url, s.tokens["officer"], body(model="gw", security_counter=MAX_SECURITY_COUNTER + 1))
+    assert r.status_code == 409 and r.json()["error"] == "E_FAST_FORWARD", r.text
+
+
+def test_only_internal_errors_are_server_errors() -> None:
+    from otaguard.signing.http import status_of
+
+    for code in ErrorCode:
+        st = status_of(code)
+        if code == ErrorCode.INTERNAL:
+            assert st == 500
+        else:
+            assert st < 500 or st == 503, (code, st)  # 503: the HSM/audit/DB is unavailable

@@ -158,6 +158,13 @@ def verify(
             result["integrated"] = {k: len(v) for k, v in auth.integrated.items()}
         else:
             vm = verify_envelope(data, resolver, now=when)
+            if vm.info.expires is not None and when > vm.info.expires:  # as devices judge it
+                # The signatures hold, but no device installs it: say so, never "VALID".
+                raise OtaError(
+                    ErrorCode.EXPIRED,
+                    f"signatures verified, but the manifest expired at {vm.info.expires} "
+                    f"(checked at {when}); devices refuse it",
+                )
             result.update(info_to_dict(vm.info))
             result["manifest_digest"] = vm.manifest_digest.hex()
             result["signers"] = [s.key_id.hex() for s in vm.signers]

@@ -56,6 +56,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.POLICY: 403,
     ErrorCode.DOWNGRADE: 409,
+    ErrorCode.FAST_FORWARD: 409,
     ErrorCode.SECURITY_COUNTER: 409,
     ErrorCode.TOO_LARGE: 413,
     ErrorCode.NOT_FOUND: 404,
@@ -214,8 +215,14 @@ class SignRate:
 DEFAULT_SIGN_RATE = SignRate()
 
 
+def status_of(code: ErrorCode) -> int:
+    """A refusal the table does not name is still a refusal of the request (400), never a
+    server fault: only E_INTERNAL is a 500."""
+    return STATUS.get(code, 500 if code == ErrorCode.INTERNAL else 400)
+
+
 def _error(err: OtaError, headers: dict[str, str] | None = None) -> JSONResponse:
-    status = STATUS.get(err.code, 500)
+    status = status_of(err.code)
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="otaguard-signing"'}
     return JSONResponse(err.to_dict(), status_code=status, headers=headers)
