@@ -391,3 +391,40 @@ def test_rotation_links_files(tmp_path: Path) -> None:
     with pytest.raises(AuditError) as ei:
         AuditLog.open(second, SEALER).rotate(first)
     assert ei.value.code == ErrorCode.EXISTS
+
+
+def test_show_escapes_control_characters_from_requesters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: `audit show` printed control characters from requester-supplied fields, so
+    a refused request could be made to look like a successful signature on a terminal."""
+    import unicodedata
+
+    from otaguard.cli.main import main
+
+    path = tmp_path / "audit.log"
+    log = AuditLog.open(path, SEALER, seal_every=100)
+    fake = "\x1b[1A\x1b[2K\r     2  2026-01-01  ci  sign-manifest  acme gw/r1 9.9.9\u202e\u2028"
+    log.append(fake, "sign-refused", {"error": "E_POLICY", "model": fake, "version": "\x07"})
+    log.close()
+    assert main(["audit", "show", str(path), "--op", "sign-refused"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1  # one record, one line
+    bad = [c for c in out[:-1] if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
+    assert bad == [], bad
+    assert "\\x1b[1A" in out and "\\u202e" in out and "\\x07" in out
+
+
+@given(st.text())
+def test_terminal_safe_leaves_no_control_character(text: str) -> None:
+    import unicodedata
+
+    from otaguard.cli.audit import terminal_safe
+
+    controls = ("Cc", "Cf", "Zl", "Zp")
+    shown = terminal_safe(text)
+    assert not [c for c in shown if unicodedata.category(c) in controls]
+    if "\\" not in text and not any(unicodedata.category(c) in controls for c in text):
+        assert shown == text  # ordinary text is shown as it is
+    else:
+        assert shown != text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -125,5 +126,25 @@ def show_cmd(log: Path, ops: tuple[str, ...], as_json: bool) -> None:
         return
     click.echo("# UNVERIFIED listing; use `otaguard audit verify` to check it", err=True)
     for r in records:
-        click.echo(f"{r.seq:>6}  {_iso(r.time)}  {r.actor:<16}  {r.op:<14}  "
-                   f"{_subject_summary(r.op, r.subject)}")  # fmt: skip
+        line = (f"{r.seq:>6}  {_iso(r.time)}  {r.actor:<16}  {r.op:<14}  "
+                f"{_subject_summary(r.op, r.subject)}")  # fmt: skip
+        click.echo(terminal_safe(line))
+
+
+def terminal_safe(text: str) -> str:
+    """Requester-supplied fields reach this listing: every control or format character (C0,
+    DEL, C1, line/paragraph separators, bidi overrides) is shown as an escape, and a backslash
+    as two, so a record can neither erase, recolour or fake lines on the operator's terminal
+    nor pass for an escape it is not."""
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            n = ord(ch)
+            out.append(
+                f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+            )
+        else:
+            out.append(ch)
+    return "".join(out)
