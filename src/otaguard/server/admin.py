@@ -27,6 +27,7 @@ from starlette.routing import Route
 
 from ..crypto.algorithms import HashAlg, StreamingHasher
 from ..errors import ErrorCode, OtaError, ServerError
+from ..wire import decimal
 from . import store
 from .admin_auth import require_role
 from .blobs import check_name
@@ -54,7 +55,8 @@ def admin_routes(srv: UpdateServer) -> list[Route]:
     async def upload_image(request: Request) -> Response:
         await authorize(srv, request, "release")
         cl = request.headers.get("content-length")
-        if cl is not None and cl.isdigit() and int(cl) > srv.settings.max_image:
+        declared = decimal(cl)
+        if declared is not None and declared > srv.settings.max_image:
             raise ServerError(ErrorCode.TOO_LARGE, "image over the upload limit", 413)
         name, size = await srv.blobs.put_async(request.stream(), srv.settings.max_image)
         return JSONResponse({"blob": name, "size": size}, status_code=201)

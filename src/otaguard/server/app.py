@@ -36,6 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import ErrorCode, OtaError, ServerError
 from ..trust.model import KeyResolver
+from ..wire import decimal, loads_json
 from . import store
 from .blobs import LocalBlobStore, check_name
 from .ca import fingerprint, serial_of, verify_forwarded_cert
@@ -450,9 +451,10 @@ class UpdateServer:
     async def read_body(request: Request, limit: int) -> bytes:
         cl = request.headers.get("content-length")
         if cl is not None:
-            if not cl.isdigit():
+            declared = decimal(cl)
+            if declared is None:
                 raise ServerError(ErrorCode.MALFORMED, "bad Content-Length", 400)
-            if int(cl) > limit:
+            if declared > limit:
                 raise ServerError(ErrorCode.TOO_LARGE, f"body over {limit} bytes", 413)
         buf = bytearray()
         async for chunk in request.stream():
@@ -464,9 +466,9 @@ class UpdateServer:
     async def read_json(self, request: Request) -> dict[str, Any]:
         body = await self.read_body(request, self.settings.max_device_body)
         try:
-            obj = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise ServerError(ErrorCode.MALFORMED, "body is not JSON", 400) from None
+            obj = loads_json(body)
+        except OtaError as err:
+            raise ServerError(err.code, err.detail, 400) from None
         if not isinstance(obj, dict) or len(obj) > MAX_JSON_ITEMS:
             raise ServerError(ErrorCode.MALFORMED, "body must be a JSON object", 400)
         return obj
@@ -695,7 +697,7 @@ def parse_range(value: str, size: int) -> tuple[int, int] | str | None:
     first, sep, last = spec.partition("-")
     if not sep or (not first and not last):
         return None
-    if (first and not first.isdigit()) or (last and not last.isdigit()):
+    if (first and decimal(first) is None) or (last and decimal(last) is None):
         return None
     if len(first) > 19 or len(last) > 19:
         return None

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from ..errors import ErrorCode, ServerError
+from ..wire import decimal
 from . import admin_queries as q
 from . import store
 from .admin import authorize
@@ -35,9 +36,10 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
     v = request.query_params.get(name)
     if v is None:
         return default
-    if not v.isdigit() or not lo <= int(v) <= hi:
+    n = decimal(v)
+    if n is None or not lo <= n <= hi:
         raise ServerError(ErrorCode.MALFORMED, f"{name} must be an integer in [{lo}, {hi}]", 400)
-    return int(v)
+    return n
 
 
 def campaign_routes(srv: UpdateServer) -> list[Route]:

@@ -34,6 +34,7 @@ from ..errors import ErrorCode, OtaError, ServerError
 from ..signing.audit import AuditLog
 from ..trust.model import Role
 from ..trust.store import TrustStore
+from ..wire import decimal, loads_json
 from . import models as m
 from . import store
 from .admin_auth import require_role
@@ -430,9 +431,9 @@ OFFICER = frozenset({"security-officer"})
 async def _body(srv: UpdateServer, request: Request) -> tuple[dict[str, Any], bytes | None]:
     raw = await srv.read_body(request, 4 * srv.settings.max_envelope)
     try:
-        obj = json.loads(raw or b"{}")
-    except (ValueError, UnicodeDecodeError):
-        raise ServerError(ErrorCode.MALFORMED, "body is not JSON", 400) from None
+        obj = loads_json(raw or b"{}")
+    except OtaError as err:
+        raise ServerError(err.code, err.detail, 400) from None
     if not isinstance(obj, dict):
         raise ServerError(ErrorCode.MALFORMED, "body must be a JSON object", 400)
     doc = None
@@ -446,9 +447,10 @@ async def _body(srv: UpdateServer, request: Request) -> tuple[dict[str, Any], by
 
 def _warn_days(request: Request) -> int:
     v = request.query_params.get("warn_days", str(DEFAULT_WARN_DAYS))
-    if not v.isdigit() or int(v) > 3650:
+    n = decimal(v)
+    if n is None or n > 3650:
         raise ServerError(ErrorCode.MALFORMED, "warn_days must be 0..3650", 400)
-    return int(v)
+    return n
 
 
 def rotation_routes(srv: UpdateServer) -> list[Route]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import logging
 import math
 import re
@@ -43,6 +42,7 @@ from starlette.routing import Route
 
 from ..errors import ErrorCode, FormatError, OtaError
 from ..server.ratelimit import RateLimit, TokenBuckets, retry_after_header
+from ..wire import decimal, loads_json
 from .policy import Requester, Role, SigningRequest
 from .service import SignedRelease, SigningService
 
@@ -239,9 +239,10 @@ def _requester(request: Request, tokens: TokenTable, now: float) -> Requester:
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        n = decimal(declared)
+        if n is None:
             raise FormatError(ErrorCode.MALFORMED, "bad Content-Length")
-        if int(declared) > limit:
+        if n > limit:
             raise FormatError(ErrorCode.TOO_LARGE, f"request body over {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():
@@ -288,11 +289,7 @@ def create_app(
             if "json" not in request.headers.get("content-type", ""):
                 raise FormatError(ErrorCode.UNSUPPORTED, "Content-Type must be application/json")
             body = await _read_body(request, max_body)
-            try:
-                obj = json.loads(body)
-            except (ValueError, UnicodeDecodeError):
-                raise FormatError(ErrorCode.MALFORMED, "body is not JSON") from None
-            req = SigningRequest.from_dict(obj)
+            req = SigningRequest.from_dict(loads_json(body))
             signed = await run_in_threadpool(service.sign_release, req, who)
         except OtaError as err:
             if err.code == ErrorCode.INTERNAL:
