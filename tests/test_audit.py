@@ -428,3 +428,24 @@ def test_terminal_safe_leaves_no_control_character(text: str) -> None:
         assert shown == text  # ordinary text is shown as it is
     else:
         assert shown != text
+
+
+def test_chain_is_plain_sha256_of_the_previous_line_as_documented(tmp_path: Path) -> None:
+    """docs/signing.md: ``prev`` is the SHA-256 of the previous line's bytes (without the
+    newline), 64 zeros for record 0. Checked on the stored file with hashlib alone, so a change
+    to how the code hashes a record (which its own verifier would follow) cannot pass
+    unnoticed."""
+    import hashlib
+    import json
+
+    path = tmp_path / "audit.log"
+    _make_log(path, n=7, seal_every=3)
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    lines = lines[:-1]
+    assert len(lines) > 7
+    assert json.loads(lines[0])["prev"] == "0" * 64
+    for before, line in zip(lines, lines[1:], strict=False):
+        rec = json.loads(line)
+        assert rec["prev"] == hashlib.sha256(before).hexdigest(), rec["seq"]
+        assert rec["seq"] == json.loads(before)["seq"] + 1
