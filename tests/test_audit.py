@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 from pathlib import Path
@@ -445,7 +446,7 @@ def test_chain_is_plain_sha256_of_the_previous_line_as_documented(tmp_path: Path
     lines = lines[:-1]
     assert len(lines) > 7
     assert json.loads(lines[0])["prev"] == "0" * 64
-    for before, line in zip(lines, lines[1:], strict=False):
+    for before, line in itertools.pairwise(lines):
         rec = json.loads(line)
         assert rec["prev"] == hashlib.sha256(before).hexdigest(), rec["seq"]
         assert rec["seq"] == json.loads(before)["seq"] + 1

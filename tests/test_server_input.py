@@ -15,7 +15,7 @@ from otaguard.errors import OtaError
 from otaguard.server.app import parse_range
 from otaguard.wire import decimal, loads_json
 from tests.pg import Harness, db_url, fleet_ca, hx, pg_cluster, server_tls  # noqa: F401
-from tests.test_server_api import admin
+from tests.test_server_api import admin, hxt  # noqa: F401
 from tests.test_signing_http import Service, body, svc  # noqa: F401
 
 DEEP = b"[" * 5000 + b"]" * 5000
@@ -102,3 +102,34 @@ def test_decimal_accepts_exactly_ascii_digits(text: str) -> None:
         assert n == int(text)
     else:
         assert n is None
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"expires": 1_000_000_000}, "E_EXPIRED"),  # long past: every device refuses it
+        ({"security_counter": 2**32}, "E_FAST_FORWARD"),
+        ({"sequence_number": 2**40}, "E_FAST_FORWARD"),
+    ],
+)
+def test_server_refuses_a_release_every_device_would_refuse(
+    hxt: Harness, change: dict[str, int], code: str
+) -> None:
+    """Regression: the server accepted (and would offer) releases no device can install."""
+    import dataclasses
+
+    from otaguard.manifest.build import build_envelope
+    from otaguard.manifest.verify import verify_envelope
+    from otaguard.trust.model import StaticKeys
+    from tests.test_server_api import SIGNER, make_release
+
+    image = b"fw" * 500
+    info = verify_envelope(make_release("3.0.0", image), StaticKeys([SIGNER.public_key])).info
+    env = build_envelope(dataclasses.replace(info, **change), [SIGNER])  # type: ignore[arg-type]
+    rm = admin(hxt, "release-manager")
+    blob = rm.post("/admin/v1/images", content=image).json()["blob"]
+    r = rm.post("/admin/v1/releases", params={"image": blob}, content=env)
+    assert r.status_code == 400 and r.json()["error"] == code, r.text
+    assert rm.get("/admin/v1/releases").json()["releases"] == []
+    ok = rm.post("/admin/v1/releases", params={"image": blob}, content=make_release("3.0.0", image))
+    assert ok.status_code == 201, ok.text

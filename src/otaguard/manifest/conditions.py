@@ -27,6 +27,24 @@ class DeviceFacts:
     now: int | None  # trusted-ish time (latest known time); None = no clock
 
 
+def check_fleet_wide(info: ManifestInfo, now: int | None) -> None:
+    """The conditions every device refuses whatever its state: absurd counters (fast-forward)
+    and expiry. The update server applies the same function to an upload, so it never
+    accepts a release no device could install."""
+    if info.security_counter > MAX_SECURITY_COUNTER or info.sequence_number > MAX_SEQUENCE:
+        # burning such a value into the monotonic counters would lock the device out of every
+        # later release (fast-forward attack with a stolen signing credential)
+        raise ManifestConditionError(
+            ErrorCode.FAST_FORWARD,
+            f"security counter {info.security_counter} / sequence {info.sequence_number} "
+            f"beyond the sane bound ({MAX_SECURITY_COUNTER} / {MAX_SEQUENCE})",
+        )
+    if info.expires is not None and now is not None and now > info.expires:
+        raise ManifestConditionError(
+            ErrorCode.EXPIRED, f"manifest expired at {info.expires} (now {now})"
+        )
+
+
 def check_applicable(info: ManifestInfo, facts: DeviceFacts) -> None:
     """Raise ManifestConditionError with the first failing condition's code.
 
@@ -42,18 +60,7 @@ def check_applicable(info: ManifestInfo, facts: DeviceFacts) -> None:
         raise ManifestConditionError(
             ErrorCode.CLASS_ID, f"manifest is for class {info.class_id}, device is {facts.class_id}"
         )
-    if info.security_counter > MAX_SECURITY_COUNTER or info.sequence_number > MAX_SEQUENCE:
-        # burning such a value into the monotonic counters would lock the device out of every
-        # later release (fast-forward attack with a stolen signing credential)
-        raise ManifestConditionError(
-            ErrorCode.FAST_FORWARD,
-            f"security counter {info.security_counter} / sequence {info.sequence_number} "
-            f"beyond the sane bound ({MAX_SECURITY_COUNTER} / {MAX_SEQUENCE})",
-        )
-    if info.expires is not None and facts.now is not None and facts.now > info.expires:
-        raise ManifestConditionError(
-            ErrorCode.EXPIRED, f"manifest expired at {info.expires} (now {facts.now})"
-        )
+    check_fleet_wide(info, facts.now)
     if (
         info.min_version is not None
         and compare_versions(facts.running_version, info.min_version) < 0

@@ -175,11 +175,16 @@ def admin_routes(srv: UpdateServer) -> list[Route]:
 def _verify_release(
     srv: UpdateServer, envelope: bytes, image_blob: str, resolver: Any
 ) -> dict[str, Any]:
+    from ..manifest.conditions import check_fleet_wide
     from ..manifest.ids import class_id
     from ..manifest.verify import verify_envelope
 
     vm = verify_envelope(envelope, resolver, max_size=srv.settings.max_envelope)
     info = vm.info
+    try:
+        check_fleet_wide(info, store.now_s())  # what every device would refuse
+    except OtaError as err:
+        raise ServerError(err.code, err.detail, 400) from None
     model, hw_rev = info.text.get("model"), info.text.get("hw_rev")
     if not model or not hw_rev:
         raise ServerError(ErrorCode.MALFORMED, "manifest text lacks model/hw_rev", 400)
