@@ -66,3 +66,18 @@ def read_limited(path: str | os.PathLike[str], limit: int) -> bytes:
     if len(data) > limit:
         raise OtaError(ErrorCode.TOO_LARGE, f"{p} grew past the limit of {limit} bytes")
     return data
+
+
+def private_file(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` (and its directory) readable by its owner only, before a database
+    library opens it: SQLite creates its file with the process umask (world-readable), and
+    gives its -wal/-shm files the main file's mode. An existing file is made private too."""
+    p = Path(path)
+    if not p.parent.exists():
+        p.parent.mkdir(parents=True, mode=0o700)
+    fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    return p

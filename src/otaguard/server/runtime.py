@@ -17,7 +17,7 @@ import uvicorn
 
 from ..crypto.keys import PublicKey
 from ..errors import ErrorCode, UsageError
-from ..fsutil import read_limited
+from ..fsutil import private_file, read_limited
 from ..trust.model import KeyResolver, StaticKeys
 from . import store
 from .app import IpNet, ServerSettings, TrustState, UpdateServer
@@ -52,7 +52,9 @@ class RunOptions:
 
 
 def open_database(data_dir: Path, db_url: str | None) -> Database:
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if db_url is None:
+        private_file(data_dir / "otaguard.db")  # device registry, token hashes: owner only
     db = Database(db_url or sqlite_url(data_dir / "otaguard.db"))
     db.upgrade()
     return db

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ErrorCode, OtaError
+from ..fsutil import private_file
 from .audit import AuditHead
 from .policy import LastRelease
 
@@ -135,7 +136,10 @@ class StateTxn:
 class SigningState:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            private_file(self.path)  # the signing history: owner only
+        except OSError as exc:
+            raise OtaError(ErrorCode.DATABASE, f"signing state {self.path}: {exc}") from None
         try:
             self._db = sqlite3.connect(
                 self.path, timeout=30, isolation_level=None, check_same_thread=False
