@@ -483,3 +483,15 @@ def test_install_from_url_verifies_manifest_before_the_image(
         srv.shutdown()
     assert rig.env().states == ("good", "pending")
     assert (rig.d / "slot-b.img").read_bytes()[: len(new)] == new
+
+
+@given(st.lists(st.binary(max_size=50), max_size=10), st.integers(0, 600))
+def test_from_offset_drops_exactly_the_prefix(chunks: list[bytes], skip: int) -> None:
+    """A server that ignores Range sends the whole body: the download must continue at the
+    requested offset, never repeat or lose a byte (HTTPS client and URL install alike)."""
+    from otaguard.device.transport import from_offset
+
+    whole = b"".join(chunks)
+    out = list(from_offset(iter(chunks), skip))
+    assert b"".join(out) == whole[skip:]
+    assert all(out)  # no empty chunks handed to the slot writer

@@ -42,6 +42,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ..errors import DeviceError, ErrorCode, OtaError
+from .transport import from_offset
 
 MAX_MANIFEST = 64 * 1024
 MAX_JSON = 64 * 1024
@@ -347,17 +348,10 @@ class HttpsTransport:
             return
         if resp.status not in (200, 206):
             raise self._error(resp)
-        skip = offset if resp.status == 200 else 0
         started = self._clock()
         try:
-            for chunk in resp.iter_raw():
+            for chunk in from_offset(resp.iter_raw(), offset if resp.status == 200 else 0):
                 self._check_deadline(started, what)
-                if skip:
-                    cut = min(skip, len(chunk))
-                    chunk = chunk[cut:]
-                    skip -= cut
-                    if not chunk:
-                        continue
                 yield chunk
         except NET_ERRORS as exc:
             raise DeviceError(ErrorCode.TRANSPORT, f"{what} download interrupted: {exc}") from None

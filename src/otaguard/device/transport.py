@@ -11,7 +11,7 @@ has nothing to fall back to.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,6 +51,18 @@ class DeltaSource(Transport, Protocol):
     def fetch_delta_manifest(self) -> bytes | None: ...
 
     def open_patch(self, offset: int) -> Iterator[bytes]: ...
+
+
+def from_offset(chunks: Iterable[bytes], skip: int) -> Iterator[bytes]:
+    """The body of a resumed download from the requested offset: ``skip`` is that offset when
+    the server ignored the ``Range`` header (200 with the whole body), 0 when it honoured it."""
+    for chunk in chunks:
+        if skip:
+            cut = min(skip, len(chunk))
+            chunk, skip = chunk[cut:], skip - cut
+            if not chunk:
+                continue
+        yield chunk
 
 
 def endpoint_of(transport: object) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import DeviceError, ErrorCode
 from ..manifest.verify import MAX_ENVELOPE_SIZE
+from .transport import from_offset
 
 CHUNK = 64 * 1024
 NET_ERRORS = (OSError, http.client.HTTPException)
@@ -81,15 +82,9 @@ class UrlTransport:
 
     def open_image(self, offset: int) -> Iterator[bytes]:
         conn, resp = self._get("image.bin", offset)
-        skip = offset if resp.status == 200 else 0  # the server ignored the range
+        body = iter(lambda: resp.read(CHUNK), b"")
         try:
-            while chunk := resp.read(CHUNK):
-                if skip:
-                    cut = min(skip, len(chunk))
-                    chunk, skip = chunk[cut:], skip - cut
-                    if not chunk:
-                        continue
-                yield chunk
+            yield from from_offset(body, offset if resp.status == 200 else 0)
         except NET_ERRORS as exc:
             raise DeviceError(ErrorCode.TRANSPORT, f"image download interrupted: {exc}") from None
         finally:
