@@ -60,9 +60,8 @@ def from_offset(chunks: Iterable[bytes], skip: int) -> Iterator[bytes]:
         if skip:
             cut = min(skip, len(chunk))
             chunk, skip = chunk[cut:], skip - cut
-            if not chunk:
-                continue
-        yield chunk
+        if chunk:
+            yield chunk
 
 
 def endpoint_of(transport: object) -> str:
