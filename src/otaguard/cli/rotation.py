@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from ..errors import ErrorCode, UsageError
 from ..fsutil import read_limited
 from ..trust.documents import MAX_KEYLIST
 from .admin_client import CA_ENV, SERVER_ENV, admin_call
@@ -22,6 +23,10 @@ from .common import emit
 
 
 def _call(ctx: click.Context, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    # Checked here, not by click on the group: a required group option made every
+    # `otaguard rotation <command> --help` fail without a server.
+    if not ctx.obj["url"]:
+        raise UsageError(ErrorCode.USAGE, f"--server (or ${SERVER_ENV}) is required")
     return admin_call(ctx.obj["url"], ctx.obj["ca"], method, path, body)
 
 
@@ -72,7 +77,7 @@ def _render_status(s: dict[str, Any]) -> str:
 
 @click.group()
 @click.option(
-    "--server", "url", envvar=SERVER_ENV, required=True, help=f"Admin API URL [env {SERVER_ENV}]."
+    "--server", "url", envvar=SERVER_ENV, help=f"Admin API URL [env {SERVER_ENV}] (required)."
 )
 @click.option(
     "--ca-file",
@@ -81,7 +86,7 @@ def _render_status(s: dict[str, Any]) -> str:
     help="CA certificate of the admin endpoint.",
 )
 @click.pass_context
-def rotation(ctx: click.Context, url: str, ca_file: Path | None) -> None:
+def rotation(ctx: click.Context, url: str | None, ca_file: Path | None) -> None:
     """Key rotation: start, status, advance, finish (admin token in $OTAGUARD_ADMIN_TOKEN)."""
     ctx.obj = {"url": url, "ca": ca_file}
 
