@@ -212,3 +212,13 @@ def test_warning_logged_on_every_sign(tmp_path: Path, caplog: pytest.LogCaptureF
         "DEVELOPMENT KEY" in r.getMessage() and str(path) in r.getMessage() for r in warnings
     )
     assert all(PASS.decode() not in r.getMessage() for r in warnings)
+
+
+def test_every_wrong_passphrase_is_e_pin(tmp_path: Path) -> None:
+    """Regression (flaky before): about 1 wrong passphrase in 256 leaves valid-looking padding
+    and made `cryptography` report a parse error, which came out as E_KEY_FORMAT. The file is
+    a well-formed encrypted container, so every wrong passphrase is E_PIN."""
+    path = tmp_path / "dev.key"
+    SoftwareSigner.generate(path, "ed25519", PASS)
+    codes = {_code(SoftwareSigner.load, path, b"wrong-%d" % i) for i in range(1000)}
+    assert codes == {ErrorCode.PIN}

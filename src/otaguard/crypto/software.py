@@ -7,8 +7,10 @@ every signature so it cannot quietly end up in a release pipeline.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
+import re
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -92,7 +94,10 @@ class SoftwareSigner:
                 raise CryptoError(
                     ErrorCode.KEY_FORMAT, f"{path}: key is not encrypted; refusing it"
                 ) from None
-            if "password" in msg or "decrypt" in msg or "bad decrypt" in msg:
+            if "password" in msg or "decrypt" in msg or _is_encrypted_pkcs8(data):
+                # A wrong passphrase usually fails the padding check ("incorrect password"),
+                # but about 1 in 256 leaves valid-looking padding and fails as a parse error:
+                # a well-formed encrypted container that will not open is a wrong passphrase.
                 raise KeyStoreError(ErrorCode.PIN, f"{path}: wrong passphrase") from None
             raise CryptoError(ErrorCode.KEY_FORMAT, f"{path}: cannot load key") from None
         except Exception:
@@ -121,3 +126,43 @@ class SoftwareSigner:
 def passphrase_from_env(env: str = PASSPHRASE_ENV) -> bytes | None:
     value = os.environ.get(env)
     return value.encode() if value else None
+
+
+_PEM = re.compile(
+    rb"-----BEGIN ENCRYPTED PRIVATE KEY-----(.*?)-----END ENCRYPTED PRIVATE KEY-----", re.S
+)
+
+
+def _der(buf: bytes, i: int) -> tuple[int, int, int]:
+    """(tag, content start, content end) of the DER element at ``i``; ValueError if cut."""
+    tag, n = buf[i], buf[i + 1]
+    i += 2
+    if n & 0x80:
+        k = n & 0x7F
+        if not 1 <= k <= 4:
+            raise ValueError("bad length")
+        n = int.from_bytes(buf[i : i + k], "big")
+        i += k
+    if i + n > len(buf):
+        raise ValueError("cut short")
+    return tag, i, i + n
+
+
+def _is_encrypted_pkcs8(data: bytes) -> bool:
+    """Whether ``data`` holds a well-formed EncryptedPrivateKeyInfo (RFC 5958):
+    SEQUENCE { SEQUENCE encryptionAlgorithm, OCTET STRING encryptedData }."""
+    m = _PEM.search(data)
+    if m is None:
+        return False
+    try:
+        der = base64.b64decode(b"".join(m.group(1).split()), validate=True)
+        tag, start, end = _der(der, 0)
+        if tag != 0x30 or end != len(der):
+            return False
+        tag, _, alg_end = _der(der, start)
+        if tag != 0x30:
+            return False
+        tag, data_start, data_end = _der(der, alg_end)
+        return tag == 0x04 and data_end == end and data_end - data_start >= 16
+    except (ValueError, IndexError):
+        return False
