@@ -20,7 +20,6 @@ record) stays the truth, and whatever GRUB starts is verified by ``agent boot-ch
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from ...errors import DeviceError, ErrorCode
+from ...fsutil import fsync_dir
 
 HEADER = b"# GRUB Environment Block\n"
 BLOCK_SIZE = 1024
@@ -204,9 +204,4 @@ class GrubEnvStore:
         finally:
             os.close(fd)
         if created:
-            with contextlib.suppress(OSError):
-                dfd = os.open(path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+            fsync_dir(path.parent)
