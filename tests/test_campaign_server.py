@@ -319,13 +319,20 @@ def test_fleet_views_and_openapi(hc: tuple[Harness, Fleet, SimClock]) -> None:
     # The OpenAPI document: valid, and it lists every admin route.
     doc = h.client(None).get("/admin/v1/openapi.json").json()
     validate(doc)
-    app_routes = {
-        (meth.lower(), r.path.replace(":int", ""))
-        for r in h.srv.asgi("admin").app.routes  # type: ignore[attr-defined]
-        for meth in (r.methods or ()) - {"HEAD"}
-    }
-    documented = {(meth, p) for p, ops in doc["paths"].items() for meth in ops}
-    assert app_routes == documented
+    for listener in ("admin", "device"):
+        app_routes = {
+            (meth.lower(), r.path.replace(":int", ""))
+            for r in h.srv.asgi(listener).app.routes  # type: ignore[attr-defined]
+            for meth in (r.methods or ()) - {"HEAD"}
+        }
+        documented = {
+            (meth, p)
+            for p, item in doc["paths"].items()
+            for meth, op in item.items()
+            if meth != "servers" and (listener in op["tags"] or p == "/healthz")
+        }
+        assert app_routes == documented, listener
+    assert doc["paths"]["/v1/checkin"]["post"]["security"] == [{"deviceTls": []}]
     op_create = doc["paths"]["/admin/v1/campaigns"]["post"]
     assert "operator" in op_create["description"] and "viewer" not in op_create["description"]
     assert "422" in op_create["responses"] and "403" in op_create["responses"]

@@ -31,7 +31,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import ErrorCode, OtaError, ServerError
@@ -209,19 +209,13 @@ class UpdateServer:
         """
         from .admin import admin_routes
 
+        routes: list[BaseRoute]
         if part == "device":
-            routes = [
-                Route("/v1/checkin", self.checkin, methods=["POST"]),
-                Route("/v1/reports", self.reports, methods=["POST"]),
-                Route("/v1/manifests/{digest}", self.manifest, methods=["GET"]),
-                Route("/v1/images/{digest}", self.image, methods=["GET"]),
-                Route("/v1/keylist", self.keylist, methods=["GET"]),
-            ]
+            routes = self.device_routes()
         elif part == "admin":
-            routes = admin_routes(self)
+            routes = [*admin_routes(self), Route("/healthz", self.health, methods=["GET"])]
         else:
             raise ValueError(part)
-        routes.append(Route("/healthz", self.health, methods=["GET"]))
         app = Starlette(
             routes=routes,
             exception_handlers={
@@ -232,6 +226,17 @@ class UpdateServer:
             },
         )
         return _IpLimitMiddleware(app, self.ip_buckets)
+
+    def device_routes(self) -> list[BaseRoute]:
+        """The device listener's routes (also what the OpenAPI document describes)."""
+        return [
+            Route("/v1/checkin", self.checkin, methods=["POST"]),
+            Route("/v1/reports", self.reports, methods=["POST"]),
+            Route("/v1/manifests/{digest}", self.manifest, methods=["GET"]),
+            Route("/v1/images/{digest}", self.image, methods=["GET"]),
+            Route("/v1/keylist", self.keylist, methods=["GET"]),
+            Route("/healthz", self.health, methods=["GET"]),
+        ]
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, OtaError)
