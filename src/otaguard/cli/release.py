@@ -27,7 +27,7 @@ from ..signing.release import build_release, parse_expires
 from ..signing.release_deltas import DEFAULT_DELTA_FACTOR
 from ..signing.service import SigningService
 from ..signing.state import SigningState
-from .common import emit, load_signer, signer_options
+from .common import close_signers, emit, load_signers, multi_signer_options
 
 MAX_PEM = 16 * 1024
 MAX_POLICY = 256 * 1024
@@ -83,7 +83,7 @@ def _summary_text(s: dict[str, Any]) -> str:
     help="Authorize a security-counter or major-version jump beyond the policy's step "
     "(security officer only).",
 )
-@signer_options
+@multi_signer_options
 @click.option("--signing-url", metavar="URL", help=f"Signing service; token from ${TOKEN_ENV}.")
 @click.option(
     "--signing-ca",
@@ -139,9 +139,9 @@ def create(
     digest_alg: str,
     downgrade: bool,
     fast_forward: bool,
-    pkcs11_uri: str | None,
+    pkcs11_uris: tuple[str, ...],
     pkcs11_module: str | None,
-    key_file: Path | None,
+    key_files: tuple[Path, ...],
     alg_name: str | None,
     signing_url: str | None,
     signing_ca: Path | None,
@@ -157,7 +157,11 @@ def create(
     out: Path,
     as_json: bool,
 ) -> None:
-    """Sign IMAGE for one model/hardware revision and write the release directory OUT."""
+    """Sign IMAGE for one model/hardware revision and write the release directory OUT.
+
+    Several --pkcs11-uri/--key-file options sign with every key (a key list whose threshold
+    asks for k signatures needs k distinct keys); the same key twice is E_DUPLICATE_SIGNER.
+    """
     now = int(time.time())
     alg: HashAlg = hash_alg(digest_alg)
     expires_at = parse_expires(expires, now)
@@ -189,7 +193,7 @@ def create(
         return req
 
     if signing_url:
-        if pkcs11_uri or key_file or audit_log or policy or state:
+        if pkcs11_uris or key_files or audit_log or policy or state:
             raise UsageError(
                 ErrorCode.USAGE,
                 "--signing-url excludes local signing options (--pkcs11-uri/--key-file/"
@@ -225,7 +229,7 @@ def create(
             raise UsageError(
                 ErrorCode.USAGE, "local signing needs --audit-log (every signature is audited)"
             )
-        signer = load_signer(pkcs11_uri, pkcs11_module, key_file, alg_name)
+        signers = load_signers(pkcs11_uris, pkcs11_module, key_files, alg_name)
         who = Requester(requester or f"local:{getpass.getuser()}", Role.SECURITY_OFFICER)
         pol = (
             Policy.from_json(read_limited(policy, MAX_POLICY))
@@ -234,8 +238,9 @@ def create(
         )
         st = SigningState(state or audit_log.with_name(audit_log.name + ".state.sqlite"))
         try:
-            log = AuditLog.open(audit_log, signer, seal_every=seal_every)
-            service = SigningService(signer, pol, log, st)
+            # the first key seals the audit log (audit verify --key takes its public key)
+            log = AuditLog.open(audit_log, signers[0], seal_every=seal_every)
+            service = SigningService(signers, pol, log, st)
             try:
 
                 def sign_local(req: SigningRequest) -> tuple[bytes, AuditHead]:
@@ -248,18 +253,17 @@ def create(
                     alg,
                     make_request,
                     sign_local,
-                    lambda: [signer.public_key, *pins],
+                    lambda: [*(s.public_key for s in signers), *pins],
                     now,
                     signed_by=f"local {who.id}",
+                    min_signers=len(signers),
                     **deltas,
                 )
             finally:
                 service.close()  # seals the audit log: a closed log ends with a seal
         finally:
             st.close()
-            close = getattr(signer, "close", None)
-            if callable(close):
-                close()
+            close_signers(signers)
     if result.summary.get("downgrade"):
         click.echo("WARNING: this release is an authorized version DOWNGRADE", err=True)
     if result.summary.get("fast_forward"):

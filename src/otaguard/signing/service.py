@@ -18,7 +18,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,14 +151,24 @@ def _delta_sequence(tx: StateTxn, req: SigningRequest, class_hex: str) -> int:
 class SigningService:
     def __init__(
         self,
-        signer: Signer,
+        signer: Signer | Sequence[Signer],
         policy: Policy,
         audit_log: AuditLog,
         state: SigningState,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.signer = signer
+        # Several signers = one release carries one signature per key (k-of-n on the
+        # device); the first also seals the audit log and answers /v1/public-key.
+        self.signers: tuple[Signer, ...] = (
+            tuple(signer) if isinstance(signer, Sequence) else (signer,)
+        )
+        if not self.signers:
+            raise OtaError(ErrorCode.USAGE, "the signing service needs a signer")
+        kids = [s.public_key.key_id for s in self.signers]
+        if len(set(kids)) != len(kids):
+            raise OtaError(ErrorCode.DUPLICATE_SIGNER, "the same key is given twice as a signer")
+        self.signer = self.signers[0]
         self.policy = policy
         self.audit = audit_log
         self.state = state
@@ -209,9 +219,9 @@ class SigningService:
                 sequence = _delta_sequence(tx, req, class_hex)
             assert requester is not None
             info = manifest_info(req, sequence)
-            envelope = build_envelope(info, [self.signer])
+            envelope = build_envelope(info, self.signers)
             verified = self._self_check(envelope, info, now)
-            key_ids = tuple(k.key_id.hex() for k in (self.signer.public_key,))
+            key_ids = tuple(s.public_key.key_id.hex() for s in self.signers)
             subject = {
                 "class_id": class_hex,
                 "vendor_id": str(info.vendor_id),
@@ -258,9 +268,11 @@ class SigningService:
         return SignedRelease(envelope, info, verified, key_ids, head)
 
     def _self_check(self, envelope: bytes, info: ManifestInfo, now: int) -> bytes:
-        """Verify what we are about to hand out, with the signer's own public key."""
+        """Verify what we are about to hand out, with the signers' own public keys: every
+        one of them must have signed (threshold = number of signers)."""
+        keys = [s.public_key for s in self.signers]
         try:
-            vm = verify_envelope(envelope, StaticKeys([self.signer.public_key]), now=now)
+            vm = verify_envelope(envelope, StaticKeys(keys, len(keys)), now=now)
         except OtaError as err:
             raise OtaError(
                 ErrorCode.INTERNAL, f"self-check of the new envelope failed: {err}"
