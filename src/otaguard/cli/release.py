@@ -28,6 +28,7 @@ from ..signing.release_deltas import DEFAULT_DELTA_FACTOR
 from ..signing.service import SigningService
 from ..signing.state import SigningState
 from .common import close_signers, emit, load_signers, multi_signer_options
+from .cosign_flow import CosignFlow
 
 MAX_PEM = 16 * 1024
 MAX_POLICY = 256 * 1024
@@ -85,6 +86,34 @@ def _summary_text(s: dict[str, Any]) -> str:
 )
 @multi_signer_options
 @click.option("--signing-url", metavar="URL", help=f"Signing service; token from ${TOKEN_ENV}.")
+@click.option(
+    "--cosign",
+    is_flag=True,
+    help="With --signing-url: file a co-signing request (two-person rule) and wait until "
+    "enough officers approved it.",
+)
+@click.option(
+    "--cosign-id",
+    metavar="ID",
+    help="With --signing-url: pick up a co-signing request filed earlier (same image and "
+    "options; implies --cosign).",
+)
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.IntRange(min=0),
+    default=3600,
+    show_default=True,
+    help="Seconds to wait for the approvals (0: file and return; E_PENDING).",
+)
+@click.option(
+    "--poll",
+    "poll_s",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="Seconds between checks while waiting.",
+)
 @click.option(
     "--signing-ca",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -144,6 +173,10 @@ def create(
     key_files: tuple[Path, ...],
     alg_name: str | None,
     signing_url: str | None,
+    cosign: bool,
+    cosign_id: str | None,
+    wait_s: int,
+    poll_s: float,
     signing_ca: Path | None,
     trust_key: tuple[Path, ...],
     audit_log: Path | None,
@@ -192,13 +225,33 @@ def create(
         req.validate()
         return req
 
-    if signing_url:
-        if pkcs11_uris or key_files or audit_log or policy or state:
-            raise UsageError(
-                ErrorCode.USAGE,
-                "--signing-url excludes local signing options (--pkcs11-uri/--key-file/"
-                "--audit-log/--policy/--state): the service signs and audits",
+    if (cosign or cosign_id) and not signing_url:
+        raise UsageError(ErrorCode.USAGE, "--cosign/--cosign-id need --signing-url")
+    if signing_url and (pkcs11_uris or key_files or audit_log or policy or state):
+        raise UsageError(
+            ErrorCode.USAGE,
+            "--signing-url excludes local signing options (--pkcs11-uri/--key-file/"
+            "--audit-log/--policy/--state): the service signs and audits",
+        )
+    if signing_url and (cosign or cosign_id):
+        with SigningClient(signing_url, os.environ.get(TOKEN_ENV, ""), ca_file=signing_ca) as cl:
+            flow = CosignFlow(cl, cosign_id, wait=wait_s, poll=poll_s)
+            if cosign_id:
+                expires_at = flow.filed_expires()  # a resumed request keeps its expiry
+            result = build_release(
+                out,
+                image,
+                alg,
+                make_request,
+                None,
+                lambda: pins or flow.keys(),
+                now,
+                signed_by=lambda: f"co-signed via {signing_url} ({flow.request_id})",
+                sign_batch=flow.sign_batch,
+                min_signers=lambda: flow.threshold,
+                **deltas,
             )
+    elif signing_url:
         token = os.environ.get(TOKEN_ENV, "")
         with SigningClient(signing_url, token, ca_file=signing_ca) as client:
             keys_box: list[PublicKey] = []

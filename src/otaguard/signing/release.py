@@ -162,12 +162,12 @@ def build_release(
     verify_keys: Callable[[], Sequence[PublicKey]],
     now: int,
     *,
-    signed_by: str,
+    signed_by: str | Callable[[], str],
     delta_from: Sequence[Path] = (),
     delta_factor: float = DEFAULT_DELTA_FACTOR,
     patch_uri_prefix: str | None = None,
     sign_batch: SignBatch | None = None,
-    min_signers: int = 1,
+    min_signers: int | Callable[[], int] = 1,
 ) -> ReleaseResult:
     """Assemble ``out``: copy+hash image → request → plan deltas → sign → verify → summary →
     rename.
@@ -177,6 +177,8 @@ def build_release(
     then for each delta; or ``sign_batch(requests)`` signs them all at once (a co-signing
     request: the officers approve the release and its deltas together). ``verify_keys()``
     gives the keys the envelopes must verify with, ``min_signers`` of them distinct.
+    ``signed_by`` and ``min_signers`` may be callables, asked after signing (a co-signing
+    request learns its id and threshold from the service).
     """
     out = Path(out)
     if not 0 < delta_factor <= 1:
@@ -207,6 +209,10 @@ def build_release(
         if len(signed) != len(reqs):
             raise OtaError(ErrorCode.INTERNAL, "signer returned another number of manifests")
         (envelope, audit), delta_signed = signed[0], signed[1:]
+        if callable(min_signers):
+            min_signers = min_signers()
+        if callable(signed_by):
+            signed_by = signed_by()
         keys = verify_keys()
         vm = check_envelope(envelope, keys, req, now, min_signers)
         _write_file(tmp / MANIFEST_FILE, envelope)

@@ -90,6 +90,49 @@ def _alg_name(alg: HashAlg) -> str:
     return "sha256" if alg == HashAlg.SHA256 else "sha384"
 
 
+def sign_subject(
+    req: SigningRequest,
+    info: ManifestInfo,
+    requester: Requester,
+    key_ids: Sequence[str],
+    manifest_digest: bytes,
+    envelope: bytes,
+) -> dict[str, Any]:
+    """The subject of a ``sign-manifest`` audit record (what :func:`reconcile` replays)."""
+    delta = req.delta
+    return {
+        "class_id": str(req.class_id),
+        "vendor_id": str(info.vendor_id),
+        "vendor": req.vendor,
+        "model": req.model,
+        "hw_rev": req.hw_rev,
+        "version": req.version,
+        "min_version": req.min_version,
+        "security_counter": req.security_counter,
+        "sequence": info.sequence_number,
+        "expires": req.expires,
+        "uri": req.uri,
+        "description": req.description,
+        "digest_alg": _alg_name(info.digest_alg),
+        "image_digest": req.image_digest.hex(),
+        "image_size": req.image_size,
+        "downgrade": req.downgrade,
+        "fast_forward": req.fast_forward,
+        "role": requester.role.value,
+        "key_ids": list(key_ids),
+        "manifest_digest": manifest_digest.hex(),
+        "envelope_sha256": hashlib.sha256(envelope).hexdigest(),
+        "delta": None
+        if delta is None
+        else {
+            "base_digest": delta.base_digest.hex(),
+            "patch_digest": delta.patch_digest.hex(),
+            "patch_size": delta.patch_size,
+            "patch_uri": delta.patch_uri,
+        },
+    }
+
+
 def reconcile(state: SigningState, audit: AuditLog) -> None:
     """Check the audit log against the state's anchor, then replay records the state missed.
 
@@ -222,37 +265,7 @@ class SigningService:
             envelope = build_envelope(info, self.signers)
             verified = self._self_check(envelope, info, now)
             key_ids = tuple(s.public_key.key_id.hex() for s in self.signers)
-            subject = {
-                "class_id": class_hex,
-                "vendor_id": str(info.vendor_id),
-                "vendor": req.vendor,
-                "model": req.model,
-                "hw_rev": req.hw_rev,
-                "version": req.version,
-                "min_version": req.min_version,
-                "security_counter": req.security_counter,
-                "sequence": sequence,
-                "expires": req.expires,
-                "uri": req.uri,
-                "description": req.description,
-                "digest_alg": _alg_name(info.digest_alg),
-                "image_digest": req.image_digest.hex(),
-                "image_size": req.image_size,
-                "downgrade": req.downgrade,
-                "fast_forward": req.fast_forward,
-                "role": requester.role.value,
-                "key_ids": list(key_ids),
-                "manifest_digest": verified.hex(),
-                "envelope_sha256": hashlib.sha256(envelope).hexdigest(),
-                "delta": None
-                if delta is None
-                else {
-                    "base_digest": delta.base_digest.hex(),
-                    "patch_digest": delta.patch_digest.hex(),
-                    "patch_size": delta.patch_size,
-                    "patch_uri": delta.patch_uri,
-                },
-            }
+            subject = sign_subject(req, info, requester, key_ids, verified, envelope)
             head = self.audit.append(requester.id, OP_SIGN, subject)
             if delta is None:
                 tx.record_release(
