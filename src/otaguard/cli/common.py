@@ -25,6 +25,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 PIN_ENV = "OTAGUARD_PKCS11_PIN"
 PASSPHRASE_ENV = "OTAGUARD_KEY_PASSPHRASE"
 MODULE_ENV = "OTAGUARD_PKCS11_MODULE"
+MAX_SIGNERS = 8  # authentication blocks a SUIT envelope may carry (manifest/envelope.py)
 
 
 def emit(data: Any, as_json: bool, text: Callable[[Any], str] | None = None) -> None:
@@ -175,6 +176,8 @@ def load_signers(
     so the release would silently miss its threshold."""
     if not pkcs11_uris and not key_files:
         raise UsageError(ErrorCode.USAGE, "give --pkcs11-uri or --key-file (repeatable)")
+    if len(pkcs11_uris) + len(key_files) > MAX_SIGNERS:
+        raise UsageError(ErrorCode.USAGE, f"at most {MAX_SIGNERS} signing keys (one envelope)")
     for what, values in (("--pkcs11-uri", list(pkcs11_uris)), ("--key-file", key_files)):
         names = [str(v) for v in values]
         dup = next((n for i, n in enumerate(names) if n in names[:i]), None)

@@ -39,6 +39,7 @@ from ..crypto.cose import Signer, sign1
 from ..crypto.keys import PublicKey
 from ..errors import ErrorCode, FormatError, OtaError, PolicyError
 from ..manifest.build import assemble_envelope, manifest_digest
+from ..manifest.envelope import MAX_AUTH_BLOCKS
 from ..manifest.model import ManifestInfo
 from ..manifest.profile import encode_manifest
 from ..manifest.verify import verify_envelope
@@ -83,8 +84,12 @@ class CosignConfig:
     four_eyes: bool = True
 
     def __post_init__(self) -> None:
-        if not 1 <= self.threshold <= 16 or not 60 <= self.ttl <= MAX_TTL:
-            raise FormatError(ErrorCode.MALFORMED, "cosign: threshold 1..16, ttl 60 s .. 30 days")
+        if not 1 <= self.threshold <= MAX_AUTH_BLOCKS or not 60 <= self.ttl <= MAX_TTL:
+            raise FormatError(
+                ErrorCode.MALFORMED,
+                f"cosign: threshold 1..{MAX_AUTH_BLOCKS} (signatures per envelope), "
+                "ttl 60 s .. 30 days",
+            )
 
 
 def request_digest(payloads: Sequence[bytes]) -> bytes:
