@@ -7,6 +7,8 @@ import base64
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from otaguard.cli.main import main
 from otaguard.crypto.cose import Signer
+from otaguard.crypto.keys import PublicKey
 from otaguard.crypto.pkcs11 import Pkcs11Signer, generate_keypair
 from otaguard.crypto.software import SoftwareSigner
 from otaguard.errors import ErrorCode, FormatError, OtaError
@@ -388,3 +391,88 @@ def test_cli_cosign_flow_with_deltas(
         assert len(cbor2.loads(cbor2.loads(envelope).value[2])) == 3  # digest + 2 signatures
         verify_envelope(envelope, keys)
     c.service.close()
+
+
+def test_signing_serve_with_officer_keys_in_the_hsm(
+    tmp_path: Path,
+    softhsm_token: SoftHsmToken,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`signing serve` as a real process with a cosign section: the officers' keys are in
+    SoftHSM2 (PIN from the environment), CI files, two officers approve, CI picks it up."""
+    t = softhsm_token
+    pubs = []
+    for name in ("alice", "bob"):
+        pk = generate_keypair(t.uri(), f"officer-{name}", "ed25519", pin=t.pin, module=t.module)
+        pubs.append(tmp_path / f"{name}.pub")
+        pubs[-1].write_bytes(pk.to_pem())
+    SoftwareSigner.generate(tmp_path / "seal.key", "ed25519", b"correct horse battery")
+    tokens = {n: new_token() for n in ("ci", "alice", "bob")}
+    role = {"ci": "release", "alice": "security-officer", "bob": "security-officer"}
+    grants = {n: [{"vendor": "example.com"}] for n in tokens}
+    (tmp_path / "policy.json").write_text(json.dumps({"version": 1, "requesters": grants}))
+    (tmp_path / "signing.json").write_text(json.dumps({
+        "version": 1, "signer": {"key_file": "seal.key"}, "audit_log": "audit.log",
+        "state": "state.sqlite", "policy": "policy.json",
+        "tokens": [{"sha256": hash_token(tok), "requester": n, "role": role[n]}
+                   for n, tok in tokens.items()],
+        "cosign": {"threshold": 2, "officers": {
+            n: {"pkcs11_uri": t.uri(f"officer-{n}"), "pkcs11_module": t.module}
+            for n in ("alice", "bob")}},
+    }))  # fmt: skip
+    env = {**t.env(), "OTAGUARD_KEY_PASSPHRASE": "correct horse battery",
+           "OTAGUARD_PKCS11_PIN": t.pin}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "otaguard.cli.main", "signing", "serve",
+         "--config", tmp_path / "signing.json", "--port", "0"],
+        stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        url = None
+        deadline = time.monotonic() + 30
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            m = re.search(r"listening on (http://\S+)", line)
+            url = m.group(1) if m else None
+        assert url, "service did not start"
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        img = tmp_path / "fw.bin"
+        img.write_bytes(os.urandom(5000))
+        args: list[str | Path] = [
+            "release", "create", "--image", img, "--vendor", "example.com", "--model", "thermo",
+            "--hw-rev", "A", "--version", "1.0.0", "--security-counter", "0", "--expires", "+2d",
+            "--signing-url", url, "--out", tmp_path / "rel", "--trust-key", pubs[0],
+            "--trust-key", pubs[1],
+        ]  # fmt: skip
+        monkeypatch.setenv("OTAGUARD_SIGNING_TOKEN", tokens["ci"])
+        rc, _, err = run(capsys, *args, "--cosign", "--wait", "0")
+        found = re.search(r"(cs_[0-9a-f]+)", err)
+        assert rc == 1 and "E_PENDING" in err and found is not None
+        for n in ("alice", "bob"):
+            monkeypatch.setenv("OTAGUARD_SIGNING_TOKEN", tokens[n])
+            rc, out, err = run(capsys, "signing", "approve", found[1], "--signing-url", url,
+                               "--json")  # fmt: skip
+            assert rc == 0, err
+        assert json.loads(out)["status"] == "complete"
+        monkeypatch.setenv("OTAGUARD_SIGNING_TOKEN", tokens["ci"])
+        rc, out, err = run(capsys, *args, "--cosign-id", found[1], "--json")
+        assert rc == 0, err
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    summary = json.loads(out)
+    keys = [PublicKey.from_pem(p.read_bytes()) for p in pubs]
+    assert sorted(summary["signer_key_ids"]) == sorted(k.key_id.hex() for k in keys)
+    verify_envelope((tmp_path / "rel" / "manifest.suit").read_bytes(), StaticKeys(keys, 2))
+    rc, out, _ = run(capsys, "audit", "show", tmp_path / "audit.log", "--json")
+    ops = [r["op"] for r in json.loads(out)["records"]]
+    assert ops.count("cosign-approve") == 2 and ops.count("sign-manifest") == 1
