@@ -118,10 +118,9 @@ class CosignRequest:
 
     @property
     def payloads(self) -> list[bytes]:
-        return [
-            manifest_digest(bytes.fromhex(m), self.signing_requests()[0].digest_alg)
-            for m in self.manifests
-        ]
+        """Each manifest's encoded SUIT_Digest: what every officer's signature covers."""
+        alg = HashAlg(SigningRequest.from_dict(self.requests[0]).digest_alg)
+        return [manifest_digest(bytes.fromhex(m), alg) for m in self.manifests]
 
     @property
     def digest(self) -> bytes:
