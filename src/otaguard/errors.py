@@ -92,6 +92,11 @@ class ErrorCode(StrEnum):
     KEY_RETIRED = "E_KEY_RETIRED"  # release signed with a key rotated out for new releases
     ROTATION_STATE = "E_ROTATION_STATE"  # rotation step out of order (advance before start...)
     ROTATION_PENDING = "E_ROTATION_PENDING"  # too little of the fleet on the new key list yet
+    DUPLICATE_SIGNER = "E_DUPLICATE_SIGNER"  # the same key/officer given or approving twice
+    FOUR_EYES = "E_FOUR_EYES"  # a requester approving their own co-signing request
+    REQUEST_CHANGED = "E_REQUEST_CHANGED"  # approval for other bytes than the request holds
+    REQUEST_EXPIRED = "E_REQUEST_EXPIRED"  # co-signing request past its deadline
+    PENDING = "E_PENDING"  # co-signing request still waits for approvals
     DATABASE = "E_DATABASE"
     INTERNAL = "E_INTERNAL"
 

@@ -108,6 +108,18 @@ def _subject_summary(op: str, s: dict[str, Any]) -> str:
         return f"records {s.get('first')}..{s.get('last')} kid={s.get('kid')}"
     if op == "sign-refused":
         return f"{s.get('error')} {s.get('model')}/{s.get('hw_rev')} {s.get('version')}"
+    if op == "cosign-request":
+        return (
+            f"{s.get('request')} {s.get('model')}/{s.get('hw_rev')} {s.get('version')} "
+            f"needs {s.get('threshold')} digest={str(s.get('request_digest', ''))[:16]}…"
+        )
+    if op == "cosign-approve":
+        return (
+            f"{s.get('request')} approval {s.get('approval')}/{s.get('threshold')} "
+            f"kid={s.get('kid')} digest={str(s.get('request_digest', ''))[:16]}…"
+        )
+    if op == "cosign-refused":
+        return f"{s.get('error')} {s.get('request')}"
     return json.dumps(s, sort_keys=True)[:100]
 
 

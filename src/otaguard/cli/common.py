@@ -10,7 +10,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +25,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 PIN_ENV = "OTAGUARD_PKCS11_PIN"
 PASSPHRASE_ENV = "OTAGUARD_KEY_PASSPHRASE"
 MODULE_ENV = "OTAGUARD_PKCS11_MODULE"
+MAX_SIGNERS = 8  # authentication blocks a SUIT envelope may carry (manifest/envelope.py)
 
 
 def emit(data: Any, as_json: bool, text: Callable[[Any], str] | None = None) -> None:
@@ -122,6 +123,92 @@ def load_signer(
     assert pkcs11_uri is not None
     pin = secret_from_env_or_prompt(PIN_ENV, "Token PIN")
     return Pkcs11Signer.open(pkcs11_uri, pin=pin.decode(), module=pkcs11_module, alg=alg)
+
+
+def multi_signer_options(func: F) -> F:
+    """Like :func:`signer_options`, but ``--pkcs11-uri`` and ``--key-file`` repeat: one signature
+    per key, for a key list whose threshold asks for several (k-of-n). A plain click option
+    keeps only its last value, which is how a second ``--pkcs11-uri`` used to vanish."""
+    opts = [
+        click.option(
+            "--pkcs11-uri",
+            "pkcs11_uris",
+            metavar="URI",
+            multiple=True,
+            help="Key in an HSM, e.g. 'pkcs11:token=ota;object=release-2026' (repeatable: "
+            f"each key signs). PIN from ${PIN_ENV} or a prompt.",
+        ),
+        click.option(
+            "--pkcs11-module",
+            metavar="PATH",
+            envvar=MODULE_ENV,
+            help=f"PKCS#11 module (.so); default from ${MODULE_ENV} or SoftHSM2.",
+        ),
+        click.option(
+            "--key-file",
+            "key_files",
+            type=click.Path(dir_okay=False, path_type=Path),
+            multiple=True,
+            help="DEVELOPMENT ONLY: encrypted PKCS#8 key file (repeatable); passphrase from "
+            f"${PASSPHRASE_ENV} or a prompt.",
+        ),
+        click.option(
+            "--alg",
+            "alg_name",
+            metavar="ALG",
+            help="COSE algorithm: ed25519 (default for Ed25519 keys), eddsa, "
+            "esp256 (default for P-256), es256.",
+        ),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def load_signers(
+    pkcs11_uris: Sequence[str],
+    pkcs11_module: str | None,
+    key_files: Sequence[Path],
+    alg_name: str | None,
+) -> list[Signer]:
+    """Every given key, in order (HSM keys first); ``E_DUPLICATE_SIGNER`` when two options
+    name the same key, spelled alike or not: a key signing twice still counts once on a device,
+    so the release would silently miss its threshold."""
+    if not pkcs11_uris and not key_files:
+        raise UsageError(ErrorCode.USAGE, "give --pkcs11-uri or --key-file (repeatable)")
+    if len(pkcs11_uris) + len(key_files) > MAX_SIGNERS:
+        raise UsageError(ErrorCode.USAGE, f"at most {MAX_SIGNERS} signing keys (one envelope)")
+    for what, values in (("--pkcs11-uri", list(pkcs11_uris)), ("--key-file", key_files)):
+        names = [str(v) for v in values]
+        dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if dup is not None:
+            raise OtaError(ErrorCode.DUPLICATE_SIGNER, f"{what} {dup} is given twice")
+    signers: list[Signer] = []
+    try:
+        for uri in pkcs11_uris:
+            signers.append(load_signer(uri, pkcs11_module, None, alg_name))
+        for kf in key_files:
+            signers.append(load_signer(None, pkcs11_module, kf, alg_name))
+        seen: dict[bytes, int] = {}
+        for i, s in enumerate(signers):
+            kid = s.public_key.key_id
+            if kid in seen:
+                raise OtaError(
+                    ErrorCode.DUPLICATE_SIGNER,
+                    f"signers {seen[kid] + 1} and {i + 1} are the same key {kid.hex()}",
+                )
+            seen[kid] = i
+    except BaseException:
+        close_signers(signers)
+        raise
+    return signers
+
+
+def close_signers(signers: Sequence[Signer]) -> None:
+    for s in signers:
+        close = getattr(s, "close", None)
+        if callable(close):
+            close()
 
 
 # --- credential lifetimes (signing-service tokens, admin tokens) ---------------------------------

@@ -255,10 +255,10 @@ def _write_new_list(
 @click.option(
     "--public-key",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    required=True,
-    help="The operational key to authorize (PEM).",
+    help="The operational key to authorize (PEM). Omit it (or name a key already in the "
+    "list) with --threshold to change only the threshold.",
 )
-@click.option("--vendor", required=True, help="Vendor DNS domain, e.g. hvac.example.com.")
+@click.option("--vendor", help="Vendor DNS domain, e.g. hvac.example.com (for a new key).")
 @click.option(
     "--class",
     "classes",
@@ -293,8 +293,8 @@ def authorize(
     pkcs11_module: str | None,
     key_file: Path | None,
     alg_name: str | None,
-    public_key: Path,
-    vendor: str,
+    public_key: Path | None,
+    vendor: str | None,
     classes: tuple[str, ...],
     roles: str,
     valid_days: int,
@@ -305,9 +305,28 @@ def authorize(
     out: Path | None,
     as_json: bool,
 ) -> None:
-    """Root-sign an operational key's authorization and add it to the key list."""
+    """Root-sign an operational key's authorization and add it to the key list.
+
+    With --threshold and no new key (no --public-key, or one already in the list) it writes
+    the next version of the list with only the k-of-n threshold changed: the way to turn on
+    the two-person rule once both keys are authorized.
+    """
     from ..manifest.ids import class_id, vendor_id
 
+    if public_key is None and threshold is None:
+        raise UsageError(ErrorCode.USAGE, "give --public-key (a key to authorize) or --threshold")
+    if public_key is None or (threshold is not None and keylist.exists()):
+        key = _load_public(public_key) if public_key is not None else None
+        root = load_signer(pkcs11_uri, pkcs11_module, key_file, alg_name)
+        if key is None or _in_list(keylist, root.public_key, key):
+            assert threshold is not None
+            _set_threshold(root, keylist, threshold, as_json)
+            return
+    else:
+        root = None
+    if vendor is None:
+        raise UsageError(ErrorCode.USAGE, "--vendor is required to authorize a key")
+    assert public_key is not None
     try:
         role_set = frozenset(Role(r.strip()) for r in roles.split(",") if r.strip())
     except ValueError:
@@ -320,7 +339,8 @@ def authorize(
             raise UsageError(ErrorCode.USAGE, f"--class must be MODEL:HWREV, got {c!r}")
         cids.add(class_id(vid, model, hw))
     key = _load_public(public_key)
-    root = load_signer(pkcs11_uri, pkcs11_module, key_file, alg_name)
+    if root is None:
+        root = load_signer(pkcs11_uri, pkcs11_module, key_file, alg_name)
     previous = _load_keylist(keylist, root.public_key) if keylist.exists() else None
     if previous and previous.key(key.key_id):
         raise OtaError(ErrorCode.EXISTS, f"key {key.key_id.hex()} is already in the list")
@@ -355,6 +375,37 @@ def authorize(
             "keylist_version": kl.version,
             "roles": sorted(r.value for r in role_set),
             "not_after": _iso(nbf + valid_days * 86400),
+        },
+        as_json,
+    )
+
+
+def _in_list(keylist: Path, root: PublicKey, key: PublicKey) -> bool:
+    return keylist.exists() and _load_keylist(keylist, root).key(key.key_id) is not None
+
+
+def _set_threshold(root: Signer, keylist: Path, threshold: int, as_json: bool) -> None:
+    """Next list version: same authorizations and revocations, new threshold (root-signed, so
+    devices accept a lower one too; a list needing more keys than it holds is refused)."""
+    if not keylist.exists():
+        raise OtaError(ErrorCode.NOT_FOUND, f"{keylist} does not exist: authorize keys first")
+    previous = _load_keylist(keylist, root.public_key)
+    if previous.threshold == threshold:
+        raise UsageError(ErrorCode.USAGE, f"the key list already has threshold {threshold}")
+    kl = _write_new_list(
+        root,
+        keylist,
+        [a.raw for a in previous.authorizations],
+        set(previous.revoked),
+        threshold,
+        previous,
+    )
+    emit(
+        {
+            "keylist": str(keylist),
+            "keylist_version": kl.version,
+            "threshold": kl.threshold,
+            "previous_threshold": previous.threshold,
         },
         as_json,
     )

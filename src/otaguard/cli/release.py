@@ -27,7 +27,8 @@ from ..signing.release import build_release, parse_expires
 from ..signing.release_deltas import DEFAULT_DELTA_FACTOR
 from ..signing.service import SigningService
 from ..signing.state import SigningState
-from .common import emit, load_signer, signer_options
+from .common import close_signers, emit, load_signers, multi_signer_options
+from .cosign_flow import CosignFlow
 
 MAX_PEM = 16 * 1024
 MAX_POLICY = 256 * 1024
@@ -83,8 +84,36 @@ def _summary_text(s: dict[str, Any]) -> str:
     help="Authorize a security-counter or major-version jump beyond the policy's step "
     "(security officer only).",
 )
-@signer_options
+@multi_signer_options
 @click.option("--signing-url", metavar="URL", help=f"Signing service; token from ${TOKEN_ENV}.")
+@click.option(
+    "--cosign",
+    is_flag=True,
+    help="With --signing-url: file a co-signing request (two-person rule) and wait until "
+    "enough officers approved it.",
+)
+@click.option(
+    "--cosign-id",
+    metavar="ID",
+    help="With --signing-url: pick up a co-signing request filed earlier (same image and "
+    "options; implies --cosign).",
+)
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.IntRange(min=0),
+    default=3600,
+    show_default=True,
+    help="Seconds to wait for the approvals (0: file and return; E_PENDING).",
+)
+@click.option(
+    "--poll",
+    "poll_s",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="Seconds between checks while waiting.",
+)
 @click.option(
     "--signing-ca",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -139,11 +168,15 @@ def create(
     digest_alg: str,
     downgrade: bool,
     fast_forward: bool,
-    pkcs11_uri: str | None,
+    pkcs11_uris: tuple[str, ...],
     pkcs11_module: str | None,
-    key_file: Path | None,
+    key_files: tuple[Path, ...],
     alg_name: str | None,
     signing_url: str | None,
+    cosign: bool,
+    cosign_id: str | None,
+    wait_s: int,
+    poll_s: float,
     signing_ca: Path | None,
     trust_key: tuple[Path, ...],
     audit_log: Path | None,
@@ -157,7 +190,11 @@ def create(
     out: Path,
     as_json: bool,
 ) -> None:
-    """Sign IMAGE for one model/hardware revision and write the release directory OUT."""
+    """Sign IMAGE for one model/hardware revision and write the release directory OUT.
+
+    Several --pkcs11-uri/--key-file options sign with every key (a key list whose threshold
+    asks for k signatures needs k distinct keys); the same key twice is E_DUPLICATE_SIGNER.
+    """
     now = int(time.time())
     alg: HashAlg = hash_alg(digest_alg)
     expires_at = parse_expires(expires, now)
@@ -188,13 +225,33 @@ def create(
         req.validate()
         return req
 
-    if signing_url:
-        if pkcs11_uri or key_file or audit_log or policy or state:
-            raise UsageError(
-                ErrorCode.USAGE,
-                "--signing-url excludes local signing options (--pkcs11-uri/--key-file/"
-                "--audit-log/--policy/--state): the service signs and audits",
+    if (cosign or cosign_id) and not signing_url:
+        raise UsageError(ErrorCode.USAGE, "--cosign/--cosign-id need --signing-url")
+    if signing_url and (pkcs11_uris or key_files or audit_log or policy or state):
+        raise UsageError(
+            ErrorCode.USAGE,
+            "--signing-url excludes local signing options (--pkcs11-uri/--key-file/"
+            "--audit-log/--policy/--state): the service signs and audits",
+        )
+    if signing_url and (cosign or cosign_id):
+        with SigningClient(signing_url, os.environ.get(TOKEN_ENV, ""), ca_file=signing_ca) as cl:
+            flow = CosignFlow(cl, cosign_id, wait=wait_s, poll=poll_s)
+            if cosign_id:
+                expires_at = flow.filed_expires()  # a resumed request keeps its expiry
+            result = build_release(
+                out,
+                image,
+                alg,
+                make_request,
+                None,
+                lambda: pins or flow.keys(),
+                now,
+                signed_by=lambda: f"co-signed via {signing_url} ({flow.request_id})",
+                sign_batch=flow.sign_batch,
+                min_signers=lambda: flow.threshold,
+                **deltas,
             )
+    elif signing_url:
         token = os.environ.get(TOKEN_ENV, "")
         with SigningClient(signing_url, token, ca_file=signing_ca) as client:
             keys_box: list[PublicKey] = []
@@ -225,7 +282,7 @@ def create(
             raise UsageError(
                 ErrorCode.USAGE, "local signing needs --audit-log (every signature is audited)"
             )
-        signer = load_signer(pkcs11_uri, pkcs11_module, key_file, alg_name)
+        signers = load_signers(pkcs11_uris, pkcs11_module, key_files, alg_name)
         who = Requester(requester or f"local:{getpass.getuser()}", Role.SECURITY_OFFICER)
         pol = (
             Policy.from_json(read_limited(policy, MAX_POLICY))
@@ -234,8 +291,9 @@ def create(
         )
         st = SigningState(state or audit_log.with_name(audit_log.name + ".state.sqlite"))
         try:
-            log = AuditLog.open(audit_log, signer, seal_every=seal_every)
-            service = SigningService(signer, pol, log, st)
+            # the first key seals the audit log (audit verify --key takes its public key)
+            log = AuditLog.open(audit_log, signers[0], seal_every=seal_every)
+            service = SigningService(signers, pol, log, st)
             try:
 
                 def sign_local(req: SigningRequest) -> tuple[bytes, AuditHead]:
@@ -248,18 +306,17 @@ def create(
                     alg,
                     make_request,
                     sign_local,
-                    lambda: [signer.public_key, *pins],
+                    lambda: [*(s.public_key for s in signers), *pins],
                     now,
                     signed_by=f"local {who.id}",
+                    min_signers=len(signers),
                     **deltas,
                 )
             finally:
                 service.close()  # seals the audit log: a closed log ends with a seal
         finally:
             st.close()
-            close = getattr(signer, "close", None)
-            if callable(close):
-                close()
+            close_signers(signers)
     if result.summary.get("downgrade"):
         click.echo("WARNING: this release is an authorized version DOWNGRADE", err=True)
     if result.summary.get("fast_forward"):

@@ -112,3 +112,26 @@ class SigningClient:
             )
         except (KeyError, TypeError, ValueError, binascii.Error):
             raise FormatError(ErrorCode.MALFORMED, "malformed signing service response") from None
+
+    # --- co-signing (signing/cosign.py) ------------------------------------------------------
+    def cosign_create(self, requests: list[SigningRequest]) -> dict[str, Any]:
+        """File a co-signing request (the release first, then its deltas); its view."""
+        return self._call("POST", "/v1/cosign", json={"requests": [r.to_dict() for r in requests]})
+
+    def cosign_get(self, request_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/cosign/{_path_id(request_id)}")
+
+    def cosign_approve(self, request_id: str, request_digest: str) -> dict[str, Any]:
+        """Sign ``request_id`` with the calling officer's key; ``request_digest`` is what the
+        officer reviewed (the service refuses if the request holds anything else)."""
+        return self._call(
+            "POST",
+            f"/v1/cosign/{_path_id(request_id)}/approve",
+            json={"request_digest": request_digest},
+        )
+
+
+def _path_id(request_id: str) -> str:
+    if not request_id or not all(c.isalnum() or c in "_-" for c in request_id):
+        raise OtaError(ErrorCode.USAGE, f"not a co-signing request id: {request_id!r}")
+    return request_id

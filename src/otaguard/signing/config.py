@@ -9,7 +9,10 @@
      "seal_every": 16, "max_body": 65536,
      "sign_rate": {"per_minute": 30, "burst": 10},
      "tokens": [{"sha256": "<hex of SHA-256(token)>", "requester": "ci-main",
-                 "role": "release", "not_after": "2027-02-21T00:00:00Z"}]}
+                 "role": "release", "not_after": "2027-02-21T00:00:00Z"}],
+     "cosign": {"threshold": 2, "ttl_hours": 24, "four_eyes": true,
+                "officers": {"alice": {"pkcs11_uri": "pkcs11:token=ota;object=officer-alice"},
+                             "bob": {"pkcs11_uri": "pkcs11:token=ota;object=officer-bob"}}}}
 
 Relative paths are relative to the config file. ``not_after`` (optional, RFC 3339 UTC, whole
 seconds, ``Z`` or ``+00:00``) is the last instant the token is accepted; after it requests get
@@ -17,6 +20,13 @@ seconds, ``Z`` or ``+00:00``) is the last instant the token is accepted; after i
 ``otaguard signing token`` writes one by default (``--valid-for 90d``). ``sign_rate``
 (optional; default 30 per minute, burst 10) limits ``POST /v1/sign`` per requester id; over it
 the service answers 429 ``E_RATE_LIMIT`` with ``Retry-After``.
+
+``cosign`` (optional) turns on co-signing (:mod:`.cosign`, the two-person rule): each officer
+is a token requester id bound to its own signing key (same fields as ``signer``); no two
+officers may share a key, every officer needs a token entry, and ``threshold`` (at most the
+number of officers) distinct officers must approve a request before its envelopes are released.
+``ttl_hours`` (default 24, at most 720) bounds how long a request waits; ``four_eyes`` (default
+true) forbids a requester to approve their own request.
 
 Secrets are never in the file: the PIN comes from ``$OTAGUARD_PKCS11_PIN`` (or the key-file
 passphrase from ``$OTAGUARD_KEY_PASSPHRASE``), and tokens are stored only as
@@ -26,12 +36,13 @@ hashes (``otaguard signing token`` prints a new one).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ErrorCode, FormatError
 from ..fsutil import read_limited
 from .audit import DEFAULT_SEAL_EVERY
+from .cosign import CosignConfig
 from .http import DEFAULT_MAX_BODY, DEFAULT_SIGN_RATE, SignRate, TokenTable
 from .policy import Policy
 
@@ -46,8 +57,77 @@ _KEYS = {
     "max_body",
     "sign_rate",
     "tokens",
+    "cosign",
 }
+_COSIGN_KEYS = {"threshold", "ttl_hours", "four_eyes", "officers"}
 _SIGNER_KEYS = {"pkcs11_uri", "pkcs11_module", "key_file", "alg"}
+
+
+@dataclass(frozen=True)
+class SignerSpec:
+    """Where a key is: a PKCS#11 URI (production) or a development key file."""
+
+    pkcs11_uri: str | None
+    pkcs11_module: str | None
+    key_file: Path | None
+    alg: str | None
+
+
+def _signer_spec(obj: object, what: str, p: Path) -> SignerSpec:
+    if not isinstance(obj, dict) or set(obj) - _SIGNER_KEYS:
+        raise FormatError(ErrorCode.MALFORMED, f"{p}: {what} must be an object of {_SIGNER_KEYS}")
+    for k, v in obj.items():
+        if not isinstance(v, str):
+            raise FormatError(ErrorCode.MALFORMED, f"{p}: {what}.{k} must be a string")
+    if bool(obj.get("pkcs11_uri")) == bool(obj.get("key_file")):
+        raise FormatError(
+            ErrorCode.MALFORMED, f"{p}: {what} needs exactly one of pkcs11_uri and key_file"
+        )
+    kf = obj.get("key_file")
+    return SignerSpec(
+        obj.get("pkcs11_uri"), obj.get("pkcs11_module"), p.parent / kf if kf else None,
+        obj.get("alg"),
+    )  # fmt: skip
+
+
+def _cosign(
+    obj: object, tokens: TokenTable, p: Path
+) -> tuple[CosignConfig | None, dict[str, SignerSpec]]:
+    if obj is None:
+        return None, {}
+    if not isinstance(obj, dict) or set(obj) - _COSIGN_KEYS:
+        raise FormatError(ErrorCode.MALFORMED, f"{p}: cosign must be an object of {_COSIGN_KEYS}")
+    threshold, hours = obj.get("threshold"), obj.get("ttl_hours", 24)
+    four_eyes, officers = obj.get("four_eyes", True), obj.get("officers")
+    if (
+        not isinstance(threshold, int)
+        or isinstance(threshold, bool)
+        or not isinstance(hours, int)
+        or isinstance(hours, bool)
+        or not isinstance(four_eyes, bool)
+        or not isinstance(officers, dict)
+        or not officers
+    ):
+        raise FormatError(
+            ErrorCode.MALFORMED,
+            f"{p}: cosign needs an integer threshold, integer ttl_hours, boolean four_eyes and "
+            "a non-empty officers object",
+        )
+    known = {e.requester for e in tokens.entries}
+    specs: dict[str, SignerSpec] = {}
+    for name, spec in officers.items():
+        if name not in known:
+            raise FormatError(ErrorCode.MALFORMED, f"{p}: cosign officer {name!r} has no token")
+        specs[name] = _signer_spec(spec, f"cosign.officers.{name}", p)
+    if threshold > len(specs):
+        raise FormatError(
+            ErrorCode.MALFORMED, f"{p}: cosign threshold {threshold} exceeds the officers"
+        )
+    try:
+        cfg = CosignConfig(threshold, hours * 3600, four_eyes)
+    except FormatError as err:
+        raise FormatError(err.code, f"{p}: {err.detail}") from None
+    return cfg, specs
 
 
 @dataclass(frozen=True)
@@ -63,6 +143,8 @@ class ServiceConfig:
     seal_every: int = DEFAULT_SEAL_EVERY
     max_body: int = DEFAULT_MAX_BODY
     sign_rate: SignRate = DEFAULT_SIGN_RATE
+    cosign: CosignConfig | None = None
+    officers: dict[str, SignerSpec] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path) -> ServiceConfig:
@@ -103,6 +185,7 @@ class ServiceConfig:
             sign_rate = SignRate.from_config(obj.get("sign_rate"))
         except FormatError as err:
             raise FormatError(err.code, f"{p}: {err.detail}") from None
+        cosign, officers = _cosign(obj.get("cosign"), tokens, p)
         return cls(
             pkcs11_uri=signer.get("pkcs11_uri"),
             pkcs11_module=signer.get("pkcs11_module"),
@@ -115,4 +198,6 @@ class ServiceConfig:
             seal_every=seal_every,
             max_body=max_body,
             sign_rate=sign_rate,
+            cosign=cosign,
+            officers=officers,
         )

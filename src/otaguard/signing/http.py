@@ -4,6 +4,10 @@
   envelope (base64), sequence, manifest digest, key ids and audit anchor.
 * ``GET /v1/public-key``: the signer's public key (PEM) and kid, for any authenticated role.
 * ``GET /v1/health``: liveness, no authentication, no detail.
+* Co-signing (:mod:`.cosign`, only with a ``cosign`` config): ``POST /v1/cosign`` files a request
+  (``{"requests": [release, delta...]}``), ``GET /v1/cosign/{id}`` shows it (to its requester and
+  the officers; the envelopes once complete), ``POST /v1/cosign/{id}/approve``
+  (``{"request_digest": hex}``) signs it with the calling officer's key.
 
 Tokens are stored as SHA-256 hashes with a requester id and a role; the presented token is
 hashed and compared against every entry with :func:`hmac.compare_digest` (no early exit), so
@@ -43,6 +47,7 @@ from starlette.routing import Route
 from ..errors import ErrorCode, FormatError, OtaError
 from ..server.ratelimit import RateLimit, TokenBuckets, retry_after_header
 from ..wire import decimal, loads_json
+from .cosign import CosignService
 from .policy import Requester, Role, SigningRequest
 from .service import SignedRelease, SigningService
 
@@ -70,6 +75,13 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.AUDIT_CHAIN: 503,
     ErrorCode.AUDIT_SEAL: 503,
     ErrorCode.DATABASE: 503,
+    ErrorCode.DUPLICATE_SIGNER: 409,
+    ErrorCode.FOUR_EYES: 403,
+    ErrorCode.REQUEST_CHANGED: 409,
+    ErrorCode.REQUEST_EXPIRED: 410,
+    ErrorCode.PENDING: 409,
+    ErrorCode.CONFLICT: 409,
+    ErrorCode.THRESHOLD: 409,
 }
 
 
@@ -272,6 +284,7 @@ def create_app(
     sign_rate: SignRate = DEFAULT_SIGN_RATE,
     clock: Callable[[], float] = time.time,
     rate_clock: Callable[[], float] = time.monotonic,
+    cosign: CosignService | None = None,
 ) -> Starlette:
     """``clock``: wall time for token expiry; ``rate_clock``: monotonic time for the buckets."""
     buckets = TokenBuckets(sign_rate.limit(), max_keys=10_000, clock=rate_clock)
@@ -311,6 +324,65 @@ def create_app(
             }
         )
 
+    def cosign_or_404() -> CosignService:
+        if cosign is None:
+            raise OtaError(ErrorCode.NOT_FOUND, "co-signing is not configured on this service")
+        return cosign
+
+    async def cosign_create(request: Request) -> Response:
+        try:
+            who = _requester(request, tokens, clock())
+            cs = cosign_or_404()
+            if who.role == Role.VIEWER:
+                raise OtaError(ErrorCode.FORBIDDEN, f"role {who.role.value!r} may not sign")
+            wait = buckets.take(who.id)
+            if wait > 0:
+                err = OtaError(ErrorCode.RATE_LIMIT, "too many signing requests")
+                return _error(err, {"Retry-After": retry_after_header(wait)})
+            if "json" not in request.headers.get("content-type", ""):
+                raise FormatError(ErrorCode.UNSUPPORTED, "Content-Type must be application/json")
+            body = loads_json(await _read_body(request, max_body))
+            if not isinstance(body, dict) or set(body) != {"requests"}:
+                raise FormatError(ErrorCode.MALFORMED, 'want {"requests": [...]}')
+            items = body["requests"]
+            if not isinstance(items, list):
+                raise FormatError(ErrorCode.MALFORMED, "requests must be a list")
+            reqs = [SigningRequest.from_dict(x) for x in items]
+            created = await run_in_threadpool(cs.create, reqs, who)
+        except OtaError as err:
+            return _error(err)
+        return JSONResponse(created.view())
+
+    async def cosign_get(request: Request) -> Response:
+        try:
+            who = _requester(request, tokens, clock())
+            cs = cosign_or_404()
+            found = await run_in_threadpool(cs.get, request.path_params["rid"], who)
+        except OtaError as err:
+            return _error(err)
+        return JSONResponse(found.view())
+
+    async def cosign_approve(request: Request) -> Response:
+        try:
+            who = _requester(request, tokens, clock())
+            cs = cosign_or_404()
+            if "json" not in request.headers.get("content-type", ""):
+                raise FormatError(ErrorCode.UNSUPPORTED, "Content-Type must be application/json")
+            body = loads_json(await _read_body(request, max_body))
+            digest = body.get("request_digest") if isinstance(body, dict) else None
+            if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise FormatError(
+                    ErrorCode.MALFORMED, 'want {"request_digest": "<64 lowercase hex digits>"}'
+                )
+            done = await run_in_threadpool(
+                cs.approve, request.path_params["rid"], who, bytes.fromhex(digest)
+            )
+        except OtaError as err:
+            if err.code == ErrorCode.INTERNAL:
+                log.error("co-signing failed: %s", err)
+            return _error(err)
+        return JSONResponse(done.view())
+
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -322,6 +394,9 @@ def create_app(
             Route("/v1/sign", sign, methods=["POST"]),
             Route("/v1/public-key", public_key, methods=["GET"]),
             Route("/v1/health", health, methods=["GET"]),
+            Route("/v1/cosign", cosign_create, methods=["POST"]),
+            Route("/v1/cosign/{rid}", cosign_get, methods=["GET"]),
+            Route("/v1/cosign/{rid}/approve", cosign_approve, methods=["POST"]),
         ],
         exception_handlers={404: not_found},
     )

@@ -96,10 +96,15 @@ def copy_and_hash(src: Path, dst: Path, alg: HashAlg) -> tuple[bytes, int]:
 
 
 def check_envelope(
-    envelope: bytes, keys: Sequence[PublicKey], req: SigningRequest, now: int
+    envelope: bytes,
+    keys: Sequence[PublicKey],
+    req: SigningRequest,
+    now: int,
+    min_signers: int = 1,
 ) -> VerifiedManifest:
-    """Verify a freshly signed envelope and that it says exactly what was requested."""
-    vm = verify_envelope(envelope, StaticKeys(list(keys)), now=now)
+    """Verify a freshly signed envelope (``min_signers`` distinct keys of ``keys``) and that it
+    says exactly what was requested."""
+    vm = verify_envelope(envelope, StaticKeys(list(keys), min_signers), now=now)
     info = vm.info
     expected = {
         "vendor_id": req.vendor_id,
@@ -144,29 +149,42 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+SignOne = Callable[[SigningRequest], tuple[bytes, AuditHead]]
+SignBatch = Callable[[Sequence[SigningRequest]], Sequence[tuple[bytes, AuditHead]]]
+
+
 def build_release(
     out: Path,
     image: Path,
     digest_alg: HashAlg,
     make_request: Callable[[bytes, int], SigningRequest],
-    sign: Callable[[SigningRequest], tuple[bytes, AuditHead]],
+    sign: SignOne | None,
     verify_keys: Callable[[], Sequence[PublicKey]],
     now: int,
     *,
-    signed_by: str,
+    signed_by: str | Callable[[], str],
     delta_from: Sequence[Path] = (),
     delta_factor: float = DEFAULT_DELTA_FACTOR,
     patch_uri_prefix: str | None = None,
+    sign_batch: SignBatch | None = None,
+    min_signers: int | Callable[[], int] = 1,
 ) -> ReleaseResult:
-    """Assemble ``out``: copy+hash image → request → sign → verify → summary → rename.
+    """Assemble ``out``: copy+hash image → request → plan deltas → sign → verify → summary →
+    rename.
 
     ``make_request(digest, size)`` builds the request from the copied image's digest;
-    ``sign(request)`` returns (envelope, audit anchor); ``verify_keys()`` gives the keys the
-    envelope must verify with.
+    ``sign(request)`` returns (envelope, audit anchor), called for the full release first and
+    then for each delta; or ``sign_batch(requests)`` signs them all at once (a co-signing
+    request: the officers approve the release and its deltas together). ``verify_keys()``
+    gives the keys the envelopes must verify with, ``min_signers`` of them distinct.
+    ``signed_by`` and ``min_signers`` may be callables, asked after signing (a co-signing
+    request learns its id and threshold from the service).
     """
     out = Path(out)
     if not 0 < delta_factor <= 1:
         raise UsageError(ErrorCode.USAGE, "--delta-factor must be in (0, 1]")
+    if (sign is None) == (sign_batch is None):
+        raise UsageError(ErrorCode.USAGE, "give exactly one of sign and sign_batch")
     if out.exists():
         raise OtaError(ErrorCode.EXISTS, f"{out} already exists; refusing to overwrite a release")
     parent = out.parent if str(out.parent) else Path(".")
@@ -179,9 +197,24 @@ def build_release(
         bases = [load_base(Path(p)) for p in delta_from]  # refuse bad bases before signing
         for b in bases:
             check_same_class(b, req)
-        envelope, audit = sign(req)
+        planned, skipped, xz = (
+            _plan_deltas(tmp, bases, req, delta_factor, patch_uri_prefix) if bases else ([], [], 0)
+        )
+        reqs = [req, *(d.request for d in planned)]
+        if sign_batch is not None:
+            signed = list(sign_batch(reqs))
+        else:
+            assert sign is not None
+            signed = [sign(r) for r in reqs]  # the full release first: deltas refer to it
+        if len(signed) != len(reqs):
+            raise OtaError(ErrorCode.INTERNAL, "signer returned another number of manifests")
+        (envelope, audit), delta_signed = signed[0], signed[1:]
+        if callable(min_signers):
+            min_signers = min_signers()
+        if callable(signed_by):
+            signed_by = signed_by()
         keys = verify_keys()
-        vm = check_envelope(envelope, keys, req, now)
+        vm = check_envelope(envelope, keys, req, now, min_signers)
         _write_file(tmp / MANIFEST_FILE, envelope)
         info = vm.info
         summary: dict[str, Any] = {
@@ -221,8 +254,20 @@ def build_release(
             "fast_forward": req.fast_forward,
         }
         if bases:
+            published = [
+                _write_delta(tmp, d, env, aud, vm, keys, now, min_signers)
+                for d, (env, aud) in zip(planned, delta_signed, strict=True)
+            ]
             summary.update(
-                _sign_deltas(tmp, bases, req, vm, sign, keys, now, delta_factor, patch_uri_prefix)
+                {
+                    "deltas": published,
+                    "deltas_skipped": skipped,
+                    "delta_rule": {
+                        "factor": delta_factor,
+                        "xz_preset": "9e",
+                        "xz_size": xz,
+                    },
+                }
             )
         _write_file(
             tmp / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n"
@@ -238,21 +283,26 @@ def build_release(
     return ReleaseResult(out, summary)
 
 
-def _sign_deltas(
+@dataclass(frozen=True)
+class _PlannedDelta:
+    request: SigningRequest
+    patch: bytes
+    patch_name: str
+    manifest_name: str
+    entry: dict[str, Any]
+
+
+def _plan_deltas(
     tmp: Path,
     bases: Sequence[BaseRelease],
     req: SigningRequest,
-    full: VerifiedManifest,
-    sign: Callable[[SigningRequest], tuple[bytes, AuditHead]],
-    keys: Sequence[PublicKey],
-    now: int,
     factor: float,
     patch_uri_prefix: str | None,
-) -> dict[str, Any]:
-    """Create, judge, sign and write the deltas; the summary's delta part."""
+) -> tuple[list[_PlannedDelta], list[dict[str, Any]], int]:
+    """Create and judge the deltas; the requests of the published ones and the skipped ones."""
     new_image = read_limited(tmp / IMAGE_FILE, MAX_DELTA_IMAGE)
     xz = xz_size(tmp / IMAGE_FILE)
-    published: list[dict[str, Any]] = []
+    planned: list[_PlannedDelta] = []
     skipped: list[dict[str, Any]] = []
     seen: set[bytes] = set()
     for base in bases:
@@ -276,31 +326,41 @@ def _sign_deltas(
             delta_patch_uri=patch_uri_prefix + patch_name if patch_uri_prefix else None,
         )
         dreq.validate()
-        envelope, audit = sign(dreq)
-        vm = check_envelope(envelope, keys, dreq, now)
-        if vm.info.sequence_number != full.info.sequence_number:
-            raise OtaError(
-                ErrorCode.INTERNAL, "delta manifest got another sequence number than its release"
-            )
-        _write_file(tmp / patch_name, plan.patch)
-        _write_file(tmp / manifest_name, envelope)
-        published.append(
-            {
-                **entry,
-                "patch": patch_name,
-                "patch_digest": pdig.hex(),
-                "patch_uri": dreq.delta_patch_uri,
-                "manifest": {
-                    "file": manifest_name,
-                    "size": len(envelope),
-                    "suit_digest": vm.manifest_digest.hex(),
-                    "sha256": hashlib.sha256(envelope).hexdigest(),
-                },
-                "audit": {"seq": audit.seq, "hash": audit.hash},
-            }
+        planned.append(_PlannedDelta(dreq, plan.patch, patch_name, manifest_name, entry))
+    return planned, skipped, xz
+
+
+def _write_delta(
+    tmp: Path,
+    d: _PlannedDelta,
+    envelope: bytes,
+    audit: AuditHead,
+    full: VerifiedManifest,
+    keys: Sequence[PublicKey],
+    now: int,
+    min_signers: int,
+) -> dict[str, Any]:
+    """Check one signed delta manifest, write it with its patch; its summary entry."""
+    dreq = d.request
+    vm = check_envelope(envelope, keys, dreq, now, min_signers)
+    if vm.info.sequence_number != full.info.sequence_number:
+        raise OtaError(
+            ErrorCode.INTERNAL, "delta manifest got another sequence number than its release"
         )
+    _write_file(tmp / d.patch_name, d.patch)
+    _write_file(tmp / d.manifest_name, envelope)
+    assert dreq.delta_patch_digest is not None
     return {
-        "deltas": published,
-        "deltas_skipped": skipped,
-        "delta_rule": {"factor": factor, "xz_preset": "9e", "xz_size": xz},
+        **d.entry,
+        "patch": d.patch_name,
+        "patch_digest": dreq.delta_patch_digest.hex(),
+        "patch_uri": dreq.delta_patch_uri,
+        "manifest": {
+            "file": d.manifest_name,
+            "size": len(envelope),
+            "suit_digest": vm.manifest_digest.hex(),
+            "sha256": hashlib.sha256(envelope).hexdigest(),
+        },
+        "signer_key_ids": [s.key_id.hex() for s in vm.signers],
+        "audit": {"seq": audit.seq, "hash": audit.hash},
     }

@@ -18,7 +18,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +90,49 @@ def _alg_name(alg: HashAlg) -> str:
     return "sha256" if alg == HashAlg.SHA256 else "sha384"
 
 
+def sign_subject(
+    req: SigningRequest,
+    info: ManifestInfo,
+    requester: Requester,
+    key_ids: Sequence[str],
+    manifest_digest: bytes,
+    envelope: bytes,
+) -> dict[str, Any]:
+    """The subject of a ``sign-manifest`` audit record (what :func:`reconcile` replays)."""
+    delta = req.delta
+    return {
+        "class_id": str(req.class_id),
+        "vendor_id": str(info.vendor_id),
+        "vendor": req.vendor,
+        "model": req.model,
+        "hw_rev": req.hw_rev,
+        "version": req.version,
+        "min_version": req.min_version,
+        "security_counter": req.security_counter,
+        "sequence": info.sequence_number,
+        "expires": req.expires,
+        "uri": req.uri,
+        "description": req.description,
+        "digest_alg": _alg_name(info.digest_alg),
+        "image_digest": req.image_digest.hex(),
+        "image_size": req.image_size,
+        "downgrade": req.downgrade,
+        "fast_forward": req.fast_forward,
+        "role": requester.role.value,
+        "key_ids": list(key_ids),
+        "manifest_digest": manifest_digest.hex(),
+        "envelope_sha256": hashlib.sha256(envelope).hexdigest(),
+        "delta": None
+        if delta is None
+        else {
+            "base_digest": delta.base_digest.hex(),
+            "patch_digest": delta.patch_digest.hex(),
+            "patch_size": delta.patch_size,
+            "patch_uri": delta.patch_uri,
+        },
+    }
+
+
 def reconcile(state: SigningState, audit: AuditLog) -> None:
     """Check the audit log against the state's anchor, then replay records the state missed.
 
@@ -151,14 +194,24 @@ def _delta_sequence(tx: StateTxn, req: SigningRequest, class_hex: str) -> int:
 class SigningService:
     def __init__(
         self,
-        signer: Signer,
+        signer: Signer | Sequence[Signer],
         policy: Policy,
         audit_log: AuditLog,
         state: SigningState,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.signer = signer
+        # Several signers = one release carries one signature per key (k-of-n on the
+        # device); the first also seals the audit log and answers /v1/public-key.
+        self.signers: tuple[Signer, ...] = (
+            tuple(signer) if isinstance(signer, Sequence) else (signer,)
+        )
+        if not self.signers:
+            raise OtaError(ErrorCode.USAGE, "the signing service needs a signer")
+        kids = [s.public_key.key_id for s in self.signers]
+        if len(set(kids)) != len(kids):
+            raise OtaError(ErrorCode.DUPLICATE_SIGNER, "the same key is given twice as a signer")
+        self.signer = self.signers[0]
         self.policy = policy
         self.audit = audit_log
         self.state = state
@@ -209,40 +262,10 @@ class SigningService:
                 sequence = _delta_sequence(tx, req, class_hex)
             assert requester is not None
             info = manifest_info(req, sequence)
-            envelope = build_envelope(info, [self.signer])
+            envelope = build_envelope(info, self.signers)
             verified = self._self_check(envelope, info, now)
-            key_ids = tuple(k.key_id.hex() for k in (self.signer.public_key,))
-            subject = {
-                "class_id": class_hex,
-                "vendor_id": str(info.vendor_id),
-                "vendor": req.vendor,
-                "model": req.model,
-                "hw_rev": req.hw_rev,
-                "version": req.version,
-                "min_version": req.min_version,
-                "security_counter": req.security_counter,
-                "sequence": sequence,
-                "expires": req.expires,
-                "uri": req.uri,
-                "description": req.description,
-                "digest_alg": _alg_name(info.digest_alg),
-                "image_digest": req.image_digest.hex(),
-                "image_size": req.image_size,
-                "downgrade": req.downgrade,
-                "fast_forward": req.fast_forward,
-                "role": requester.role.value,
-                "key_ids": list(key_ids),
-                "manifest_digest": verified.hex(),
-                "envelope_sha256": hashlib.sha256(envelope).hexdigest(),
-                "delta": None
-                if delta is None
-                else {
-                    "base_digest": delta.base_digest.hex(),
-                    "patch_digest": delta.patch_digest.hex(),
-                    "patch_size": delta.patch_size,
-                    "patch_uri": delta.patch_uri,
-                },
-            }
+            key_ids = tuple(s.public_key.key_id.hex() for s in self.signers)
+            subject = sign_subject(req, info, requester, key_ids, verified, envelope)
             head = self.audit.append(requester.id, OP_SIGN, subject)
             if delta is None:
                 tx.record_release(
@@ -258,9 +281,11 @@ class SigningService:
         return SignedRelease(envelope, info, verified, key_ids, head)
 
     def _self_check(self, envelope: bytes, info: ManifestInfo, now: int) -> bytes:
-        """Verify what we are about to hand out, with the signer's own public key."""
+        """Verify what we are about to hand out, with the signers' own public keys: every
+        one of them must have signed (threshold = number of signers)."""
+        keys = [s.public_key for s in self.signers]
         try:
-            vm = verify_envelope(envelope, StaticKeys([self.signer.public_key]), now=now)
+            vm = verify_envelope(envelope, StaticKeys(keys, len(keys)), now=now)
         except OtaError as err:
             raise OtaError(
                 ErrorCode.INTERNAL, f"self-check of the new envelope failed: {err}"

@@ -42,6 +42,8 @@ CREATE TABLE IF NOT EXISTS signed_images (
     fields TEXT NOT NULL,
     PRIMARY KEY (class_id, version, image_digest)
 );
+-- co-signing requests (signing/cosign.py): one JSON document each, pending until k approvals
+CREATE TABLE IF NOT EXISTS cosign_requests (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 """
 
 
@@ -114,6 +116,19 @@ class StateTxn:
             (class_id, version, image_digest),
         ).fetchone()
         return None if row is None else (int(row[0]), str(row[1]))
+
+    def cosign_get(self, request_id: str) -> str | None:
+        row = self._db.execute(
+            "SELECT doc FROM cosign_requests WHERE id = ?", (request_id,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def cosign_put(self, request_id: str, doc: str) -> None:
+        self._db.execute(
+            "INSERT INTO cosign_requests(id, doc) VALUES (?, ?)"
+            " ON CONFLICT(id) DO UPDATE SET doc=excluded.doc",
+            (request_id, doc),
+        )
 
     def anchor(self) -> AuditHead | None:
         v = self._get("audit_head")
