@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: all demo test test-vm lint typecheck unit bench soak clean sysdeps venv
+.PHONY: all demo test test-vm lint typecheck unit bench soak fuzz clean sysdeps venv
 
 all: test
 
@@ -23,8 +23,8 @@ sysdeps:
 	@bash scripts/system-deps.sh
 
 lint: venv
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench fuzz
+	$(BIN)/ruff format --check src tests bench fuzz
 
 typecheck: venv
 	$(BIN)/mypy --strict src
@@ -53,6 +53,12 @@ bench: venv sysdeps
 	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/agent.py
 	$(BIN)/python bench/vm.py
+
+# Atheris (libFuzzer) on the CBOR reader, manifest verifier, key-list parser and delta applier:
+# 2.5 million executions per target by default (FUZZ_RUNS), from the committed corpus in
+# fuzz/corpus/; findings land in fuzz/findings/. `python fuzz/run.py --update-corpus` re-minimises.
+fuzz: venv
+	$(BIN)/python fuzz/run.py
 
 soak: venv sysdeps
 	OTAGUARD_SOAK_EXAMPLES=$${OTAGUARD_SOAK_EXAMPLES:-20000} $(BIN)/pytest -q -n $(PYTEST_WORKERS) -m soak tests/test_soak.py

@@ -264,6 +264,7 @@ def test_config_cosign_section(tmp_path: Path) -> None:
     base: dict[str, Any] = {
         "version": 1,
         "signer": {"key_file": "k.key"},
+        "audit_sealer": {"key_file": "audit.key"},
         "audit_log": "a.log",
         "state": "s.sqlite",
         "policy": "policy.json",
@@ -407,13 +408,15 @@ def test_signing_serve_with_officer_keys_in_the_hsm(
         pk = generate_keypair(t.uri(), f"officer-{name}", "ed25519", pin=t.pin, module=t.module)
         pubs.append(tmp_path / f"{name}.pub")
         pubs[-1].write_bytes(pk.to_pem())
+    SoftwareSigner.generate(tmp_path / "release.key", "ed25519", b"correct horse battery")
     SoftwareSigner.generate(tmp_path / "seal.key", "ed25519", b"correct horse battery")
     tokens = {n: new_token() for n in ("ci", "alice", "bob")}
     role = {"ci": "release", "alice": "security-officer", "bob": "security-officer"}
     grants = {n: [{"vendor": "example.com"}] for n in tokens}
     (tmp_path / "policy.json").write_text(json.dumps({"version": 1, "requesters": grants}))
     (tmp_path / "signing.json").write_text(json.dumps({
-        "version": 1, "signer": {"key_file": "seal.key"}, "audit_log": "audit.log",
+        "version": 1, "signer": {"key_file": "release.key"},
+        "audit_sealer": {"key_file": "seal.key"}, "audit_log": "audit.log",
         "state": "state.sqlite", "policy": "policy.json",
         "tokens": [{"sha256": hash_token(tok), "requester": n, "role": role[n]}
                    for n, tok in tokens.items()],

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,44 @@ def keyfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path
     pk = SoftwareSigner.generate(key, "ed25519", PASS.encode())
     pub.write_bytes(pk.to_pem())
     return key, pub
+
+
+@dataclass
+class SealKit:
+    """An audit-sealing key of its own, authorized by a root for the audit role only."""
+
+    key: Path
+    pub: Path
+    root: Path
+    root_pub: Path
+    authorization: Path
+
+    @property
+    def args(self) -> list[str | Path]:  # for release create
+        return ["--audit-seal-key-file", self.key]
+
+    @property
+    def verify(self) -> list[str | Path]:  # for audit verify
+        return ["--seal-authorization", self.authorization, "--root-public", self.root_pub]
+
+
+@pytest.fixture
+def seal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> SealKit:
+    monkeypatch.setenv("OTAGUARD_KEY_PASSPHRASE", PASS)
+    kit = SealKit(
+        tmp_path / "audit.key", tmp_path / "audit.pub.pem", tmp_path / "root.key",
+        tmp_path / "root.pub.pem", tmp_path / "audit-key.auth",
+    )  # fmt: skip
+    for key, pub in ((kit.key, kit.pub), (kit.root, kit.root_pub)):
+        pub.write_bytes(SoftwareSigner.generate(key, "ed25519", PASS.encode()).to_pem())
+    rc, _, err = run(
+        capsys, "keys", "authorize-audit", "--key-file", kit.root, "--public-key", kit.pub,
+        "--vendor", "example.com", "--out", kit.authorization,
+    )  # fmt: skip
+    assert rc == 0, err
+    return kit
 
 
 @pytest.fixture
@@ -100,13 +139,18 @@ def check_release(out: Path, pub: Path, image: Path) -> dict[str, Any]:
 
 
 def test_release_with_software_key(
-    tmp_path: Path, keyfile: tuple[Path, Path], image: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    keyfile: tuple[Path, Path],
+    seal: SealKit,
+    image: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     key, pub = keyfile
     out, log = tmp_path / "rel", tmp_path / "audit.log"
+    state = f"{log}.state.sqlite"
     rc, stdout, _ = run(
         capsys, *release_args(image, out), "--key-file", key, "--alg", "eddsa",
-        "--audit-log", log, "--json",
+        "--audit-log", log, *seal.args, "--json",
     )  # fmt: skip
     assert rc == 0
     summary = check_release(out, pub, image)
@@ -117,14 +161,22 @@ def test_release_with_software_key(
     # the manifest CLI agrees
     rc, stdout, _ = run(capsys, "manifest", "verify", out / "manifest.suit", "--key", pub, "--json")
     assert rc == 0 and json.loads(stdout)["valid"] is True
-    # the audit log verifies, ends with a seal, and holds the signature record
-    rc, stdout, _ = run(capsys, "audit", "verify", log, "--key", pub, "--json")
+    # the audit log verifies against its anchor, ends with a seal by the audit key, and holds
+    # the signature record
+    rc, stdout, _ = run(capsys, "audit", "verify", log, *seal.verify, "--state", state, "--json")
     rep = json.loads(stdout)
-    assert rc == 0 and rep["valid"] and rep["unsealed"] == 0
-    rc, stdout, _ = run(
-        capsys, "audit", "verify", log, "--key", pub, "--state", f"{log}.state.sqlite"
-    )
-    assert rc == 0 and stdout.startswith("OK:")
+    assert rc == 0 and rep["valid"] and rep["unsealed"] == 0 and rep["anchored"] is True
+    assert rep["seal_key_ids"] == [PublicKey.from_pem(seal.pub.read_bytes()).key_id.hex()]
+    rc, stdout, _ = run(capsys, "audit", "verify", log, *seal.verify, "--state", state)
+    assert rc == 0 and stdout.startswith("OK (anchored at ")
+    # without an anchor it is not OK; --unanchored says what it could not check
+    rc, _, err = run(capsys, "audit", "verify", log, *seal.verify)
+    assert rc == 1 and "E_AUDIT_ANCHOR" in err
+    rc, stdout, err = run(capsys, "audit", "verify", log, *seal.verify, "--unanchored")
+    assert rc == 0 and stdout.startswith("OK (UNANCHORED)") and "truncation" in err
+    # the release key does not seal: its public key does not verify the seals
+    rc, _, err = run(capsys, "audit", "verify", log, "--key", pub, "--state", state)
+    assert rc == 1 and "E_AUDIT_SEAL" in err and "untrusted key" in err
     rc, stdout, _ = run(capsys, "audit", "show", log, "--json", "--op", "sign-manifest")
     recs = json.loads(stdout)["records"]
     assert rc == 0 and len(recs) == 1 and recs[0]["seq"] == summary["audit"]["seq"]
@@ -134,13 +186,15 @@ def test_release_with_software_key(
 
     # the same version again is refused; nothing is left behind
     out2 = tmp_path / "rel2"
-    rc, _, err = run(capsys, *release_args(image, out2), "--key-file", key, "--audit-log", log)
+    rc, _, err = run(
+        capsys, *release_args(image, out2), "--key-file", key, "--audit-log", log, *seal.args
+    )
     assert rc == 1 and "E_DOWNGRADE" in err
     assert not out2.exists() and not list(tmp_path.glob(".rel2.tmp-*"))
     # an existing release directory is never overwritten
     rc, _, err = run(
         capsys, *release_args(image, out, version="1.5.0"), "--key-file", key,
-        "--audit-log", log,
+        "--audit-log", log, *seal.args,
     )  # fmt: skip
     assert rc == 1 and "E_EXISTS" in err
 
@@ -149,7 +203,7 @@ def test_release_with_software_key(
     idx = summary["audit"]["seq"]
     lines[idx] = lines[idx].replace(b'"version":"1.4.0"', b'"version":"1.4.1"')
     log.write_bytes(b"".join(lines))
-    rc, stdout, _ = run(capsys, "audit", "verify", log, "--key", pub, "--json")
+    rc, stdout, _ = run(capsys, "audit", "verify", log, *seal.verify, "--state", state, "--json")
     bad = json.loads(stdout)
     assert rc == 1 and bad == {
         "valid": False,
@@ -157,35 +211,123 @@ def test_release_with_software_key(
         "record": idx,
         "detail": bad["detail"],
     }
-    rc, _, err = run(capsys, "audit", "verify", log, "--key", pub)
+    rc, _, err = run(capsys, "audit", "verify", log, *seal.verify, "--unanchored")
     assert rc == 1 and "E_AUDIT_CHAIN" in err and f"record {idx}" in err
     # and the next local signing refuses to chain onto a tampered log
     rc, _, err = run(
         capsys, *release_args(image, tmp_path / "rel3", version="2.0.0"), "--key-file", key,
-        "--audit-log", log,
+        "--audit-log", log, *seal.args,
     )  # fmt: skip
     assert rc == 1 and "E_AUDIT_CHAIN" in err
 
 
-def test_audit_verify_truncated_and_unsealed(
-    tmp_path: Path, keyfile: tuple[Path, Path], image: Path, capsys: pytest.CaptureFixture[str]
+def test_the_release_key_never_seals(
+    tmp_path: Path,
+    keyfile: tuple[Path, Path],
+    seal: SealKit,
+    image: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """Regression (hardening issue): seals used to be made by the firmware signing key."""
     key, pub = keyfile
     log = tmp_path / "audit.log"
-    rc, _, _ = run(
+    # the release key named as the sealing key: refused before anything is signed or written
+    rc, _, err = run(
+        capsys, *release_args(image, tmp_path / "r"), "--key-file", key, "--audit-log", log,
+        "--audit-seal-key-file", key,
+    )  # fmt: skip
+    assert rc == 1 and "E_CONFIG" in err
+    assert not (tmp_path / "r").exists() and not log.exists()
+    # no sealing key: the records are chained but unsealed (never sealed by the release key)
+    rc, _, err = run(
         capsys, *release_args(image, tmp_path / "r"), "--key-file", key, "--audit-log", log
     )
+    assert rc == 0 and "not sealed" in err
+    rc, stdout, _ = run(
+        capsys, "audit", "verify", log, "--key", pub, "--unanchored", "--allow-unsealed-tail",
+        "--json",
+    )  # fmt: skip
+    rep = json.loads(stdout)
+    assert rc == 0 and rep["seals"] == 0 and rep["seal_key_ids"] == []
+    # an authorization for a firmware key is not an audit-key authorization
+    fw_auth = tmp_path / "fw.auth"
+    rc, _, _ = run(
+        capsys, "keys", "authorize", "--key-file", seal.root, "--public-key", pub,
+        "--vendor", "example.com", "--keylist", tmp_path / "kl.cose", "--out", fw_auth,
+    )  # fmt: skip
+    assert rc == 0
+    rc, _, err = run(
+        capsys, "audit", "verify", log, "--seal-authorization", fw_auth,
+        "--root-public", seal.root_pub, "--unanchored",
+    )  # fmt: skip
+    assert rc == 1 and "E_KEY_ROLE" in err
+    # and an audit authorization checked against another root is refused
+    rc, _, err = run(
+        capsys, "audit", "verify", log, "--seal-authorization", seal.authorization,
+        "--root-public", pub, "--unanchored",
+    )  # fmt: skip
+    assert rc == 1 and "E_UNTRUSTED_KEY" in err
+    # keys authorize refuses to put an audit key into the device key list
+    rc, _, err = run(
+        capsys, "keys", "authorize", "--key-file", seal.root, "--public-key", seal.pub,
+        "--vendor", "example.com", "--keylist", tmp_path / "kl.cose", "--roles", "audit",
+    )  # fmt: skip
+    assert rc == 2 and "authorize-audit" in err
+
+
+def test_seal_outside_the_audit_keys_validity_is_refused(
+    tmp_path: Path,
+    keyfile: tuple[Path, Path],
+    seal: SealKit,
+    image: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    key, _ = keyfile
+    log = tmp_path / "audit.log"
+    rc, _, _ = run(
+        capsys, *release_args(image, tmp_path / "r"), "--key-file", key, "--audit-log", log,
+        *seal.args,
+    )  # fmt: skip
+    assert rc == 0
+    late = tmp_path / "late.auth"  # the same key, authorized only from 2100 on
+    rc, _, _ = run(
+        capsys, "keys", "authorize-audit", "--key-file", seal.root, "--public-key", seal.pub,
+        "--vendor", "example.com", "--not-before", "2100-01-01T00:00:00Z", "--out", late,
+    )  # fmt: skip
+    assert rc == 0
+    rc, _, err = run(
+        capsys, "audit", "verify", log, "--seal-authorization", late,
+        "--root-public", seal.root_pub, "--unanchored",
+    )  # fmt: skip
+    assert rc == 1 and "E_KEY_EXPIRED" in err
+
+
+def test_audit_verify_truncated_and_unsealed(
+    tmp_path: Path,
+    keyfile: tuple[Path, Path],
+    seal: SealKit,
+    image: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    key, _ = keyfile
+    log = tmp_path / "audit.log"
+    rc, _, _ = run(
+        capsys, *release_args(image, tmp_path / "r"), "--key-file", key, "--audit-log", log,
+        *seal.args,
+    )  # fmt: skip
     assert rc == 0
     lines = log.read_bytes().splitlines(keepends=True)
     log.write_bytes(b"".join(lines[:-1]))  # drop the closing seal
-    rc, stdout, _ = run(capsys, "audit", "verify", log, "--key", pub, "--json")
+    rc, stdout, _ = run(capsys, "audit", "verify", log, *seal.verify, "--unanchored", "--json")
     rep = json.loads(stdout)
     assert rc == 1 and rep["error"] == "E_AUDIT_SEAL" and rep["record"] == 0
-    rc, stdout, err = run(capsys, "audit", "verify", log, "--key", pub, "--allow-unsealed-tail")
+    rc, stdout, err = run(
+        capsys, "audit", "verify", log, *seal.verify, "--unanchored", "--allow-unsealed-tail"
+    )
     assert rc == 0 and "E_AUDIT_SEAL" in err
     # the state DB's anchor says the seal existed: truncation is an error even when allowed
     rc, stdout, _ = run(
-        capsys, "audit", "verify", log, "--key", pub, "--allow-unsealed-tail", "--json",
+        capsys, "audit", "verify", log, *seal.verify, "--allow-unsealed-tail", "--json",
         "--state", f"{log}.state.sqlite",
     )  # fmt: skip
     assert rc == 1 and json.loads(stdout)["error"] == "E_AUDIT_SEAL"
@@ -229,18 +371,25 @@ def test_release_with_softhsm_key(
     pub = tmp_path / "hsm.pub.pem"
     pub.write_bytes(pk.to_pem())
     monkeypatch.setenv("OTAGUARD_PKCS11_PIN", t.pin)
+    audit_pub = tmp_path / "audit.pub.pem"
+    audit_pub.write_bytes(
+        generate_keypair(t.label, "audit-2026", "ed25519", pin=t.pin, module=t.module).to_pem()
+    )
     out, log = tmp_path / "rel", tmp_path / "audit.log"
     rc, _, err = run(
         capsys, *release_args(image, out), "--pkcs11-uri", t.uri("release-2026"),
         "--pkcs11-module", t.module, "--alg", "es256", "--audit-log", log,
+        "--audit-seal-pkcs11-uri", t.uri("audit-2026"),
     )  # fmt: skip
     assert rc == 0, err
     check_release(out, pub, image)
     pycose_check_envelope((out / "manifest.suit").read_bytes(), pk)
     rc, stdout, _ = run(capsys, "manifest", "verify", out / "manifest.suit", "--key", pub, "--json")
     assert rc == 0 and json.loads(stdout)["valid"] is True
-    rc, _, _ = run(capsys, "audit", "verify", log, "--key", pub)
-    assert rc == 0  # the HSM key also sealed the audit log
+    rc, _, err = run(
+        capsys, "audit", "verify", log, "--key", audit_pub, "--state", f"{log}.state.sqlite"
+    )
+    assert rc == 0, err  # the HSM's audit key sealed the audit log
 
 
 def test_release_via_signing_service(
@@ -276,8 +425,12 @@ def test_release_via_signing_service(
     )
     assert vm.info.sequence_number == summary["sequence"]
     s.service.close()
-    rc, _, _ = run(capsys, "audit", "verify", s.log_path, "--key", pub)
-    assert rc == 0
+    seal_pub = tmp_path / "seal.pub.pem"
+    seal_pub.write_bytes(s.sealer.public_key.to_pem())
+    rc, _, err = run(
+        capsys, "audit", "verify", s.log_path, "--key", seal_pub, "--state", s.state_path
+    )
+    assert rc == 0, err
 
 
 def test_signing_serve_subprocess(
@@ -289,6 +442,10 @@ def test_signing_serve_subprocess(
     pk = SoftwareSigner.generate(key, "ed25519", PASS.encode())
     pub = tmp_path / "svc.pub.pem"
     pub.write_bytes(pk.to_pem())
+    seal_pub = tmp_path / "seal.pub.pem"
+    seal_pub.write_bytes(
+        SoftwareSigner.generate(tmp_path / "seal.key", "ed25519", PASS.encode()).to_pem()
+    )
     exe = [sys.executable, "-m", "otaguard.cli.main"]
     tok = subprocess.run(
         [*exe, "signing", "token", "--requester", "ci"],
@@ -305,6 +462,7 @@ def test_signing_serve_subprocess(
             {
                 "version": 1,
                 "signer": {"key_file": "svc.key"},
+                "audit_sealer": {"key_file": "seal.key"},
                 "audit_log": "audit.log",
                 "state": "state.sqlite",
                 "policy": "policy.json",
@@ -349,8 +507,36 @@ def test_signing_serve_subprocess(
     finally:
         proc.terminate()
         proc.wait(20)
-    rc, _, err = run(capsys, "audit", "verify", tmp_path / "audit.log", "--key", pub)
+    rc, _, err = run(
+        capsys, "audit", "verify", tmp_path / "audit.log", "--key", seal_pub,
+        "--state", tmp_path / "state.sqlite",
+    )  # fmt: skip
     assert rc == 0, err
+    # the release key is not the sealer
+    rc, _, err = run(
+        capsys, "audit", "verify", tmp_path / "audit.log", "--key", pub, "--unanchored"
+    )
+    assert rc == 1 and "E_AUDIT_SEAL" in err
+
+
+def test_signing_serve_refuses_its_signing_key_as_sealer(tmp_path: Path) -> None:
+    env = {**os.environ, "OTAGUARD_KEY_PASSPHRASE": PASS}
+    SoftwareSigner.generate(tmp_path / "svc.key", "ed25519", PASS.encode())
+    (tmp_path / "policy.json").write_text(json.dumps({"version": 1, "requesters": {}}))
+    cfg = {
+        "version": 1, "signer": {"key_file": "svc.key"}, "audit_log": "audit.log",
+        "state": "state.sqlite", "policy": "policy.json", "tokens": [],
+    }  # fmt: skip
+    for sealer, code in ((None, "E_MALFORMED"), ({"key_file": "svc.key"}, "E_CONFIG")):
+        body = dict(cfg) if sealer is None else {**cfg, "audit_sealer": sealer}
+        (tmp_path / "signing.json").write_text(json.dumps(body))
+        proc = subprocess.run(
+            [sys.executable, "-m", "otaguard.cli.main", "signing", "serve",
+             "--config", tmp_path / "signing.json", "--port", "0"],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 1 and code in proc.stderr, proc.stderr
+        assert not (tmp_path / "audit.log").exists()
 
 
 def test_parse_expires() -> None:

@@ -31,9 +31,10 @@ from otaguard.device.layout import LayoutConfig
 from otaguard.device.updater import Updater, install_identity, write_identity_files
 from otaguard.errors import ErrorCode, OtaError
 from otaguard.server import store
-from otaguard.server.app import TrustState
+from otaguard.server.app import ServerSettings, TrustState
 from otaguard.server.ca import FleetCA
 from otaguard.server.enroll import Enrollment
+from otaguard.server.ratelimit import RateLimit
 from tests.pg import Harness, db_url, fleet_ca, harness, pg_cluster, server_tls  # noqa: F401
 
 N = 20
@@ -96,7 +97,14 @@ def test_incident_key_compromise_rotation_and_patch(
     sim = SimClock(lab.now)
     monkeypatch.setattr(store, "now_s", lambda: int(sim.now()))
     trust = TrustState(lab.bundle.store())
-    with harness(db_url, fleet_ca, server_tls, tmp_path, trust=trust) as h:
+    sealer = new_key()  # the server's audit-sealing key (an HSM key in production)
+    settings = ServerSettings(
+        ca_cert=fleet_ca.cert,
+        device_rate=RateLimit(rate=1000.0, burst=1000),
+        ip_rate=RateLimit(rate=10000.0, burst=10000),
+        audit_sealer=sealer,
+    )
+    with harness(db_url, fleet_ca, server_tls, tmp_path, trust=trust, settings=settings) as h:
         fleet: list[Updater] = []
         enrollments: list[Enrollment] = []
         for i in range(N):
@@ -210,14 +218,43 @@ def test_incident_key_compromise_rotation_and_patch(
         warn = officer("status", "--warn-days", "400", "--json")["expiry_warnings"]
         assert [w["kid"] for w in warn] == [b_kid] and 290 < warn[0]["days_left"] < 300
         # every action is in the audit log, chained, and matches the DB history
+        from otaguard.server.rotation import audit_anchor
         from otaguard.signing.audit import read_records, verify_log
 
         log = h.srv.rotation_audit  # type: ignore[attr-defined]
-        verify_log(log.path, [], allow_unsealed_tail=True)
+        with h.db.read() as conn:
+            anchor = audit_anchor(conn)
+        assert anchor is not None
+        # sealed after every action by the server's audit key, and anchored in the database
+        rep = verify_log(log.path, [sealer.public_key], expect_head=anchor)
+        assert rep.seals == 3 and rep.seal_key_ids == [sealer.public_key.key_id.hex()]
         recs = {r.seq: r for r in read_records(log.path)}
         for ev in st["history"]:
             assert recs[ev["audit_seq"]].hash == ev["audit_hash"]
             assert recs[ev["audit_seq"]].op == f"rotation-{ev['action']}"
+        # an insider cuts the log back to an earlier seal: it still verifies on its own, but
+        # not against the database's anchor
+        cut = tmp_path / "cut.log"
+        lines = log.path.read_bytes().splitlines(keepends=True)
+        cut.write_bytes(b"".join(lines[: st["history"][1]["audit_seq"] + 2]))
+        assert verify_log(cut, [sealer.public_key]).seals == 2
+        with pytest.raises(OtaError) as cut_err:
+            verify_log(cut, [sealer.public_key], expect_head=anchor)
+        assert cut_err.value.code is ErrorCode.AUDIT_SEAL
+        # and a seal by any other key (say, a release key) is refused
+        with pytest.raises(OtaError) as other:
+            verify_log(log.path, [key_a.public_key], expect_head=anchor)
+        assert other.value.code is ErrorCode.AUDIT_SEAL
+        # the CLI takes the same anchor from the server's database
+        seal_pem = tmp_path / "seal.pub.pem"
+        seal_pem.write_bytes(sealer.public_key.to_pem())
+        for path, ok in ((log.path, True), (cut, False)):
+            res = CliRunner().invoke(
+                cli, ["audit", "verify", str(path), "--key", str(seal_pem),
+                      "--server-db-url", db_url],
+            )  # fmt: skip
+            assert (res.exit_code == 0) is ok, res.output
+            assert ("OK (anchored at" in res.output) is ok
         # --- the gone devices come back: v3 is root-signed, so they recover on their own ---
         for i in GONE:
             r = fleet[i].poll_once()

@@ -106,8 +106,11 @@ class Service:
             grants={"ci": (Grant("example.com", "thermo"),), "officer": (Grant("example.com"),)}
         )
         self.log_path = tmp / "audit.log"
-        log = AuditLog.open(self.log_path, self.signer, seal_every=2)
-        self.service = SigningService(self.signer, policy, log, SigningState(tmp / "st.sqlite"))
+        self.state_path = tmp / "st.sqlite"
+        # seals come from a key of their own, as `signing serve` requires
+        self.sealer = SoftwareSigner(ed25519.Ed25519PrivateKey.generate())
+        log = AuditLog.open(self.log_path, self.sealer, seal_every=2)
+        self.service = SigningService(self.signer, policy, log, SigningState(self.state_path))
         self.app = create_app(
             self.service,
             table,

@@ -231,6 +231,7 @@ def write_config(tmp: Path, **over: Any) -> Path:
     cfg: dict[str, Any] = {
         "version": 1,
         "signer": {"key_file": "svc.key"},
+        "audit_sealer": {"key_file": "seal.key"},
         "audit_log": "audit.log",
         "state": "state.sqlite",
         "policy": "policy.json",

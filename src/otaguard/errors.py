@@ -55,6 +55,7 @@ class ErrorCode(StrEnum):
     FORBIDDEN = "E_FORBIDDEN"  # credential valid but role insufficient
     AUDIT_CHAIN = "E_AUDIT_CHAIN"  # audit record edited/removed/reordered
     AUDIT_SEAL = "E_AUDIT_SEAL"  # seal signature invalid or tail truncated after a seal
+    AUDIT_ANCHOR = "E_AUDIT_ANCHOR"  # verification asked to say OK without an anchor
     # --- device ------------------------------------------------------------------------------
     FLASH = "E_FLASH"  # flash read/program/erase failure
     POWER_CUT = "E_POWER_CUT"  # injected power loss (simulation only)
@@ -68,7 +69,7 @@ class ErrorCode(StrEnum):
     TRANSPORT = "E_TRANSPORT"  # network/file transport failure
     WATCHDOG = "E_WATCHDOG"  # test-booted image not confirmed within N boots; reverted
     WOULD_BRICK = "E_WOULD_BRICK"  # unused since the key-list check was dropped; never reused
-    CONFIG = "E_CONFIG"  # device agent configuration missing, unreadable or invalid
+    CONFIG = "E_CONFIG"  # configuration missing, unreadable or invalid (agent, services)
     SLOT_DEVICE = "E_SLOT_DEVICE"  # a slot's block device is missing or unusable
     BOOT_ENV = "E_BOOT_ENV"  # bootloader environment unreadable in every copy, or not ours
     REBOOT = "E_REBOOT"  # the agent asked the system to reboot (not a failure)

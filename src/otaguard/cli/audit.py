@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ from ..crypto.keys import PublicKey
 from ..errors import AuditError, ErrorCode, UsageError
 from ..fsutil import read_limited
 from ..signing.audit import AuditHead, read_records, verify_log
+from ..signing.audit_key import audit_key, seal_window_check
 from ..signing.state import SigningState
+from ..trust.documents import MAX_AUTHORIZATION
 
 MAX_PEM = 16 * 1024
 
@@ -31,12 +34,25 @@ def _iso(t: int) -> str:
 @audit.command("verify")
 @click.argument("log", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
+    "--seal-authorization",
+    "authorizations",
+    type=click.Path(dir_okay=False, path_type=Path),
+    multiple=True,
+    help="Root-signed audit-key authorization ('keys authorize-audit'); needs --root-public. "
+    "Repeat for rotated keys.",
+)
+@click.option(
+    "--root-public",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The fleet's root public key (PEM) the authorizations are checked against.",
+)
+@click.option(
     "--key",
     "keys",
     type=click.Path(dir_okay=False, path_type=Path),
     multiple=True,
-    required=True,
-    help="Trusted seal public key (PEM); repeat for rotated keys.",
+    help="A bare seal public key (PEM) whose role nobody vouched for; prefer "
+    "--seal-authorization. Repeat for rotated keys.",
 )
 @click.option(
     "--allow-unsealed-tail",
@@ -49,29 +65,64 @@ def _iso(t: int) -> str:
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="Signing state DB whose recorded audit head is used as the anchor.",
 )
+@click.option(
+    "--server-db-url",
+    metavar="URL",
+    help="Update-server database whose rotation history anchors a rotation audit log.",
+)
+@click.option(
+    "--server-data-dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Same, for a server on its default SQLite database in this data directory.",
+)
+@click.option(
+    "--unanchored",
+    is_flag=True,
+    help="Check chain and seals without an anchor (cannot detect truncation back to a seal).",
+)
 @click.option("--json", "as_json", is_flag=True)
 def verify_cmd(
     log: Path,
+    authorizations: tuple[Path, ...],
+    root_public: Path | None,
     keys: tuple[Path, ...],
     allow_unsealed_tail: bool,
     expect_head: str | None,
     state: Path | None,
+    server_db_url: str | None,
+    server_data_dir: Path | None,
+    unanchored: bool,
     as_json: bool,
 ) -> None:
-    """Check every hash link and seal of LOG; exit 1 naming the first bad record."""
-    trusted = [PublicKey.from_pem(read_limited(k, MAX_PEM)) for k in keys]
-    if expect_head and state:
-        raise UsageError(ErrorCode.USAGE, "give --expect-head or --state, not both")
-    anchor = AuditHead.parse(expect_head) if expect_head else None
-    if state is not None:
-        st = SigningState(state)
-        try:
-            anchor, _ = st.snapshot()
-        finally:
-            st.close()
+    """Check every hash link and seal of LOG against an anchor; exit 1 naming the first bad
+    record.
+
+    A log can be cut back to an earlier seal and still verify on its own, so OK needs an anchor
+    kept outside the log: --expect-head, the signing service's --state, or the server's rotation
+    history (--server-db-url / --server-data-dir). --unanchored checks the rest and says so.
+    """
+    trusted, check_key = _seal_keys(authorizations, root_public, keys)
+    sources = [x for x in (expect_head, state, server_db_url, server_data_dir) if x]
+    if len(sources) > 1:
+        raise UsageError(ErrorCode.USAGE, "give one anchor source, not several")
+    if unanchored and sources:
+        raise UsageError(ErrorCode.USAGE, "--unanchored contradicts the anchor given")
+    if not sources and not unanchored:
+        raise AuditError(
+            ErrorCode.AUDIT_ANCHOR,
+            "no anchor: a log truncated back to a seal verifies on its own; give "
+            "--expect-head, --state or --server-db-url/--server-data-dir (or --unanchored)",
+        )
+    anchor = _anchor(expect_head, state, server_db_url, server_data_dir)
+    if sources and anchor is None:
+        raise AuditError(ErrorCode.AUDIT_ANCHOR, "the anchor source holds no audit head yet")
     try:
         report = verify_log(
-            log, trusted, allow_unsealed_tail=allow_unsealed_tail, expect_head=anchor
+            log,
+            trusted,
+            allow_unsealed_tail=allow_unsealed_tail,
+            expect_head=anchor,
+            check_seal_key=check_key,
         )
     except AuditError as err:
         if as_json:
@@ -84,16 +135,71 @@ def verify_cmd(
             )  # fmt: skip
             click.get_current_context().exit(1)
         raise
-    out: dict[str, Any] = {"valid": True, **report.to_dict()}
+    out: dict[str, Any] = {
+        "valid": True,
+        "anchored": anchor is not None,
+        "anchor": str(anchor) if anchor is not None else None,
+        **report.to_dict(),
+    }
     if as_json:
         click.echo(json.dumps(out, indent=2, sort_keys=True))
         return
+    verdict = f"OK (anchored at {anchor})" if anchor is not None else "OK (UNANCHORED)"
     click.echo(
-        f"OK: {report.records} records, {report.seals} seals, head {report.head}, "
+        f"{verdict}: {report.records} records, {report.seals} seals, head {report.head}, "
         f"sealed by {', '.join(report.seal_key_ids) or 'nobody'}"
     )
+    if anchor is None:
+        click.echo("WARNING: no anchor: truncation back to a seal would not be detected", err=True)
     for w in report.warnings:
         click.echo(f"WARNING {ErrorCode.AUDIT_SEAL.value}: {w}", err=True)
+
+
+def _seal_keys(
+    authorizations: tuple[Path, ...], root_public: Path | None, keys: tuple[Path, ...]
+) -> tuple[list[PublicKey], Callable[[PublicKey, int], None] | None]:
+    if authorizations and root_public is None:
+        raise UsageError(ErrorCode.USAGE, "--seal-authorization needs --root-public")
+    if not authorizations and not keys:
+        raise UsageError(ErrorCode.USAGE, "give --seal-authorization (with --root-public) or --key")
+    trusted = [PublicKey.from_pem(read_limited(k, MAX_PEM)) for k in keys]
+    check = None
+    if authorizations:
+        assert root_public is not None
+        root = PublicKey.from_pem(read_limited(root_public, MAX_PEM))
+        audit_keys = [audit_key(read_limited(a, MAX_AUTHORIZATION), root) for a in authorizations]
+        trusted += [k.key for k in audit_keys]
+        check = seal_window_check(audit_keys)
+    return trusted, check
+
+
+def _anchor(
+    expect_head: str | None,
+    state: Path | None,
+    server_db_url: str | None,
+    server_data_dir: Path | None,
+) -> AuditHead | None:
+    if expect_head:
+        return AuditHead.parse(expect_head)
+    if state is not None:
+        st = SigningState(state)
+        try:
+            head, _ = st.snapshot()
+        finally:
+            st.close()
+        return head
+    if server_db_url or server_data_dir:
+        from ..server.db import Database, sqlite_url
+        from ..server.rotation import audit_anchor
+
+        url = server_db_url or sqlite_url((server_data_dir or Path(".")) / "otaguard.db")
+        db = Database(url)
+        try:
+            with db.read() as conn:
+                return audit_anchor(conn)
+        finally:
+            db.dispose()
+    return None
 
 
 def _subject_summary(op: str, s: dict[str, Any]) -> str:

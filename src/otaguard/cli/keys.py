@@ -331,6 +331,11 @@ def authorize(
         role_set = frozenset(Role(r.strip()) for r in roles.split(",") if r.strip())
     except ValueError:
         raise UsageError(ErrorCode.USAGE, f"unknown role in {roles!r}") from None
+    if Role.AUDIT in role_set:
+        raise UsageError(
+            ErrorCode.USAGE,
+            "audit keys never go into the device key list: use 'keys authorize-audit'",
+        )
     vid = vendor_id(vendor)
     cids = set()
     for c in classes:
@@ -406,6 +411,72 @@ def _set_threshold(root: Signer, keylist: Path, threshold: int, as_json: bool) -
             "keylist_version": kl.version,
             "threshold": kl.threshold,
             "previous_threshold": previous.threshold,
+        },
+        as_json,
+    )
+
+
+@keys.command("authorize-audit")
+@signer_options
+@click.option(
+    "--public-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="The audit-sealing key to authorize (PEM).",
+)
+@click.option("--vendor", required=True, help="Vendor DNS domain, e.g. hvac.example.com.")
+@click.option("--valid-days", type=click.IntRange(1, 3660), default=730, show_default=True)
+@click.option("--not-before", metavar="ISO8601", help="Start of validity (default: now).")
+@click.option("--name", default="", help="Human label, e.g. audit-2026.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write the authorization (give it to 'audit verify --seal-authorization').",
+)
+@click.option("--json", "as_json", is_flag=True)
+def authorize_audit(
+    pkcs11_uri: str | None,
+    pkcs11_module: str | None,
+    key_file: Path | None,
+    alg_name: str | None,
+    public_key: Path,
+    vendor: str,
+    valid_days: int,
+    not_before: str | None,
+    name: str,
+    out: Path,
+    as_json: bool,
+) -> None:
+    """Root-sign an audit-sealing key's authorization (audit role only; no device sees it).
+
+    Seals are made by this key, never by a firmware key, so that whoever can make the release
+    key sign still cannot re-seal a rewritten audit history.
+    """
+    from ..manifest.ids import vendor_id
+
+    key = _load_public(public_key)
+    root = load_signer(pkcs11_uri, pkcs11_module, key_file, alg_name)
+    if key.key_id == root.public_key.key_id:
+        raise UsageError(ErrorCode.USAGE, "the root key cannot be its own audit-sealing key")
+    nbf = _parse_time(not_before, _now())
+    auth = issue_authorization(
+        root,
+        key,
+        roles=frozenset({Role.AUDIT}),
+        scopes=[Scope(vendor_id(vendor))],
+        not_before=nbf,
+        not_after=nbf + valid_days * 86400,
+        name=name,
+        issued_at=_now(),
+    )
+    atomic_write(out, auth)
+    emit(
+        {
+            "kid": key.key_id.hex(),
+            "authorization": str(out),
+            "roles": [Role.AUDIT.value],
+            "not_after": _iso(nbf + valid_days * 86400),
         },
         as_json,
     )

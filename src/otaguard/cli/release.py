@@ -17,17 +17,19 @@ from typing import Any
 import click
 
 from ..crypto.algorithms import HashAlg, hash_alg
+from ..crypto.cose import Signer
 from ..crypto.keys import PublicKey
 from ..errors import ErrorCode, UsageError
 from ..fsutil import read_limited
 from ..signing.audit import DEFAULT_SEAL_EVERY, AuditHead, AuditLog
+from ..signing.audit_key import check_separate
 from ..signing.client import TOKEN_ENV, SigningClient
 from ..signing.policy import Policy, Requester, Role, SigningRequest
 from ..signing.release import build_release, parse_expires
 from ..signing.release_deltas import DEFAULT_DELTA_FACTOR
 from ..signing.service import SigningService
 from ..signing.state import SigningState
-from .common import close_signers, emit, load_signers, multi_signer_options
+from .common import close_signers, emit, load_signer, load_signers, multi_signer_options
 from .cosign_flow import CosignFlow
 
 MAX_PEM = 16 * 1024
@@ -37,6 +39,19 @@ MAX_POLICY = 256 * 1024
 @click.group()
 def release() -> None:
     """Create signed releases (SUIT manifest + image + summary)."""
+
+
+def _audit_sealer(
+    pkcs11_uri: str | None, pkcs11_module: str | None, key_file: Path | None
+) -> Signer | None:
+    if not pkcs11_uri and key_file is None:
+        click.echo(
+            "WARNING: no audit-sealing key (--audit-seal-pkcs11-uri): the audit records of "
+            "this run are hash-chained but not sealed",
+            err=True,
+        )
+        return None
+    return load_signer(pkcs11_uri, pkcs11_module, key_file, None)
 
 
 def _summary_text(s: dict[str, Any]) -> str:
@@ -139,6 +154,16 @@ def _summary_text(s: dict[str, Any]) -> str:
 @click.option("--requester", help="Requester id for the local policy (default local:$USER).")
 @click.option("--seal-every", type=click.IntRange(min=1), default=DEFAULT_SEAL_EVERY)
 @click.option(
+    "--audit-seal-pkcs11-uri",
+    metavar="URI",
+    help="HSM key that seals the local audit log ('keys authorize-audit'); never a release key.",
+)
+@click.option(
+    "--audit-seal-key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Development only: an encrypted key file that seals the local audit log.",
+)
+@click.option(
     "--delta-from",
     type=click.Path(file_okay=False, exists=True, path_type=Path),
     multiple=True,
@@ -184,6 +209,8 @@ def create(
     policy: Path | None,
     requester: str | None,
     seal_every: int,
+    audit_seal_pkcs11_uri: str | None,
+    audit_seal_key_file: Path | None,
     delta_from: tuple[Path, ...],
     delta_factor: float,
     patch_uri_prefix: str | None,
@@ -227,6 +254,8 @@ def create(
 
     if (cosign or cosign_id) and not signing_url:
         raise UsageError(ErrorCode.USAGE, "--cosign/--cosign-id need --signing-url")
+    if signing_url and (audit_seal_pkcs11_uri or audit_seal_key_file):
+        raise UsageError(ErrorCode.USAGE, "--signing-url: the service seals its own audit log")
     if signing_url and (pkcs11_uris or key_files or audit_log or policy or state):
         raise UsageError(
             ErrorCode.USAGE,
@@ -289,10 +318,14 @@ def create(
             if policy is not None
             else Policy.allow_all(who.id)
         )
+        sealer = _audit_sealer(audit_seal_pkcs11_uri, pkcs11_module, audit_seal_key_file)
+        if sealer is not None:
+            check_separate(sealer.public_key, [s.public_key for s in signers])
         st = SigningState(state or audit_log.with_name(audit_log.name + ".state.sqlite"))
         try:
-            # the first key seals the audit log (audit verify --key takes its public key)
-            log = AuditLog.open(audit_log, signers[0], seal_every=seal_every)
+            # A key of its own seals the log (never a release key: whoever can make that sign
+            # could re-seal a rewritten history); without one the records stay unsealed.
+            log = AuditLog.open(audit_log, sealer, seal_every=seal_every)
             service = SigningService(signers, pol, log, st)
             try:
 
@@ -316,7 +349,7 @@ def create(
                 service.close()  # seals the audit log: a closed log ends with a seal
         finally:
             st.close()
-            close_signers(signers)
+            close_signers([*signers, *([sealer] if sealer is not None else [])])
     if result.summary.get("downgrade"):
         click.echo("WARNING: this release is an authorized version DOWNGRADE", err=True)
     if result.summary.get("fast_forward"):

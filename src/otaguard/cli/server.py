@@ -45,6 +45,18 @@ def server() -> None:
 @click.option("--device-burst", default=30, show_default=True, type=int)
 @click.option("--ip-rate", default=200.0, show_default=True, type=float)
 @click.option("--ip-burst", default=1000, show_default=True, type=int)
+@click.option(
+    "--audit-seal-pkcs11-uri",
+    metavar="URI",
+    help="HSM key that seals the rotation audit log (authorized by 'keys authorize-audit'; "
+    "PIN from $OTAGUARD_PKCS11_PIN).",
+)
+@click.option("--audit-seal-pkcs11-module", metavar="PATH", help="PKCS#11 module for it.")
+@click.option(
+    "--audit-seal-key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Development only: an encrypted key file instead of the HSM key.",
+)
 def run(
     data_dir: Path,
     db_url: str | None,
@@ -63,11 +75,21 @@ def run(
     device_burst: int,
     ip_rate: float,
     ip_burst: int,
+    audit_seal_pkcs11_uri: str | None,
+    audit_seal_pkcs11_module: str | None,
+    audit_seal_key_file: Path | None,
 ) -> None:
     """Migrate the database and serve until interrupted."""
     from ..server.runtime import RunOptions
     from ..server.runtime import run as run_server
 
+    sealer = None
+    if audit_seal_pkcs11_uri or audit_seal_key_file:
+        from .common import load_signer
+
+        sealer = load_signer(
+            audit_seal_pkcs11_uri, audit_seal_pkcs11_module, audit_seal_key_file, None
+        )
     run_server(
         RunOptions(
             data_dir=data_dir,
@@ -87,6 +109,7 @@ def run(
             device_burst=device_burst,
             ip_rate=ip_rate,
             ip_burst=ip_burst,
+            audit_sealer=sealer,
         )
     )
 

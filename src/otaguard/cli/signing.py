@@ -16,6 +16,7 @@ import click
 from ..crypto.cose import Signer
 from ..errors import ErrorCode, OtaError, UsageError
 from ..signing.audit import AuditLog
+from ..signing.audit_key import check_separate
 from ..signing.client import TOKEN_ENV, SigningClient
 from ..signing.config import ServiceConfig
 from ..signing.cosign import CosignService
@@ -48,15 +49,19 @@ def serve(config: Path, host: str, port: int, tls_cert: Path | None, tls_key: Pa
         raise UsageError(ErrorCode.USAGE, "--tls-cert and --tls-key go together")
     cfg = ServiceConfig.load(config)
     signer = load_signer(cfg.pkcs11_uri, cfg.pkcs11_module, cfg.key_file, cfg.alg)
-    state = SigningState(cfg.state)
-    log = AuditLog.open(cfg.audit_log, signer, seal_every=cfg.seal_every)
-    service = SigningService(signer, cfg.policy, log, state)
     officers: dict[str, Signer] = {}
+    for name, spec in cfg.officers.items():
+        officers[name] = load_signer(spec.pkcs11_uri, spec.pkcs11_module, spec.key_file, spec.alg)
+    assert cfg.audit_sealer is not None  # load() requires it
+    seal = cfg.audit_sealer
+    sealer = load_signer(seal.pkcs11_uri, seal.pkcs11_module, seal.key_file, seal.alg)
+    check_separate(
+        sealer.public_key, [signer.public_key, *(o.public_key for o in officers.values())]
+    )
+    state = SigningState(cfg.state)
+    log = AuditLog.open(cfg.audit_log, sealer, seal_every=cfg.seal_every)
+    service = SigningService(signer, cfg.policy, log, state)
     try:
-        for name, spec in cfg.officers.items():
-            officers[name] = load_signer(
-                spec.pkcs11_uri, spec.pkcs11_module, spec.key_file, spec.alg
-            )
         cosign = CosignService(service, officers, cfg.cosign) if cfg.cosign else None
         now = time.time()
         for e in cfg.tokens.entries:

@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..crypto.cose import Signer
 from ..errors import ErrorCode, OtaError, ServerError
 from ..trust.model import KeyResolver
 from ..wire import decimal, loads_json
@@ -88,6 +89,9 @@ class ServerSettings:
     # switches of each hop; with fsync per commit, a database across a network or blobs on
     # slow storage, keep the default so one slow call does not stall every connection.
     inline_io: bool = False
+    # Seals the rotation audit log (an HSM key authorized for the audit role only); without
+    # one the log is hash-chained and anchored in the database but unsealed.
+    audit_sealer: Signer | None = None
 
 
 class TrustState:

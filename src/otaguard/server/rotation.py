@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import ErrorCode, OtaError, ServerError
-from ..signing.audit import AuditLog
+from ..signing.audit import AuditHead, AuditLog
 from ..trust.model import Role
 from ..trust.store import TrustStore
 from ..wire import decimal, loads_json
@@ -55,16 +55,38 @@ _audit_lock = threading.Lock()
 def audit_log(srv: UpdateServer) -> AuditLog:
     """The server's rotation audit log (``<data dir>/audit/rotation-audit.log`` by default).
 
-    Hash-chained but not sealed: the server holds no private key. The DB history keeps each
-    record's hash, so an edited or truncated log no longer matches it.
+    Sealed by the server's audit-sealing key (``server run --audit-seal-*``: an HSM key the
+    root authorized for the audit role only) when one is configured, so that a rewritten or
+    truncated history no longer verifies; the DB history also keeps each record's hash, which
+    is the log's anchor (:func:`audit_anchor`, ``audit verify --server-db-url``).
     """
     with _audit_lock:
         log: AuditLog | None = getattr(srv, "rotation_audit", None)
         if log is None:
             path = srv.blobs.root.parent / "audit" / "rotation-audit.log"
-            log = AuditLog.open(path, None)
+            log = AuditLog.open(path, srv.settings.audit_sealer, seal_every=1)
             srv.rotation_audit = log  # type: ignore[attr-defined]
         return log
+
+
+def close_audit_log(srv: UpdateServer) -> None:
+    """Seal and close the rotation log at shutdown (a closed, sealed log ends with a seal)."""
+    with _audit_lock:
+        log: AuditLog | None = getattr(srv, "rotation_audit", None)
+        if log is not None:
+            log.close()
+            srv.rotation_audit = None  # type: ignore[attr-defined]
+
+
+def audit_anchor(conn: Connection) -> AuditHead | None:
+    """The newest rotation-log record the database knows (seq and hash): the log must hold it."""
+    row = conn.execute(
+        select(m.rotation_events.c.audit_seq, m.rotation_events.c.audit_hash)
+        .where(m.rotation_events.c.audit_seq.is_not(None))
+        .order_by(m.rotation_events.c.audit_seq.desc())
+        .limit(1)
+    ).first()
+    return AuditHead(int(row[0]), str(row[1])) if row is not None else None
 
 
 # --- queries -------------------------------------------------------------------------------------

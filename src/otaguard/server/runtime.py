@@ -15,6 +15,7 @@ from pathlib import Path
 
 import uvicorn
 
+from ..crypto.cose import Signer
 from ..crypto.keys import PublicKey
 from ..errors import ErrorCode, UsageError
 from ..fsutil import private_file, read_limited
@@ -49,6 +50,8 @@ class RunOptions:
     device_burst: int = 30
     ip_rate: float = 200.0
     ip_burst: int = 1000
+    # The rotation log's sealing key (loaded by the CLI from --audit-seal-*).
+    audit_sealer: Signer | None = None
 
 
 def open_database(data_dir: Path, db_url: str | None) -> Database:
@@ -93,7 +96,13 @@ def build_server(opts: RunOptions) -> UpdateServer:
         trusted_proxies=parse_proxies(opts.trusted_proxies),
         device_rate=RateLimit(opts.device_rate, opts.device_burst),
         ip_rate=RateLimit(opts.ip_rate, opts.ip_burst),
+        audit_sealer=opts.audit_sealer,
     )
+    if opts.audit_sealer is None:
+        log.warning(
+            "no audit-sealing key (--audit-seal-pkcs11-uri): the rotation audit log is "
+            "hash-chained and anchored in the database, but not sealed"
+        )
     resolver = load_resolver(opts.trust_bundle, opts.trusted_keys, db)
     return UpdateServer(db, LocalBlobStore(opts.data_dir / "blobs"), settings, TrustState(resolver))
 
@@ -130,4 +139,9 @@ def run(opts: RunOptions) -> None:
     async def main() -> None:
         await asyncio.gather(dev.serve(sockets=[dev_sock]), adm.serve(sockets=[adm_sock]))
 
-    run_loop(main())
+    try:
+        run_loop(main())
+    finally:
+        from .rotation import close_audit_log
+
+        close_audit_log(srv)

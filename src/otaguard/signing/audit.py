@@ -229,7 +229,11 @@ def _seal_payload(rec: AuditRecord) -> bytes:
 
 
 def _check_seal(
-    rec: AuditRecord, index: int, prev_seal: int | None, keys: dict[bytes, PublicKey]
+    rec: AuditRecord,
+    index: int,
+    prev_seal: int | None,
+    keys: dict[bytes, PublicKey],
+    check_key: Callable[[PublicKey, int], None] | None = None,
 ) -> str:
     assert rec.sig is not None
     first = 0 if prev_seal is None else prev_seal + 1
@@ -257,6 +261,11 @@ def _check_seal(
         raise _bad(
             index, "seal signature does not verify (forged seal)", ErrorCode.AUDIT_SEAL
         ) from None
+    if check_key is not None:
+        try:
+            check_key(key, rec.time)
+        except OtaError as err:
+            raise _bad(index, f"seal key not valid for this seal: {err.detail}", err.code) from None
     return key.key_id.hex()
 
 
@@ -267,6 +276,7 @@ def verify_log(
     allow_unsealed_tail: bool = False,
     expect_head: AuditHead | None = None,
     allow_torn_tail: bool = False,
+    check_seal_key: Callable[[PublicKey, int], None] | None = None,
 ) -> AuditReport:
     """Check the whole chain and every seal; raise AuditError naming the first bad record.
 
@@ -274,6 +284,8 @@ def verify_log(
     contain that record with that hash, which is the only defence against truncation back to
     an earlier seal. With ``allow_unsealed_tail`` records after the last seal are a warning
     (a live log) instead of an E_AUDIT_SEAL error (a closed log must end with a seal).
+    ``check_seal_key(key, time)`` may refuse a seal key at a seal's time (its authorization's
+    validity window: :func:`.audit_key.seal_window_check`).
     """
     keys = {k.key_id: k for k in trusted}
     report = AuditReport()
@@ -320,7 +332,7 @@ def verify_log(
             if rec.op == OP_SEAL:
                 if rec.subject.get("log_id") != report.log_id:
                     raise _bad(index, "seal belongs to another log", ErrorCode.AUDIT_SEAL)
-                kid = _check_seal(rec, index, last_seal, keys)
+                kid = _check_seal(rec, index, last_seal, keys, check_seal_key)
                 if kid not in report.seal_key_ids:
                     report.seal_key_ids.append(kid)
                 last_seal = index

@@ -5,6 +5,7 @@
     {"version": 1,
      "signer": {"pkcs11_uri": "pkcs11:token=ota;object=release-2026",
                 "pkcs11_module": "/usr/lib/softhsm/libsofthsm2.so", "alg": "ed25519"},
+     "audit_sealer": {"pkcs11_uri": "pkcs11:token=ota-audit;object=audit-2026"},
      "audit_log": "audit.log", "state": "signing-state.sqlite", "policy": "policy.json",
      "seal_every": 16, "max_body": 65536,
      "sign_rate": {"per_minute": 30, "burst": 10},
@@ -27,6 +28,10 @@ officers may share a key, every officer needs a token entry, and ``threshold`` (
 number of officers) distinct officers must approve a request before its envelopes are released.
 ``ttl_hours`` (default 24, at most 720) bounds how long a request waits; ``four_eyes`` (default
 true) forbids a requester to approve their own request.
+
+``audit_sealer`` (required; same fields as ``signer``) is the key that seals the audit log:
+a key of its own, authorized by the root for the audit role only (``otaguard keys
+authorize-audit``); the service refuses to start when it is the signing key or an officer's.
 
 Secrets are never in the file: the PIN comes from ``$OTAGUARD_PKCS11_PIN`` (or the key-file
 passphrase from ``$OTAGUARD_KEY_PASSPHRASE``), and tokens are stored only as
@@ -58,6 +63,7 @@ _KEYS = {
     "sign_rate",
     "tokens",
     "cosign",
+    "audit_sealer",
 }
 _COSIGN_KEYS = {"threshold", "ttl_hours", "four_eyes", "officers"}
 _SIGNER_KEYS = {"pkcs11_uri", "pkcs11_module", "key_file", "alg"}
@@ -145,6 +151,9 @@ class ServiceConfig:
     sign_rate: SignRate = DEFAULT_SIGN_RATE
     cosign: CosignConfig | None = None
     officers: dict[str, SignerSpec] = field(default_factory=dict)
+    # The audit log's sealing key: required by load(), and never a signing key (checked when
+    # the keys are opened, :func:`.audit_key.check_separate`).
+    audit_sealer: SignerSpec | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> ServiceConfig:
@@ -186,6 +195,13 @@ class ServiceConfig:
         except FormatError as err:
             raise FormatError(err.code, f"{p}: {err.detail}") from None
         cosign, officers = _cosign(obj.get("cosign"), tokens, p)
+        if "audit_sealer" not in obj:
+            raise FormatError(
+                ErrorCode.MALFORMED,
+                f"{p}: audit_sealer is required: the audit log is sealed by a key of its own "
+                "(authorized with 'keys authorize-audit'), never by the release key",
+            )
+        audit_sealer = _signer_spec(obj["audit_sealer"], "audit_sealer", p)
         return cls(
             pkcs11_uri=signer.get("pkcs11_uri"),
             pkcs11_module=signer.get("pkcs11_module"),
@@ -200,4 +216,5 @@ class ServiceConfig:
             sign_rate=sign_rate,
             cosign=cosign,
             officers=officers,
+            audit_sealer=audit_sealer,
         )

@@ -21,6 +21,10 @@ from ..errors import ErrorCode, TrustError
 class Role(StrEnum):
     FIRMWARE = "firmware"  # may sign update manifests
     KEYLIST = "keylist"  # may sign key-list updates (transition mode)
+    # May seal audit logs. An audit key is authorized by the root in a document of its own
+    # (``keys authorize-audit``), never in a device key list: devices have no use for it, and a
+    # key that seals the record of firmware signatures must not be one that signs firmware.
+    AUDIT = "audit"
 
 
 @dataclass(frozen=True)
