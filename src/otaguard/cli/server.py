@@ -45,6 +45,14 @@ def server() -> None:
 @click.option("--device-burst", default=30, show_default=True, type=int)
 @click.option("--ip-rate", default=200.0, show_default=True, type=float)
 @click.option("--ip-burst", default=1000, show_default=True, type=int)
+@click.option(
+    "--issuing-ca-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Fleet CA directory: renew device certificates (POST /v1/certificate). The CA key "
+    "passphrase comes from $OTAGUARD_CA_PASSPHRASE, an HSM PIN from $OTAGUARD_PIN.",
+)
+@click.option("--cert-lifetime", default="90d", show_default=True, help="Renewed cert lifetime.")
+@click.option("--pkcs11-module", metavar="PATH", envvar="OTAGUARD_PKCS11_MODULE")
 def run(
     data_dir: Path,
     db_url: str | None,
@@ -63,10 +71,27 @@ def run(
     device_burst: int,
     ip_rate: float,
     ip_burst: int,
+    issuing_ca_dir: Path | None,
+    cert_lifetime: str,
+    pkcs11_module: str | None,
 ) -> None:
     """Migrate the database and serve until interrupted."""
+    from ..errors import ErrorCode, UsageError
+    from ..server.renewal import CertIssuer
     from ..server.runtime import RunOptions
     from ..server.runtime import run as run_server
+    from .common import parse_duration
+    from .fleet import _load_ca
+
+    try:
+        lifetime = parse_duration(cert_lifetime)
+    except UsageError:
+        raise UsageError(
+            ErrorCode.USAGE, f"--cert-lifetime: want a duration like 90d or 12h: {cert_lifetime!r}"
+        ) from None
+    issuer = None
+    if issuing_ca_dir is not None:
+        issuer = CertIssuer(_load_ca(issuing_ca_dir, pkcs11_module), lifetime)
 
     run_server(
         RunOptions(
@@ -87,6 +112,7 @@ def run(
             device_burst=device_burst,
             ip_rate=ip_rate,
             ip_burst=ip_burst,
+            issuer=issuer,
         )
     )
 

@@ -26,6 +26,7 @@ from .ca import MAX_PEM, load_cert_pem
 from .db import Database, sqlite_url
 from .mtls import bind_socket, run_loop, server_ssl_context, uvicorn_config
 from .ratelimit import RateLimit
+from .renewal import CertIssuer
 
 log = logging.getLogger("otaguard.server")
 
@@ -49,6 +50,7 @@ class RunOptions:
     device_burst: int = 30
     ip_rate: float = 200.0
     ip_burst: int = 1000
+    issuer: CertIssuer | None = None  # the fleet CA for certificate renewal (else E_NO_ISSUER)
 
 
 def open_database(data_dir: Path, db_url: str | None) -> Database:
@@ -95,7 +97,13 @@ def build_server(opts: RunOptions) -> UpdateServer:
         ip_rate=RateLimit(opts.ip_rate, opts.ip_burst),
     )
     resolver = load_resolver(opts.trust_bundle, opts.trusted_keys, db)
-    return UpdateServer(db, LocalBlobStore(opts.data_dir / "blobs"), settings, TrustState(resolver))
+    return UpdateServer(
+        db,
+        LocalBlobStore(opts.data_dir / "blobs"),
+        settings,
+        TrustState(resolver),
+        issuer=opts.issuer,
+    )
 
 
 def run(opts: RunOptions) -> None:
