@@ -518,3 +518,13 @@ def test_renewal_simulation_no_device_locked_out(tmp_path: Path) -> None:
     )
     assert not control.ok and len(control.locked_out) == 3
     assert all("E_CERT_EXPIRED" in x for x in control.locked_out)
+
+
+def test_server_run_refuses_a_bad_cert_lifetime(tmp_path: Path) -> None:
+    res = CliRunner().invoke(
+        cli,
+        ["server", "run", "--data-dir", str(tmp_path), "--ca-cert", str(tmp_path / "ca.pem")]
+        + ["--cert-lifetime", "soon"],
+    )
+    assert isinstance(res.exception, OtaError) and res.exception.code is ErrorCode.USAGE
+    assert "--cert-lifetime" in res.exception.detail
