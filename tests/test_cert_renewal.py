@@ -521,10 +521,7 @@ def test_renewal_simulation_no_device_locked_out(tmp_path: Path) -> None:
 
 
 def test_server_run_refuses_a_bad_cert_lifetime(tmp_path: Path) -> None:
-    res = CliRunner().invoke(
-        cli,
-        ["server", "run", "--data-dir", str(tmp_path), "--ca-cert", str(tmp_path / "ca.pem")]
-        + ["--cert-lifetime", "soon"],
-    )
+    args = ["server", "run", "--data-dir", str(tmp_path), "--ca-cert", str(tmp_path / "ca.pem")]
+    res = CliRunner().invoke(cli, [*args, "--cert-lifetime", "soon"])
     assert isinstance(res.exception, OtaError) and res.exception.code is ErrorCode.USAGE
     assert "--cert-lifetime" in res.exception.detail
