@@ -186,6 +186,20 @@ def test_a_second_request_replaces_an_unused_pending_cert(hr: Harness) -> None:
     assert _client(hr, e, second, k2).post("/v1/checkin", json={"version": "1"}).status_code == 200
 
 
+def test_reenrollment_voids_a_renewal_in_flight(hr: Harness) -> None:
+    """An unused renewed certificate belongs to the identity it renewed: re-enrolling the
+    device (say, after a compromise) must not leave it promotable."""
+    e = hr.enroll("SN-R9")
+    key = ec.generate_private_key(ec.SECP256R1())
+    pending = _post(hr.client(e), _csr("SN-R9", key)).content
+    e2 = hr.enroll("SN-R9", replace=True)
+    row, _ = _row(hr, "SN-R9")
+    assert row.pending_cert_fingerprint is None and row.prev_cert_fingerprint is None
+    c = _client(hr, e, pending, key)
+    assert _code(c.post("/v1/checkin", json={"version": "1.0.0"})) == (403, "E_CERT_REVOKED")
+    assert hr.client(e2).post("/v1/checkin", json={"version": "1.0.0"}).status_code == 200
+
+
 def _rsa() -> Any:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
@@ -525,3 +539,17 @@ def test_server_run_refuses_a_bad_cert_lifetime(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, [*args, "--cert-lifetime", "soon"])
     assert isinstance(res.exception, OtaError) and res.exception.code is ErrorCode.USAGE
     assert "--cert-lifetime" in res.exception.detail
+
+
+def test_agent_config_renew_fraction(tmp_path: Path) -> None:
+    from otaguard.device.linux.config import AgentConfig
+
+    base = {"server": {"url": "https://updates.example", "spki_pins": ["ab" * 32]}}
+    assert AgentConfig.from_dict(base, tmp_path).renew_fraction == pytest.approx(1 / 3)
+    doc = {"server": {**base["server"], "renew_fraction": 0.5}}
+    assert AgentConfig.from_dict(doc, tmp_path).renew_fraction == 0.5
+    for bad in (0.95, -0.1, "half"):
+        doc = {"server": {**base["server"], "renew_fraction": bad}}
+        with pytest.raises(DeviceError) as ei:
+            AgentConfig.from_dict(doc, tmp_path)
+        assert ei.value.code is ErrorCode.CONFIG and "renew_fraction" in ei.value.detail

@@ -117,6 +117,10 @@ def register_device(
                 revoked=False,
                 revoked_at=None,
                 enrolled_at=t,
+                # A renewal in flight or a superseded cert belongs to the replaced identity.
+                pending_cert_fingerprint=None,
+                pending_cert_not_after=None,
+                prev_cert_fingerprint=None,
             )
         )
         conn.execute(delete(m.device_groups).where(m.device_groups.c.device_id == dev_id))
