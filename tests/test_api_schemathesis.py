@@ -104,7 +104,10 @@ def _call(live: Live, case: Any) -> Any:
 
 
 @schemathesis.serializer(
-    "application/suit-envelope+cose", "application/cose", "application/octet-stream"
+    "application/suit-envelope+cose",
+    "application/cose",
+    "application/octet-stream",
+    "application/pkcs10",
 )
 def _binary(ctx: Any, value: Any) -> bytes:
     """Signed documents and images are opaque bytes to the schema: send what was generated."""

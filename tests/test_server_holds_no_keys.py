@@ -35,8 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.x509.oid import NameOID
 
 from otaguard.crypto.algorithms import HashAlg
 from otaguard.crypto.software import SoftwareSigner
@@ -247,12 +250,17 @@ def build_world(tmp: Path) -> World:
     )
 
 
-def start_server(w: World, log: Path) -> tuple[subprocess.Popen[bytes], int, int]:
+def start_server(
+    w: World, log: Path, *extra: str, env_extra: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], int, int]:
     tls = w.server_in / "tls"
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTAGUARD_")}
+    env.update(env_extra or {})
     with log.open("wb") as err:
         proc = subprocess.Popen(
-            server_run_argv(w.data, tls, "--trust-bundle", str(w.server_in / "bundle.cbor")),
+            server_run_argv(
+                w.data, tls, "--trust-bundle", str(w.server_in / "bundle.cbor"), *extra
+            ),
             stdout=subprocess.PIPE,
             stderr=err,
             env=env,
@@ -427,6 +435,50 @@ def test_server_holds_no_private_key(tmp_path: Path) -> None:
     assert any(
         label.startswith("server-tls/pkcs8-der/b64@") for label in tls_hits["tls/server.key"]
     )
+
+
+def test_server_with_an_issuing_ca_holds_no_signing_key(tmp_path: Path) -> None:
+    """Certificate renewal gives the server the fleet CA (``--issuing-ca-dir``): it then holds
+    that key in memory, but still no firmware, key-list or root key, and neither the CA key nor
+    a device key reaches its data directory, database or log."""
+    w = build_world(tmp_path)
+    log = tmp_path / "server.log"
+    proc, device_port, admin_port = start_server(
+        w,
+        log,
+        "--issuing-ca-dir",
+        str(w.ca_dir),
+        env_extra={"OTAGUARD_CA_PASSPHRASE": CA_PASS.decode()},
+    )
+    new_key = ec.generate_private_key(ec.SECP256R1())
+    try:
+        exercise(w, device_port, admin_port)
+        e = w.enrollment
+        dev_ctx = ssl.create_default_context(cafile=str(e.ca_path))
+        dev_ctx.load_cert_chain(str(e.cert_path), str(e.key_path))
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.COMMON_NAME, "SN-1"),
+                x509.NameAttribute(NameOID.SERIAL_NUMBER, "SN-1"),
+            ]
+        )
+        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(new_key, SHA256())
+        with httpx.Client(base_url=f"https://127.0.0.1:{device_port}", verify=dev_ctx) as dev:
+            r = dev.post("/v1/certificate", content=csr.public_bytes(serialization.Encoding.PEM))
+            assert r.status_code == 201, r.text
+        holding, proc_bytes = key_files_named_by_process(proc.pid, w.needles + w.tls_needles)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    every = w.needles + w.tls_needles + key_needles("renewed-device", new_key)
+    signing = [n for n in every if n.label.split("/")[0] in ("root", "operational")]
+    assert scan_tree(w.data, every) == {}
+    table_hits, _ = scan_sqlite(w.data / "otaguard.db", every)
+    assert table_hits == {}
+    assert scan(log.read_bytes(), every) == set()
+    assert holding == {(w.server_in / "tls" / "server.key").resolve()}  # ca.key read, closed
+    assert scan(proc_bytes, signing) == set()
+    assert str(w.keys_dir).encode() not in proc_bytes and PASS not in proc_bytes
 
 
 def test_control_every_form_of_every_key_is_found(tmp_path: Path) -> None:

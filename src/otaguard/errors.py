@@ -81,6 +81,9 @@ class ErrorCode(StrEnum):
     # --- server ------------------------------------------------------------------------------
     CERT = "E_CERT"  # client certificate missing/invalid/other CA
     CERT_REVOKED = "E_CERT_REVOKED"
+    CERT_EXPIRED = "E_CERT_EXPIRED"  # device certificate past its not-after on the server clock
+    CERT_SUPERSEDED = "E_CERT_SUPERSEDED"  # replaced by a renewed certificate the device used
+    NO_ISSUER = "E_NO_ISSUER"  # certificate renewal asked of a server configured without a CA
     RATE_LIMIT = "E_RATE_LIMIT"
     NOT_FOUND = "E_NOT_FOUND"
     CONFLICT = "E_CONFLICT"

@@ -194,3 +194,38 @@ def server_cert(
         },
         as_json,
     )
+
+
+@fleet.command("expiring")
+@click.option("--within", default="30d", show_default=True, help="e.g. 30d, 12h")
+@click.option("--server", "url", envvar="OTAGUARD_SERVER", help="Admin API URL (required).")
+@click.option(
+    "--ca-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="OTAGUARD_ADMIN_CA",
+    help="CA certificate of the admin endpoint.",
+)
+@click.option("--json", "as_json", is_flag=True)
+def expiring(within: str, url: str | None, ca_file: Path | None, as_json: bool) -> None:
+    """Devices whose certificate expires within --within (admin token: $OTAGUARD_ADMIN_TOKEN)."""
+    from ..errors import ErrorCode, UsageError
+    from .admin_client import admin_call
+
+    if not url:
+        raise UsageError(ErrorCode.USAGE, "--server (or $OTAGUARD_SERVER) is required")
+    data = admin_call(
+        url, ca_file, "GET", "/admin/v1/certificates/expiring", params={"within": within}
+    )
+    emit(data, as_json, _expiring_text)
+
+
+def _expiring_text(data: dict[str, object]) -> str:
+    from ..signing.http import format_utc
+
+    devices = data.get("devices")
+    assert isinstance(devices, list)
+    lines = [f"{len(devices)} device certificate(s) expire within {data.get('within')} s"]
+    for d in devices:
+        state = "EXPIRED" if d["expired"] else ("renewal pending" if d["renewal_pending"] else "")
+        lines.append(f"{d['serial']:<32} {format_utc(d['cert_not_after'])}  {state}".rstrip())
+    return "\n".join(lines)

@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "rotation": "rotation:rotation",
     "simulate": "simulate:simulate",
     "demo": "simulate:demo",
+    "simulate-renewal": "simulate:simulate_renewal",
 }
 
 

@@ -51,12 +51,19 @@ def server() -> None:
     help="HSM key that seals the rotation audit log (authorized by 'keys authorize-audit'; "
     "PIN from $OTAGUARD_PKCS11_PIN).",
 )
-@click.option("--audit-seal-pkcs11-module", metavar="PATH", help="PKCS#11 module for it.")
 @click.option(
     "--audit-seal-key-file",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Development only: an encrypted key file instead of the HSM key.",
 )
+@click.option(
+    "--issuing-ca-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Fleet CA directory: renew device certificates (POST /v1/certificate). The CA key "
+    "passphrase comes from $OTAGUARD_CA_PASSPHRASE, an HSM PIN from $OTAGUARD_PKCS11_PIN.",
+)
+@click.option("--cert-lifetime", default="90d", show_default=True, help="Renewed cert lifetime.")
+@click.option("--pkcs11-module", metavar="PATH", envvar="OTAGUARD_PKCS11_MODULE")
 def run(
     data_dir: Path,
     db_url: str | None,
@@ -76,20 +83,34 @@ def run(
     ip_rate: float,
     ip_burst: int,
     audit_seal_pkcs11_uri: str | None,
-    audit_seal_pkcs11_module: str | None,
     audit_seal_key_file: Path | None,
+    issuing_ca_dir: Path | None,
+    cert_lifetime: str,
+    pkcs11_module: str | None,
 ) -> None:
     """Migrate the database and serve until interrupted."""
+    from ..errors import ErrorCode, UsageError
+    from ..server.renewal import CertIssuer
     from ..server.runtime import RunOptions
     from ..server.runtime import run as run_server
+    from .common import parse_duration
+    from .fleet import _load_ca
+
+    try:
+        lifetime = parse_duration(cert_lifetime)
+    except UsageError:
+        raise UsageError(
+            ErrorCode.USAGE, f"--cert-lifetime: want a duration like 90d or 12h: {cert_lifetime!r}"
+        ) from None
+    issuer = None
+    if issuing_ca_dir is not None:
+        issuer = CertIssuer(_load_ca(issuing_ca_dir, pkcs11_module), lifetime)
 
     sealer = None
     if audit_seal_pkcs11_uri or audit_seal_key_file:
         from .common import load_signer
 
-        sealer = load_signer(
-            audit_seal_pkcs11_uri, audit_seal_pkcs11_module, audit_seal_key_file, None
-        )
+        sealer = load_signer(audit_seal_pkcs11_uri, pkcs11_module, audit_seal_key_file, None)
     run_server(
         RunOptions(
             data_dir=data_dir,
@@ -110,6 +131,7 @@ def run(
             ip_rate=ip_rate,
             ip_burst=ip_burst,
             audit_sealer=sealer,
+            issuer=issuer,
         )
     )
 

@@ -174,3 +174,65 @@ def demo(out: Path, devices: int | None, seed: int | None, hsm: str | None) -> N
     """The whole pipeline on ~1,000 simulated devices (what `make demo` runs)."""
     opts = options_from(SCENARIOS["demo"], devices=devices, seed=seed, hsm=hsm)
     _finish(run_simulation(opts, out))
+
+
+@click.command("simulate-renewal")
+@click.option("--devices", type=int, default=20, show_default=True, help="fleet size")
+@click.option("--lifetime-hours", type=float, default=12.0, show_default=True)
+@click.option("--lifetimes", type=float, default=2.5, show_default=True, help="run length")
+@click.option("--fraction", type=float, default=1 / 3, help="renew below this share left")
+@click.option("--poll-interval", type=int, default=1800, show_default=True, help="seconds")
+@click.option("--outage-rate", type=float, default=0.3, show_default=True)
+@click.option("--crash-rate", type=float, default=0.3, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--no-issuer", is_flag=True, help="server without an issuing CA (control run)")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("renewal-sim-out"))
+@click.option("--json", "as_json", is_flag=True)
+def simulate_renewal(
+    devices: int,
+    lifetime_hours: float,
+    lifetimes: float,
+    fraction: float,
+    poll_interval: int,
+    outage_rate: float,
+    crash_rate: float,
+    seed: int,
+    no_issuer: bool,
+    out: Path,
+    as_json: bool,
+) -> None:
+    """Certificate renewal over several certificate lifetimes: exit 1 if a device locks out."""
+    import json
+
+    from ..sim.renewal import RenewalSimOptions, clean, run_renewal_sim
+
+    opts = RenewalSimOptions(
+        devices=devices,
+        lifetime=int(lifetime_hours * 3600),
+        lifetimes=lifetimes,
+        fraction=fraction,
+        poll_interval=poll_interval,
+        outage_rate=outage_rate,
+        crash_rate=crash_rate,
+        seed=seed,
+        issuer=not no_issuer,
+    )
+    try:
+        report = run_renewal_sim(opts, out / "work").to_dict()
+    finally:
+        clean(out / "work")  # scratch: the simulated CA, device keys, database
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "renewal.json").write_text(json.dumps(report, indent=2) + "\n")
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(
+            f"{report['devices']} devices, {report['lifetimes']} lifetimes of "
+            f"{report['lifetime_s']} s: {report['renewals']} renewals, power cuts "
+            f"{report['crashes']}, locked out {len(report['locked_out'])}"
+        )
+    if not report["ok"]:
+        bad = report["locked_out"] + report["final_checkin_failures"]
+        raise OtaError(
+            ErrorCode.STATE, f"renewal simulation: {len(bad)} device(s) locked out: {bad[:3]}"
+        )

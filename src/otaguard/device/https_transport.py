@@ -42,11 +42,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ..errors import DeviceError, ErrorCode, OtaError
+from ..fsutil import atomic_write
 from .transport import from_offset
 
 MAX_MANIFEST = 64 * 1024
 MAX_JSON = 64 * 1024
 MAX_KEYLIST = 64 * 1024  # TrustStore.apply_update refuses larger lists anyway
+MAX_CERT = 16 * 1024  # a renewed device certificate (PEM)
 CHUNK = 64 * 1024
 MAX_URL = 2048  # a URL from the server (manifest, image, patch): no spaces or controls
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -127,6 +129,7 @@ class HttpsTransport:
         self._rng = rng or random.SystemRandom()
         self._timeout = timeout
         self._keepalive = keepalive_expiry
+        self._ca_file, self._cert_file, self._key_file = ca_file, cert_file, key_file
         self._ctx = pinned_context(ca_file, cert_file, key_file)
         self._conns: dict[Origin, _Conn] = {}
         self.update: dict[str, Any] | None = None
@@ -219,7 +222,7 @@ class HttpsTransport:
         if headers:
             hdrs.update(headers)
         if body is not None:
-            hdrs["Content-Type"] = "application/json"
+            hdrs.setdefault("Content-Type", "application/json")
         last: str = ""
         for attempt in range(self.max_attempts):
             retry_after: str | None = None
@@ -372,6 +375,31 @@ class HttpsTransport:
             body.setdefault("manifest_digest", self.update.get("manifest_digest"))
         allowed = {"report_id", "state", "manifest_digest", "error", "version", "detail", "serial"}
         self._json("POST", "/v1/reports", {k: v for k, v in body.items() if k in allowed})
+
+    def request_certificate(self, csr_pem: bytes) -> bytes:
+        """Certificate renewal: send a CSR over the current identity, get the new certificate
+        (PEM, bounded). Not retried on a refusal: the caller decides when to ask again."""
+        resp = self._request(
+            "POST",
+            "/v1/certificate",
+            body=csr_pem,
+            headers={"Content-Type": "application/pkcs10"},
+        )
+        if resp.status != 201:
+            raise self._error(resp)
+        return self._read_bounded(resp, MAX_CERT, "certificate")
+
+    def use_identity(self, cert_pem: bytes, key_pem: bytes) -> None:
+        """Present another client identity from the next connection on (certificate
+        renewal). The identity files this transport was built from are replaced (the key
+        owner-only): they are a copy of the identity in secure storage, which stays the
+        device's truth and is exported again at every start."""
+        if self._cert_file.exists() and self._cert_file.read_bytes() == cert_pem:
+            return
+        atomic_write(self._key_file, key_pem, mode=0o600)
+        atomic_write(self._cert_file, cert_pem)
+        self._ctx = pinned_context(self._ca_file, self._cert_file, self._key_file)
+        self.close()  # an open connection keeps the identity of its handshake
 
     def keylist(self, etag: str | None = None) -> tuple[bytes, str] | None:
         """The published key-list document and its ETag; None if unchanged since ``etag``."""

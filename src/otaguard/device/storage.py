@@ -135,8 +135,13 @@ class Counters:
 
 @dataclass(frozen=True)
 class Identity:
+    """The device's TLS identity; ``pending_*`` is a renewed key + certificate not yet used
+    with the server (device/renewal.py): the current pair stays until the new one worked."""
+
     device_key: bytes
     certificate: bytes
+    pending_key: bytes | None = None
+    pending_certificate: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -370,10 +375,20 @@ class SecureStorage:
         if raw is None:
             return None
         m = _loads(raw, self.rec["identity"].capacity)
+        if (3 in m) != (4 in m):
+            raise DeviceError(ErrorCode.STORAGE, "identity record: half a pending identity")
+        if 3 in m:
+            return Identity(bytes(m[1]), bytes(m[2]), bytes(m[3]), bytes(m[4]))
         return Identity(bytes(m[1]), bytes(m[2]))
 
     def write_identity(self, ident: Identity) -> None:
-        self.rec["identity"].write(cbor.dumps({1: ident.device_key, 2: ident.certificate}))
+        """One power-cut-safe record write: the old record or the new one, never a mix."""
+        doc: dict[int, bytes] = {1: ident.device_key, 2: ident.certificate}
+        if (ident.pending_key is None) != (ident.pending_certificate is None):
+            raise DeviceError(ErrorCode.STATE, "a pending identity needs its key and certificate")
+        if ident.pending_key is not None and ident.pending_certificate is not None:
+            doc[3], doc[4] = ident.pending_key, ident.pending_certificate
+        self.rec["identity"].write(cbor.dumps(doc))
 
     # --- staging -----------------------------------------------------------------------------
     def staging(self) -> Staging | None:

@@ -7,7 +7,10 @@
 2. if the server publishes a newer key list, fetch and apply it FIRST (atomic, version
    monotonic) — an emergency revocation therefore lands before any update of the same
    check-in is even looked at, and a manifest signed by the revoked key is refused;
-3. if an update is offered: install → reboot → test boot → self-test → confirm or revert →
+3. with certificate renewal on (``renewal``): when the device certificate is due, get a new
+   one and put it to use with a second check-in (device/renewal.py; every check-in goes
+   through its flow, which presents a pending renewed identity first);
+4. if an update is offered: install → reboot → test boot → self-test → confirm or revert →
    report the outcome.
 
 There is no sleeping and no wall clock inside: the caller decides when to call again
@@ -31,6 +34,7 @@ from ..trust.store import TrustStore
 from .agent import InstallResult
 from .bootloader import Bootloader, BootResult, running_manifest
 from .hal import SlotMedia
+from .renewal import CertRenewal
 from .selftest import SelfTest
 from .storage import Identity, SecureStorage
 from .transport import Transport
@@ -92,6 +96,7 @@ class PollResult:
     offered: str | None = None  # version the server offered
     error: str | None = None  # code of the failure (install, boot, transport)
     next_poll: float = 0.0
+    cert: str | None = None  # "renewed", or the code of a failed renewal
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -111,6 +116,7 @@ class Updater:
         self_test: SelfTest = _always_pass,
         poll_interval: int = DEFAULT_POLL_INTERVAL,
         keep_state: bool = False,
+        renewal: CertRenewal | None = None,
     ) -> None:
         """``keep_state``: keep the verified device state in memory between polls (what a
         powered-on device does: it verified its trust store and boot state at power-on and
@@ -125,6 +131,7 @@ class Updater:
         self._keylist_etag: str | None = None
         self.keep_state = keep_state
         self._state: _State | None = None
+        self.renewal = renewal
 
     def _invalidate(self) -> None:
         self._state = None
@@ -177,7 +184,7 @@ class Updater:
             self._invalidate()
             self._settle(dev.bootloader.current)
         try:
-            offered = self.transport.checkin(self.facts())
+            offered = self._checkin()
         except OtaError as err:
             if err.code == ErrorCode.POWER_CUT:
                 raise
@@ -191,13 +198,18 @@ class Updater:
             # Tell the server at once which list we hold now (rotation progress), and get an
             # offer judged against it.
             try:
-                offered = self.transport.checkin(self.facts())
+                offered = self._checkin()
             except OtaError as err:
                 if err.code == ErrorCode.POWER_CUT:
                     raise
+        cert, renewed_offer = self._renewal_step()
+        if renewed_offer is not None:
+            offered = renewed_offer[0]
         if offered is None:
             outcome = "keylist" if kl_from is not None else "idle"
-            return self._result(at, outcome, keylist_from=kl_from, keylist_error=kl_error)
+            return self._result(
+                at, outcome, keylist_from=kl_from, keylist_error=kl_error, cert=cert
+            )
         version = str(offered.get("version"))
         outcome, error = self._install_step()
         self._invalidate()  # re-read what the install, boots and self-test wrote
@@ -208,7 +220,35 @@ class Updater:
             keylist_error=kl_error,
             offered=version,
             error=error,
+            cert=cert,
         )
+
+    def _checkin(self) -> dict[str, Any] | None:
+        if self.renewal is None:
+            return self.transport.checkin(self.facts())
+        return self.renewal.checkin(lambda: self.transport.checkin(self.facts()))
+
+    def _renewal_step(self) -> tuple[str | None, tuple[dict[str, Any] | None] | None]:
+        """Renew the device certificate if due: (outcome, (offer of the check-in that put the
+        new identity to use,)) — the offer only when that check-in ran."""
+        if self.renewal is None:
+            return None, None
+        try:
+            if not self.renewal.renew_if_due():
+                return None, None
+        except OtaError as err:
+            if err.code == ErrorCode.POWER_CUT:
+                raise
+            return err.code.value, None  # the current identity is untouched; next poll again
+        try:
+            offer = self._checkin()
+        except OtaError as err:
+            if err.code == ErrorCode.POWER_CUT:
+                raise
+            return err.code.value, None
+        ident = self.renewal.store.identity()
+        done = ident is not None and ident.pending_key is None
+        return ("renewed" if done else "pending"), (offer,)
 
     def _settle(self, boot: BootResult) -> None:
         result = self.device.run_self_test(self.self_test)

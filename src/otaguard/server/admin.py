@@ -157,10 +157,12 @@ def admin_routes(srv: UpdateServer) -> list[Route]:
         return JSONResponse({"version": version}, status_code=201)
 
     from .campaign_admin import campaign_routes
+    from .cert_admin import cert_routes
     from .rotation import rotation_routes
 
     return [
         *rotation_routes(srv),
+        *cert_routes(srv),
         *campaign_routes(srv),
         Route("/admin/v1/images", upload_image, methods=["POST"]),
         Route("/admin/v1/releases", create_release, methods=["POST"]),

@@ -46,6 +46,7 @@ from .db import Database
 from .mtls import PEER_CERT_KEY
 from .prepared import Record
 from .ratelimit import ProbeDetector, RateLimit, TokenBuckets, retry_after_header
+from .renewal import MAX_CSR, CertIssuer, check_csr, parse_csr
 
 log = logging.getLogger("otaguard.server")
 T = TypeVar("T")
@@ -54,6 +55,11 @@ P = ParamSpec("P")
 IpNet = ipaddress.IPv4Network | ipaddress.IPv6Network
 ENVELOPE_TYPE = "application/suit-envelope+cose"
 KEYLIST_TYPE = "application/cose; cose-type=cose-sign1"
+CERT_TYPE = "application/pem-certificate-chain"
+# Refusals of a known device's certificate: counted towards its refusal threshold.
+_CERT_REFUSALS = frozenset(
+    {ErrorCode.CERT_REVOKED, ErrorCode.CERT_SUPERSEDED, ErrorCode.CERT_EXPIRED}
+)
 MAX_JSON_ITEMS = 64
 _REPORT_ID = re.compile(r"\A[A-Za-z0-9_.:-]{1,64}\Z")
 _STATE = re.compile(r"\A[a-z_]{1,32}\Z")
@@ -178,8 +184,12 @@ class UpdateServer:
         trust: TrustState | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        issuer: CertIssuer | None = None,
     ) -> None:
+        """``issuer``: the fleet CA for certificate renewal (``POST /v1/certificate``); None
+        answers renewal with E_NO_ISSUER."""
         self.db = db
+        self.issuer = issuer
         self.blobs = blobs
         self.settings = settings
         self.trust = trust or TrustState(None)
@@ -239,6 +249,7 @@ class UpdateServer:
             Route("/v1/manifests/{digest}", self.manifest, methods=["GET"]),
             Route("/v1/images/{digest}", self.image, methods=["GET"]),
             Route("/v1/keylist", self.keylist, methods=["GET"]),
+            Route("/v1/certificate", self.certificate, methods=["POST"]),
             Route("/healthz", self.health, methods=["GET"]),
         ]
 
@@ -403,6 +414,7 @@ class UpdateServer:
         ip = request.client.host if request.client else None
         refusal: ServerError | None = None
         device_id: int | None = None
+        promote: int | None = None
         with self.db.write() if write else self.db.read() as conn:
             dev = store.device_by_serial(conn, ident.serial)
             if dev is None:
@@ -410,14 +422,34 @@ class UpdateServer:
             elif dev.revoked:
                 device_id = dev.id
                 refusal = ServerError(ErrorCode.CERT_REVOKED, "device certificate revoked", 403)
-            elif dev.cert_fingerprint != ident.fingerprint:
+            elif dev.cert_fingerprint == ident.fingerprint:
+                if dev.cert_not_after > store.now_s():
+                    return fn(conn, dev)
+                # The TLS stack checks validity too; the server clock is the one that counts
+                # (and the only one a simulated fleet shares).
+                device_id = dev.id
+                refusal = ServerError(ErrorCode.CERT_EXPIRED, "device certificate expired", 403)
+            elif ident.fingerprint == dev.pending_cert_fingerprint:
+                promote = dev.id  # first use of a renewed certificate
+            elif ident.fingerprint == dev.prev_cert_fingerprint:
+                device_id = dev.id
+                refusal = ServerError(
+                    ErrorCode.CERT_SUPERSEDED, "certificate superseded by its renewal", 403
+                )
+            else:
                 device_id = dev.id
                 refusal = ServerError(
                     ErrorCode.CERT_REVOKED, "certificate superseded by re-enrollment", 403
                 )
-            else:
-                return fn(conn, dev)
-        if refusal.code is ErrorCode.CERT_REVOKED and device_id is not None:
+        if promote is not None:
+            with self.db.write() as conn:
+                if store.promote_pending_cert(conn, promote, ident.fingerprint):
+                    log.info("device %s now uses its renewed certificate", ident.serial)
+            # The row now names this certificate as current (or, after a concurrent
+            # re-enrollment, something else): judge the request again against it.
+            return self._device_work(ident, request, fn, write=write)
+        assert refusal is not None
+        if refusal.code in _CERT_REFUSALS and device_id is not None:
             # Every cert refusal is recorded (the device rate limit bounds them) and counts
             # towards the refusal threshold of that identity.
             flag, _ = self._refusal_hit(ident.serial, always_record=True)
@@ -433,7 +465,12 @@ class UpdateServer:
         must take the full path (``_device_work``: refusals are recorded there)."""
         with self.db.read() as conn:
             dev = store.device_by_serial(conn, ident.serial)
-            if dev is None or dev.revoked or dev.cert_fingerprint != ident.fingerprint:
+            if (
+                dev is None
+                or dev.revoked
+                or dev.cert_fingerprint != ident.fingerprint
+                or dev.cert_not_after <= store.now_s()
+            ):
                 return None
             return fn(conn, dev)
 
@@ -683,6 +720,42 @@ class UpdateServer:
         if _etag_matches(request.headers.get("if-none-match"), etag):
             return Response(status_code=304, headers=headers)
         return Response(doc, media_type=KEYLIST_TYPE, headers=headers)
+
+    async def certificate(self, request: Request) -> Response:
+        """Certificate renewal: a CSR (PEM or DER) over the current identity; the answer is
+        the new certificate (PEM), pending until the device first presents it."""
+        ident = await self.identify(request)
+        # Revoked, expired, superseded or unknown identities stop here (and are recorded).
+        dev_id = await self._db(
+            self._device_work, ident, request, lambda _c, dev: int(dev.id), write=False
+        )
+        issuer = self.issuer
+        if issuer is None:
+            raise ServerError(
+                ErrorCode.NO_ISSUER, "this server has no issuing CA: renewal is off", 404
+            )
+        try:
+            body = await self.read_body(request, MAX_CSR)
+            key = check_csr(parse_csr(body), ident.serial)
+        except ServerError as err:
+            # A genuine device never sends a bad CSR: every refusal counts as a probe.
+            flag, _ = self._refusal_hit(ident.serial, always_record=True)
+            ip = request.client.host if request.client else None
+            detail = f"{err.code.value}: {err.detail}"[:200]
+            await self._db(
+                self._record_refusal, dev_id, ip, "renewal", request.url.path, detail, flag
+            )
+            raise
+        # Off the event loop: with the CA key in an HSM, signing is a PKCS#11 round trip.
+        issued = await run_in_threadpool(issuer.issue, ident.serial, key, store.now_s())
+        not_after = int(issued.cert.not_valid_after_utc.timestamp())
+
+        def work(conn: Connection, dev: Record) -> None:
+            store.set_pending_cert(conn, dev.id, issued.fingerprint, not_after)
+
+        await self._db(self._device_work, ident, request, work, write=True)
+        log.info("issued a renewed certificate for %s (until %d)", ident.serial, not_after)
+        return Response(issued.pem, status_code=201, media_type=CERT_TYPE)
 
 
 # --- helpers -----------------------------------------------------------------------------------

@@ -48,7 +48,14 @@ devices = Table(
     Column("last_error", String(64)),
     Column("suspect", Boolean, nullable=False, default=False),
     Column("suspect_reason", String(200)),
+    # Certificate renewal (migration 0006): the renewed certificate not yet used by the
+    # device, and the one it superseded once it was.
+    Column("pending_cert_fingerprint", String(64)),
+    Column("pending_cert_not_after", BigInteger),
+    Column("prev_cert_fingerprint", String(64)),
+    Column("cert_renewed_at", BigInteger),
     Index("ix_devices_model_hw", "model", "hw_rev"),
+    Index("ix_devices_cert_not_after", "cert_not_after"),
 )
 
 device_groups = Table(

@@ -293,6 +293,19 @@ ADMIN_OPS: dict[tuple[str, str], dict[str, Any]] = {
         ),
         "status": "201",
     },
+    ("GET", "/admin/v1/certificates/expiring"): {
+        "summary": "Devices whose certificate expires within a duration, soonest first",
+        "role": "read",
+        "parameters": [
+            _q("within", {"type": "string", "pattern": "^[0-9]{1,6}[smhd]?$"}, "e.g. 30d"),
+            _q("limit", _INT),
+        ],
+        "response": {
+            "type": "object",
+            "required": ["within", "now", "devices"],
+            "properties": {"within": _INT, "now": _INT, "devices": _arr(_OBJ)},
+        },
+    },
     ("PUT", "/admin/v1/keylist"): {
         "summary": "Publish a signed key-list update",
         "role": "security",
@@ -381,6 +394,13 @@ DEVICE_OPS: dict[tuple[str, str], dict[str, Any]] = {
         "media": KEYLIST_TYPE,
         "also": {"304": "If-None-Match matched"},
     },
+    ("POST", "/v1/certificate"): {
+        "summary": "Renew the device certificate: a CSR (PEM or DER) for the same serial; the "
+        "new certificate is pending until first used (E_IDENTITY, E_ALGORITHM, E_SIGNATURE)",
+        "body": _bin_body("application/pkcs10"),
+        "status": "201",
+        "media": "application/pem-certificate-chain",
+    },
     ("GET", "/healthz"): {"summary": "Liveness", "response": _OBJ},
 }
 
@@ -392,7 +412,7 @@ def _errors(kind: str, role: str | None) -> dict[str, Any]:
     """Every error status the handlers can give this kind of route (``app._status_of``)."""
     out: dict[str, Any] = {
         "400": {"description": "E_MALFORMED and other input errors", **_ERR},
-        "404": {"description": "E_NOT_FOUND", **_ERR},
+        "404": {"description": "E_NOT_FOUND (E_NO_ISSUER: renewal is off)", **_ERR},
         "405": {"description": "E_USAGE: method not allowed", **_ERR},
         "413": {"description": "E_TOO_LARGE: body over the limit", **_ERR},
         "429": {"description": "E_RATE_LIMITED (Retry-After)", **_ERR},

@@ -27,6 +27,7 @@ from .ca import MAX_PEM, load_cert_pem
 from .db import Database, sqlite_url
 from .mtls import bind_socket, run_loop, server_ssl_context, uvicorn_config
 from .ratelimit import RateLimit
+from .renewal import CertIssuer
 
 log = logging.getLogger("otaguard.server")
 
@@ -52,6 +53,7 @@ class RunOptions:
     ip_burst: int = 1000
     # The rotation log's sealing key (loaded by the CLI from --audit-seal-*).
     audit_sealer: Signer | None = None
+    issuer: CertIssuer | None = None  # the fleet CA for certificate renewal (else E_NO_ISSUER)
 
 
 def open_database(data_dir: Path, db_url: str | None) -> Database:
@@ -104,7 +106,13 @@ def build_server(opts: RunOptions) -> UpdateServer:
             "hash-chained and anchored in the database, but not sealed"
         )
     resolver = load_resolver(opts.trust_bundle, opts.trusted_keys, db)
-    return UpdateServer(db, LocalBlobStore(opts.data_dir / "blobs"), settings, TrustState(resolver))
+    return UpdateServer(
+        db,
+        LocalBlobStore(opts.data_dir / "blobs"),
+        settings,
+        TrustState(resolver),
+        issuer=opts.issuer,
+    )
 
 
 def run(opts: RunOptions) -> None:

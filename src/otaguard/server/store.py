@@ -117,6 +117,10 @@ def register_device(
                 revoked=False,
                 revoked_at=None,
                 enrolled_at=t,
+                # A renewal in flight or a superseded cert belongs to the replaced identity.
+                pending_cert_fingerprint=None,
+                pending_cert_not_after=None,
+                prev_cert_fingerprint=None,
             )
         )
         conn.execute(delete(m.device_groups).where(m.device_groups.c.device_id == dev_id))
@@ -551,3 +555,69 @@ def device_view(conn: Connection, device: Record) -> dict[str, Any]:
         "suspect_reason": device.suspect_reason,
         "probe_history": probe_history(conn, device.id),
     }
+
+
+# --- certificate renewal (docs/operations.md#certificate-renewal) -------------------------------
+def set_pending_cert(conn: Connection, device_id: int, fingerprint: str, not_after: int) -> None:
+    """Remember a renewed certificate; it replaces an earlier pending one (the device lost it,
+    or asked again), and becomes current only when the device presents it."""
+    conn.execute(
+        update(m.devices)
+        .where(m.devices.c.id == device_id)
+        .values(pending_cert_fingerprint=fingerprint, pending_cert_not_after=not_after)
+    )
+
+
+def promote_pending_cert(conn: Connection, device_id: int, fingerprint: str) -> bool:
+    """The device used its renewed certificate: make it current and supersede the old one.
+
+    Guarded on the pending fingerprint, so two server processes promoting at once (or a
+    re-enrollment in between) change the row at most once; True if this call did."""
+    row = conn.execute(
+        select(m.devices.c.cert_fingerprint, m.devices.c.pending_cert_not_after).where(
+            m.devices.c.id == device_id, m.devices.c.pending_cert_fingerprint == fingerprint
+        )
+    ).first()
+    if row is None:
+        return False
+    conn.execute(
+        update(m.devices)
+        .where(m.devices.c.id == device_id, m.devices.c.pending_cert_fingerprint == fingerprint)
+        .values(
+            prev_cert_fingerprint=row.cert_fingerprint,
+            cert_fingerprint=fingerprint,
+            cert_not_after=row.pending_cert_not_after,
+            pending_cert_fingerprint=None,
+            pending_cert_not_after=None,
+            cert_renewed_at=now_s(),
+        )
+    )
+    return True
+
+
+def certs_expiring(conn: Connection, before: int, limit: int = 1000) -> list[dict[str, Any]]:
+    """Devices (not revoked) whose current certificate ends before ``before``, soonest first."""
+    rows = conn.execute(
+        select(
+            m.devices.c.serial,
+            m.devices.c.cert_not_after,
+            m.devices.c.pending_cert_not_after,
+            m.devices.c.cert_renewed_at,
+            m.devices.c.last_seen,
+        )
+        .where(m.devices.c.cert_not_after < before, m.devices.c.revoked == False)  # noqa: E712
+        .order_by(m.devices.c.cert_not_after, m.devices.c.serial)
+        .limit(limit)
+    )
+    t = now_s()
+    return [
+        {
+            "serial": r.serial,
+            "cert_not_after": r.cert_not_after,
+            "expired": r.cert_not_after <= t,
+            "renewal_pending": r.pending_cert_not_after is not None,
+            "cert_renewed_at": r.cert_renewed_at,
+            "last_seen": r.last_seen,
+        }
+        for r in rows
+    ]

@@ -33,6 +33,7 @@ class AgentConfig:
     poll_interval: int = 3600
     poll_jitter: float = 0.1
     timeout: float = 30.0
+    renew_fraction: float = 1 / 3  # device/renewal.py; 0 turns renewal off
     # [device]
     state_dir: Path = Path("/var/lib/otaguard")
     run_dir: Path = Path("/run/otaguard")
@@ -107,6 +108,7 @@ class AgentConfig:
             poll_interval=r.integer("server", "poll_interval", cls.poll_interval, 1, 7 * 86400),
             poll_jitter=r.number("server", "poll_jitter", cls.poll_jitter, 0.0, 1.0),
             timeout=r.number("server", "timeout", cls.timeout, 1.0, 3600.0),
+            renew_fraction=r.number("server", "renew_fraction", cls.renew_fraction, 0.0, 0.9),
             state_dir=state_dir,
             run_dir=Path(r.text("device", "run_dir", str(cls.run_dir))),
             slot_a=r.text("device", "slot_a", cls.slot_a),

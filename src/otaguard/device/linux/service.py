@@ -21,6 +21,7 @@ from ...errors import ErrorCode, OtaError
 from ..bootloader import BootResult
 from ..hal import Slot
 from ..https_transport import HttpsTransport
+from ..renewal import CertRenewal
 from ..selftest import SelfTest, command_self_test
 from ..updater import PollResult, Updater, write_identity_files
 from .config import AgentConfig
@@ -101,7 +102,16 @@ def run(cfg: AgentConfig, *, once: bool = False, rng: random.Random | None = Non
     rng = rng or random.Random()
     dev = LinuxDevice(cfg, progress=progress_logger())
     transport = transport_for(cfg, dev)
-    updater = Updater(dev, transport, self_test=self_test_of(cfg), poll_interval=cfg.poll_interval)
+    renewal = None
+    if cfg.renew_fraction > 0:
+        renewal = CertRenewal(dev.storage, transport, fraction=cfg.renew_fraction)
+    updater = Updater(
+        dev,
+        transport,
+        self_test=self_test_of(cfg),
+        poll_interval=cfg.poll_interval,
+        renewal=renewal,
+    )
     sd_notify("READY=1")
     log(f"running slot={'AB'[dev.running]} server={cfg.server_url}")
     while True:
@@ -127,7 +137,7 @@ def run(cfg: AgentConfig, *, once: bool = False, rng: random.Random | None = Non
 
 def _log_result(r: PollResult) -> None:
     parts: dict[str, Any] = {"outcome": r.outcome, "version": r.version}
-    for k in ("offered", "error", "keylist_error"):
+    for k in ("offered", "error", "keylist_error", "cert"):
         if getattr(r, k):
             parts[k] = getattr(r, k)
     log("poll " + " ".join(f"{k}={v}" for k, v in parts.items()))
