@@ -68,7 +68,7 @@ class ErrorCode(StrEnum):
     TRANSPORT = "E_TRANSPORT"  # network/file transport failure
     WATCHDOG = "E_WATCHDOG"  # test-booted image not confirmed within N boots; reverted
     WOULD_BRICK = "E_WOULD_BRICK"  # unused since the key-list check was dropped; never reused
-    CONFIG = "E_CONFIG"  # device agent configuration missing, unreadable or invalid
+    CONFIG = "E_CONFIG"  # agent or server configuration file missing, unreadable or invalid
     SLOT_DEVICE = "E_SLOT_DEVICE"  # a slot's block device is missing or unusable
     BOOT_ENV = "E_BOOT_ENV"  # bootloader environment unreadable in every copy, or not ours
     REBOOT = "E_REBOOT"  # the agent asked the system to reboot (not a failure)

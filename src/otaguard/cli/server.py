@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+from click.core import ParameterSource
 
+from ..errors import ErrorCode, UsageError
 from .common import lifetime_options, lifetime_seconds
 from .fleet import _data_dir_option, _db_option, _open_db
+
+if TYPE_CHECKING:
+    from ..server.runtime import RunOptions
 
 
 @click.group()
@@ -17,9 +23,15 @@ def server() -> None:
 
 
 @server.command("run")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML file with any of the options below (flags given here override it).",
+)
 @_data_dir_option
 @_db_option
-@click.option("--ca-cert", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--ca-cert", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -36,7 +48,7 @@ def server() -> None:
 )
 @click.option(
     "--trusted-proxy",
-    "proxies",
+    "trusted_proxies",
     multiple=True,
     help="Address/CIDR of a TLS-terminating proxy allowed to send X-Client-Cert.",
 )
@@ -45,50 +57,52 @@ def server() -> None:
 @click.option("--device-burst", default=30, show_default=True, type=int)
 @click.option("--ip-rate", default=200.0, show_default=True, type=float)
 @click.option("--ip-burst", default=1000, show_default=True, type=int)
-def run(
-    data_dir: Path,
-    db_url: str | None,
-    ca_cert: Path,
-    tls_cert: Path | None,
-    tls_key: Path | None,
-    host: str,
-    port: int,
-    admin_host: str,
-    admin_port: int,
-    trust_bundle: Path | None,
-    trusted_keys: tuple[Path, ...],
-    proxies: tuple[str, ...],
-    proxy_only: bool,
-    device_rate: float,
-    device_burst: int,
-    ip_rate: float,
-    ip_burst: int,
-) -> None:
+@click.option(
+    "--header-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.01, 86400),
+    help="Seconds a client has to send a request's complete header block.",
+)
+@click.option(
+    "--body-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(0.01, 86400),
+    help="Seconds the server waits for the next part of a request body.",
+)
+@click.option(
+    "--body-min-rate",
+    default=16384,
+    show_default=True,
+    type=click.IntRange(1, 1 << 40),
+    help="Bytes per second a request body must average (after --body-timeout of grace).",
+)
+@click.pass_context
+def run(ctx: click.Context, /, config_file: Path | None, **flags: object) -> None:
     """Migrate the database and serve until interrupted."""
-    from ..server.runtime import RunOptions
     from ..server.runtime import run as run_server
 
-    run_server(
-        RunOptions(
-            data_dir=data_dir,
-            ca_cert=ca_cert,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            db_url=db_url,
-            host=host,
-            port=port,
-            admin_host=admin_host,
-            admin_port=admin_port,
-            trust_bundle=trust_bundle,
-            trusted_keys=list(trusted_keys),
-            trusted_proxies=list(proxies),
-            proxy_only=proxy_only,
-            device_rate=device_rate,
-            device_burst=device_burst,
-            ip_rate=ip_rate,
-            ip_burst=ip_burst,
-        )
-    )
+    run_server(run_options(ctx, config_file, flags))
+
+
+def run_options(
+    ctx: click.Context, config_file: Path | None, flags: dict[str, object]
+) -> RunOptions:
+    """The file's values, overridden by every flag given on the command line or through its
+    environment variable; click's defaults fill in what neither gives."""
+    from ..server.config import load_server_config
+    from ..server.runtime import RunOptions
+
+    values = load_server_config(config_file) if config_file is not None else {}
+    for name, value in flags.items():
+        source = ctx.get_parameter_source(name)
+        given = source not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
+        if given or name not in values:
+            values[name] = list(value) if isinstance(value, tuple) else value
+    if values.get("ca_cert") is None:
+        raise UsageError(ErrorCode.USAGE, "--ca-cert (or tls.ca_cert in --config) is required")
+    return RunOptions(**values)
 
 
 @server.command("token-create")

@@ -38,10 +38,12 @@ from ..errors import ErrorCode, OtaError, ServerError
 from ..trust.model import KeyResolver
 from ..wire import decimal, loads_json
 from . import store
+from .authlog import AuthFailures
 from .blobs import LocalBlobStore, check_name
 from .ca import fingerprint, serial_of, verify_forwarded_cert
 from .campaigns import TRANSIENT_ERRORS, CampaignService, Plan
 from .db import Database
+from .metrics import MetricsMiddleware, ServerMetrics, metrics_endpoint
 from .mtls import PEER_CERT_KEY
 from .prepared import Record
 from .ratelimit import ProbeDetector, RateLimit, TokenBuckets, retry_after_header
@@ -192,6 +194,10 @@ class UpdateServer:
         self._cert_cache: OrderedDict[bytes, Identity] = OrderedDict()
         self._fwd_cache: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
         self.campaigns = CampaignService(db)
+        self.metrics = ServerMetrics(db)
+        self.auth_failures = AuthFailures(
+            self.metrics.auth_failures, interval=settings.probe_event_interval, clock=clock
+        )
 
     async def _db(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Database work of a device request: on a worker thread, or inline (``inline_io``)."""
@@ -219,6 +225,7 @@ class UpdateServer:
             ]
         elif part == "admin":
             routes = admin_routes(self)
+            routes.append(Route("/metrics", metrics_endpoint(self), methods=["GET"]))
         else:
             raise ValueError(part)
         routes.append(Route("/healthz", self.health, methods=["GET"]))
@@ -231,7 +238,7 @@ class UpdateServer:
                 Exception: self._on_crash,
             },
         )
-        return _IpLimitMiddleware(app, self.ip_buckets)
+        return MetricsMiddleware(_IpLimitMiddleware(app, self.ip_buckets), self.metrics, part)
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, OtaError)
@@ -252,7 +259,9 @@ class UpdateServer:
         return error_response(OtaError(ErrorCode.INTERNAL, "internal server error"), 500)
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"ok": True})
+        from .health import healthz
+
+        return await healthz(self, request)
 
     # --- identity ------------------------------------------------------------------------------
     def _is_proxy(self, ip: str | None) -> bool:
@@ -342,6 +351,7 @@ class UpdateServer:
                     f"possible probe: {self.settings.probe_threshold} rate-limit refusals "
                     f"within {self.settings.probe_window:.0f} s",
                 )
+        self.metrics.probe("rate_limit")
 
     def _probe(
         self, device_id: int | None, ip: str | None, kind: str, path: str, detail: str = ""
@@ -350,6 +360,7 @@ class UpdateServer:
             store.record_probe(
                 conn, device_id=device_id, ip=ip, kind=kind, path=path, detail=detail
             )
+        self.metrics.probe(kind)
 
     def _refusal_hit(self, serial: str, *, always_record: bool) -> tuple[bool, bool]:
         """Count a refusal for ``serial``: (flag it now, record a probe event). Events that
@@ -380,6 +391,7 @@ class UpdateServer:
                     f"(revoked certificate or not offered) within "
                     f"{self.settings.refusal_window:.0f} s",
                 )
+        self.metrics.probe(kind)
 
     def _device_work(
         self,
@@ -531,6 +543,7 @@ class UpdateServer:
                 self._device_work, ident, request, partial(work, dry=False), write=True
             )
         assert result is not None
+        self.metrics.checkins.inc()
         return JSONResponse(result)
 
     async def reports(self, request: Request) -> Response:
@@ -570,6 +583,8 @@ class UpdateServer:
             return fresh
 
         fresh = await self._db(self._device_work, ident, request, work, write=True)
+        if fresh:
+            self.metrics.on_report(report["state"])
         # The response is sent only after the transaction committed: an acknowledged report
         # is durable. A repeat of the same report_id is acknowledged again, never re-counted.
         return JSONResponse(

@@ -49,6 +49,9 @@ class RunOptions:
     device_burst: int = 30
     ip_rate: float = 200.0
     ip_burst: int = 1000
+    header_timeout: float = 10.0  # listener deadlines (server/listener.py)
+    body_timeout: float = 30.0
+    body_min_rate: int = 16384
 
 
 def open_database(data_dir: Path, db_url: str | None) -> Database:
