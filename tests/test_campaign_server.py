@@ -321,7 +321,7 @@ def test_fleet_views_and_openapi(hc: tuple[Harness, Fleet, SimClock]) -> None:
     validate(doc)
     app_routes = {
         (meth.lower(), r.path.replace(":int", ""))
-        for r in h.srv.asgi("admin").app.routes  # type: ignore[attr-defined]
+        for r in h.srv.asgi("admin").app.app.routes  # type: ignore[attr-defined]
         for meth in (r.methods or ()) - {"HEAD"}
     }
     documented = {(meth, p) for p, ops in doc["paths"].items() for meth in ops}

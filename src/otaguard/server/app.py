@@ -29,7 +29,7 @@ from cryptography import x509
 from sqlalchemy import Connection
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -233,12 +233,17 @@ class UpdateServer:
             routes=routes,
             exception_handlers={
                 OtaError: self._on_error,
+                ClientDisconnect: self._on_disconnect,
                 404: self._on_404,
                 405: self._on_405,
                 Exception: self._on_crash,
             },
         )
         return MetricsMiddleware(_IpLimitMiddleware(app, self.ip_buckets), self.metrics, part)
+
+    def deadline_expired(self, listener: str, phase: str) -> None:
+        """A listener closed a connection whose header or body deadline passed."""
+        self.metrics.deadlines.labels(listener, phase).inc()
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, OtaError)
@@ -247,6 +252,11 @@ class UpdateServer:
         if isinstance(exc, RateLimited):
             headers = {"Retry-After": retry_after_header(exc.retry_after)}
         return error_response(exc, status, headers)
+
+    async def _on_disconnect(self, request: Request, exc: Exception) -> Response:
+        # The client went away mid-body (or a read deadline closed the connection): nobody
+        # to answer, nothing to log as a server fault.
+        return Response(status_code=400)
 
     async def _on_404(self, request: Request, exc: Exception) -> Response:
         return error_response(OtaError(ErrorCode.NOT_FOUND, "no such endpoint"), 404)
@@ -314,16 +324,24 @@ class UpdateServer:
         der: bytes | None = request.scope.get(PEER_CERT_KEY)
         if header is not None:
             if not self._is_proxy(ip):
-                await self._db(self._probe, None, ip, "forged_header", request.url.path)
+                # Counted and logged every time, written at most once per interval per source
+                # (this is before the per-device limit: the sender is nobody yet).
+                if self.auth_failures.note("device", "forged_header", ip):
+                    await self._db(self._probe, None, ip, "forged_header", request.url.path)
                 raise ServerError(
                     ErrorCode.CERT,
                     "X-Client-Cert is accepted only from configured proxies",
                     403,
                 )
-            ident = self._identity_from_header(header)
+            try:
+                ident = self._identity_from_header(header)
+            except ServerError:
+                self.auth_failures.note("device", "bad_forwarded_cert", ip)
+                raise
         elif der:
             ident = self._identity_from_der(der)
         else:
+            self.auth_failures.note("device", "no_cert", ip)
             raise ServerError(ErrorCode.CERT, "client certificate required", 401)
         wait = self.device_buckets.take(ident.serial)
         if wait > 0:
@@ -420,6 +438,10 @@ class UpdateServer:
                 )
             else:
                 return fn(conn, dev)
+        reason = {None: "not_enrolled", True: "revoked", False: "superseded"}[
+            None if dev is None else bool(dev.revoked)
+        ]
+        record = self.auth_failures.note("device", reason, ip, ident.serial)
         if refusal.code is ErrorCode.CERT_REVOKED and device_id is not None:
             # Every cert refusal is recorded (the device rate limit bounds them) and counts
             # towards the refusal threshold of that identity.
@@ -427,7 +449,7 @@ class UpdateServer:
             self._record_refusal(
                 device_id, ip, refusal.code.value, request.url.path, refusal.detail, flag
             )
-        else:
+        elif record:  # at most once per interval per source: a CA-issued cert, not enrolled
             self._probe(device_id, ip, refusal.code.value, request.url.path, refusal.detail)
         raise refusal
 

@@ -53,6 +53,32 @@ class _Window:
         return False, 0
 
 
+class RateLimitedLog:
+    """A WARNING at most once per ``interval`` per key; the next line says how many were
+    suppressed. For events an attacker can cause at will (refused logins, deadline closes)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        interval: float = 10.0,
+        max_keys: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = logging.getLogger(name)
+        self._lock = threading.Lock()
+        self._window = _Window(interval, max_keys, clock)
+
+    def warning(self, key: tuple[str, ...], msg: str, *args: object) -> bool:
+        with self._lock:
+            first, suppressed = self._window.hit(key)
+        if first:
+            if suppressed:
+                msg += f" ({suppressed} more not logged)"
+            self._log.warning(msg, *args)
+        return first
+
+
 class AuthFailures:
     """Shared by the listeners of one process (their handlers run on the loop and on worker
     threads, hence the lock)."""

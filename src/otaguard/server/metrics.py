@@ -252,7 +252,7 @@ class MetricsMiddleware:
             self.metrics.latency.labels(self.listener, scope.get("method", "?"), path).observe(
                 time.perf_counter() - start
             )
-            if status >= 400 or status == 0:
+            if status >= 400:
                 label = code if code in _CODES else "other"
                 self.metrics.refusals.labels(self.listener, label).inc()
 
