@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -116,6 +117,34 @@ def test_ca_cert_required_from_flag_or_file(
     cfg.write_text("[device]\nport = 'x'\n")
     assert cli_main(["server", "run", "--config", str(cfg)]) == 1
     assert "error E_CONFIG: device.port" in capsys.readouterr().err
+
+
+def test_server_runs_from_a_config_file(server_tls: Path, tmp_path: Path) -> None:
+    """The real process, configured only by the file (ports 0: printed once bound)."""
+    cfg = tmp_path / "server.toml"
+    cfg.write_text(
+        f'data_dir = "data"\n[tls]\nca_cert = "{server_tls / "ca.pem"}"\n'
+        f'cert = "{server_tls / "server.pem"}"\nkey = "{server_tls / "server.key"}"\n'
+        "[device]\nport = 0\n[admin]\nport = 0\n[listener]\nheader_timeout = 5.0\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "otaguard.cli.main", "server", "run", "--config", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening"), proc.stderr.read() if proc.stderr else line
+        adm = line.split()[2].split("=")[1]
+        ctx = ssl.create_default_context(cafile=str(server_tls / "ca.pem"))
+        r = httpx.get(f"https://{adm}/healthz", verify=ctx, timeout=10)
+        assert r.status_code == 200 and r.json()["ok"] is True
+        assert (tmp_path / "data" / "otaguard.db").exists()  # data_dir relative to the file
+    finally:
+        proc.terminate()
+        proc.wait(20)
 
 
 # --- healthz ------------------------------------------------------------------------------------
