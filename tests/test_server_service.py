@@ -15,13 +15,15 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from otaguard.cli.main import main as cli_main
 from otaguard.errors import ErrorCode, OtaError
 from otaguard.server import models, store
 from otaguard.server.app import TrustState
 from otaguard.server.ca import FleetCA
-from otaguard.server.config import load_server_config
+from otaguard.server.config import _FIELDS, load_server_config, parse_server_config
 from otaguard.server.db import sqlite_url
 from otaguard.server.metrics import parse_samples
 from otaguard.server.runtime import RunOptions
@@ -72,6 +74,64 @@ def test_bad_config_is_e_config_naming_the_key(tmp_path: Path, text: str, key: s
     with pytest.raises(OtaError) as exc:
         load_server_config(p)
     assert exc.value.code is ErrorCode.CONFIG and key in exc.value.detail
+
+
+_SCALARS = st.one_of(
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=False),
+    st.text(max_size=12),
+    st.lists(st.text(max_size=6), max_size=3),
+)
+_KNOWN = sorted(_FIELDS)
+_NAME = st.text("abcxyz./-_", min_size=1, max_size=10)
+_VALID: dict[str, st.SearchStrategy[Any]] = {
+    "trusted_keys": st.lists(_NAME, max_size=3),
+    "trusted_proxies": st.lists(_NAME, max_size=3),
+    "db_url": st.just("sqlite:////var/lib/x.db"),
+    "host": _NAME,
+    "admin_host": _NAME,
+    "proxy_only": st.booleans(),
+    "port": st.integers(0, 65535),
+    "admin_port": st.integers(0, 65535),
+    "device_burst": st.integers(1, 10**9),
+    "ip_burst": st.integers(1, 10**9),
+    "body_min_rate": st.integers(1, 1 << 40),
+    "device_rate": st.floats(1e-6, 1e9),
+    "ip_rate": st.floats(1e-6, 1e9),
+    "header_timeout": st.floats(0.01, 86400),
+    "body_timeout": st.floats(0.01, 86400),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    keys=st.lists(st.sampled_from(_KNOWN), max_size=6, unique=True),
+    extra=st.dictionaries(st.text(min_size=1, max_size=8), _SCALARS, max_size=1),
+    data=st.data(),
+)
+def test_config_parser_answers_with_values_or_e_config(
+    keys: list[tuple[str, str]], extra: dict[str, Any], data: st.DataObject
+) -> None:
+    """Any document: RunOptions values, or E_CONFIG naming an offending key; nothing else."""
+    doc: dict[str, Any] = {}
+    for section, key in keys:
+        valid = _VALID.get(_FIELDS[(section, key)], _NAME)
+        value = data.draw(st.one_of(valid, valid, valid, _SCALARS))
+        (doc.setdefault(section, {}) if section else doc)[key] = value
+    for key, value in extra.items():
+        doc.setdefault(key, value)
+    try:
+        values = parse_server_config(doc, Path("/etc/otaguard"))
+    except OtaError as err:
+        assert err.code is ErrorCode.CONFIG
+        names = [f"{s}.{k}" if s else k for s, k in _FIELDS] + list(doc)
+        assert any(n in err.detail for n in names), err.detail
+        return
+    assert set(values) == {_FIELDS[k] for k in keys}
+    opts = RunOptions(**{"data_dir": Path("d"), "ca_cert": Path("c"), **values})
+    for name, value in values.items():  # every value lands in its field
+        assert getattr(opts, name) == value
 
 
 def _captured_options(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> RunOptions:
