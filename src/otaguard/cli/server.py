@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
+from ..errors import ErrorCode, UsageError
 from .common import lifetime_options, lifetime_seconds
 from .fleet import _data_dir_option, _db_option, _open_db
+
+if TYPE_CHECKING:
+    from ..crypto.cose import Signer
+    from ..server.renewal import CertIssuer
+    from ..server.runtime import RunOptions
 
 
 @click.group()
@@ -17,9 +25,15 @@ def server() -> None:
 
 
 @server.command("run")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML file with any of the options below (flags given here override it).",
+)
 @_data_dir_option
 @_db_option
-@click.option("--ca-cert", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--ca-cert", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -36,7 +50,7 @@ def server() -> None:
 )
 @click.option(
     "--trusted-proxy",
-    "proxies",
+    "trusted_proxies",
     multiple=True,
     help="Address/CIDR of a TLS-terminating proxy allowed to send X-Client-Cert.",
 )
@@ -64,76 +78,91 @@ def server() -> None:
 )
 @click.option("--cert-lifetime", default="90d", show_default=True, help="Renewed cert lifetime.")
 @click.option("--pkcs11-module", metavar="PATH", envvar="OTAGUARD_PKCS11_MODULE")
-def run(
-    data_dir: Path,
-    db_url: str | None,
-    ca_cert: Path,
-    tls_cert: Path | None,
-    tls_key: Path | None,
-    host: str,
-    port: int,
-    admin_host: str,
-    admin_port: int,
-    trust_bundle: Path | None,
-    trusted_keys: tuple[Path, ...],
-    proxies: tuple[str, ...],
-    proxy_only: bool,
-    device_rate: float,
-    device_burst: int,
-    ip_rate: float,
-    ip_burst: int,
-    audit_seal_pkcs11_uri: str | None,
-    audit_seal_key_file: Path | None,
-    issuing_ca_dir: Path | None,
-    cert_lifetime: str,
-    pkcs11_module: str | None,
-) -> None:
+@click.option(
+    "--header-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.01, 86400),
+    help="Seconds a client has to send a request's complete header block.",
+)
+@click.option(
+    "--body-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(0.01, 86400),
+    help="Seconds the server waits for the next part of a request body.",
+)
+@click.option(
+    "--body-min-rate",
+    default=16384,
+    show_default=True,
+    type=click.IntRange(1, 1 << 40),
+    help="Bytes per second a request body must average (after --body-timeout of grace).",
+)
+@click.pass_context
+def run(ctx: click.Context, /, config_file: Path | None, **flags: object) -> None:
     """Migrate the database and serve until interrupted."""
-    from ..errors import ErrorCode, UsageError
-    from ..server.renewal import CertIssuer
-    from ..server.runtime import RunOptions
     from ..server.runtime import run as run_server
+
+    run_server(run_options(ctx, config_file, flags))
+
+
+def run_options(
+    ctx: click.Context, config_file: Path | None, flags: dict[str, object]
+) -> RunOptions:
+    """The file's values, overridden by every flag given on the command line or through its
+    environment variable; click's defaults fill in what neither gives."""
+    from ..server.config import load_server_config
+    from ..server.runtime import RunOptions
+
+    values = load_server_config(config_file) if config_file is not None else {}
+    for name, value in flags.items():
+        source = ctx.get_parameter_source(name)
+        given = source not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
+        if given or name not in values:
+            values[name] = list(value) if isinstance(value, tuple) else value
+    if values.get("ca_cert") is None:
+        raise UsageError(ErrorCode.USAGE, "--ca-cert (or tls.ca_cert in --config) is required")
+    keys = {k: values.pop(k, None) for k in _KEY_OPTIONS}
+    return RunOptions(**values, audit_sealer=_audit_sealer(keys), issuer=_issuer(keys))
+
+
+# Options that name keys: loaded here (PINs and passphrases from the environment), so that
+# RunOptions carries the opened keys and the server package never reads a secret itself.
+_KEY_OPTIONS = (
+    "audit_seal_pkcs11_uri",
+    "audit_seal_key_file",
+    "issuing_ca_dir",
+    "cert_lifetime",
+    "pkcs11_module",
+)
+
+
+def _audit_sealer(keys: dict[str, Any]) -> Signer | None:
+    if not keys["audit_seal_pkcs11_uri"] and keys["audit_seal_key_file"] is None:
+        return None
+    from .common import load_signer
+
+    return load_signer(
+        keys["audit_seal_pkcs11_uri"], keys["pkcs11_module"], keys["audit_seal_key_file"], None
+    )
+
+
+def _issuer(keys: dict[str, Any]) -> CertIssuer | None:
+    from ..server.renewal import CertIssuer
     from .common import parse_duration
     from .fleet import _load_ca
 
+    text = keys["cert_lifetime"] or "90d"
     try:
-        lifetime = parse_duration(cert_lifetime)
+        lifetime = parse_duration(text)
     except UsageError:
         raise UsageError(
-            ErrorCode.USAGE, f"--cert-lifetime: want a duration like 90d or 12h: {cert_lifetime!r}"
+            ErrorCode.USAGE, f"--cert-lifetime: want a duration like 90d or 12h: {text!r}"
         ) from None
-    issuer = None
-    if issuing_ca_dir is not None:
-        issuer = CertIssuer(_load_ca(issuing_ca_dir, pkcs11_module), lifetime)
-
-    sealer = None
-    if audit_seal_pkcs11_uri or audit_seal_key_file:
-        from .common import load_signer
-
-        sealer = load_signer(audit_seal_pkcs11_uri, pkcs11_module, audit_seal_key_file, None)
-    run_server(
-        RunOptions(
-            data_dir=data_dir,
-            ca_cert=ca_cert,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            db_url=db_url,
-            host=host,
-            port=port,
-            admin_host=admin_host,
-            admin_port=admin_port,
-            trust_bundle=trust_bundle,
-            trusted_keys=list(trusted_keys),
-            trusted_proxies=list(proxies),
-            proxy_only=proxy_only,
-            device_rate=device_rate,
-            device_burst=device_burst,
-            ip_rate=ip_rate,
-            ip_burst=ip_burst,
-            audit_sealer=sealer,
-            issuer=issuer,
-        )
-    )
+    if keys["issuing_ca_dir"] is None:
+        return None
+    return CertIssuer(_load_ca(keys["issuing_ca_dir"], keys["pkcs11_module"]), lifetime)
 
 
 @server.command("token-create")

@@ -41,9 +41,25 @@ def signing() -> None:
               help="0 = pick a free port (printed on stderr).")  # fmt: skip
 @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-def serve(config: Path, host: str, port: int, tls_cert: Path | None, tls_key: Path | None) -> None:
+@click.option("--header-timeout", default=10.0, show_default=True,
+              type=click.FloatRange(0.01, 86400),
+              help="Seconds a client has to send a request's complete header block.")  # fmt: skip
+@click.option("--body-timeout", default=30.0, show_default=True,
+              type=click.FloatRange(0.01, 86400),
+              help="Seconds the service waits for the next part of a request body.")  # fmt: skip
+def serve(
+    config: Path,
+    host: str,
+    port: int,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    header_timeout: float,
+    body_timeout: float,
+) -> None:
     """Serve POST /v1/sign until interrupted; the audit log is sealed on shutdown."""
     import uvicorn
+
+    from ..server.listener import DeadlineProtocol, Deadlines, with_deadlines
 
     if bool(tls_cert) != bool(tls_key):
         raise UsageError(ErrorCode.USAGE, "--tls-cert and --tls-key go together")
@@ -81,12 +97,17 @@ def serve(config: Path, host: str, port: int, tls_cert: Path | None, tls_key: Pa
             click.echo("WARNING: serving without TLS on a non-loopback address", err=True)
         click.echo(f"otaguard signing service listening on {scheme}://{host}:{actual}", err=True)
         sys.stderr.flush()
+        deadlines = Deadlines(header_timeout, body_timeout, listener="signing")
         server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                log_level="warning",
-                ssl_certfile=str(tls_cert) if tls_cert else None,
-                ssl_keyfile=str(tls_key) if tls_key else None,
+            with_deadlines(
+                uvicorn.Config(
+                    app,
+                    http=DeadlineProtocol,
+                    log_level="warning",
+                    ssl_certfile=str(tls_cert) if tls_cert else None,
+                    ssl_keyfile=str(tls_key) if tls_key else None,
+                ),
+                deadlines,
             )
         )
         server.run(sockets=[sock])

@@ -19,7 +19,9 @@ async def token_identity(srv: UpdateServer, request: Request) -> tuple[str, str]
     revoked, or expired on the server clock: ``store.token_role``)."""
     auth = request.headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
+    ip = request.client.host if request.client else None
     if scheme.lower() != "bearer" or not token.strip():
+        srv.auth_failures.note("admin", "no_token", ip)
         raise ServerError(ErrorCode.AUTH, "bearer token required", 401)
 
     def lookup() -> tuple[str, str] | None:
@@ -28,6 +30,7 @@ async def token_identity(srv: UpdateServer, request: Request) -> tuple[str, str]
 
     found = await run_in_threadpool(lookup)
     if found is None:
+        srv.auth_failures.note("admin", "bad_token", ip)  # counted and logged; nothing written
         raise ServerError(ErrorCode.AUTH, "unknown or revoked token", 401)
     return found
 

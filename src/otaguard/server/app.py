@@ -29,7 +29,7 @@ from cryptography import x509
 from sqlalchemy import Connection
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -39,10 +39,12 @@ from ..errors import ErrorCode, OtaError, ServerError
 from ..trust.model import KeyResolver
 from ..wire import decimal, loads_json
 from . import store
+from .authlog import AuthFailures
 from .blobs import LocalBlobStore, check_name
 from .ca import fingerprint, serial_of, verify_forwarded_cert
 from .campaigns import TRANSIENT_ERRORS, CampaignService, Plan
 from .db import Database
+from .metrics import MetricsMiddleware, ServerMetrics, metrics_endpoint
 from .mtls import PEER_CERT_KEY
 from .prepared import Record
 from .ratelimit import ProbeDetector, RateLimit, TokenBuckets, retry_after_header
@@ -206,6 +208,10 @@ class UpdateServer:
         self._cert_cache: OrderedDict[bytes, Identity] = OrderedDict()
         self._fwd_cache: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
         self.campaigns = CampaignService(db)
+        self.metrics = ServerMetrics(db)
+        self.auth_failures = AuthFailures(
+            self.metrics.auth_failures, interval=settings.probe_event_interval, clock=clock
+        )
 
     async def _db(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Database work of a device request: on a worker thread, or inline (``inline_io``)."""
@@ -227,19 +233,28 @@ class UpdateServer:
         if part == "device":
             routes = self.device_routes()
         elif part == "admin":
-            routes = [*admin_routes(self), Route("/healthz", self.health, methods=["GET"])]
+            routes = [
+                *admin_routes(self),
+                Route("/healthz", self.health, methods=["GET"]),
+                Route("/metrics", metrics_endpoint(self), methods=["GET"]),
+            ]
         else:
             raise ValueError(part)
         app = Starlette(
             routes=routes,
             exception_handlers={
                 OtaError: self._on_error,
+                ClientDisconnect: self._on_disconnect,
                 404: self._on_404,
                 405: self._on_405,
                 Exception: self._on_crash,
             },
         )
-        return _IpLimitMiddleware(app, self.ip_buckets)
+        return MetricsMiddleware(_IpLimitMiddleware(app, self.ip_buckets), self.metrics, part)
+
+    def deadline_expired(self, listener: str, phase: str) -> None:
+        """A listener closed a connection whose header or body deadline passed."""
+        self.metrics.deadlines.labels(listener, phase).inc()
 
     def device_routes(self) -> list[BaseRoute]:
         """The device listener's routes (also what the OpenAPI document describes)."""
@@ -261,6 +276,11 @@ class UpdateServer:
             headers = {"Retry-After": retry_after_header(exc.retry_after)}
         return error_response(exc, status, headers)
 
+    async def _on_disconnect(self, request: Request, exc: Exception) -> Response:
+        # The client went away mid-body (or a read deadline closed the connection): nobody
+        # to answer, nothing to log as a server fault.
+        return Response(status_code=400)
+
     async def _on_404(self, request: Request, exc: Exception) -> Response:
         return error_response(OtaError(ErrorCode.NOT_FOUND, "no such endpoint"), 404)
 
@@ -272,7 +292,9 @@ class UpdateServer:
         return error_response(OtaError(ErrorCode.INTERNAL, "internal server error"), 500)
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"ok": True})
+        from .health import healthz
+
+        return await healthz(self, request)
 
     # --- identity ------------------------------------------------------------------------------
     def _is_proxy(self, ip: str | None) -> bool:
@@ -325,16 +347,24 @@ class UpdateServer:
         der: bytes | None = request.scope.get(PEER_CERT_KEY)
         if header is not None:
             if not self._is_proxy(ip):
-                await self._db(self._probe, None, ip, "forged_header", request.url.path)
+                # Counted and logged every time, written at most once per interval per source
+                # (this is before the per-device limit: the sender is nobody yet).
+                if self.auth_failures.note("device", "forged_header", ip):
+                    await self._db(self._probe, None, ip, "forged_header", request.url.path)
                 raise ServerError(
                     ErrorCode.CERT,
                     "X-Client-Cert is accepted only from configured proxies",
                     403,
                 )
-            ident = self._identity_from_header(header)
+            try:
+                ident = self._identity_from_header(header)
+            except ServerError:
+                self.auth_failures.note("device", "bad_forwarded_cert", ip)
+                raise
         elif der:
             ident = self._identity_from_der(der)
         else:
+            self.auth_failures.note("device", "no_cert", ip)
             raise ServerError(ErrorCode.CERT, "client certificate required", 401)
         wait = self.device_buckets.take(ident.serial)
         if wait > 0:
@@ -362,6 +392,7 @@ class UpdateServer:
                     f"possible probe: {self.settings.probe_threshold} rate-limit refusals "
                     f"within {self.settings.probe_window:.0f} s",
                 )
+        self.metrics.probe("rate_limit")
 
     def _probe(
         self, device_id: int | None, ip: str | None, kind: str, path: str, detail: str = ""
@@ -370,6 +401,7 @@ class UpdateServer:
             store.record_probe(
                 conn, device_id=device_id, ip=ip, kind=kind, path=path, detail=detail
             )
+        self.metrics.probe(kind)
 
     def _refusal_hit(self, serial: str, *, always_record: bool) -> tuple[bool, bool]:
         """Count a refusal for ``serial``: (flag it now, record a probe event). Events that
@@ -400,6 +432,7 @@ class UpdateServer:
                     f"(revoked certificate or not offered) within "
                     f"{self.settings.refusal_window:.0f} s",
                 )
+        self.metrics.probe(kind)
 
     def _device_work(
         self,
@@ -449,6 +482,12 @@ class UpdateServer:
             # re-enrollment, something else): judge the request again against it.
             return self._device_work(ident, request, fn, write=write)
         assert refusal is not None
+        reason = {
+            ErrorCode.CERT: "not_enrolled",
+            ErrorCode.CERT_EXPIRED: "expired",
+            ErrorCode.CERT_SUPERSEDED: "superseded",
+        }.get(refusal.code, "revoked" if dev is not None and dev.revoked else "superseded")
+        record = self.auth_failures.note("device", reason, ip, ident.serial)
         if refusal.code in _CERT_REFUSALS and device_id is not None:
             # Every cert refusal is recorded (the device rate limit bounds them) and counts
             # towards the refusal threshold of that identity.
@@ -456,7 +495,7 @@ class UpdateServer:
             self._record_refusal(
                 device_id, ip, refusal.code.value, request.url.path, refusal.detail, flag
             )
-        else:
+        elif record:  # at most once per interval per source: a CA-issued cert, not enrolled
             self._probe(device_id, ip, refusal.code.value, request.url.path, refusal.detail)
         raise refusal
 
@@ -577,6 +616,7 @@ class UpdateServer:
                 self._device_work, ident, request, partial(work, dry=False), write=True
             )
         assert result is not None
+        self.metrics.checkins.inc()
         return JSONResponse(result)
 
     async def reports(self, request: Request) -> Response:
@@ -616,6 +656,8 @@ class UpdateServer:
             return fresh
 
         fresh = await self._db(self._device_work, ident, request, work, write=True)
+        if fresh:
+            self.metrics.on_report(report["state"])
         # The response is sent only after the transaction committed: an acknowledged report
         # is durable. A repeat of the same report_id is acknowledged again, never re-counted.
         return JSONResponse(

@@ -123,6 +123,19 @@ class LocalBlobStore:
         finally:
             f.close()
 
+    def probe(self) -> None:
+        """Write, read back and remove a small file under the root (the health check): raises
+        OSError when the store cannot take a new blob (read-only, full, permissions)."""
+        fd, tmp = tempfile.mkstemp(prefix="health.", dir=self._tmp)
+        try:
+            os.write(fd, b"ok")
+            os.lseek(fd, 0, os.SEEK_SET)
+            if os.read(fd, 2) != b"ok":
+                raise OSError("blob store probe read back different bytes")
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+
     def verify(self, name: str) -> bool:
         """Re-hash a stored blob (for a periodic scrub): does it still match its name?"""
         h = hashlib.sha256()

@@ -25,6 +25,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import ErrorCode, ServerError
+from .listener import DeadlineProtocol, Deadlines, with_deadlines
 
 PEER_CERT_KEY = "otaguard.peer_cert_der"
 
@@ -111,21 +112,18 @@ class MtlsH11Protocol(H11Protocol):
         self.app = _peer_cert_app(self.app, transport)
 
 
-MtlsProtocol: type[asyncio.Protocol] = MtlsH11Protocol
-try:  # the C parser (uvicorn[standard]) costs a fraction of h11's pure-Python state machine
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+class MtlsHttpToolsProtocol(DeadlineProtocol):
+    """uvicorn's httptools protocol (the C parser costs a fraction of h11's pure-Python state
+    machine) with read deadlines (:mod:`.listener`), plus the verified client certificate in
+    the scope. h11 (:class:`MtlsH11Protocol`) has no read deadlines: not used by default."""
 
-    class MtlsHttpToolsProtocol(HttpToolsProtocol):
-        """uvicorn's httptools protocol, plus the verified client certificate in the scope."""
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.app = _peer_cert_app(self.app, transport)
+        self.transport = _CorkedTransport(transport)  # type: ignore[assignment]
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self.app = _peer_cert_app(self.app, transport)
-            self.transport = _CorkedTransport(transport)  # type: ignore[assignment]
 
-    MtlsProtocol = MtlsHttpToolsProtocol
-except ImportError:  # pragma: no cover - httptools is a declared dependency
-    pass
+MtlsProtocol: type[asyncio.Protocol] = MtlsHttpToolsProtocol
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -177,11 +175,13 @@ def uvicorn_config(
     *,
     log_level: str = "warning",
     protocol: type[asyncio.Protocol] | None = None,
+    deadlines: Deadlines | None = None,
 ) -> uvicorn.Config:
+    """``deadlines``: the listener's read deadlines (:mod:`.listener`; defaults if None)."""
     kwargs: dict[str, Any] = {}
     if ctx is not None:
         kwargs["ssl_context_factory"] = lambda _cfg, _default: ctx
-    return uvicorn.Config(
+    config = uvicorn.Config(
         app,
         http=protocol or MtlsProtocol,
         lifespan="off",
@@ -192,6 +192,7 @@ def uvicorn_config(
         date_header=True,
         **kwargs,
     )
+    return with_deadlines(config, deadlines or Deadlines())
 
 
 class ThreadedServer:
@@ -204,13 +205,14 @@ class ThreadedServer:
         host: str = "127.0.0.1",
         *,
         sock: socket.socket | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
         """``sock``: a listening socket to serve (e.g. inherited, shared with other server
         processes); by default a new one on a free port of ``host``."""
         self.sock = sock if sock is not None else bind_socket(host, 0)
         self.port: int = self.sock.getsockname()[1]
         self.host = host
-        self.server = uvicorn.Server(uvicorn_config(app, ctx))
+        self.server = uvicorn.Server(uvicorn_config(app, ctx, deadlines=deadlines))
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:

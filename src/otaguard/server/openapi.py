@@ -181,7 +181,17 @@ def _bin_body(ctype: str) -> dict[str, Any]:
 # (METHOD, path) → summary, role, and optional parameters / requestBody / 2xx response schema
 ADMIN_OPS: dict[tuple[str, str], dict[str, Any]] = {
     ("GET", "/admin/v1/openapi.json"): {"summary": "This OpenAPI document", "role": None},
-    ("GET", "/healthz"): {"summary": "Liveness", "role": None},
+    ("GET", "/healthz"): {
+        "summary": "Health: the database and the blob store answer (503 naming the failed check)",
+        "role": None,
+        "response": _ref("Health"),
+        "override": {"503": {"description": "a check failed", "schema": _ref("Health")}},
+    },
+    ("GET", "/metrics"): {
+        "summary": "Prometheus metrics (text exposition format; any admin role)",
+        "role": "read",
+        "media": "text/plain; version=0.0.4; charset=utf-8",
+    },
     ("GET", "/admin/v1/campaigns"): {
         "summary": "List campaigns",
         "role": "read",
@@ -320,6 +330,14 @@ _VERS = {"type": "string", "pattern": "^[0-9]{1,9}(\\.[0-9]{1,9}){0,3}$"}
 _ERRC = {"type": "string", "pattern": "^E_[A-Z0-9_]{1,30}$"}
 
 DEVICE_SCHEMAS: dict[str, Any] = {
+    "Health": {
+        "type": "object",
+        "required": ["ok", "checks"],
+        "properties": {
+            "ok": _BOOL,
+            "checks": {"type": "object", "additionalProperties": {"enum": ["ok", "failed"]}},
+        },
+    },
     "Checkin": {
         "type": "object",
         "required": ["version"],
@@ -401,7 +419,7 @@ DEVICE_OPS: dict[tuple[str, str], dict[str, Any]] = {
         "status": "201",
         "media": "application/pem-certificate-chain",
     },
-    ("GET", "/healthz"): {"summary": "Liveness", "response": _OBJ},
+    ("GET", "/healthz"): {"summary": "Health", "response": _ref("Health")},
 }
 
 _PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::[a-z]+)?\}")
@@ -469,6 +487,11 @@ def _operations(
                             media: {"schema": _OBJ if media == "application/json" else _STR}
                         },
                     }
+            for status, spec in doc.get("override", {}).items():
+                responses[status] = {
+                    "description": spec["description"],
+                    "content": {media: {"schema": spec["schema"]}},
+                }
             params = [
                 {
                     "name": n,

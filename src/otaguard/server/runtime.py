@@ -25,6 +25,7 @@ from .app import IpNet, ServerSettings, TrustState, UpdateServer
 from .blobs import LocalBlobStore
 from .ca import MAX_PEM, load_cert_pem
 from .db import Database, sqlite_url
+from .listener import Deadlines
 from .mtls import bind_socket, run_loop, server_ssl_context, uvicorn_config
 from .ratelimit import RateLimit
 from .renewal import CertIssuer
@@ -54,6 +55,9 @@ class RunOptions:
     # The rotation log's sealing key (loaded by the CLI from --audit-seal-*).
     audit_sealer: Signer | None = None
     issuer: CertIssuer | None = None  # the fleet CA for certificate renewal (else E_NO_ISSUER)
+    header_timeout: float = 10.0  # listener deadlines (server/listener.py)
+    body_timeout: float = 30.0
+    body_min_rate: int = 16384
 
 
 def open_database(data_dir: Path, db_url: str | None) -> Database:
@@ -115,6 +119,16 @@ def build_server(opts: RunOptions) -> UpdateServer:
     )
 
 
+def listener_deadlines(opts: RunOptions, srv: UpdateServer, listener: str) -> Deadlines:
+    return Deadlines(
+        header_timeout=opts.header_timeout,
+        body_timeout=opts.body_timeout,
+        body_min_rate=opts.body_min_rate,
+        listener=listener,
+        on_expire=srv.deadline_expired,
+    )
+
+
 def run(opts: RunOptions) -> None:
     """Serve the device API (mTLS) and the admin API (server TLS + tokens) until signalled."""
     srv = build_server(opts)
@@ -132,8 +146,9 @@ def run(opts: RunOptions) -> None:
         adm_ctx = server_ssl_context(opts.tls_cert, opts.tls_key, None, require_client_cert=False)
     dev_sock = bind_socket(opts.host, opts.port)
     adm_sock = bind_socket(opts.admin_host, opts.admin_port)
-    dev = uvicorn.Server(uvicorn_config(srv.asgi("device"), dev_ctx))
-    adm = uvicorn.Server(uvicorn_config(srv.asgi("admin"), adm_ctx))
+    dev_dl, adm_dl = (listener_deadlines(opts, srv, part) for part in ("device", "admin"))
+    dev = uvicorn.Server(uvicorn_config(srv.asgi("device"), dev_ctx, deadlines=dev_dl))
+    adm = uvicorn.Server(uvicorn_config(srv.asgi("admin"), adm_ctx, deadlines=adm_dl))
     dport, aport = dev_sock.getsockname()[1], adm_sock.getsockname()[1]
     log.warning(
         "otaguard server: devices on %s:%d, admin on %s:%d",

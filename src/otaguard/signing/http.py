@@ -45,6 +45,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import ErrorCode, FormatError, OtaError
+from ..server.authlog import AuthFailures
 from ..server.ratelimit import RateLimit, TokenBuckets, retry_after_header
 from ..wire import decimal, loads_json
 from .cosign import CosignService
@@ -288,10 +289,21 @@ def create_app(
 ) -> Starlette:
     """``clock``: wall time for token expiry; ``rate_clock``: monotonic time for the buckets."""
     buckets = TokenBuckets(sign_rate.limit(), max_keys=10_000, clock=rate_clock)
+    failures = AuthFailures(interval=10.0, clock=rate_clock)
+
+    def authenticate(request: Request) -> Requester:
+        """The requester, or E_AUTH logged (rate-limited, with the source address)."""
+        try:
+            return _requester(request, tokens, clock())
+        except OtaError as err:
+            if err.code == ErrorCode.AUTH:
+                reason = "no_token" if err.detail == "missing bearer token" else "bad_token"
+                failures.note("signing", reason, request.client.host if request.client else None)
+            raise
 
     async def sign(request: Request) -> Response:
         try:
-            who = _requester(request, tokens, clock())
+            who = authenticate(request)
             if who.role == Role.VIEWER:
                 raise OtaError(ErrorCode.FORBIDDEN, f"role {who.role.value!r} may not sign")
             wait = buckets.take(who.id)
@@ -312,7 +324,7 @@ def create_app(
 
     async def public_key(request: Request) -> Response:
         try:
-            _requester(request, tokens, clock())
+            authenticate(request)
         except OtaError as err:
             return _error(err)
         key = service.signer.public_key
