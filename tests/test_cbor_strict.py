@@ -173,9 +173,10 @@ def test_canonical_dumps_pass_sorted_profile(value: Any) -> None:
 
 
 def test_sorted_profile_refuses_out_of_order_keys() -> None:
-    # {24: 0, "": 0} in canonical order puts the 1-byte key "" (0x60) first.
-    good = bytes.fromhex("a26000181800")
-    bad = bytes.fromhex("a21818006000")
+    # {24: 0, "": 0} in core deterministic order (RFC 8949 §4.2.1, bytewise) puts 24 (0x1818)
+    # before "" (0x60), where length-first (RFC 7049) order would put the 1-byte key first.
+    good = bytes.fromhex("a21818006000")
+    bad = bytes.fromhex("a26000181800")
     cbor.check_well_formed(good, cbor.Limits(sorted_keys=True))
     with pytest.raises(FormatError) as e:
         cbor.check_well_formed(bad, cbor.Limits(sorted_keys=True))
