@@ -11,15 +11,18 @@ from __future__ import annotations
 import getpass
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import click
 
 from ..crypto.algorithms import HashAlg, hash_alg
+from ..crypto.cose import Signer
 from ..crypto.keys import PublicKey
-from ..errors import ErrorCode, UsageError
+from ..errors import ErrorCode, OtaError, UsageError
 from ..fsutil import read_limited
+from ..manifest.class_algs import MAX_TABLE, ClassAlgs, envelope_algs
 from ..signing.audit import DEFAULT_SEAL_EVERY, AuditHead, AuditLog
 from ..signing.client import TOKEN_ENV, SigningClient
 from ..signing.policy import Policy, Requester, Role, SigningRequest
@@ -123,6 +126,14 @@ def _summary_text(s: dict[str, Any]) -> str:
     help="Publish a delta only if patch <= FACTOR x xz -9e of the full image.",
 )
 @click.option("--patch-uri-prefix", help="Patch URI = PREFIX + patch file name (optional).")
+@click.option(
+    "--class-algs",
+    "class_algs_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Class algorithm table (KEYLIST.class-algs.json, written by `keys authorize "
+    "--class-alg`): a signer whose algorithm the class cannot verify is refused (E_ALGORITHM) "
+    "before it signs.",
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--json", "as_json", is_flag=True)
 def create(
@@ -154,11 +165,13 @@ def create(
     delta_from: tuple[Path, ...],
     delta_factor: float,
     patch_uri_prefix: str | None,
+    class_algs_file: Path | None,
     out: Path,
     as_json: bool,
 ) -> None:
     """Sign IMAGE for one model/hardware revision and write the release directory OUT."""
     now = int(time.time())
+    class_check = _class_check(class_algs_file, vendor, model, hw_rev)
     alg: HashAlg = hash_alg(digest_alg)
     expires_at = parse_expires(expires, now)
     pins = [PublicKey.from_pem(read_limited(p, MAX_PEM)) for p in trust_key]
@@ -199,8 +212,14 @@ def create(
         with SigningClient(signing_url, token, ca_file=signing_ca) as client:
             keys_box: list[PublicKey] = []
 
+            if class_check is not None:
+                for key in pins or [client.public_key()]:
+                    class_check.before_remote(key)
+
             def sign_remote(req: SigningRequest) -> tuple[bytes, AuditHead]:
                 r = client.sign(req)
+                if class_check is not None:  # the service chose the exact algorithm
+                    class_check.after_remote(r.envelope)
                 return r.envelope, r.audit
 
             def remote_keys() -> list[PublicKey]:
@@ -226,6 +245,14 @@ def create(
                 ErrorCode.USAGE, "local signing needs --audit-log (every signature is audited)"
             )
         signer = load_signer(pkcs11_uri, pkcs11_module, key_file, alg_name)
+        if class_check is not None:
+            try:
+                class_check.before_local(signer)
+            except OtaError:
+                close_signer = getattr(signer, "close", None)
+                if callable(close_signer):
+                    close_signer()
+                raise
         who = Requester(requester or f"local:{getpass.getuser()}", Role.SECURITY_OFFICER)
         pol = (
             Policy.from_json(read_limited(policy, MAX_POLICY))
@@ -269,3 +296,28 @@ def create(
     emit(result.summary, as_json, _summary_text)
     if not as_json:
         click.echo(f"  written   {result.out}")
+
+
+class _ClassCheck:
+    """The target class's algorithms (manifest/class_algs.py) held against the signer."""
+
+    def __init__(self, table: ClassAlgs, cid: uuid.UUID) -> None:
+        self.table, self.cid = table, cid
+
+    def before_local(self, signer: Signer) -> None:
+        self.table.require(self.cid, [signer.alg], f"key {signer.public_key.key_id.hex()}")
+
+    def before_remote(self, key: PublicKey) -> None:
+        self.table.require_kind(self.cid, key.kind, f"signing service key {key.key_id.hex()}")
+
+    def after_remote(self, envelope: bytes) -> None:
+        self.table.require(self.cid, envelope_algs(envelope), "the signing service")
+
+
+def _class_check(path: Path | None, vendor: str, model: str, hw_rev: str) -> _ClassCheck | None:
+    if path is None:
+        return None
+    from ..manifest.ids import class_id, vendor_id
+
+    table = ClassAlgs.from_json(read_limited(path, MAX_TABLE))
+    return _ClassCheck(table, class_id(vendor_id(vendor), model, hw_rev))
