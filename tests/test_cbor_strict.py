@@ -181,6 +181,12 @@ def test_sorted_profile_refuses_out_of_order_keys() -> None:
     with pytest.raises(FormatError) as e:
         cbor.check_well_formed(bad, cbor.Limits(sorted_keys=True))
     assert e.value.code == ErrorCode.MALFORMED
+    # under a tag too (cbor2 decodes it as a frozendict), on the fast route as on the walk
+    for blob in (bad, bytes.fromhex("d2") + bad, bytes.fromhex("81d2") + bad):
+        with pytest.raises(FormatError) as e:
+            cbor.loads(blob, cbor.Limits(sorted_keys=True))
+        assert e.value.code == ErrorCode.MALFORMED
+    assert cbor.loads(bytes.fromhex("d2") + good, cbor.Limits(sorted_keys=True)).tag == 18
 
 
 @settings(max_examples=1500, deadline=None)

@@ -361,7 +361,7 @@ def core_key(key: Any) -> bytes:
 
 
 def _core_order(obj: Any) -> Any:
-    if isinstance(obj, dict):
+    if isinstance(obj, dict | cbor2.frozendict):  # frozendict: what cbor2 decodes under a tag
         items = sorted(((core_key(k), k, v) for k, v in obj.items()), key=lambda t: t[0])
         return {k: _core_order(v) for _, k, v in items}
     if isinstance(obj, list | tuple):
