@@ -374,15 +374,15 @@ def authorize(
             raise UsageError(ErrorCode.USAGE, f"--class must be MODEL:HWREV, got {c!r}")
         cids.add(class_id(vid, model, hw))
     key = _load_public(public_key)
-    chosen_alg, table = _class_algs_for(
-        keylist, vendor, vid, frozenset(cids), key, key_alg, class_algs
-    )
     root = load_signer(pkcs11_uri, pkcs11_module, key_file, alg_name)
     previous = _load_keylist(keylist, root.public_key) if keylist.exists() else None
     if previous and previous.key(key.key_id):
         raise OtaError(ErrorCode.EXISTS, f"key {key.key_id.hex()} is already in the list")
     if previous and key.key_id in previous.revoked:
         raise OtaError(ErrorCode.KEY_REVOKED, f"key {key.key_id.hex()} was revoked")
+    chosen_alg, table = _class_algs_for(
+        keylist, vendor, vid, frozenset(cids), key, key_alg, class_algs
+    )
     nbf = _parse_time(not_before, _now())
     auth = issue_authorization(
         root,

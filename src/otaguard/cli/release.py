@@ -12,6 +12,7 @@ import getpass
 import os
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import click
 from ..crypto.algorithms import HashAlg, hash_alg
 from ..crypto.cose import Signer
 from ..crypto.keys import PublicKey
-from ..errors import ErrorCode, OtaError, UsageError
+from ..errors import ErrorCode, UsageError
 from ..fsutil import read_limited
 from ..manifest.class_algs import MAX_TABLE, ClassAlgs, envelope_algs
 from ..signing.audit import DEFAULT_SEAL_EVERY, AuditHead, AuditLog
@@ -245,14 +246,8 @@ def create(
                 ErrorCode.USAGE, "local signing needs --audit-log (every signature is audited)"
             )
         signer = load_signer(pkcs11_uri, pkcs11_module, key_file, alg_name)
-        if class_check is not None:
-            try:
-                class_check.before_local(signer)
-            except OtaError:
-                close_signer = getattr(signer, "close", None)
-                if callable(close_signer):
-                    close_signer()
-                raise
+        if class_check is not None:  # before the audit log or the state is opened
+            class_check.before_local([signer])
         who = Requester(requester or f"local:{getpass.getuser()}", Role.SECURITY_OFFICER)
         pol = (
             Policy.from_json(read_limited(policy, MAX_POLICY))
@@ -304,8 +299,9 @@ class _ClassCheck:
     def __init__(self, table: ClassAlgs, cid: uuid.UUID) -> None:
         self.table, self.cid = table, cid
 
-    def before_local(self, signer: Signer) -> None:
-        self.table.require(self.cid, [signer.alg], f"key {signer.public_key.key_id.hex()}")
+    def before_local(self, signers: Sequence[Signer]) -> None:
+        for s in signers:
+            self.table.require(self.cid, [s.alg], f"key {s.public_key.key_id.hex()}")
 
     def before_remote(self, key: PublicKey) -> None:
         self.table.require_kind(self.cid, key.kind, f"signing service key {key.key_id.hex()}")
