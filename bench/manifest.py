@@ -176,11 +176,11 @@ def main() -> None:
     )
     print(f"| - manifest | {len(cbor.dumps(outer[3]))} | |")
     for key, name in (
-        (3, "common (ids, digest, size, counter, expiry, min version)"),
+        (3, "common (ids, digest, size, expiry, min version)"),
         (20, "install (URI)"),
         (23, "text (model, hw_rev)"),
         (6, "set-version"),
-        (7, "validate"),
+        (7, "validate (security counter, image-match)"),
     ):
         print(f"| -- {name} | {len(cbor.dumps(man[key])) + 1} | |")
     print(

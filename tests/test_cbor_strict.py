@@ -173,13 +173,20 @@ def test_canonical_dumps_pass_sorted_profile(value: Any) -> None:
 
 
 def test_sorted_profile_refuses_out_of_order_keys() -> None:
-    # {24: 0, "": 0} in canonical order puts the 1-byte key "" (0x60) first.
-    good = bytes.fromhex("a26000181800")
-    bad = bytes.fromhex("a21818006000")
+    # {24: 0, "": 0} in core deterministic order (RFC 8949 §4.2.1, bytewise) puts 24 (0x1818)
+    # before "" (0x60), where length-first (RFC 7049) order would put the 1-byte key first.
+    good = bytes.fromhex("a21818006000")
+    bad = bytes.fromhex("a26000181800")
     cbor.check_well_formed(good, cbor.Limits(sorted_keys=True))
     with pytest.raises(FormatError) as e:
         cbor.check_well_formed(bad, cbor.Limits(sorted_keys=True))
     assert e.value.code == ErrorCode.MALFORMED
+    # under a tag too (cbor2 decodes it as a frozendict), on the fast route as on the walk
+    for blob in (bad, bytes.fromhex("d2") + bad, bytes.fromhex("81d2") + bad):
+        with pytest.raises(FormatError) as e:
+            cbor.loads(blob, cbor.Limits(sorted_keys=True))
+        assert e.value.code == ErrorCode.MALFORMED
+    assert cbor.loads(bytes.fromhex("d2") + good, cbor.Limits(sorted_keys=True)).tag == 18
 
 
 @settings(max_examples=1500, deadline=None)

@@ -43,6 +43,8 @@ KEYS = StaticKeys([ED.public_key, P256.public_key])
 
 # --- the reference encoder: the profile as Python objects, encoded by cbor2 -------------------
 def reference_manifest(info: ManifestInfo) -> bytes:
+    """The conformant layout (2) built as Python objects and encoded by cbor.dumps."""
+
     def dig(alg: HashAlg, value: bytes) -> bytes:
         return cbor.dumps([int(alg), value])
 
@@ -52,7 +54,6 @@ def reference_manifest(info: ManifestInfo) -> bytes:
         suit.P_CLASS_ID: info.class_id.bytes,
         suit.P_IMAGE_DIGEST: dig(alg, info.image_digest),
         suit.P_IMAGE_SIZE: info.image_size,
-        suit.P_OTA_SECURITY_COUNTER: info.security_counter,
     }
     conditions: list[Any] = [suit.COND_VENDOR_ID, suit.REP_POLICY, suit.COND_CLASS_ID, 15]
     if info.expires is not None:
@@ -63,28 +64,36 @@ def reference_manifest(info: ManifestInfo) -> bytes:
             [suit.VERSION_GREATER_EQUAL, list(parse_version(info.min_version))]
         )
         conditions += [suit.COND_VERSION, suit.REP_POLICY]
-    if info.delta is not None:
-        d = info.delta
-        params[suit.P_OTA_DELTA] = cbor.dumps(
-            [d.base_digest, d.patch_digest, d.patch_size, d.patch_uri]
-        )
     common = {
         suit.COMMON_COMPONENTS: [[b"\x00"]],
         suit.COMMON_SHARED_SEQUENCE: cbor.dumps(
             [suit.DIR_OVERRIDE_PARAMETERS, params, *conditions]
         ),
     }
+    validate = [
+        suit.DIR_OVERRIDE_PARAMETERS,
+        {suit.P_OTA_SECURITY_COUNTER: info.security_counter},
+        suit.COND_IMAGE_MATCH,
+        suit.REP_POLICY,
+    ]
     manifest: dict[int, Any] = {
         suit.MAN_VERSION: 1,
         suit.MAN_SEQUENCE: info.sequence_number,
         suit.MAN_COMMON: cbor.dumps(common),
         suit.MAN_SET_VERSION: cbor.dumps(list(parse_version(info.version))),
-        suit.MAN_VALIDATE: cbor.dumps([suit.COND_IMAGE_MATCH, suit.REP_POLICY]),
+        suit.MAN_VALIDATE: cbor.dumps(validate),
     }
+    install: dict[int, Any] = {}
     if info.uri is not None:
-        manifest[suit.MAN_INSTALL] = cbor.dumps(
-            [suit.DIR_SET_PARAMETERS, {suit.P_URI: info.uri}, suit.DIR_FETCH, 15, 3, 15]
+        install[suit.P_URI] = info.uri
+    if info.delta is not None:
+        d = info.delta
+        install[suit.P_OTA_DELTA] = cbor.dumps(
+            [d.base_digest, d.patch_digest, d.patch_size, d.patch_uri]
         )
+    if install:
+        fetch = [suit.DIR_FETCH, 15, 3, 15] if info.uri is not None else []
+        manifest[suit.MAN_INSTALL] = cbor.dumps([suit.DIR_SET_PARAMETERS, install, *fetch])
     if info.text:
         top: dict[Any, Any] = {}
         comp: dict[Any, str] = {}
@@ -324,9 +333,11 @@ def _tweaked(change: Any) -> bytes:
         "manifest": manifest,
         "params": shared[1],
         "install": cbor2.loads(manifest[suit.MAN_INSTALL]),
+        "validate": cbor2.loads(manifest[suit.MAN_VALIDATE]),
         "text": cbor2.loads(manifest[suit.MAN_TEXT]),
     }
     change(layers)
+    manifest[suit.MAN_VALIDATE] = cbor.dumps(layers["validate"])
     common[suit.COMMON_SHARED_SEQUENCE] = cbor.dumps(shared)
     manifest[suit.MAN_COMMON] = cbor.dumps(common)
     manifest[suit.MAN_INSTALL] = cbor.dumps(layers["install"])
@@ -337,7 +348,7 @@ def _tweaked(change: Any) -> bytes:
 def _set(layer: str, key: Any, value: Any) -> Any:
     def change(layers: dict[str, Any]) -> None:
         target = layers[layer]
-        if layer == "install":
+        if layer in ("install", "validate"):
             target = target[1]
         elif layer == "text":
             target = target["en"][(b"\x00",)]
@@ -370,7 +381,7 @@ OUT_OF_PROFILE = {
     ),
     "sequence number 2**64 (bignum)": _set("manifest", suit.MAN_SEQUENCE, 2**64),
     "negative image size": _set("params", suit.P_IMAGE_SIZE, -1),
-    "counter as true": _set("params", suit.P_OTA_SECURITY_COUNTER, True),
+    "counter as true": _set("validate", suit.P_OTA_SECURITY_COUNTER, True),
     "expiry as float": _set("params", suit.P_USE_BEFORE, 1.5),
 }
 

@@ -239,6 +239,15 @@ def _mutate_shared(fn: Any) -> Any:
     return inner
 
 
+def _mutate_validate(fn: Any) -> Any:
+    def inner(manifest: dict[Any, Any]) -> None:
+        validate = cbor.loads(manifest[suit.MAN_VALIDATE])
+        fn(validate)
+        manifest[suit.MAN_VALIDATE] = cbor.dumps(validate)
+
+    return inner
+
+
 def test_unknown_critical_elements(ed: SoftwareSigner) -> None:
     keys = StaticKeys([ed.public_key])
     env = _resign(ed, lambda m: m.__setitem__(99, b"\x00"))
@@ -274,7 +283,9 @@ def test_wrong_manifest_version(ed: SoftwareSigner) -> None:
 
 def test_missing_profile_fields_are_malformed(ed: SoftwareSigner) -> None:
     keys = StaticKeys([ed.public_key])
-    env = _resign(ed, _mutate_shared(lambda s: s[1].pop(suit.P_OTA_SECURITY_COUNTER)))
+    env = _resign(ed, _mutate_validate(lambda s: s[1].pop(suit.P_OTA_SECURITY_COUNTER)))
+    assert code_of(verify_envelope, env, keys) == ErrorCode.MALFORMED
+    env = _resign(ed, _mutate_validate(lambda s: s[1].__setitem__(suit.P_OTA_SECURITY_COUNTER, -1)))
     assert code_of(verify_envelope, env, keys) == ErrorCode.MALFORMED
     env = _resign(ed, _mutate_shared(lambda s: s[1].__setitem__(suit.P_IMAGE_SIZE, -1)))
     assert code_of(verify_envelope, env, keys) == ErrorCode.MALFORMED

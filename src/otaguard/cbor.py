@@ -29,7 +29,7 @@ class Limits:
     # Deterministic encoding (RFC 8949 §4.2.1, minus key sorting): minimal heads, definite
     # lengths only. Required for anything we sign so that re-encoding is byte-identical.
     deterministic: bool = True
-    sorted_keys: bool = False  # RFC 7049 canonical (length-first) key order
+    sorted_keys: bool = False  # RFC 8949 §4.2.1 core deterministic (bytewise) key order
     allow_floats: bool = False
 
 
@@ -140,13 +140,9 @@ class _Walker:
                 key = self.data[kstart:pos]
                 if key in seen:
                     raise self.fail(ErrorCode.MALFORMED, "duplicate CBOR map key", kstart)
-                # The order cbor.dumps emits (cbor2 canonical = RFC 7049 §3.9: shorter
-                # encoded key first, then bytewise), so what we sign always passes.
-                if (
-                    self.limits.sorted_keys
-                    and prev is not None
-                    and (len(key), key) <= (len(prev), prev)
-                ):
+                # The order cbor.dumps emits (RFC 8949 §4.2.1 core deterministic: bytewise
+                # lexicographic order of the encoded keys), so what we sign always passes.
+                if self.limits.sorted_keys and prev is not None and key <= prev:
                     raise self.fail(ErrorCode.MALFORMED, "CBOR map keys not in order", kstart)
                 seen.add(key)
                 prev = key
@@ -248,7 +244,7 @@ def _fast_loads(data: bytes, limits: Limits) -> Any:
         _tree(obj, 0, limits.max_depth, budget)
         if budget[0] < 0:
             return _MISS
-        again = cbor2.dumps(obj, canonical=limits.sorted_keys)
+        again = dumps(obj) if limits.sorted_keys else cbor2.dumps(obj)
     except _Miss:
         return _MISS
     except Exception:  # cbor2 could not re-encode what it decoded: let the walk judge
@@ -350,8 +346,29 @@ def _thaw(obj: Any) -> Any:
 
 
 def dumps(obj: Any) -> bytes:
-    """Deterministic (canonical) encoding, so re-encoding a decoded document is stable."""
-    return cbor2.dumps(obj, canonical=True)
+    """RFC 8949 §4.2.1 core deterministic encoding, so re-encoding a decoded document is stable.
+
+    Map keys are sorted bytewise by their encoding (core deterministic order), not length-first
+    as cbor2's ``canonical`` (RFC 7049 §3.9) does: the two differ when a map mixes key types,
+    e.g. 24 (0x1818) sorts before -1 (0x20) here. cbor2 keeps a dict's insertion order when
+    not canonical, so the maps are put in order first; heads are minimal either way."""
+    return cbor2.dumps(_core_order(obj))
+
+
+def core_key(key: Any) -> bytes:
+    """A map key's encoding: what core deterministic order sorts by."""
+    return cbor2.dumps(key, canonical=True)
+
+
+def _core_order(obj: Any) -> Any:
+    if isinstance(obj, dict | cbor2.frozendict):  # frozendict: what cbor2 decodes under a tag
+        items = sorted(((core_key(k), k, v) for k, v in obj.items()), key=lambda t: t[0])
+        return {k: _core_order(v) for _, k, v in items}
+    if isinstance(obj, list | tuple):
+        return [_core_order(x) for x in obj]
+    if isinstance(obj, cbor2.CBORTag):
+        return cbor2.CBORTag(obj.tag, _core_order(obj.value))
+    return obj
 
 
 Tag = cbor2.CBORTag

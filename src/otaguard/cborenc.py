@@ -6,10 +6,11 @@ expects exactly those bytes. Composing them from byte fragments keeps the layout
 constants both sides share, and avoids building Python trees only to hand them to a general
 encoder.
 
-The output is exactly :func:`otaguard.cbor.dumps` (canonical: minimal heads, definite lengths,
-map keys shorter-first then bytewise); tests hold the two side by side. Each function accepts
-only the one Python type it encodes (``True`` is not an integer here, ``str`` is not ``bytes``),
-so a look-alike value (``True`` for 1) can never reproduce the bytes of a real one.
+The output is exactly :func:`otaguard.cbor.dumps` (RFC 8949 §4.2.1 core deterministic: minimal
+heads, definite lengths, map keys in bytewise order of their encoding); tests hold the two side
+by side. Each function accepts only the one Python type it encodes (``True`` is not an integer
+here, ``str`` is not ``bytes``), so a look-alike value (``True`` for 1) can never reproduce the
+bytes of a real one.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def array(items: Sequence[bytes]) -> bytes:
 
 
 def cmap(pairs: Sequence[tuple[bytes, bytes]]) -> bytes:
-    """A map of already-encoded (key, value) pairs, put in canonical key order."""
+    """A map of already-encoded (key, value) pairs, put in core deterministic key order."""
     n = len(pairs)
     if n > 1:
         pairs = sorted(pairs, key=_key_order)
@@ -89,5 +90,5 @@ def cmap(pairs: Sequence[tuple[bytes, bytes]]) -> bytes:
     return head(5, n) + b"".join([k + v for k, v in pairs])
 
 
-def _key_order(pair: tuple[bytes, bytes]) -> tuple[int, bytes]:
-    return len(pair[0]), pair[0]
+def _key_order(pair: tuple[bytes, bytes]) -> bytes:
+    return pair[0]  # RFC 8949 §4.2.1 core deterministic: bytewise order of the encoded keys

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ..crypto.algorithms import KeyKind
+from ..crypto.algorithms import CoseAlg, KeyKind, parse_alg_name
 from ..crypto.cose import Signer
 from ..crypto.keys import PublicKey
 from ..errors import ErrorCode, OtaError, UsageError
 from ..fsutil import atomic_write, read_limited
+from ..manifest.class_algs import ALG_NAMES, MAX_TABLE, ClassAlgs, parse_class_alg
 from ..trust.bundle import TrustBundle
 from ..trust.documents import (
     MAX_KEYLIST,
@@ -250,6 +252,55 @@ def _write_new_list(
     return kl
 
 
+# --- per-class signature algorithms (manifest/class_algs.py) ---------------------------------
+def click_class_alg_options(func: Any) -> Any:
+    func = click.option(
+        "--class-alg",
+        "class_algs",
+        multiple=True,
+        metavar="MODEL:HWREV=ALG[,ALG]",
+        help="Signature algorithms this device class verifies (repeatable), recorded in "
+        "KEYLIST.class-algs.json for `release create --class-algs`; a key whose algorithm a "
+        "class it is scoped to cannot verify is refused (E_ALGORITHM).",
+    )(func)
+    return click.option(
+        "--key-alg",
+        metavar="ALG",
+        help="Algorithm the authorized key signs with: ed25519, eddsa (Ed25519 keys), esp256, "
+        "es256 (P-256 keys); default ed25519 / esp256.",
+    )(func)
+
+
+def class_algs_path(keylist: Path) -> Path:
+    return keylist.with_name(keylist.name + ".class-algs.json")
+
+
+def _class_algs_for(
+    keylist: Path,
+    vendor: str,
+    vid: uuid.UUID,
+    scope: frozenset[uuid.UUID],
+    key: PublicKey,
+    key_alg: str | None,
+    specs: tuple[str, ...],
+) -> tuple[CoseAlg, ClassAlgs | None]:
+    """The key's algorithm, checked against every class it is scoped to or that ``specs``
+    names, and the class table to write (None: unchanged). Runs before the root signs."""
+    alg = key.check_alg(parse_alg_name(key_alg)) if key_alg else key.default_alg
+    path = class_algs_path(keylist)
+    table = ClassAlgs.from_json(read_limited(path, MAX_TABLE)) if path.exists() else ClassAlgs()
+    named = set()
+    for spec in specs:
+        cid, label, algs = parse_class_alg(spec, vendor, vid)
+        if scope and cid not in scope:
+            raise UsageError(ErrorCode.USAGE, f"--class-alg {spec!r}: class is not in --class")
+        table = table.with_entry(cid, label, algs)
+        named.add(cid)
+    for cid in sorted(scope | named):
+        table.require(cid, [alg], f"key {key.key_id.hex()}")
+    return alg, table if specs else None
+
+
 @keys.command("authorize")
 @signer_options
 @click.option(
@@ -287,6 +338,7 @@ def _write_new_list(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the authorization document alone.",
 )
+@click_class_alg_options
 @click.option("--json", "as_json", is_flag=True)
 def authorize(
     pkcs11_uri: str | None,
@@ -303,6 +355,8 @@ def authorize(
     keylist: Path,
     threshold: int | None,
     out: Path | None,
+    key_alg: str | None,
+    class_algs: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Root-sign an operational key's authorization and add it to the key list.
@@ -351,6 +405,9 @@ def authorize(
         raise OtaError(ErrorCode.EXISTS, f"key {key.key_id.hex()} is already in the list")
     if previous and key.key_id in previous.revoked:
         raise OtaError(ErrorCode.KEY_REVOKED, f"key {key.key_id.hex()} was revoked")
+    chosen_alg, table = _class_algs_for(
+        keylist, vendor, vid, frozenset(cids), key, key_alg, class_algs
+    )
     nbf = _parse_time(not_before, _now())
     auth = issue_authorization(
         root,
@@ -360,6 +417,7 @@ def authorize(
         not_before=nbf,
         not_after=nbf + valid_days * 86400,
         name=name,
+        alg=chosen_alg,
         issued_at=_now(),
     )
     auths = [a.raw for a in previous.authorizations] if previous else []
@@ -373,6 +431,8 @@ def authorize(
     )
     if out is not None:
         atomic_write(out, auth)
+    if table is not None:
+        atomic_write(class_algs_path(keylist), table.to_json())
     emit(
         {
             "kid": key.key_id.hex(),
@@ -380,6 +440,7 @@ def authorize(
             "keylist_version": kl.version,
             "roles": sorted(r.value for r in role_set),
             "not_after": _iso(nbf + valid_days * 86400),
+            "alg": ALG_NAMES[chosen_alg],
         },
         as_json,
     )

@@ -11,6 +11,8 @@ from __future__ import annotations
 import getpass
 import os
 import time
+import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from ..crypto.cose import Signer
 from ..crypto.keys import PublicKey
 from ..errors import ErrorCode, UsageError
 from ..fsutil import read_limited
+from ..manifest.class_algs import MAX_TABLE, ClassAlgs, envelope_algs
 from ..signing.audit import DEFAULT_SEAL_EVERY, AuditHead, AuditLog
 from ..signing.audit_key import check_separate
 from ..signing.client import TOKEN_ENV, SigningClient
@@ -177,6 +180,14 @@ def _summary_text(s: dict[str, Any]) -> str:
     help="Publish a delta only if patch <= FACTOR x xz -9e of the full image.",
 )
 @click.option("--patch-uri-prefix", help="Patch URI = PREFIX + patch file name (optional).")
+@click.option(
+    "--class-algs",
+    "class_algs_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Class algorithm table (KEYLIST.class-algs.json, written by `keys authorize "
+    "--class-alg`): a signer whose algorithm the class cannot verify is refused (E_ALGORITHM) "
+    "before it signs.",
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--json", "as_json", is_flag=True)
 def create(
@@ -214,6 +225,7 @@ def create(
     delta_from: tuple[Path, ...],
     delta_factor: float,
     patch_uri_prefix: str | None,
+    class_algs_file: Path | None,
     out: Path,
     as_json: bool,
 ) -> None:
@@ -223,6 +235,7 @@ def create(
     asks for k signatures needs k distinct keys); the same key twice is E_DUPLICATE_SIGNER.
     """
     now = int(time.time())
+    class_check = _class_check(class_algs_file, vendor, model, hw_rev)
     alg: HashAlg = hash_alg(digest_alg)
     expires_at = parse_expires(expires, now)
     pins = [PublicKey.from_pem(read_limited(p, MAX_PEM)) for p in trust_key]
@@ -254,6 +267,10 @@ def create(
 
     if (cosign or cosign_id) and not signing_url:
         raise UsageError(ErrorCode.USAGE, "--cosign/--cosign-id need --signing-url")
+    if (cosign or cosign_id) and class_check is not None:
+        # The officers' keys are only known once the request is filed; check them with
+        # 'keys authorize --class-alg' instead.
+        raise UsageError(ErrorCode.USAGE, "--class-algs is not supported with co-signing")
     if signing_url and (audit_seal_pkcs11_uri or audit_seal_key_file):
         raise UsageError(ErrorCode.USAGE, "--signing-url: the service seals its own audit log")
     if signing_url and (pkcs11_uris or key_files or audit_log or policy or state):
@@ -285,8 +302,14 @@ def create(
         with SigningClient(signing_url, token, ca_file=signing_ca) as client:
             keys_box: list[PublicKey] = []
 
+            if class_check is not None:
+                for key in pins or [client.public_key()]:
+                    class_check.before_remote(key)
+
             def sign_remote(req: SigningRequest) -> tuple[bytes, AuditHead]:
                 r = client.sign(req)
+                if class_check is not None:  # the service chose the exact algorithm
+                    class_check.after_remote(r.envelope)
                 return r.envelope, r.audit
 
             def remote_keys() -> list[PublicKey]:
@@ -312,6 +335,8 @@ def create(
                 ErrorCode.USAGE, "local signing needs --audit-log (every signature is audited)"
             )
         signers = load_signers(pkcs11_uris, pkcs11_module, key_files, alg_name)
+        if class_check is not None:  # before the audit log or the state is opened
+            class_check.before_local(signers)
         who = Requester(requester or f"local:{getpass.getuser()}", Role.SECURITY_OFFICER)
         pol = (
             Policy.from_json(read_limited(policy, MAX_POLICY))
@@ -359,3 +384,29 @@ def create(
     emit(result.summary, as_json, _summary_text)
     if not as_json:
         click.echo(f"  written   {result.out}")
+
+
+class _ClassCheck:
+    """The target class's algorithms (manifest/class_algs.py) held against the signer."""
+
+    def __init__(self, table: ClassAlgs, cid: uuid.UUID) -> None:
+        self.table, self.cid = table, cid
+
+    def before_local(self, signers: Sequence[Signer]) -> None:
+        for s in signers:
+            self.table.require(self.cid, [s.alg], f"key {s.public_key.key_id.hex()}")
+
+    def before_remote(self, key: PublicKey) -> None:
+        self.table.require_kind(self.cid, key.kind, f"signing service key {key.key_id.hex()}")
+
+    def after_remote(self, envelope: bytes) -> None:
+        self.table.require(self.cid, envelope_algs(envelope), "the signing service")
+
+
+def _class_check(path: Path | None, vendor: str, model: str, hw_rev: str) -> _ClassCheck | None:
+    if path is None:
+        return None
+    from ..manifest.ids import class_id, vendor_id
+
+    table = ClassAlgs.from_json(read_limited(path, MAX_TABLE))
+    return _ClassCheck(table, class_id(vendor_id(vendor), model, hw_rev))

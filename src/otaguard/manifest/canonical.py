@@ -40,24 +40,27 @@ from .profile import (  # the encoder's layout, read back here
     _COND_REQUIRED,
     _COND_USE_BEFORE,
     _COND_VERSION,
-    _INSTALL_HEAD,
+    _DELTA_HEAD,
+    _IMAGE_MATCH,
     _INSTALL_TAIL,
     _M_SET_VERSION,
     _M_VALIDATE,
     _M_VERSION,
     _OVERRIDE,
     _P_CLASS,
-    _P_COUNTER,
     _P_DELTA,
     _P_DIGEST,
     _P_SIZE,
+    _P_URI,
     _P_USE_BEFORE,
     _P_VENDOR,
     _P_VERSION,
     _PAIR,
+    _SET_PARAMETERS,
     _TEXT_COMPONENT_REV,
     _TEXT_HEAD,
     _TEXT_TOP_REV,
+    _VALIDATE_HEAD,
     _VERSION_GE,
     TEXT_COMPONENT,
     TEXT_TOP,
@@ -94,7 +97,6 @@ _CONDITIONS = {
     (True, True): (_COND_REQUIRED + _COND_USE_BEFORE + _COND_VERSION, 2 + 2 * 4),
 }
 _VERSION_PREFIX = _PAIR + _VERSION_GE  # [>=, version]
-_DELTA_HEAD = enc.head(4, 4)
 
 
 class Canonical:
@@ -247,35 +249,47 @@ def _read_manifest(data: bytes, start: int, end: int) -> ManifestInfo:
         item_start, item_end = rd.bstr(data, pos + len(_P_VERSION))
         min_version, pos = _version(data, rd.expect(data, item_start, _VERSION_PREFIX))
         rd.at_end(pos, item_end)
-    counter, pos = rd.uint(data, rd.expect(data, pos, _P_COUNTER))
-    delta = None
-    if data.startswith(_P_DELTA, pos):
-        delta, pos = _delta(data, pos + len(_P_DELTA), size)
     conditions, n_items = _CONDITIONS[expires is not None, min_version is not None]
     rd.at_end(rd.expect(data, pos, conditions), shared_end)
     if n_shared != n_items:
         raise rd.Mismatch("shared sequence length")
-    if n_params != 5 + (expires is not None) + (min_version is not None) + (delta is not None):
+    if n_params != 4 + (expires is not None) + (min_version is not None):
         raise rd.Mismatch("parameter count")
 
     item_start, item_end = rd.bstr(data, rd.expect(data, common_end, _M_SET_VERSION))
     version, pos = _version(data, item_start)
     rd.at_end(pos, item_end)
-    pos = rd.expect(data, item_end, _M_VALIDATE)
+    # validate: [override-parameters, {counter}, image-match, rep]
+    item_start, item_end = rd.bstr(data, rd.expect(data, item_end, _M_VALIDATE))
+    counter, pos = rd.uint(data, rd.expect(data, item_start, _VALIDATE_HEAD))
+    rd.at_end(rd.expect(data, pos, _IMAGE_MATCH), item_end)
+    pos = item_end
     uri = None
+    delta = None
     if data.startswith(_M_INSTALL, pos):
+        # install: [set-parameters, {? uri, ? delta}, (fetch, rep, image-match, rep) iff uri]
         item_start, item_end = rd.bstr(data, pos + len(_M_INSTALL))
-        uri, pos = rd.tstr(data, rd.expect(data, item_start, _INSTALL_HEAD))
-        rd.at_end(rd.expect(data, pos, _INSTALL_TAIL), item_end)
-        _check_uri(uri)
-        pos = item_end
+        n_install, pos = rd.head(data, item_start, 4)
+        n_map, pos = rd.head(data, rd.expect(data, pos, _SET_PARAMETERS), 5)
+        if data.startswith(_P_URI, pos):
+            uri, pos = rd.tstr(data, pos + len(_P_URI))
+            _check_uri(uri)
+        if data.startswith(_P_DELTA, pos):
+            delta, pos = _delta(data, pos + len(_P_DELTA), size)
+        if n_map != (uri is not None) + (delta is not None) or not n_map:
+            raise rd.Mismatch("install parameter count")
+        if uri is not None:
+            pos = rd.expect(data, pos, _INSTALL_TAIL)
+        if n_install != (6 if uri is not None else 2):
+            raise rd.Mismatch("install length")
+        rd.at_end(pos, item_end)
     text: dict[str, str] = {}
     if data.startswith(_M_TEXT, pos):
         item_start, item_end = rd.bstr(data, pos + len(_M_TEXT))
         text = _text(data, item_start, item_end)
         pos = item_end
     rd.at_end(pos, end)
-    if entries != 5 + (uri is not None) + bool(text):
+    if entries != 5 + (uri is not None or delta is not None) + bool(text):
         raise rd.Mismatch("manifest entry count")
     return ManifestInfo(
         sequence,
@@ -338,23 +352,23 @@ def _delta(data: bytes, pos: int, size: int) -> tuple[DeltaInfo, int]:
 
 def _text(data: bytes, start: int, end: int) -> dict[str, str]:
     """SUIT_Text_Map for the one language :func:`.profile.encode_text` writes: labelled
-    manifest texts, then the component map, each map's keys in canonical order (shorter
-    encoding first, then bytewise, no repeats)."""
+    manifest texts, then the component map, each map's keys in core deterministic order
+    (bytewise order of the encoded keys, no repeats)."""
     n, pos = rd.head(data, rd.expect(data, start, _TEXT_HEAD), 5)
     text: dict[str, str] = {}
-    previous = (0, b"")  # (length, bytes) of the last key read: how keys sort
+    previous = b""  # the last key read, encoded: keys sort bytewise
     for _ in range(n):
         key_start = pos
         if data.startswith(_COMPONENT_KEY, pos):
             pos += len(_COMPONENT_KEY)
-            key = (len(_COMPONENT_KEY), _COMPONENT_KEY)
+            key = _COMPONENT_KEY
             if key <= previous:
                 raise rd.Mismatch("text keys out of canonical order")
             previous = key
             pos = _component_text(data, pos, text)
         else:
             label, pos = rd.uint(data, pos)
-            key = (pos - key_start, data[key_start:pos])
+            key = data[key_start:pos]
             if key <= previous:
                 raise rd.Mismatch("text keys out of canonical order")
             previous = key
@@ -371,7 +385,7 @@ def _component_text(data: bytes, pos: int, text: dict[str, str]) -> int:
     count, pos = rd.head(data, pos, 5)
     if not count:
         raise rd.Mismatch("empty component text")
-    previous = (0, b"")
+    previous = b""
     for _ in range(count):
         key_start = pos
         if data[pos] >> 5 == 3:
@@ -381,7 +395,7 @@ def _component_text(data: bytes, pos: int, text: dict[str, str]) -> int:
         else:
             label, pos = rd.uint(data, pos)
             name = _TEXT_COMPONENT_REV[label]
-        key = (pos - key_start, data[key_start:pos])
+        key = data[key_start:pos]
         if key <= previous:
             raise rd.Mismatch("component text keys out of canonical order")
         previous = key

@@ -36,6 +36,7 @@ from .envelope import (
     parse_envelope,
 )
 from .model import ManifestInfo
+from .profile import LAYOUT_CURRENT, LAYOUT_LEGACY
 from .show import decode_unverified
 
 __all__ = [
@@ -83,6 +84,9 @@ class VerifiedManifest:
     envelope: bytes  # exactly the bytes verified
     manifest_digest: bytes
     signers: tuple[TrustedKey, ...]
+    # profile.LAYOUT_CURRENT, or LAYOUT_LEGACY for an envelope signed before the conformant
+    # layout (docs/formats.md, "Migration from layout 1")
+    layout: int = LAYOUT_CURRENT
 
 
 def _check_block(
@@ -251,6 +255,7 @@ def verify_envelope(
     *,
     now: int | None = None,
     max_size: int = MAX_ENVELOPE_SIZE,
+    accept_legacy: bool = True,
 ) -> VerifiedManifest:
     """Verify an otaguard-profile envelope and return what it authorizes.
 
@@ -261,12 +266,15 @@ def verify_envelope(
     An envelope in exactly the encoding otaguard writes is accepted by the canonical route
     (:mod:`.canonical`, a fraction of the cost); anything else, and every rejection with its
     code, comes from :func:`verify_strict`.
+
+    ``accept_legacy=False`` retires layout 1 (custom parameters in the shared sequence): such
+    an envelope is then E_UNSUPPORTED, after its signatures were checked as any other.
     """
     if type(data) is bytes and len(data) <= max_size:
         fast = canonical.verify(data, resolver, now)
         if fast is not None:
             return VerifiedManifest(fast.info, data, fast.digest, fast.signers)
-    return verify_strict(data, resolver, now=now, max_size=max_size)
+    return verify_strict(data, resolver, now=now, max_size=max_size, accept_legacy=accept_legacy)
 
 
 def verify_strict(
@@ -275,10 +283,11 @@ def verify_strict(
     *,
     now: int | None = None,
     max_size: int = MAX_ENVELOPE_SIZE,
+    accept_legacy: bool = True,
 ) -> VerifiedManifest:
     """:func:`verify_envelope` by the general route only: any SUIT encoding the profile allows,
     and the source of every rejection and its code."""
-    from .profile import extract_info
+    from .profile import extract_layout
 
     raw = parse_envelope(data, max_size=max_size, require_tag=True)
     digest, signers = _authenticate(raw, resolver, now)
@@ -289,10 +298,15 @@ def verify_strict(
             ErrorCode.UNSUPPORTED,
             f"envelope members {sorted(map(str, extra))} are not used by the otaguard profile",
         )
-    info = extract_info(manifest)
+    info, layout = extract_layout(manifest)
+    if layout == LAYOUT_LEGACY and not accept_legacy:
+        raise FormatError(
+            ErrorCode.UNSUPPORTED,
+            "manifest layout 1 (custom parameters in the shared sequence) is retired",
+        )
     for signer in signers:
         signer.check_scope(info.vendor_id, info.class_id)
-    return VerifiedManifest(info=info, envelope=raw.data, manifest_digest=digest, signers=signers)
+    return VerifiedManifest(info, raw.data, digest, signers, layout)
 
 
 def decode_pinned(data: bytes, *, max_size: int = MAX_ENVELOPE_SIZE) -> VerifiedManifest:
@@ -312,8 +326,10 @@ def decode_pinned(data: bytes, *, max_size: int = MAX_ENVELOPE_SIZE) -> Verified
 
 
 def decode_pinned_strict(data: bytes, *, max_size: int = MAX_ENVELOPE_SIZE) -> VerifiedManifest:
-    """:func:`decode_pinned` by the general route only."""
-    from .profile import extract_info
+    """:func:`decode_pinned` by the general route only. Both layouts, always: a pinned
+    envelope was verified when it was installed, and must keep booting after layout 1 is
+    retired for new installs."""
+    from .profile import extract_layout
 
     raw = parse_envelope(data, max_size=max_size, require_tag=True)
     auth_raw = raw.members.get(suit.ENV_AUTH)
@@ -324,6 +340,5 @@ def decode_pinned_strict(data: bytes, *, max_size: int = MAX_ENVELOPE_SIZE) -> V
     if not hmac.compare_digest(received, wrapper.digest):
         raise CryptoError(ErrorCode.DIGEST, "manifest digest does not match the signed digest")
     manifest, _severed = _decode_manifest(raw)
-    return VerifiedManifest(
-        info=extract_info(manifest), envelope=raw.data, manifest_digest=wrapper.digest, signers=()
-    )
+    info, layout = extract_layout(manifest)
+    return VerifiedManifest(info, raw.data, wrapper.digest, (), layout)
