@@ -186,3 +186,80 @@ def test_the_harness_catches_an_undocumented_answer(live: Live) -> None:
     with pytest.raises(FailureGroup) as caught:
         case.validate_response(response, checks=[response_schema_conformance])
     assert any(isinstance(e, JsonSchemaError) for e in caught.value.exceptions)
+
+
+# --- the signing service ---------------------------------------------------------------------
+
+
+@dataclass
+class SigningLive:
+    url: str
+    token: str
+    routes: set[tuple[str, str]]
+
+
+@pytest.fixture(scope="module")
+def signing_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SigningLive]:
+    from tests.test_signing_http import Service, run_server
+
+    s = Service(tmp_path_factory.mktemp("signing-schemathesis"))
+    routes = {
+        (m.lower(), r.path) for r in s.app.routes for m in (getattr(r, "methods", None) or ())
+    } - {("head", r.path) for r in s.app.routes}
+    with run_server(s.app) as url:
+        yield SigningLive(url, s.tokens["officer"], routes)
+    s.service.close()
+
+
+def test_signing_document_names_every_route(signing_live: SigningLive) -> None:
+    from openapi_spec_validator import validate
+
+    from otaguard.signing.openapi import openapi_schema
+
+    doc = openapi_schema()
+    validate(doc)
+    served = requests.get(f"{signing_live.url}/v1/openapi.json", timeout=10).json()
+    assert served == doc
+    documented = {(m, p) for p, item in doc["paths"].items() for m in item}
+    assert signing_live.routes == documented
+
+
+@pytest.mark.parametrize("mode", list(GenerationMode), ids=lambda m: m.value)
+def test_signing_service_no_5xx_and_every_answer_is_documented(
+    signing_live: SigningLive, mode: GenerationMode
+) -> None:
+    url, token = signing_live.url, signing_live.token
+    doc = requests.get(f"{url}/v1/openapi.json", timeout=10).json()
+    failures: list[str] = []
+    statuses: dict[int, int] = {}
+    with requests.Session() as session:
+        for result in schemathesis.openapi.from_dict(doc).get_all_operations():
+            op = result.ok()
+
+            @given(case=op.as_strategy(mode))
+            @settings(
+                max_examples=EXAMPLES,
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
+                derandomize=True,
+                database=None,
+            )
+            def run(case: Any) -> None:
+                response = case.call(
+                    base_url=url,
+                    session=session,
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=30,
+                )
+                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                case.validate_response(response, checks=CHECKS)
+
+            try:
+                run()
+            except Unsatisfiable:
+                assert mode is GenerationMode.NEGATIVE, op.path
+            except Exception as exc:
+                failures.append(f"{op.method.upper()} {op.path}: {exc}")
+    assert not failures, "\n\n".join(failures)
+    assert sum(statuses.values()) >= 6
+    assert statuses.get(400, 0) > 0 if mode is GenerationMode.NEGATIVE else statuses.get(200)

@@ -49,6 +49,7 @@ from ..server.authlog import AuthFailures
 from ..server.ratelimit import RateLimit, TokenBuckets, retry_after_header
 from ..wire import decimal, loads_json
 from .cosign import CosignService
+from .openapi import openapi_schema
 from .policy import Requester, Role, SigningRequest
 from .service import SignedRelease, SigningService
 
@@ -398,6 +399,9 @@ def create_app(
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_schema())
+
     async def not_found(request: Request, exc: Exception) -> Response:
         return _error(OtaError(ErrorCode.NOT_FOUND, "no such endpoint"))
 
@@ -406,6 +410,7 @@ def create_app(
             Route("/v1/sign", sign, methods=["POST"]),
             Route("/v1/public-key", public_key, methods=["GET"]),
             Route("/v1/health", health, methods=["GET"]),
+            Route("/v1/openapi.json", openapi, methods=["GET"]),
             Route("/v1/cosign", cosign_create, methods=["POST"]),
             Route("/v1/cosign/{rid}", cosign_get, methods=["GET"]),
             Route("/v1/cosign/{rid}/approve", cosign_approve, methods=["POST"]),
