@@ -20,7 +20,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from otaguard.cli.admin_client import TOKEN_ENV
+from otaguard.adminclient import TOKEN_ENV
 from otaguard.cli.main import cli
 from otaguard.clock import SimClock
 from otaguard.crypto.software import SoftwareSigner, generate_private_key

@@ -383,7 +383,7 @@ OPS: dict[tuple[str, str], dict[str, Any]] = {
         },
     },
     ("GET", "/admin/v1/devices/{serial}"): {
-        "summary": "One device, with probe history",
+        "summary": "One device: check-in facts, last status report, probe history",
         "role": "read",
         "response": _ref("Device"),
     },
@@ -408,6 +408,11 @@ OPS: dict[tuple[str, str], dict[str, Any]] = {
         "role": "read",
         "parameters": [_q("model", _STR), _q("hw_rev", _STR)],
         "response": {"type": "object", "properties": {"releases": _arr(_ref("Release"))}},
+    },
+    ("GET", "/admin/v1/releases/{release_id}"): {
+        "summary": "One release with its deltas",
+        "role": "read",
+        "response": _ref("Release"),
     },
     ("POST", "/admin/v1/releases"): {
         "summary": "Upload a signed release (verified on upload)",
