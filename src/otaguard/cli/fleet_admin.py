@@ -97,10 +97,8 @@ def device(serial: str, server: str | None, ca_file: Path | None, as_json: bool)
         ]
         r = d.get("last_report")
         if r:
-            lines.append(
-                f"report    {r['state']} {r['version'] or ''} {r['error_code'] or ''} "
-                f"at {_when(r['received_at'])}".replace("  ", " ")
-            )
+            parts = [r["state"], r["version"], r["error_code"], f"at {_when(r['received_at'])}"]
+            lines.append("report    " + " ".join(p for p in parts if p))
         else:
             lines.append("report    none yet")
         return "\n".join(lines)
