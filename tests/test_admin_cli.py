@@ -341,3 +341,64 @@ def test_client_typed_errors(setup: tuple[Harness, list[str]], server_tls: Path)
         dev = c.device("SN-C1")
         assert dev["groups"] == ["a"] and dev["last_report"] is None
         assert c.list_devices(group="a")["total"] == 1
+
+
+def test_keys_publish(
+    fleet_ca: Any,
+    server_tls: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A root-signed key list v2 published with `keys publish`; the same list again is a
+    replay the server refuses (E_REPLAY) in one line."""
+    from otaguard.server.db import sqlite_url
+    from otaguard.trust.bundle import TrustBundle
+
+    monkeypatch.setenv("OTAGUARD_KEY_PASSPHRASE", "key-passphrase-for-tests")
+    d = tmp_path
+
+    def ok(*argv: str) -> None:
+        assert main(list(argv)) == 0
+
+    ok("keys", "init-root", "--key-file", str(d / "root.key"), "--out-public", str(d / "root.pub"))
+    for name in ("a", "b"):
+        ok("keys", "generate", "--key-file", str(d / f"{name}.key"),
+           "--out-public", str(d / f"{name}.pub"))  # fmt: skip
+    auth = ["keys", "authorize", "--key-file", str(d / "root.key"), "--vendor", "example.com",
+            "--keylist", str(d / "kl.cose")]  # fmt: skip
+    ok(*auth, "--public-key", str(d / "a.pub"))
+    ok("keys", "export-trust", "--root-public", str(d / "root.pub"),
+       "--keylist", str(d / "kl.cose"), "--out", str(d / "trust.bundle"))  # fmt: skip
+    ok(*auth, "--public-key", str(d / "b.pub"))  # key list v2
+    capsys.readouterr()
+    trust = TrustState(TrustBundle.load((d / "trust.bundle").read_bytes()).store())
+    with harness(sqlite_url(d / "db.sqlite"), fleet_ca, server_tls, d, trust=trust) as h:
+        assert h.admin_server is not None
+        common = ["--server", h.admin_server.url, "--ca-file", str(server_tls / "ca.pem")]
+        monkeypatch.setenv("OTAGUARD_ADMIN_TOKEN", token(h.db, "operator"))
+        code, _, err = run(capsys, "keys", "publish", "--keylist", str(d / "kl.cose"), *common)
+        assert code == 1
+        one_error(err, "E_FORBIDDEN")  # a security officer's job
+        monkeypatch.setenv("OTAGUARD_ADMIN_TOKEN", token(h.db, "security-officer"))
+        code, out, err = run(capsys, "keys", "publish", "--keylist", str(d / "kl.cose"), *common,
+                             "--json")  # fmt: skip
+        assert code == 0 and out == {"version": 2}, err
+        code, _, err = run(capsys, "keys", "publish", "--keylist", str(d / "kl.cose"), *common)
+        assert code == 1
+        one_error(err, "E_REPLAY")
+
+
+def test_device_sync_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a certificate\n")
+    base = ["device", "sync", "--server", "https://127.0.0.1:9", "--ca", str(ca)]
+    code, _, err = run(capsys, *base, "--dir", str(tmp_path / "no-device"))
+    assert code == 1
+    one_error(err, "E_NOT_FOUND")
+    code, _, err = run(capsys, *base, "--dir", str(tmp_path), "--cert", str(ca))
+    assert code == 2
+    one_error(err, "E_USAGE")
+    code, _, err = run(capsys, "device", "sync", "--dir", str(tmp_path))
+    assert code == 2
+    one_error(err, "E_USAGE")
