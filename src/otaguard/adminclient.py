@@ -311,8 +311,9 @@ class AdminClient:
                 headers={**self._headers, **(headers or {})},
             )
         except httpx.HTTPError as exc:
+            why = _line(str(exc) or type(exc).__name__)
             raise AdminError(
-                ErrorCode.TRANSPORT, f"cannot reach the admin API at {self.server}: {exc}"
+                ErrorCode.TRANSPORT, f"cannot reach the admin API at {self.server}: {why}"
             ) from None
         try:
             data = loads_json(r.content)
@@ -329,7 +330,7 @@ class AdminClient:
                 code = ErrorCode(str(err))
             except ValueError:
                 code = ErrorCode.TRANSPORT
-            raise AdminError(code, f"HTTP {r.status_code}: {detail}", r.status_code)
+            raise AdminError(code, f"HTTP {r.status_code}: {_line(str(detail))}", r.status_code)
         return data
 
     # --- releases ---------------------------------------------------------------------------
@@ -508,6 +509,12 @@ class AdminClient:
 
     def openapi(self) -> dict[str, Any]:
         return cast(dict[str, Any], self.request("GET", "/admin/v1/openapi.json"))
+
+
+def _line(text: str, limit: int = 300) -> str:
+    """One line, bounded: error details end up in ``otaguard: error E_X: ...``."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _seg(value: str) -> str:
