@@ -165,11 +165,13 @@ def test_fleet_views_assign_and_revoke(
     assert code == 0 and out == {"serial": "SN-A2", "release_id": rid}
     code, out, err = run(capsys, "fleet", "device", "SN-A2", *common, "--json")
     assert code == 0 and out["serial"] == "SN-A2" and out["last_report"] is None
-    assert not out["revoked"]
+    assert not out["revoked"] and out["assignment"]["release_id"] == rid
+    assert out["assignment"]["state"] == "assigned" and out["assignment"]["campaign_id"] is None
     code, out, err = run(capsys, "fleet", "revoke", "--serial", "SN-A2", *common, "--json")
     assert code == 0 and out == {"serial": "SN-A2", "revoked": True}
     code, out, err = run(capsys, "fleet", "device", "SN-A2", *common)
     assert code == 0 and "REVOKED" in out and "report    none yet" in out
+    assert f"assigned  release {rid}: assigned" in out
 
 
 def test_server_refusals_are_one_line(

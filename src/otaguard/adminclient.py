@@ -126,12 +126,21 @@ class DeviceSummary(TypedDict):
     suspect: bool
 
 
+class DeviceAssignment(TypedDict):
+    release_id: int
+    campaign_id: int | None
+    state: str  # assigned / offered / installing / done / failed
+    assigned_at: int
+    updated_at: int
+
+
 class Device(DeviceSummary):
     slot_state: dict[str, Any] | None
     running_digest: str | None
     suspect_reason: str | None
     probe_history: list[dict[str, Any]]
     last_report: Report | None
+    assignment: DeviceAssignment | None
 
 
 class DeviceList(TypedDict):

@@ -80,7 +80,7 @@ def devices(
 @click.argument("serial")
 @admin_options
 def device(serial: str, server: str | None, ca_file: Path | None, as_json: bool) -> None:
-    """One device: check-in facts, slots, last status report, probes (E_NOT_FOUND if unknown)."""
+    """One device: check-in facts, last status report, assignment (E_NOT_FOUND if unknown)."""
     with connect(server, ca_file) as client:
         out = client.device(serial)
 
@@ -101,6 +101,10 @@ def device(serial: str, server: str | None, ca_file: Path | None, as_json: bool)
             lines.append("report    " + " ".join(p for p in parts if p))
         else:
             lines.append("report    none yet")
+        a = d.get("assignment")
+        if a:
+            via = f" (campaign {a['campaign_id']})" if a["campaign_id"] is not None else ""
+            lines.append(f"assigned  release {a['release_id']}: {a['state']}{via}")
         return "\n".join(lines)
 
     emit(out, as_json, text)

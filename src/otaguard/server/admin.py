@@ -136,7 +136,11 @@ def admin_routes(srv: UpdateServer) -> list[Route]:
                 dev = store.device_by_serial(conn, serial)
                 if dev is None:
                     raise ServerError(ErrorCode.NOT_FOUND, f"no device {serial}", 404)
-                return {**store.device_view(conn, dev), "last_report": q.last_report(conn, dev.id)}
+                return {
+                    **store.device_view(conn, dev),
+                    "last_report": q.last_report(conn, dev.id),
+                    "assignment": q.assignment(conn, dev.id),
+                }
 
         return JSONResponse(await run_in_threadpool(work))
 

@@ -153,6 +153,21 @@ def last_report(conn: Connection, device_id: int) -> dict[str, Any] | None:
     }
 
 
+def assignment(conn: Connection, device_id: int) -> dict[str, Any] | None:
+    """The device's current assignment (direct or a campaign's), if any."""
+    a = m.assignments
+    x = conn.execute(select(a).where(a.c.device_id == device_id)).first()
+    if x is None:
+        return None
+    return {
+        "release_id": x.release_id,
+        "campaign_id": x.campaign_id,
+        "state": x.state,
+        "assigned_at": x.assigned_at,
+        "updated_at": x.updated_at,
+    }
+
+
 def list_releases(
     conn: Connection, *, model: str | None = None, hw_rev: str | None = None
 ) -> list[dict[str, Any]]:
