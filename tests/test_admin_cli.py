@@ -324,6 +324,8 @@ def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
         code, _, err = run(capsys, *argv)
         assert code == 2, argv
         one_error(err, "E_USAGE")
+    code, _, err = run(capsys, "release")  # a bare group still shows its help
+    assert code == 2 and err.startswith("Usage: otaguard release") and "publish" in err
 
 
 def test_client_typed_errors(setup: tuple[Harness, list[str]], server_tls: Path) -> None:

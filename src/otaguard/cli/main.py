@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"otaguard: error {err.code.value}: {err.detail}", err=True)
         return 2 if err.code == ErrorCode.USAGE else 1
     except click.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help, as before
+            exc.show()
+            return exc.exit_code
         # One line like every other error (scripts grep the code); `--help` shows the usage.
         where = f" ({exc.ctx.command_path})" if exc.ctx is not None else ""
         msg = " ".join(exc.format_message().split())
