@@ -6,6 +6,7 @@ answered with exactly one ``otaguard: error E_...`` line and exit 1 (2 for usage
 # ruff: noqa: F811  (pytest fixtures imported from tests.pg are redefined as parameters)
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -435,6 +436,8 @@ def test_client_covers_every_admin_route() -> None:
             for (m, rx), key in patterns.items()
             if m == request.method and rx.match(request.url.path)
         ]
+        if not hits:  # a method for a route this build does not serve (optional features)
+            return httpx.Response(404, json={"error": "E_NOT_FOUND", "detail": "no route"})
         # the most specific template (fewest placeholders) is the route Starlette picks
         seen.add(min(hits, key=lambda k: k[1].count("{}")))
         body = {"releases": [], "groups": [], "campaigns": [], "deltas": [], "id": 1}
@@ -450,4 +453,6 @@ def test_client_covers_every_admin_route() -> None:
     c.start_rotation(b"k", old_kid="a", new_kid="b"), c.advance_rotation(1)
     c.finish_rotation(1, b"k"), c.create_campaign({}), c.campaign_action("c", "start")
     c.campaign("c"), c.list_campaigns(), c.openapi()
+    with contextlib.suppress(AdminError):
+        c.expiring_certificates()
     assert seen == routes

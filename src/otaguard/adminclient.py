@@ -173,6 +173,21 @@ class Revoked(TypedDict):
     revoked: bool
 
 
+class ExpiringCert(TypedDict):
+    serial: str
+    cert_not_after: int
+    expired: bool
+    renewal_pending: bool
+    cert_renewed_at: int | None
+    last_seen: int | None
+
+
+class ExpiringCerts(TypedDict):
+    within: int  # seconds
+    now: int
+    devices: list[ExpiringCert]
+
+
 class KeylistPublished(TypedDict):
     version: int
 
@@ -431,6 +446,16 @@ class AdminClient:
     def assign(self, serial: str, release_id: int) -> Assignment:
         body = {"serial": serial, "release_id": release_id}
         return cast(Assignment, self.request("POST", "/admin/v1/assignments", json=body))
+
+    def expiring_certificates(
+        self, within: str = "30d", *, limit: int | None = None
+    ) -> ExpiringCerts:
+        """Devices whose certificate ends within ``within`` (``30d``, ``12h``, seconds),
+        soonest first (``GET /admin/v1/certificates/expiring``, served where certificate
+        renewal is built in)."""
+        params = {"within": within, "limit": limit}
+        out = self.request("GET", "/admin/v1/certificates/expiring", params=params)
+        return cast(ExpiringCerts, out)
 
     def revoke_device(self, serial: str) -> Revoked:
         return cast(Revoked, self.request("POST", f"/admin/v1/devices/{_seg(serial)}/revoke"))
