@@ -10,6 +10,7 @@ command -v xdelta3      >/dev/null 2>&1 || need+=(xdelta3)
 command -v xz           >/dev/null 2>&1 || need+=(xz-utils)
 command -v zstd         >/dev/null 2>&1 || need+=(zstd)
 command -v openssl      >/dev/null 2>&1 || need+=(openssl)
+command -v jq           >/dev/null 2>&1 || need+=(jq)
 command -v nginx        >/dev/null 2>&1 || need+=(nginx-light)
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   need+=(postgresql)

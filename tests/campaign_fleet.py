@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from otaguard.adminclient import AdminClient
 from otaguard.device.bootloader import BootResult
 from otaguard.device.device import Device
 from otaguard.device.https_transport import HttpsTransport
@@ -141,10 +142,10 @@ class Fleet:
 def release(
     admin: httpx.Client, lab: Lab, version: str, seq: int, *, min_version: str | None = None
 ) -> int:
+    """Upload and register a release through the typed admin client (``admin`` carries the
+    release manager's token)."""
+    c = AdminClient(admin)
     image = image_bytes(16_000, seq * 7919)
-    r = admin.post("/admin/v1/images", content=image)
-    assert r.status_code == 201, r.text
+    blob = c.upload_blob(image)["blob"]
     env = lab.release(image, version=version, seq=seq, counter=1, min_version=min_version)
-    r = admin.post("/admin/v1/releases", params={"image": r.json()["blob"]}, content=env)
-    assert r.status_code == 201, r.text
-    return int(r.json()["id"])
+    return c.create_release(env, blob)["id"]

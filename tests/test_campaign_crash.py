@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
+from otaguard.adminclient import AdminClient
 from otaguard.device.lab import Lab
 from otaguard.server import models as m
 from otaguard.server.ca import FleetCA
@@ -96,8 +97,8 @@ def test_sigkill_mid_campaign_loses_nothing(
                 "phases": [{"fraction": 0.5}, {"fraction": 1.0}],
                 "success_threshold": "all_finished",
             }
-            assert op.post("/admin/v1/campaigns", json=spec).status_code == 201
-            assert op.post("/admin/v1/campaigns/crash-1/start").status_code == 200
+            AdminClient(op).create_campaign(spec)
+            assert AdminClient(op).campaign_action("crash-1", "start")["status"] == "running"
 
         installed: list[str] = []
 
@@ -127,7 +128,7 @@ def test_sigkill_mid_campaign_loses_nothing(
         with admin(adm_url, op_token) as op:
             for _ in range(4):
                 fleet.poll_all()
-                st = op.get("/admin/v1/campaigns/crash-1").json()
+                st = AdminClient(op).campaign("crash-1")
                 if st["status"] == "completed":
                     break
             assert st["status"] == "completed", st

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from otaguard.cli.admin_client import TOKEN_ENV
+from otaguard.adminclient import TOKEN_ENV, AdminClient, AdminError
 from otaguard.cli.main import cli
 from otaguard.clock import SimClock
 from otaguard.crypto.software import SoftwareSigner, generate_private_key
@@ -55,10 +55,10 @@ def admin(h: Harness, role: str) -> httpx.Client:
     return h.client(None, headers={"Authorization": f"Bearer {token(h, role)}"})
 
 
-def upload(h: Harness, envelope: bytes, image: bytes) -> httpx.Response:
-    rm = admin(h, "release-manager")
-    blob = rm.post("/admin/v1/images", content=image).json()["blob"]
-    return rm.post("/admin/v1/releases", params={"image": blob}, content=envelope)
+def upload(h: Harness, envelope: bytes, image: bytes) -> int:
+    """Publish through the typed admin client, as the release pipeline does."""
+    rm = AdminClient(admin(h, "release-manager"))
+    return rm.create_release(envelope, rm.upload_blob(image)["blob"])["id"]
 
 
 class Officer:
@@ -170,18 +170,14 @@ def test_incident_key_compromise_rotation_and_patch(
         note(f"advance forced at {st['fraction']:.0%}: releases now signed with key B")
         # --- the security patch, signed with B; A-signed uploads refused from now on ---
         stale = lab.release(PATCH, version="1.1.0", seq=6, counter=2)  # signed with A
-        r = upload(h, stale, PATCH)
-        assert r.status_code == 409 and r.json()["error"] == "E_KEY_RETIRED"
+        with pytest.raises(AdminError) as refused:
+            upload(h, stale, PATCH)
+        assert (refused.value.status, refused.value.code) == (409, ErrorCode.KEY_RETIRED)
         patch = lab.release(PATCH, version="1.1.0", seq=6, counter=2, signers=[key_b])
-        r = upload(h, patch, PATCH)
-        assert r.status_code == 201, r.text
-        rid = r.json()["id"]
-        op = admin(h, "operator")
+        rid = upload(h, patch, PATCH)
+        op = AdminClient(admin(h, "operator"))
         for i in range(N):
-            resp = op.post(
-                "/admin/v1/assignments", json={"serial": f"SN-{i:02d}", "release_id": rid}
-            )
-            assert resp.status_code == 201
+            op.assign(f"SN-{i:02d}", rid)
         note("security patch 1.1.0 (signed with B) assigned to the fleet")
         # --- finish: A removed and revoked (root-signed v3); the gone devices still lag ---
         final_list = tmp_path / "keylist-v3.cose"
@@ -262,8 +258,9 @@ def test_incident_key_compromise_rotation_and_patch(
         note(f"stragglers {sorted(f'SN-{i}' for i in GONE)} back: v1 -> v3, patched")
         # --- afterwards a manifest signed with A is refused everywhere ---
         late = lab.release(image_bytes(9_000, 9), version="1.2.0", seq=9, counter=2)
-        r = upload(h, late, image_bytes(9_000, 9))
-        assert r.status_code == 400 and r.json()["error"] == "E_KEY_REVOKED"
+        with pytest.raises(AdminError) as refused:
+            upload(h, late, image_bytes(9_000, 9))
+        assert (refused.value.status, refused.value.code) == (400, ErrorCode.KEY_REVOKED)
         for up in fleet:
             with pytest.raises(OtaError) as exc:
                 up.device.install(MemoryTransport(late, image_bytes(9_000, 9)))

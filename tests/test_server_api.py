@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from otaguard.adminclient import AdminClient
 from otaguard.crypto.algorithms import HashAlg
 from otaguard.crypto.software import SoftwareSigner
 from otaguard.manifest.build import build_envelope
@@ -71,16 +72,16 @@ def admin(h: Harness, role: str) -> httpx.Client:
     return c
 
 
+def admin_client(h: Harness, role: str) -> AdminClient:
+    """The typed admin client (otaguard.adminclient) as ``role``, for tests about the admin
+    flow; the raw ``admin`` client stays for tests about the HTTP layer itself."""
+    return AdminClient(admin(h, role))
+
+
 def publish(h: Harness, version: str, image: bytes, **kw: Any) -> int:
-    rm = admin(h, "release-manager")
-    r = rm.post("/admin/v1/images", content=image)
-    assert r.status_code == 201, r.text
-    blob = r.json()["blob"]
-    r = rm.post(
-        "/admin/v1/releases", params={"image": blob}, content=make_release(version, image, **kw)
-    )
-    assert r.status_code == 201, r.text
-    return int(r.json()["id"])
+    rm = admin_client(h, "release-manager")
+    blob = rm.upload_blob(image)["blob"]
+    return rm.create_release(make_release(version, image, **kw), blob)["id"]
 
 
 @pytest.fixture

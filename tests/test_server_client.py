@@ -18,7 +18,7 @@ from otaguard.server.enroll import Enrollment
 from otaguard.server.ratelimit import RateLimit
 from otaguard.trust.model import StaticKeys
 from tests.pg import CA_PASSPHRASE, Harness, db_url, fleet_ca, harness, pg_cluster, server_tls  # noqa: F401
-from tests.test_server_api import SIGNER, admin, publish
+from tests.test_server_api import SIGNER, admin_client, publish
 
 
 def _transport(h: Harness, e: Enrollment, **kw: object) -> HttpsTransport:
@@ -48,9 +48,7 @@ def test_client_end_to_end_with_resume(hxt: Harness, server_tls: Path) -> None:
     image = os.urandom(200_000)
     rid = publish(hxt, "3.0.0", image)
     e = hxt.enroll("SN-C1")
-    admin(hxt, "operator").post(
-        "/admin/v1/assignments", json={"serial": "SN-C1", "release_id": rid}
-    )
+    admin_client(hxt, "operator").assign("SN-C1", rid)
     from cryptography import x509
 
     pin = spki_sha256(x509.load_pem_x509_certificate((server_tls / "server.pem").read_bytes()))

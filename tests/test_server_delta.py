@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from otaguard.adminclient import AdminError
 from otaguard.delta import create_patch
 from otaguard.device.https_transport import HttpsTransport
 from otaguard.device.lab import Lab, image_bytes
@@ -23,7 +24,7 @@ from otaguard.server.ca import FleetCA
 from otaguard.server.enroll import Enrollment
 from otaguard.trust.model import StaticKeys
 from tests.pg import Harness, db_url, fleet_ca, harness, pg_cluster, server_tls  # noqa: F401
-from tests.test_server_api import SIGNER, admin, make_release, publish
+from tests.test_server_api import SIGNER, admin_client, make_release, publish
 
 
 def evolve(old: bytes, seed: int) -> bytes:
@@ -55,15 +56,12 @@ def hxt(db_url: str, fleet_ca: FleetCA, server_tls: Path, tmp_path: Path):  # ty
 
 
 def upload_delta(h: Harness, rid: int, envelope: bytes, patch: bytes) -> tuple[int, dict]:  # type: ignore[type-arg]
-    rm = admin(h, "release-manager")
-    r = rm.post("/admin/v1/images", content=patch)
-    assert r.status_code == 201, r.text
-    r = rm.post(
-        f"/admin/v1/releases/{rid}/deltas",
-        params={"patch": r.json()["blob"], "base_version": "1.0.0"},
-        content=envelope,
-    )
-    return r.status_code, r.json()
+    rm = admin_client(h, "release-manager")
+    blob = rm.upload_blob(patch)["blob"]
+    try:
+        return 201, dict(rm.create_delta(rid, envelope, blob, base_version="1.0.0"))
+    except AdminError as err:
+        return err.status, err.to_dict()
 
 
 def transport(h: Harness, e: Enrollment) -> HttpsTransport:
@@ -100,13 +98,12 @@ def test_delta_offer_by_running_digest_and_range(hxt: Harness) -> None:
     code, body = upload_delta(hxt, rid, delta_envelope("1.1.0", V2, V1, PATCH), PATCH)
     assert code == 409  # one delta per base
 
-    op = admin(hxt, "operator")
+    op = admin_client(hxt, "operator")
     base_hex = hashlib.sha256(V1).hexdigest()
     enrolled = {}
     for serial in ("SN-D1", "SN-D2"):
         enrolled[serial] = hxt.enroll(serial)
-        r = op.post("/admin/v1/assignments", json={"serial": serial, "release_id": rid})
-        assert r.status_code == 201
+        op.assign(serial, rid)
     # a device running the base gets the delta AND the full image reference
     dev1 = transport(hxt, enrolled["SN-D1"])
     upd = dev1.checkin({"version": "1.0.0", "running_digest": base_hex})
@@ -148,9 +145,7 @@ def test_device_installs_through_server_delta(hxt: Harness, tmp_path: Path) -> N
     code, _ = upload_delta(hxt, rid, delta_envelope("1.1.0", V2, V1, PATCH), PATCH)
     assert code == 201
     e = hxt.enroll("SN-D9")
-    admin(hxt, "operator").post(
-        "/admin/v1/assignments", json={"serial": "SN-D9", "release_id": rid}
-    )
+    admin_client(hxt, "operator").assign("SN-D9", rid)
     with lab.provision(tmp_path / "dev", V1, cfg=cfg, version="1.0.0", seq=100) as dev:
         dev.boot()
         t = transport(hxt, e)

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.x509.oid import NameOID
 
+from otaguard.adminclient import AdminClient
 from otaguard.crypto.algorithms import HashAlg
 from otaguard.crypto.software import SoftwareSigner
 from otaguard.manifest.build import build_envelope
@@ -297,24 +298,12 @@ def release_envelope(signer: SoftwareSigner, image: bytes) -> bytes:
 
 def exercise(w: World, device_port: int, admin_port: int) -> None:
     """Release upload, key-list publication, assignment; device check-in, downloads, report."""
-    ca_ctx = ssl.create_default_context(cafile=str(w.server_in / "tls" / "ca.pem"))
     image = os.urandom(150_000)
-    with httpx.Client(base_url=f"https://127.0.0.1:{admin_port}", verify=ca_ctx) as adm:
-
-        def as_role(role: str) -> dict[str, str]:
-            return {"Authorization": f"Bearer {w.tokens[role]}"}
-
-        rm = as_role("release-manager")
-        r = adm.post("/admin/v1/images", content=image, headers=rm)
-        assert r.status_code == 201, r.text
-        r = adm.post(
-            "/admin/v1/releases",
-            params={"image": r.json()["blob"]},
-            content=release_envelope(w.op, image),
-            headers=rm,
-        )
-        assert r.status_code == 201, r.text
-        release_id = int(r.json()["id"])
+    url = f"https://127.0.0.1:{admin_port}"
+    ca_pem = w.server_in / "tls" / "ca.pem"
+    with AdminClient.connect(url, token=w.tokens["release-manager"], ca_file=ca_pem) as adm:
+        blob = adm.upload_blob(image)["blob"]
+        release_id = adm.create_release(release_envelope(w.op, image), blob)["id"]
         # Key list v2 (root-signed), published by the security officer.
         now = int(time.time())
         auth = issue_authorization(
@@ -326,14 +315,8 @@ def exercise(w: World, device_port: int, admin_port: int) -> None:
             not_after=now + 300 * 86400,
         )
         v2 = sign_keylist(w.root, version=2, authorizations=[auth], issued_at=now)
-        r = adm.put("/admin/v1/keylist", content=v2, headers=as_role("security-officer"))
-        assert r.status_code == 201 and r.json()["version"] == 2, r.text
-        r = adm.post(
-            "/admin/v1/assignments",
-            json={"serial": "SN-1", "release_id": release_id},
-            headers=as_role("operator"),
-        )
-        assert r.status_code == 201, r.text
+        assert adm.as_token(w.tokens["security-officer"]).put_keylist(v2)["version"] == 2
+        adm.as_token(w.tokens["operator"]).assign("SN-1", release_id)
     e = w.enrollment
     dev_ctx = ssl.create_default_context(cafile=str(e.ca_path))
     dev_ctx.load_cert_chain(str(e.cert_path), str(e.key_path))

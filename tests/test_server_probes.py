@@ -19,7 +19,7 @@ from otaguard.server.ca import FleetCA
 from otaguard.server.ratelimit import ProbeDetector, RateLimit
 from otaguard.trust.model import StaticKeys
 from tests.pg import Harness, db_url, fleet_ca, harness, pg_cluster, server_tls  # noqa: F401
-from tests.test_server_api import SIGNER, admin, publish
+from tests.test_server_api import SIGNER, admin_client, publish
 
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
@@ -61,10 +61,7 @@ def _offered(h: Harness, serial: str) -> tuple[httpx.Client, dict[str, Any]]:
     """Enroll ``serial``, publish a release, assign it: the device client and its offer."""
     rid = publish(h, "1.1.0", os.urandom(4096))
     dev = h.client(h.enroll(serial))
-    r = admin(h, "operator").post(
-        "/admin/v1/assignments", json={"serial": serial, "release_id": rid}
-    )
-    assert r.status_code == 201, r.text
+    admin_client(h, "operator").assign(serial, rid)
     upd = dev.post("/v1/checkin", json={"version": "1.0.0"}).json()["update"]
     assert upd is not None
     return dev, upd
@@ -101,9 +98,9 @@ def test_not_offered_fetches_flag_at_threshold(make: Any) -> None:
     row, hist = _device(h, "SN-61")
     assert row.suspect and "possible probe" in row.suspect_reason and REASON in row.suspect_reason
     assert len(hist) == 4
-    view = admin(h, "viewer").get("/admin/v1/devices/SN-61").json()
+    view = admin_client(h, "viewer").device("SN-61")
     assert view["suspect"] is True and len(view["probe_history"]) == 4
-    listed = admin(h, "viewer").get("/admin/v1/devices", params={"suspect": "true"}).json()
+    listed = admin_client(h, "viewer").list_devices(suspect=True)
     assert [d["serial"] for d in listed["devices"]] == ["SN-61"]
     honest_row, honest_hist = _device(h, "SN-60")
     assert not honest_row.suspect and honest_hist == []
@@ -162,7 +159,7 @@ def test_revoked_cert_refusals_flag_the_identity(make: Any) -> None:
     row, hist = _device(h, "SN-70")
     assert row.suspect and REASON in row.suspect_reason
     assert [p["kind"] for p in hist] == ["E_CERT_REVOKED"] * 3  # every cert refusal recorded
-    view = admin(h, "viewer").get("/admin/v1/devices/SN-70").json()
+    view = admin_client(h, "viewer").device("SN-70")
     assert view["suspect"] is True and len(view["probe_history"]) == 3
 
 

@@ -14,7 +14,6 @@ import hashlib
 import os
 import shutil
 import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -24,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from otaguard.adminclient import AdminClient
 from otaguard.delta import create_patch
 from otaguard.device.lab import Lab
 from otaguard.device.linux.grubenv import decode_block
@@ -153,11 +152,8 @@ class Backend:
         self.relay = Relay(self.server.port)
         with self.db.write() as conn:
             token = store.create_token(conn, "vm-admin", "security-officer")
-        self.admin = httpx.Client(
-            base_url=self.admin_server.url,
-            verify=ssl.create_default_context(cafile=str(tls / "ca.pem")),
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=60,
+        self.admin = AdminClient.connect(
+            self.admin_server.url, token=token, ca_file=tls / "ca.pem", timeout=60
         )
         self.enrollment: Enrollment = enroll_device(
             self.ca,
@@ -190,13 +186,8 @@ class Backend:
         self, version: str, image: Path, *, counter: int, delta_from: str | None = None
     ) -> Release:
         manifest = self.sign(image, version, counter)
-        r = self.admin.post("/admin/v1/images", content=image.read_bytes())
-        assert r.status_code == 201, r.text
-        r = self.admin.post(
-            "/admin/v1/releases", params={"image": r.json()["blob"]}, content=manifest
-        )
-        assert r.status_code == 201, r.text
-        rel = Release(version, image, manifest, int(r.json()["id"]))
+        blob = self.admin.upload_blob(image)["blob"]
+        rel = Release(version, image, manifest, self.admin.create_release(manifest, blob)["id"])
         if delta_from is not None:
             base = self.releases[delta_from]
             patch = create_patch(base.image.read_bytes(), image.read_bytes())
@@ -204,14 +195,8 @@ class Backend:
                 base.image.read_bytes(), image.read_bytes(), patch,
                 version=version, seq=self._seq, counter=counter,
             )  # fmt: skip
-            r = self.admin.post("/admin/v1/images", content=patch)
-            assert r.status_code == 201, r.text
-            r = self.admin.post(
-                f"/admin/v1/releases/{rel.release_id}/deltas",
-                params={"patch": r.json()["blob"], "base_version": delta_from},
-                content=dmf,
-            )
-            assert r.status_code == 201, r.text
+            pblob = self.admin.upload_blob(patch)["blob"]
+            self.admin.create_delta(rel.release_id, dmf, pblob, base_version=delta_from)
             rel.deltas[delta_from] = patch
         self.releases[version] = rel
         return rel
@@ -227,26 +212,17 @@ class Backend:
             "failure": {"max_failed": 1, "min_finished": 1},
             "deadline": int(time.time()) + 86400,
         }
-        r = self.admin.post("/admin/v1/campaigns", json=spec)
-        assert r.status_code == 201, r.text
-        r = self.admin.post(f"/admin/v1/campaigns/{name}/start")
-        assert r.status_code == 200, r.text
+        self.admin.create_campaign(spec)
+        self.admin.campaign_action(name, "start")
 
     def assign(self, release: Release) -> None:
-        r = self.admin.post(
-            "/admin/v1/assignments", json={"serial": SERIAL, "release_id": release.release_id}
-        )
-        assert r.status_code in (200, 201), r.text
+        self.admin.assign(SERIAL, release.release_id)
 
     def campaign_status(self, name: str) -> dict[str, Any]:
-        r = self.admin.get(f"/admin/v1/campaigns/{name}")
-        assert r.status_code == 200, r.text
-        return r.json()  # type: ignore[no-any-return]
+        return dict(self.admin.campaign(name))
 
     def device(self) -> dict[str, Any]:
-        r = self.admin.get(f"/admin/v1/devices/{SERIAL}")
-        assert r.status_code == 200, r.text
-        return r.json()  # type: ignore[no-any-return]
+        return dict(self.admin.device(SERIAL))
 
     def reports(self) -> list[dict[str, Any]]:
         with self.db.read() as conn:

@@ -8,39 +8,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import click
 
-from ..errors import ErrorCode, UsageError
+from ..adminclient import CampaignAction
+from ..errors import ErrorCode, OtaError, UsageError
 from ..fsutil import read_limited
-from .admin_client import CA_ENV, SERVER_ENV, admin_call
+from .admin_options import admin_options, connect
 from .common import emit
 
 MAX_SPEC = 1 << 20
 
-
-def _call(
-    server: str, ca_file: Path | None, method: str, path: str, body: Any = None, **kw: Any
-) -> Any:
-    return admin_call(server, ca_file, method, path, body, **kw)
-
-
-def _server_options(f: Any) -> Any:
-    f = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
-    f = click.option(
-        "--ca-file",
-        envvar=CA_ENV,
-        type=click.Path(dir_okay=False, exists=True, path_type=Path),
-        help="CA certificate of the admin listener [env OTAGUARD_ADMIN_CA].",
-    )(f)
-    f = click.option(
-        "--server",
-        envvar=SERVER_ENV,
-        required=True,
-        help="Admin API base URL, e.g. https://127.0.0.1:8444 [env OTAGUARD_SERVER].",
-    )(f)
-    return f
+_server_options = admin_options
 
 
 def _summary(c: dict[str, Any]) -> str:
@@ -107,7 +87,7 @@ def create(
     min_soak_s: float | None,
     deadline: float | None,
     name: str | None,
-    server: str,
+    server: str | None,
     ca_file: Path | None,
     as_json: bool,
 ) -> None:
@@ -117,9 +97,9 @@ def create(
         try:
             body = json.loads(read_limited(spec_file, MAX_SPEC))
         except ValueError:
-            raise UsageError(ErrorCode.MALFORMED, f"{spec_file} is not JSON") from None
+            raise OtaError(ErrorCode.MALFORMED, f"{spec_file} is not JSON") from None
         if not isinstance(body, dict):
-            raise UsageError(ErrorCode.MALFORMED, f"{spec_file} must hold a JSON object")
+            raise OtaError(ErrorCode.MALFORMED, f"{spec_file} must hold a JSON object")
     sel = dict(body.get("selector") or {})
     for key, val in (("model", model), ("hw_rev", hw_rev)):
         if val is not None:
@@ -144,27 +124,32 @@ def create(
         body["failure"] = failure
     extra: dict[str, Any] = {"min_soak_s": min_soak_s, "deadline": deadline, "name": name}
     body.update({k: v for k, v in extra.items() if v is not None})
-    out = _call(server, ca_file, "POST", "/admin/v1/campaigns", body)
+    with connect(server, ca_file) as client:
+        out = client.create_campaign(body)
     emit(out, as_json, _summary)
 
 
-def _action(action: str) -> Any:
+def _action(action: CampaignAction) -> Any:
     @campaign.command(action)
     @click.argument("campaign_id")
     @click.option("--reason", help="Recorded in the campaign history.")
     @_server_options
     def cmd(
-        campaign_id: str, reason: str | None, server: str, ca_file: Path | None, as_json: bool
+        campaign_id: str,
+        reason: str | None,
+        server: str | None,
+        ca_file: Path | None,
+        as_json: bool,
     ) -> None:
-        body = {"reason": reason} if reason else None
-        out = _call(server, ca_file, "POST", f"/admin/v1/campaigns/{campaign_id}/{action}", body)
+        with connect(server, ca_file) as client:
+            out = client.campaign_action(campaign_id, action, reason)
         emit(out, as_json, _summary)
 
     cmd.__doc__ = f"{action.capitalize()} a campaign."
     return cmd
 
 
-for _a in ("start", "pause", "resume", "abort"):
+for _a in get_args(CampaignAction):
     _action(_a)
 
 
@@ -173,11 +158,15 @@ for _a in ("start", "pause", "resume", "abort"):
 @click.option("--stale-after", type=int, help="Seconds without check-in → straggler.")
 @_server_options
 def status(
-    campaign_id: str, stale_after: int | None, server: str, ca_file: Path | None, as_json: bool
+    campaign_id: str,
+    stale_after: int | None,
+    server: str | None,
+    ca_file: Path | None,
+    as_json: bool,
 ) -> None:
     """Phase, counts per state, SLA, pause reason, stragglers."""
-    params = {"stale_after": stale_after} if stale_after else None
-    out = _call(server, ca_file, "GET", f"/admin/v1/campaigns/{campaign_id}", params=params)
+    with connect(server, ca_file) as client:
+        out = client.campaign(campaign_id, stale_after=stale_after or None)
     emit(out, as_json, _summary)
 
 
@@ -188,12 +177,14 @@ def status(
     type=click.Choice(["draft", "running", "paused", "completed", "aborted"]),
 )
 @_server_options
-def list_(status_filter: str | None, server: str, ca_file: Path | None, as_json: bool) -> None:
+def list_(
+    status_filter: str | None, server: str | None, ca_file: Path | None, as_json: bool
+) -> None:
     """Campaigns, newest first."""
-    params = {"status": status_filter} if status_filter else None
-    out = _call(server, ca_file, "GET", "/admin/v1/campaigns", params=params)
+    with connect(server, ca_file) as client:
+        out = client.list_campaigns(status_filter)
     emit(
-        out["campaigns"],
+        out,
         as_json,
         lambda cs: (
             "\n".join(

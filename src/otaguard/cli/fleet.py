@@ -149,16 +149,47 @@ def enroll(
 
 @fleet.command("revoke")
 @click.option("--serial", required=True)
+@click.option(
+    "--server",
+    envvar="OTAGUARD_SERVER",
+    metavar="URL",
+    help="Revoke through the admin API (security-officer token in $OTAGUARD_ADMIN_TOKEN) "
+    "instead of in the database directly [env OTAGUARD_SERVER].",
+)
+@click.option(
+    "--ca-file",
+    envvar="OTAGUARD_ADMIN_CA",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CA certificate of the admin listener [env OTAGUARD_ADMIN_CA].",
+)
 @_db_option
 @_data_dir_option
-def revoke(serial: str, db_url: str | None, data_dir: Path) -> None:
-    """Revoke a device: the server refuses its certificate from the next request on."""
-    from ..server import store
+@click.option("--json", "as_json", is_flag=True)
+def revoke(
+    serial: str,
+    server: str | None,
+    ca_file: Path | None,
+    db_url: str | None,
+    data_dir: Path,
+    as_json: bool,
+) -> None:
+    """Revoke a device: the server refuses its certificate from the next request on.
 
-    db = _open_db(data_dir, db_url)
-    with db.write() as conn:
-        store.revoke_device(conn, serial)
-    click.echo(f"revoked {serial}")
+    With --server (or $OTAGUARD_SERVER) through the admin API, else in the database at
+    --data-dir/--db (on the server host).
+    """
+    if server:
+        from ..adminclient import AdminClient
+
+        with AdminClient.connect(server, ca_file=ca_file) as client:
+            client.revoke_device(serial)
+    else:
+        from ..server import store
+
+        db = _open_db(data_dir, db_url)
+        with db.write() as conn:
+            store.revoke_device(conn, serial)
+    emit({"serial": serial, "revoked": True}, as_json, lambda d: f"revoked {d['serial']}")
 
 
 @fleet.command("server-cert")
@@ -208,15 +239,11 @@ def server_cert(
 @click.option("--json", "as_json", is_flag=True)
 def expiring(within: str, url: str | None, ca_file: Path | None, as_json: bool) -> None:
     """Devices whose certificate expires within --within (admin token: $OTAGUARD_ADMIN_TOKEN)."""
-    from ..errors import ErrorCode, UsageError
-    from .admin_client import admin_call
+    from ..adminclient import AdminClient
 
-    if not url:
-        raise UsageError(ErrorCode.USAGE, "--server (or $OTAGUARD_SERVER) is required")
-    data = admin_call(
-        url, ca_file, "GET", "/admin/v1/certificates/expiring", params={"within": within}
-    )
-    emit(data, as_json, _expiring_text)
+    with AdminClient.connect(url, ca_file=ca_file) as client:
+        data = client.expiring_certificates(within)
+    emit(dict(data), as_json, _expiring_text)
 
 
 def _expiring_text(data: dict[str, object]) -> str:

@@ -19,14 +19,14 @@ from ..errors import ErrorCode, OtaError
 # Sub-command groups, imported when used: a device running ``otaguard agent`` (a small CPU,
 # or a VM without acceleration) should not pay for the server's and simulator's imports.
 COMMANDS: dict[str, str] = {
-    "keys": "keys:keys",
-    "fleet": "fleet:fleet",
+    "keys": "keys_admin:keys",  # keys.py + `keys publish`
+    "fleet": "fleet_admin:fleet",  # fleet.py + the admin-API fleet views
     "server": "server:server",
     "audit": "audit:audit",
-    "release": "release:release",
+    "release": "release_admin:release",  # release.py + publish/list/show
     "signing": "signing:signing",
     "manifest": "manifest:manifest",
-    "device": "device:device",
+    "device": "device_sync:device",  # device.py + `device sync` (talks to a server)
     "agent": "agent:agent",
     "campaign": "campaign:campaign",
     "rotation": "rotation:rotation",
@@ -71,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     except OtaError as err:
         click.echo(f"otaguard: error {err.code.value}: {err.detail}", err=True)
         return 2 if err.code == ErrorCode.USAGE else 1
+    except click.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help, as before
+            exc.show()
+            return exc.exit_code
+        # One line like every other error (scripts grep the code); `--help` shows the usage.
+        where = f" ({exc.ctx.command_path})" if exc.ctx is not None else ""
+        msg = " ".join(exc.format_message().split())
+        click.echo(f"otaguard: error {ErrorCode.USAGE.value}: {msg}{where}", err=True)
+        return 2
     except click.exceptions.Abort:
         click.echo("otaguard: interrupted", err=True)
         return 130

@@ -7,31 +7,30 @@ offline with ``otaguard keys authorize`` / ``keys revoke`` and only uploaded her
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..errors import ErrorCode, UsageError
 from ..fsutil import read_limited
 from ..trust.documents import MAX_KEYLIST
-from .admin_client import CA_ENV, SERVER_ENV, admin_call
+from .admin_options import CA_ENV, SERVER_ENV, connect
 from .common import emit
 
-
-def _call(ctx: click.Context, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    # Checked here, not by click on the group: a required group option made every
-    # `otaguard rotation <command> --help` fail without a server.
-    if not ctx.obj["url"]:
-        raise UsageError(ErrorCode.USAGE, f"--server (or ${SERVER_ENV}) is required")
-    return admin_call(ctx.obj["url"], ctx.obj["ca"], method, path, body)
+if TYPE_CHECKING:
+    from ..adminclient import AdminClient
 
 
-def _keylist_b64(path: Path) -> str:
-    return base64.b64encode(read_limited(path, MAX_KEYLIST)).decode()
+def _client(ctx: click.Context) -> AdminClient:
+    # --server is checked here (E_USAGE), not by click on the group: a required group option
+    # made every `otaguard rotation <command> --help` fail without a server.
+    return connect(ctx.obj["url"], ctx.obj["ca"])
+
+
+def _keylist(path: Path) -> bytes:
+    return read_limited(path, MAX_KEYLIST)
 
 
 def _when(t: int | None) -> str:
@@ -81,7 +80,7 @@ def _render_status(s: dict[str, Any]) -> str:
 )
 @click.option(
     "--ca-file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=click.Path(dir_okay=False, path_type=Path),
     envvar=CA_ENV,
     help="CA certificate of the admin endpoint.",
 )
@@ -122,18 +121,20 @@ def start(
     as_json: bool,
 ) -> None:
     """Publish the key list adding the new key and start tracking the fleet."""
-    body = {
-        "keylist": _keylist_b64(keylist),
-        "old_kid": old_kid,
-        "new_kid": new_kid,
-        "threshold": threshold,
-        "unreachable_after": unreachable_hours * 3600,
-        "model": model,
-        "hw_rev": hw_rev,
-        "group": group,
-        "reason": reason,
-    }
-    emit(_call(ctx, "POST", "/admin/v1/rotations", body), as_json)
+    doc = _keylist(keylist)
+    with _client(ctx) as client:
+        out = client.start_rotation(
+            doc,
+            old_kid=old_kid,
+            new_kid=new_kid,
+            threshold=threshold,
+            unreachable_after=unreachable_hours * 3600,
+            model=model,
+            hw_rev=hw_rev,
+            group=group,
+            reason=reason,
+        )
+    emit(out, as_json)
 
 
 @rotation.command("status")
@@ -143,8 +144,9 @@ def start(
 @click.pass_context
 def status(ctx: click.Context, rid: int | None, warn_days: int, as_json: bool) -> None:
     """Fleet fraction on the new list, stragglers, unreachable devices, expiry warnings."""
-    path = f"/admin/v1/rotations/{rid}" if rid else "/admin/v1/rotations/current"
-    emit(_call(ctx, "GET", f"{path}?warn_days={warn_days}"), as_json, _render_status)
+    with _client(ctx) as client:
+        out = client.rotation(rid or None, warn_days=warn_days)
+    emit(out, as_json, _render_status)
 
 
 def _step_options(func: Any) -> Any:
@@ -156,10 +158,10 @@ def _step_options(func: Any) -> Any:
     return click.option("--id", "rid", type=int, help="Rotation id (default: the latest).")(func)
 
 
-def _rid(ctx: click.Context, rid: int | None) -> int:
+def _rid(client: AdminClient, rid: int | None) -> int:
     if rid is not None:
         return rid
-    return int(_call(ctx, "GET", "/admin/v1/rotations/current")["id"])
+    return int(client.rotation()["id"])
 
 
 @rotation.command("advance")
@@ -169,8 +171,9 @@ def advance(
     ctx: click.Context, rid: int | None, force: bool, reason: str | None, as_json: bool
 ) -> None:
     """Switch new releases to the new key (refused below the threshold unless forced)."""
-    body = {"force": force, "reason": reason}
-    emit(_call(ctx, "POST", f"/admin/v1/rotations/{_rid(ctx, rid)}/advance", body), as_json)
+    with _client(ctx) as client:
+        out = client.advance_rotation(_rid(client, rid), force=force, reason=reason)
+    emit(out, as_json)
 
 
 @rotation.command("finish")
@@ -191,12 +194,17 @@ def finish(
     as_json: bool,
 ) -> None:
     """Publish the final key list that removes and revokes the old key."""
-    body = {"keylist": _keylist_b64(keylist), "force": force, "reason": reason}
-    emit(_call(ctx, "POST", f"/admin/v1/rotations/{_rid(ctx, rid)}/finish", body), as_json)
+    doc = _keylist(keylist)
+    with _client(ctx) as client:
+        out = client.finish_rotation(_rid(client, rid), doc, force=force, reason=reason)
+    emit(out, as_json)
 
 
 @rotation.command("release-key")
+@click.option("--json", "as_json", is_flag=True, help="Accepted for symmetry: always JSON.")
 @click.pass_context
-def release_key(ctx: click.Context) -> None:
+def release_key(ctx: click.Context, as_json: bool) -> None:
     """The key new releases must be signed with, and the retired ones (JSON)."""
-    click.echo(json.dumps(_call(ctx, "GET", "/admin/v1/release-key"), sort_keys=True))
+    with _client(ctx) as client:
+        out = client.release_key()
+    click.echo(json.dumps(out, sort_keys=True))

@@ -177,6 +177,7 @@ def _issuer(keys: dict[str, Any]) -> CertIssuer | None:
 )
 @_data_dir_option
 @_db_option
+@click.option("--json", "as_json", is_flag=True, help="{name, role, token, expires_at}.")
 def token_create(
     name: str,
     role: str,
@@ -184,10 +185,12 @@ def token_create(
     no_expiry: bool,
     data_dir: Path,
     db_url: str | None,
+    as_json: bool,
 ) -> None:
     """Create an admin bearer token (printed once; only its hash is stored).
 
-    stdout's first line is the token (scripts read it); the expiry goes to stderr.
+    stdout's first line is the token (scripts read it); the expiry goes to stderr. Tokens are
+    managed on the server host, in its database, not through the admin API (docs/server.md).
     """
     from ..server import store
     from ..signing.http import format_utc
@@ -197,7 +200,11 @@ def token_create(
     with db.write() as conn:
         token = store.create_token(conn, name, role, valid_for=lifetime)
         expires_at = store.token_expiry(conn, name)
-    click.echo(token)
+    if as_json:
+        out = {"name": name, "role": role, "token": token, "expires_at": expires_at}
+        click.echo(json.dumps(out, indent=2, sort_keys=True))
+    else:
+        click.echo(token)
     if expires_at is None:
         click.echo(f"WARNING: admin token {name!r} never expires (--no-expiry)", err=True)
     else:
@@ -242,14 +249,18 @@ def token_list(as_json: bool, data_dir: Path, db_url: str | None) -> None:
 @click.option("--name", required=True)
 @_data_dir_option
 @_db_option
-def token_revoke(name: str, data_dir: Path, db_url: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="{name, revoked, changed}.")
+def token_revoke(name: str, data_dir: Path, db_url: str | None, as_json: bool) -> None:
     """Revoke an admin token now: every request with it gets 401 from then on."""
     from ..server import store
 
     db = _open_db(data_dir, db_url)
     with db.write() as conn:
         changed = store.revoke_token(conn, name)
-    click.echo(f"revoked admin token {name!r}" if changed else f"{name!r} was already revoked")
+    if as_json:
+        click.echo(json.dumps({"name": name, "revoked": True, "changed": changed}, sort_keys=True))
+    else:
+        click.echo(f"revoked admin token {name!r}" if changed else f"{name!r} was already revoked")
 
 
 @server.command("migrate")

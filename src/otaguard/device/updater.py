@@ -97,6 +97,7 @@ class PollResult:
     error: str | None = None  # code of the failure (install, boot, transport)
     next_poll: float = 0.0
     cert: str | None = None  # "renewed", or the code of a failed renewal
+    method: str | None = None  # "delta" or "full" when an image was installed
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -211,7 +212,7 @@ class Updater:
                 at, outcome, keylist_from=kl_from, keylist_error=kl_error, cert=cert
             )
         version = str(offered.get("version"))
-        outcome, error = self._install_step()
+        outcome, error, method = self._install_step()
         self._invalidate()  # re-read what the install, boots and self-test wrote
         return self._result(
             at,
@@ -221,6 +222,7 @@ class Updater:
             offered=version,
             error=error,
             cert=cert,
+            method=method,
         )
 
     def _checkin(self) -> dict[str, Any] | None:
@@ -283,30 +285,30 @@ class Updater:
         self._report({"event": "keylist-installed", "detail": f"key list v{current} -> v{new}"})
         return current, None
 
-    def _install_step(self) -> tuple[str, str | None]:
+    def _install_step(self) -> tuple[str, str | None, str | None]:
         dev = self.device
         self._invalidate()  # install, boots and self-test write flash; re-read afterwards
         try:
-            dev.install(self.transport)  # the agent reports installed/error itself
+            method = dev.install(self.transport).method  # the agent reports itself
         except OtaError as err:
             if err.code == ErrorCode.POWER_CUT:
                 raise
-            return "failed", err.code.value
+            return "failed", err.code.value, None
         boot = dev.boot()  # reboot into the new image (test mode) or back to the old one
         if boot.mode != "test":
             code = boot.reverted or ErrorCode.NO_VALID_SLOT.value
             self._record_error(OtaError(ErrorCode(code), "new image refused at boot"), "boot")
             self._report({"event": "reverted", "error": code, "version": boot.version})
-            return "reverted", code
+            return "reverted", code, method
         result = dev.run_self_test(self.self_test)
         if result == "confirmed":
             self._report({"event": "confirmed", "version": boot.version})
-            return "confirmed", None
+            return "confirmed", None, method
         dev.boot()  # back on the previous image
         code = ErrorCode.SELF_TEST.value
         self._record_error(OtaError(ErrorCode.SELF_TEST, "self-test failed"), "self-test")
         self._report({"event": "reverted", "error": code, "version": self._version()})
-        return "reverted", code
+        return "reverted", code, method
 
     # --- helpers -------------------------------------------------------------------------------
     def _version(self) -> str:

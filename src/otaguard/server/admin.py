@@ -28,6 +28,7 @@ from starlette.routing import Route
 from ..crypto.algorithms import HashAlg, StreamingHasher
 from ..errors import ErrorCode, OtaError, ServerError
 from ..wire import decimal
+from . import admin_queries as q
 from . import store
 from .admin_auth import require_role
 from .blobs import check_name
@@ -135,7 +136,21 @@ def admin_routes(srv: UpdateServer) -> list[Route]:
                 dev = store.device_by_serial(conn, serial)
                 if dev is None:
                     raise ServerError(ErrorCode.NOT_FOUND, f"no device {serial}", 404)
-                return store.device_view(conn, dev)
+                return {
+                    **store.device_view(conn, dev),
+                    "last_report": q.last_report(conn, dev.id),
+                    "assignment": q.assignment(conn, dev.id),
+                }
+
+        return JSONResponse(await run_in_threadpool(work))
+
+    async def release(request: Request) -> Response:
+        await authorize(srv, request, "read")
+        release_id = int(request.path_params["release_id"])
+
+        def work() -> dict[str, Any]:
+            with srv.db.read() as conn:
+                return q.release_detail(conn, release_id)
 
         return JSONResponse(await run_in_threadpool(work))
 
@@ -166,6 +181,7 @@ def admin_routes(srv: UpdateServer) -> list[Route]:
         *campaign_routes(srv),
         Route("/admin/v1/images", upload_image, methods=["POST"]),
         Route("/admin/v1/releases", create_release, methods=["POST"]),
+        Route("/admin/v1/releases/{release_id:int}", release, methods=["GET"]),
         Route("/admin/v1/releases/{release_id:int}/deltas", create_delta, methods=["POST"]),
         Route("/admin/v1/assignments", assign, methods=["POST"]),
         Route("/admin/v1/devices/{serial}", device, methods=["GET"]),

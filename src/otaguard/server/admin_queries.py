@@ -109,6 +109,65 @@ def list_groups(conn: Connection) -> list[dict[str, Any]]:
     return [{"name": r.name, "devices": int(r.n)} for r in rows]
 
 
+def release_detail(conn: Connection, release_id: int) -> dict[str, Any]:
+    """One release as :func:`list_releases` shows it, with its deltas."""
+    r, d = m.releases, m.release_deltas
+    rows = _release_rows(conn.execute(select(r).where(r.c.id == release_id)).all())
+    if not rows:
+        raise ServerError(ErrorCode.NOT_FOUND, f"no release {release_id}", 404)
+    deltas = conn.execute(select(d).where(d.c.release_id == release_id).order_by(d.c.id)).all()
+    return {
+        **rows[0],
+        "deltas": [
+            {
+                "id": x.id,
+                "base_digest": x.base_digest,
+                "base_version": x.base_version,
+                "manifest_digest": x.manifest_digest,
+                "patch_digest": x.patch_digest,
+                "patch_size": x.patch_size,
+                "created_at": x.created_at,
+            }
+            for x in deltas
+        ],
+    }
+
+
+def last_report(conn: Connection, device_id: int) -> dict[str, Any] | None:
+    """The device's newest status report (what ``fleet device`` shows next to its check-in
+    facts: the last install outcome and its error code)."""
+    s = m.status_reports
+    x = conn.execute(
+        select(s).where(s.c.device_id == device_id).order_by(s.c.id.desc()).limit(1)
+    ).first()
+    if x is None:
+        return None
+    return {
+        "report_id": x.report_id,
+        "state": x.state,
+        "error_code": x.error_code,
+        "version": x.version,
+        "detail": x.detail,
+        "release_id": x.release_id,
+        "received_at": x.received_at,
+    }
+
+
+def assignment(conn: Connection, device_id: int) -> dict[str, Any] | None:
+    """The device's current assignment (direct or a campaign's), if any."""
+    a = m.assignments
+    x = conn.execute(select(a).where(a.c.device_id == device_id)).first()
+    if x is None:
+        return None
+    return {
+        "release_id": x.release_id,
+        "campaign_id": x.campaign_id,
+        "state": x.state,
+        "assigned_at": x.assigned_at,
+        "updated_at": x.updated_at,
+    }
+
+
 def list_releases(
     conn: Connection, *, model: str | None = None, hw_rev: str | None = None
 ) -> list[dict[str, Any]]:
@@ -118,7 +177,12 @@ def list_releases(
         cond.append(r.c.model == model)
     if hw_rev is not None:
         cond.append(r.c.hw_rev == hw_rev)
-    rows = conn.execute(select(r).where(*cond).order_by(r.c.id).limit(MAX_PAGE)).all()
+    return _release_rows(
+        conn.execute(select(r).where(*cond).order_by(r.c.id).limit(MAX_PAGE)).all()
+    )
+
+
+def _release_rows(rows: Sequence[Any]) -> list[dict[str, Any]]:
     return [
         {
             "id": x.id,

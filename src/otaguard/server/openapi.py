@@ -242,7 +242,7 @@ ADMIN_OPS: dict[tuple[str, str], dict[str, Any]] = {
         },
     },
     ("GET", "/admin/v1/devices/{serial}"): {
-        "summary": "One device, with probe history",
+        "summary": "One device: check-in facts, last status report, assignment, probe history",
         "role": "read",
         "response": _ref("Device"),
     },
@@ -267,6 +267,11 @@ ADMIN_OPS: dict[tuple[str, str], dict[str, Any]] = {
         "role": "read",
         "parameters": [_q("model", _STR), _q("hw_rev", _STR)],
         "response": {"type": "object", "properties": {"releases": _arr(_ref("Release"))}},
+    },
+    ("GET", "/admin/v1/releases/{release_id}"): {
+        "summary": "One release with its deltas",
+        "role": "read",
+        "response": _ref("Release"),
     },
     ("POST", "/admin/v1/releases"): {
         "summary": "Upload a signed release (verified on upload)",

@@ -14,7 +14,6 @@ import os
 import random
 import secrets
 import shutil
-import ssl
 import stat
 import subprocess
 import tempfile
@@ -24,12 +23,12 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from ..adminclient import AdminClient, Campaign, CampaignAction
 from ..clock import Clock
 from ..crypto.algorithms import HashAlg
 from ..crypto.cose import Signer
@@ -275,7 +274,7 @@ def make_releases(keys: KeySet, image_size: int, seed: int, now: int) -> Release
 @dataclass
 class ServerWorld:
     proc: ServerProcess
-    admin: httpx.Client
+    admin: AdminClient  # as the security officer; ``as_token`` for the other roles
     ca: FleetCA
     db: Database
     ca_pem: Path
@@ -318,64 +317,36 @@ def start_server(work: Path, clock: SharedClock, rel: Releases, procs: int = 1) 
             tokens[role] = store.create_token(conn, name, role)
     spec = ServerSpec(url, work / "blobs", tls, clock.name, rel.bundle.to_bytes(), procs)
     proc = ServerProcess(spec).start()
-    admin = httpx.Client(
-        base_url=proc.admin_url,
-        verify=ssl.create_default_context(cafile=str(ca_pem)),
-        headers={"Authorization": f"Bearer {tokens['security-officer']}"},
-        timeout=60,
+    admin = AdminClient.connect(
+        proc.admin_url, token=tokens["security-officer"], ca_file=ca_pem, timeout=60
     )
     return ServerWorld(proc, admin, ca, db, ca_pem, tokens, prev)
 
 
-def _as(w: ServerWorld, role: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {w.tokens[role]}"}
-
-
-def _ok(r: httpx.Response, what: str) -> dict[str, Any]:
-    if r.status_code >= 300:
-        raise OtaError(ErrorCode.INTERNAL, f"{what} failed: HTTP {r.status_code} {r.text[:200]}")
-    out: dict[str, Any] = r.json()
-    return out
-
-
 # --- campaigns, through the admin API (as an operator would) ------------------------------------
-def create_campaign(w: ServerWorld, body: dict[str, Any]) -> dict[str, Any]:
-    return _ok(w.admin.post("/admin/v1/campaigns", json=body), "campaign create")
+def create_campaign(w: ServerWorld, body: dict[str, Any]) -> Campaign:
+    return w.admin.create_campaign(body)
 
 
 def campaign_action(
-    w: ServerWorld, name: str, action: str, reason: str | None = None
-) -> dict[str, Any]:
-    body = {"reason": reason} if reason else {}
-    r = w.admin.post(f"/admin/v1/campaigns/{name}/{action}", json=body)
-    return _ok(r, f"campaign {action}")
+    w: ServerWorld, name: str, action: CampaignAction, reason: str | None = None
+) -> Campaign:
+    return w.admin.campaign_action(name, action, reason)
 
 
 def list_campaigns(w: ServerWorld) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = _ok(w.admin.get("/admin/v1/campaigns"), "campaign list")[
-        "campaigns"
-    ]
-    return out
+    return cast(list[dict[str, Any]], w.admin.list_campaigns())
 
 
 def publish(w: ServerWorld, rel: Releases) -> int:
     """Key list (when rotating), the new release and its delta — through the admin API."""
     if rel.keylist_v2 is not None:
-        _ok(w.admin.put("/admin/v1/keylist", content=rel.keylist_v2), "key-list publish")
-    h = _as(w, "release-manager")
-    img = _ok(w.admin.post("/admin/v1/images", content=rel.v_new, headers=h), "image upload")
-    r = w.admin.post(
-        "/admin/v1/releases", params={"image": img["blob"]}, content=rel.new_manifest, headers=h
-    )
-    rid = int(_ok(r, "release upload")["id"])
-    pb = _ok(w.admin.post("/admin/v1/images", content=rel.patch, headers=h), "patch upload")
-    r = w.admin.post(
-        f"/admin/v1/releases/{rid}/deltas",
-        params={"patch": pb["blob"], "base_version": V_OLD},
-        content=rel.delta_manifest,
-        headers=h,
-    )
-    _ok(r, "delta upload")
+        w.admin.put_keylist(rel.keylist_v2)
+    rm = w.admin.as_token(w.tokens["release-manager"])
+    img = rm.upload_blob(rel.v_new)
+    rid = rm.create_release(rel.new_manifest, img["blob"])["id"]
+    patch = rm.upload_blob(rel.patch)
+    rm.create_delta(rid, rel.delta_manifest, patch["blob"], base_version=V_OLD)
     return rid
 
 
