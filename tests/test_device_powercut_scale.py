@@ -48,6 +48,14 @@ CFG = LayoutConfig(
 CHECKPOINT = 64 * 1024
 FULL = os.environ.get("OTAGUARD_POWERCUT_FULL") == "1"
 SAMPLE = int(os.environ.get("OTAGUARD_POWERCUT_SAMPLE", "24"))  # cut points per scenario
+# FULL: every STRIDE-th operation of the long scenarios (1 = every one), split into SHARDS
+# tests so that pytest-xdist spreads one scenario over its workers
+STRIDE = {
+    "install": int(os.environ.get("OTAGUARD_POWERCUT_STRIDE_INSTALL", "1")),
+    "delta": int(os.environ.get("OTAGUARD_POWERCUT_STRIDE_DELTA", "1")),
+}
+SHARDS = int(os.environ.get("OTAGUARD_POWERCUT_SHARDS", "1")) if FULL else 1
+CASES = [(name, shard) for name in SCENARIOS for shard in range(SHARDS if name in STRIDE else 1)]
 TOTALS: dict[str, int] = {}
 
 
@@ -82,16 +90,20 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     return w
 
 
-def cut_points(n: int, name: str) -> list[int]:
-    """0..n (n is the no-fault control) in full, or a deterministic sample with both ends."""
-    if FULL or n + 1 <= SAMPLE:
+def cut_points(n: int, name: str, shard: int = 0) -> list[int]:
+    """0..n (n is the no-fault control) in full (every STRIDE-th, this shard's share, always
+    with both ends), or a deterministic sample with both ends."""
+    if FULL:
+        every = sorted({*range(0, n + 1, STRIDE.get(name, 1)), n - 1, n})
+        return every[shard::SHARDS] if name in STRIDE else every
+    if n + 1 <= SAMPLE:
         return list(range(n + 1))
     rng = random.Random(f"powercut-1mib/{name}")
     return sorted({0, n - 1, n, *rng.sample(range(1, n - 1), SAMPLE - 3)})
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
-def test_cut_flash_at_scale(world: World, name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "shard"), CASES)
+def test_cut_flash_at_scale(world: World, name: str, shard: int, tmp_path: Path) -> None:
     start, path, recover = SCENARIOS[name]
     src = getattr(world, start)
     d = tmp_path / "case"
@@ -102,7 +114,7 @@ def test_cut_flash_at_scale(world: World, name: str, tmp_path: Path) -> None:
     flash_image = (src / FLASH_FILE).read_bytes()
     with world.open(src) as dev:
         start_counters = dev.storage.counters()
-    points = cut_points(n, name)
+    points = cut_points(n, name, shard)
     tried = 0
     resumed_before = RESUMED[0]
     for k in points:
@@ -122,7 +134,8 @@ def test_cut_flash_at_scale(world: World, name: str, tmp_path: Path) -> None:
             assert obs.boots >= 1
             tried += 1
     TOTALS[name] = tried
-    report("flash-1MiB", name, n, len(points), tried, FULL)
+    label = f"{name}/{shard + 1}of{SHARDS}" if name in STRIDE and SHARDS > 1 else name
+    report("flash-1MiB", label, n, len(points), tried, FULL)
     if name == "install" and len(points) > 8:
         resumed = RESUMED[0] - resumed_before
         print(f"power-cut 1MiB[install]: {resumed} recoveries resumed a partial download")
