@@ -27,8 +27,8 @@ from tests.test_device_https_conn import _app
 from tests.test_device_https_limits import Creds, device_creds  # noqa: F401
 
 
-def _serve(cert: Path, key: Path, ca: Path) -> ThreadedServer:
-    peers: list[Any] = []
+def _serve(cert: Path, key: Path, ca: Path, peers: list[Any]) -> ThreadedServer:
+    """A device-API stand-in; ``peers`` gets one entry per request that reached it."""
     return ThreadedServer(_app(peers), server_ssl_context(cert, key, ca)).start()
 
 
@@ -65,9 +65,12 @@ def test_server_with_another_key_from_the_same_ca_is_refused(
         fleet_ca, tmp_path / "other", dns_names=["localhost"], ip_addresses=["127.0.0.1"]
     )
     assert spki_sha256(other.cert) != pin  # same CA, same names, another key
-    genuine = _serve(server_tls / "server.pem", server_tls / "server.key", server_tls / "ca.pem")
+    seen: list[Any] = []
+    genuine = _serve(
+        server_tls / "server.pem", server_tls / "server.key", server_tls / "ca.pem", []
+    )
     impostor = _serve(
-        tmp_path / "other" / "server.pem", tmp_path / "other" / "server.key", device_creds.ca
+        tmp_path / "other" / "server.pem", tmp_path / "other" / "server.key", device_creds.ca, seen
     )
     try:
         t = _device(device_creds, tmp_path, genuine.url, (pin,))
@@ -79,11 +82,13 @@ def test_server_with_another_key_from_the_same_ca_is_refused(
             t.checkin({"version": "1.0.0"})
         assert exc.value.code == ErrorCode.CERT
         assert "SPKI pin" in exc.value.detail
+        assert seen == []  # refused after the handshake, before the check-in was sent
         t.close()
 
         # what the pin adds: with the CA check alone (pin_spki=False), the impostor passes
         t = _device(device_creds, tmp_path, impostor.url, ())
         assert t.checkin({"version": "1.0.0"}) is None
+        assert len(seen) == 1
         t.close()
     finally:
         genuine.stop()
