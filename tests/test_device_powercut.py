@@ -32,6 +32,7 @@ from otaguard.device.layout import LayoutConfig
 from otaguard.device.slots import read_envelope
 from otaguard.device.storage import Counters, Identity
 from otaguard.errors import ErrorCode, OtaError, PowerCut
+from tests.cutdisk import report
 
 CFG = LayoutConfig(
     sector_size=4096,
@@ -67,9 +68,10 @@ class World:
     base: Path  # device dir: v1 confirmed, booted
     pending: Path  # device dir: v2 installed, pending its test boot
     revoke_update: bytes = b""  # root-signed v3: only the extra key, the running key revoked
+    checkpoint: int = CHECKPOINT
 
     def open(self, d: Path, inj: FaultInjector | None = None) -> Device:
-        return Device(d, faults=inj, clock=lambda: self.lab.now, checkpoint=CHECKPOINT)
+        return Device(d, faults=inj, clock=lambda: self.lab.now, checkpoint=self.checkpoint)
 
     def transport(self) -> MemoryTransport:
         return MemoryTransport(self.m2, self.v2, chunk=1000)
@@ -332,7 +334,7 @@ def test_cut_at_every_operation(world: World, name: str, tmp_path: Path) -> None
             assert obs.boots >= 1
             tried += 1
     TRIED[name] = tried
-    print(f"\npower-cut[{name}]: {n} flash operations, {tried} cut points tried")
+    report("flash-24KiB", name, n, n + 1, tried, True)
     if name == "install":
         print(f"power-cut[install]: {RESUMED[0]} recoveries resumed a partial download")
         assert RESUMED[0] > 0

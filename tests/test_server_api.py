@@ -428,10 +428,11 @@ def test_image_upload_size_limit(small: Harness) -> None:
     assert not small.srv.blobs.path(hashlib.sha256(over).hexdigest()).exists()
     names = {p.name for p in blobs.rglob("*") if p.is_file() and len(p.name) == 64}
     assert names == {hashlib.sha256(at_limit).hexdigest()}
-    # A huge declared length is refused before a single body byte is sent.
+    # A huge declared length is refused before a single body byte is sent: the client below
+    # never sends one, so a server that read (or waited for) the body could not answer 413 at
+    # all — the answer arriving is the proof, no stopwatch needed.
     with small.db.write() as conn:
         token = store.create_token(conn, "rm-raw", "release-manager")
-    t0 = time.monotonic()
     resp = _raw_admin_request(
         small,
         b"POST /admin/v1/images HTTP/1.1\r\nHost: localhost\r\n"
@@ -439,7 +440,6 @@ def test_image_upload_size_limit(small: Harness) -> None:
         + f"Content-Length: {1 << 40}\r\n\r\n".encode(),
     )
     assert resp.startswith(b"HTTP/1.1 413") and b'"E_TOO_LARGE"' in resp, resp[:200]
-    assert time.monotonic() - t0 < 10
 
 
 def test_release_class_id_must_match_model_text(small: Harness) -> None:

@@ -85,6 +85,14 @@ class _Walker:
                 pos += arg
         return pos == end
 
+    def _check_bignum(self, pos: int) -> None:
+        """RFC 8949 §4.2.1/§3.4.3: an integer that fits major type 0/1 is never a bignum, and
+        a bignum's bytes have no leading zero, so each integer has one encoding (a fuzz
+        oracle found 2(h'0c0a1bb3cb55b44c') accepted next to its plain 64-bit spelling)."""
+        major, _, length, body = self.head(pos)
+        if major != 2 or length < 9 or (body < self.n and self.data[body] == 0):
+            raise self.fail(ErrorCode.MALFORMED, "non-minimal CBOR bignum", pos)
+
     def item(self, pos: int, depth: int) -> int:
         if depth > self.limits.max_depth:
             raise self.fail(ErrorCode.TOO_LARGE, "CBOR nesting deeper than allowed", pos)
@@ -154,6 +162,8 @@ class _Walker:
                 # Value sharing / string references let a few hundred bytes denote an
                 # exponentially large (or cyclic) tree once expanded.
                 raise self.fail(ErrorCode.UNSUPPORTED, f"CBOR tag {arg} not allowed", start)
+            if arg in (2, 3) and self.limits.deterministic:
+                self._check_bignum(pos)
             return self.item(pos, depth + 1)
         # major 7: simple values and floats
         if ai in (25, 26, 27):

@@ -167,6 +167,9 @@ class SimOptions:
     retire_converged: bool = True
     retry_after_s: float = 12 * HOUR  # operator re-targets stragglers after this long
     hsm: str = "auto"  # auto | softhsm | software
+    # devices pin the update server's public key (SPKI SHA-256 of the certificate the fleet CA
+    # issued it) on top of the CA check; False: the CA alone (docs/simulator.md)
+    pin_spki: bool = True
     scenario: str = "custom"
 
     def validate(self) -> SimOptions:

@@ -239,6 +239,7 @@ class Simulation:
             t0=self.t0,
             workers=max(1, -(-o.workers // n)),
             fd_cap=max(16, cap // n),
+            spki_pins=(self.world.spki_pin,) if o.pin_spki and self.world.spki_pin else (),
         )
         if n <= 1:
             self.shards = [LocalShard(cfg, self.clock)]

@@ -64,6 +64,8 @@ class ShardConfig:
     t0: float
     workers: int  # device threads of this shard
     fd_cap: int  # keep-alive connections this shard may hold open
+    # SPKI SHA-256 pins of the update server (empty: the CA check alone)
+    spki_pins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,26 @@ class ConnectionPool:
             t.close()
 
 
+def device_transport(cfg: ShardConfig, files: W.DeviceFiles, i: int) -> HttpsTransport:
+    """Device ``i``'s HTTPS client: mTLS with its own certificate, the fleet CA, and the
+    server's SPKI pin when the fleet has one (a server certificate with another key, even one
+    the same CA issued, is E_CERT on every new connection)."""
+    return HttpsTransport(
+        cfg.url,
+        ca_file=cfg.ca_pem,
+        cert_file=files.cert,
+        key_file=files.key,
+        spki_pins=set(cfg.spki_pins) or None,
+        max_attempts=2,
+        sleep=lambda s: None,
+        rng=random.Random(i),
+        timeout=60,
+        # the connection idles for a poll interval (tens of wall seconds): keep it, as the
+        # server process does (the default drops it after 5 s: a handshake per poll)
+        keepalive_expiry=None,
+    )
+
+
 def raise_fd_limit(need: int) -> int:
     """Raise the open-files limit towards ``need``: the soft limit up to the hard one, and
     the hard one too where that is permitted (root); the limit now in force."""
@@ -316,20 +338,7 @@ class DeviceRuntime:
             sd.dev.flash.park()
 
     def _transport(self, i: int) -> HttpsTransport:
-        f = self.devices[i].files
-        return HttpsTransport(
-            self.cfg.url,
-            ca_file=self.cfg.ca_pem,
-            cert_file=f.cert,
-            key_file=f.key,
-            max_attempts=2,
-            sleep=lambda s: None,
-            rng=random.Random(i),
-            timeout=60,
-            # the connection idles for a poll interval (tens of wall seconds): keep it, as
-            # the server process does (the default drops it after 5 s: a handshake per poll)
-            keepalive_expiry=None,
-        )
+        return device_transport(self.cfg, self.devices[i].files, i)
 
     def _updater(self, sd: SimDevice) -> Updater:
         def self_test(_boot: BootResult) -> bool:

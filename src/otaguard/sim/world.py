@@ -43,7 +43,7 @@ from ..manifest.build import build_envelope
 from ..manifest.ids import class_id, vendor_id
 from ..manifest.model import DeltaInfo, ManifestInfo
 from ..server import store
-from ..server.ca import FleetCA
+from ..server.ca import FleetCA, spki_sha256
 from ..server.db import Database, sqlite_url
 from ..server.enroll import issue_server_cert
 from ..trust.bundle import TrustBundle
@@ -280,6 +280,7 @@ class ServerWorld:
     ca_pem: Path
     tokens: dict[str, str]
     prev_clock: Clock
+    spki_pin: str = ""  # SHA-256 of the server certificate's public key, hex
 
     @property
     def url(self) -> str:
@@ -298,7 +299,7 @@ def start_server(work: Path, clock: SharedClock, rel: Releases, procs: int = 1) 
     tokens) here first."""
     ca = FleetCA.create(work / "ca", passphrase=secrets.token_hex(16).encode())
     tls = work / "tls"
-    issue_server_cert(ca, tls, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    issued = issue_server_cert(ca, tls, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
     ca_pem = tls / "ca.pem"
     ca_pem.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
     # NORMAL: WAL commits without an fsync each; the simulator does not test durability.
@@ -320,7 +321,7 @@ def start_server(work: Path, clock: SharedClock, rel: Releases, procs: int = 1) 
     admin = AdminClient.connect(
         proc.admin_url, token=tokens["security-officer"], ca_file=ca_pem, timeout=60
     )
-    return ServerWorld(proc, admin, ca, db, ca_pem, tokens, prev)
+    return ServerWorld(proc, admin, ca, db, ca_pem, tokens, prev, spki_sha256(issued.cert))
 
 
 # --- campaigns, through the admin API (as an operator would) ------------------------------------
