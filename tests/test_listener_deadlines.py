@@ -249,12 +249,14 @@ def test_auth_failure_window(caplog: pytest.LogCaptureFixture) -> None:
 def signing_service(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[str]]]:
     pw = "listener-test-passphrase"
     SoftwareSigner.generate(tmp_path / "svc.key", "ed25519", pw.encode())
+    SoftwareSigner.generate(tmp_path / "seal.key", "ed25519", pw.encode())
     (tmp_path / "policy.json").write_text(json.dumps({"version": 1, "requesters": {}}))
     (tmp_path / "signing.json").write_text(
         json.dumps(
             {
                 "version": 1,
                 "signer": {"key_file": "svc.key"},
+                "audit_sealer": {"key_file": "seal.key"},
                 "audit_log": "audit.log",
                 "state": "state.sqlite",
                 "policy": "policy.json",
