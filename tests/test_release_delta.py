@@ -25,7 +25,7 @@ from otaguard.manifest.verify import verify_envelope
 from otaguard.signing.policy import Requester, Role, SigningRequest
 from otaguard.trust.model import StaticKeys
 
-from .test_release_cli import PASS, keyfile, release_args, run  # noqa: F401
+from .test_release_cli import PASS, SealKit, keyfile, release_args, run, seal  # noqa: F401
 from .test_signing_http import Service, body, run_server
 
 
@@ -71,6 +71,7 @@ def make(
 def test_release_with_delta_and_device_install(
     tmp_path: Path,
     keyfile: tuple[Path, Path],  # noqa: F811
+    seal: SealKit,  # noqa: F811
     images: tuple[Path, Path],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -78,9 +79,9 @@ def test_release_with_delta_and_device_install(
     v1, v2 = images
     log = tmp_path / "audit.log"
     r1, r2 = tmp_path / "r1", tmp_path / "r2"
-    assert make(capsys, v1, r1, key, log, version="1.0.0", min_version=None)[0] == 0
+    assert make(capsys, v1, r1, key, log, *seal.args, version="1.0.0", min_version=None)[0] == 0
     rc, out, err = make(
-        capsys, v2, r2, key, log, "--delta-from", r1, "--json", version="1.1.0",
+        capsys, v2, r2, key, log, *seal.args, "--delta-from", r1, "--json", version="1.1.0",
         min_version=None, patch_uri_prefix="https://updates.example.com/p/",
     )  # fmt: skip
     assert rc == 0, err
@@ -117,7 +118,9 @@ def test_release_with_delta_and_device_install(
     assert [r["subject"]["delta"] for r in recs][:2] == [None, None]
     assert recs[2]["subject"]["delta"]["base_digest"] == base_digest
     assert recs[2]["subject"]["sequence"] == summary["sequence"]
-    rc, out, _ = run(capsys, "audit", "verify", log, "--key", pub, "--json")
+    rc, out, _ = run(
+        capsys, "audit", "verify", log, *seal.verify, "--state", f"{log}.state.sqlite", "--json"
+    )
     assert rc == 0 and json.loads(out)["valid"]
 
     # --- end to end: a device running v1 installs v2 from the delta (offline transport) ---
