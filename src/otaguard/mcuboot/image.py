@@ -30,6 +30,11 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
 from ..crypto.algorithms import CoseAlg, KeyKind
 from ..crypto.cose import Signer
 from ..crypto.keys import PublicKey, der_ecdsa_to_raw, raw_ecdsa_to_der
@@ -55,6 +60,7 @@ MAX_ECDSA_DER = 72  # SEQUENCE of two INTEGERs of at most 33 bytes each
 MAX_U8, MAX_U16, MAX_U32 = 0xFF, 0xFFFF, 0xFFFF_FFFF
 MAX_MCUBOOT_IMAGE = 64 * 1024 * 1024  # hard bound before any work (MCU slots are far smaller)
 
+_ECDSA_PREHASHED = ec.ECDSA(Prehashed(hashes.SHA256()))
 _HDR = struct.Struct("<IIHHIIBBHII")
 _INFO = struct.Struct("<HH")
 _TLV = struct.Struct("<HH")
@@ -377,5 +383,10 @@ def verify_image(
             raise CryptoError(ErrorCode.SIGNATURE, "ECDSA signature out of range") from None
         if raw_ecdsa_to_der(raw) != p.signature:  # one encoding only: no malleable variants
             raise CryptoError(ErrorCode.SIGNATURE, "ECDSA signature is not canonical DER")
-        key.verify(CoseAlg.ESP256, raw, bytes(p.hash_region))
+        pub = key.crypto_key
+        assert isinstance(pub, ec.EllipticCurvePublicKey)
+        try:  # the digest was just checked against the hash region: do not hash it twice
+            pub.verify(raw_ecdsa_to_der(raw), p.digest, _ECDSA_PREHASHED)
+        except InvalidSignature:
+            raise CryptoError(ErrorCode.SIGNATURE, "ECDSA signature does not verify") from None
     return VerifiedImage(p, key)
