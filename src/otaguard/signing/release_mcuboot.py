@@ -11,6 +11,7 @@ manifest (same image bytes, version and security counter) before it is written.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,8 @@ def finish(
         raise OtaError(ErrorCode.INTERNAL, "MCUboot image differs from the signed release")
     with (tmp / MCUBOOT_FILE).open("xb") as f:
         f.write(signed)
+        f.flush()
+        os.fsync(f.fileno())
     return {
         "file": MCUBOOT_FILE,
         "size": len(signed),
