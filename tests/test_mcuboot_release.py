@@ -132,7 +132,12 @@ def test_bad_mcuboot_input_is_refused_before_anything_is_signed(
         capsys, *release_args(image, tmp_path / "x"), "--key-file", key, "--audit-log", log,
         "--slot-size", "100000",
     )  # fmt: skip
-    assert rc == 2 and "E_USAGE" in err
+    assert rc == 2 and "E_USAGE" in err  # --slot-size without --format mcuboot
+    rc, _, err = run(
+        capsys, *release_args(image, tmp_path / "x"), "--signing-url", "http://127.0.0.1:9",
+        "--cosign", "--format", "mcuboot",
+    )  # fmt: skip
+    assert rc == 2 and "E_USAGE" in err  # not with co-signing (refused before any request)
 
 
 def test_policy_floors_hold_for_mcuboot(
@@ -231,3 +236,53 @@ def test_release_via_signing_service_writes_mcuboot_image(
         assert len(list(read_records(s.log_path))) == before
     recs = [r.op for r in read_records(s.log_path)]
     assert recs.count("sign-manifest") == 1 and recs.count("sign-mcuboot") == 1
+
+
+def test_sign_mcuboot_endpoint_refusals(tmp_path: Path) -> None:
+    """POST /v1/sign-mcuboot: credential and role first, then the body, each with its code;
+    a good request for a signed release gets only the TLV area back."""
+    import base64
+    import hashlib
+    import time
+
+    import httpx
+
+    from .test_signing_http import Service, body, run_server
+
+    s = Service(tmp_path / "svc")
+    img = os.urandom(3000)
+    req = body(
+        image_digest=hashlib.sha256(img).hexdigest(), image_size=len(img), hw_rev="Z",
+        expires=int(time.time()) + 86400,
+    )  # fmt: skip
+    good = {"request": req, "image": base64.b64encode(img).decode(), "slot_size": SLOT}
+
+    with run_server(s.app) as url:
+
+        def post(token: str | None, payload: Any) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            return httpx.post(f"{url}/v1/sign-mcuboot", json=payload, headers=headers, timeout=30)
+
+        def refused(token: str | None, payload: Any, status: int, code: str) -> None:
+            r = post(token, payload)
+            assert (r.status_code, r.json()["error"]) == (status, code), r.text
+
+        ci = s.tokens["ci"]
+        refused(None, good, 401, "E_AUTH")
+        refused(s.tokens["viewer"], good, 403, "E_FORBIDDEN")
+        refused(ci, {**good, "extra": 1}, 400, "E_MALFORMED")
+        refused(ci, {**good, "image": "***"}, 400, "E_MALFORMED")
+        refused(ci, {**good, "header_size": 8}, 400, "E_FIELD_RANGE")
+        refused(ci, {**good, "slot_size": 4000}, 400, "E_SLOT_FULL")
+        refused(ci, {**good, "image": base64.b64encode(img[1:]).decode()}, 400, "E_DIGEST")
+        refused(ci, good, 403, "E_POLICY")  # no such release signed yet
+        r = httpx.post(
+            f"{url}/v1/sign", json=req, headers={"Authorization": f"Bearer {ci}"}, timeout=30
+        )
+        assert r.status_code == 200, r.text
+        r = post(ci, good)
+        assert r.status_code == 200, r.text
+        ans = r.json()
+        tlvs = base64.b64decode(ans["tlvs"])
+        assert len(tlvs) == 144 and ans["version"] == "1.0.0+0"  # Ed25519: info + 3 TLVs
+        assert ans["mcuboot_size"] == 32 + len(img) + 12 + len(tlvs)
