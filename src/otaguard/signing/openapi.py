@@ -1,6 +1,6 @@
 """The signing service's OpenAPI 3.1 document (``GET /v1/openapi.json``).
 
-Written out rather than generated: the service has seven routes and their request schemas are the
+Written out rather than generated: the service has eight routes and their request schemas are the
 contract CI and officers code against. A test checks that the document names exactly the
 app's routes, and ``schemathesis`` drives the live service from it (no 5xx, every answer one
 the document lists). The error statuses are the ones :data:`.http.STATUS` can give.

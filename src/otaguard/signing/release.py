@@ -1,9 +1,11 @@
 """A release directory: ``manifest.suit`` + ``image.bin`` + ``release.json``, written atomically.
 
-With ``delta_from`` it also holds, per published delta, ``patch-<base>.ogdp`` and its own signed
-``manifest-delta-<base>.suit`` (``<base>`` = first 16 hex digits of the base image digest): the
-same release (version, counters, sequence number, final digest and size) plus the delta part
-(:mod:`.release_deltas` decides which deltas are worth publishing).
+With an MCUboot job (``release create --format mcuboot``) it also holds ``image.mcuboot.bin``
+(:mod:`.release_mcuboot`). With ``delta_from`` it also holds, per published delta,
+``patch-<base>.ogdp`` and its own signed ``manifest-delta-<base>.suit`` (``<base>`` = first 16
+hex digits of the base image digest): the same release (version, counters, sequence number,
+final digest and size) plus the delta part (:mod:`.release_deltas` decides which deltas are
+worth publishing).
 
 The directory is assembled under a temporary name next to the destination and renamed into
 place only when complete, so a crash or a refused signature never leaves a half-written
