@@ -1,5 +1,5 @@
 """Manifest size and verification cost: otaguard SUIT envelope vs TUF metadata, and vs a bare
-Ed25519 verification.
+Ed25519 verification; then SUIT next to MCUboot images (bench/formats.py).
 
     .venv/bin/python bench/manifest.py [--rounds N] [--batch N]
 
@@ -255,6 +255,11 @@ def main() -> None:
     print()
     ratio = t_full / t_bare
     print(f"target <= 1.5x: {'MET' if ratio <= 1.5 else 'MISSED'} ({ratio:.2f}x)")
+    print()
+
+    from formats import side_by_side  # bench/formats.py: SUIT vs MCUboot (issue #18)
+
+    side_by_side(vm.info, tuf_compact, IMAGE_SIZE, per_call, args.rounds)
 
 
 if __name__ == "__main__":

@@ -453,6 +453,40 @@ def test_client_covers_every_admin_route() -> None:
     c.start_rotation(b"k", old_kid="a", new_kid="b"), c.advance_rotation(1)
     c.finish_rotation(1, b"k"), c.create_campaign({}), c.campaign_action("c", "start")
     c.campaign("c"), c.list_campaigns(), c.openapi()
+    c.attach_mcuboot(1, "b"), c.set_class_format("c", "mcuboot")
     with contextlib.suppress(AdminError):
         c.expiring_certificates()
     assert seen == routes
+
+
+def test_publish_attaches_the_mcuboot_image_and_a_class_switches_format(
+    setup: tuple[Harness, list[str]], keys_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A release directory with an MCUboot image: publish attaches it (a re-run says so and
+    changes nothing); fleet set-class-format makes the class's devices get it."""
+    from otaguard.manifest.ids import class_id, vendor_id
+    from otaguard.server.mcuboot import class_format
+
+    h, common = setup
+    rel = keys_dir / "rel-2.0.0-mcu"
+    assert main([
+        "release", "create", "--image", str(keys_dir / "fw-1.1.0.bin"),
+        "--vendor", "hvac.example.com", "--model", MODEL, "--hw-rev", HW,
+        "--version", "2.0.0", "--security-counter", "3", "--expires", "+30d",
+        "--key-file", str(keys_dir / "op.key"), "--audit-log", str(keys_dir / "audit.log"),
+        "--format", "mcuboot", "--out", str(rel),
+    ]) == 0  # fmt: skip
+    capsys.readouterr()
+    code, out, err = run(capsys, "release", "publish", str(rel), *common, "--json")
+    assert code == 0 and out["mcuboot"] == "attached", err
+    code, out, err = run(capsys, "release", "publish", str(rel), *common, "--json")
+    assert code == 0 and out["mcuboot"] == "already attached" and not out["created"], err
+    args = ["--vendor", "hvac.example.com", "--model", MODEL, "--hw-rev", HW]
+    code, out, err = run(capsys, "fleet", "set-class-format", *args, "--format", "mcuboot",
+                         *common, "--json")  # fmt: skip
+    cid = str(class_id(vendor_id("hvac.example.com"), MODEL, HW))
+    assert code == 0 and out == {"class_id": cid, "format": "mcuboot"}, err
+    with h.db.read() as conn:
+        assert class_format(conn, cid) == "mcuboot"
+    code, _, err = run(capsys, "fleet", "set-class-format", *args, "--format", "tuf", *common)
+    assert code == 2 and "E_USAGE" in err

@@ -66,6 +66,11 @@ class ReleaseCreated(TypedDict):
     manifest_digest: str
 
 
+class ClassFormat(TypedDict):
+    class_id: str
+    format: str
+
+
 class DeltaCreated(TypedDict):
     id: int
     uploaded_by: str
@@ -391,6 +396,21 @@ class AdminClient:
             headers={"Content-Type": "application/suit-envelope+cose"},
         )
         return cast(DeltaCreated, out)
+
+    def attach_mcuboot(self, release_id: int, image_blob: str) -> dict[str, Any]:
+        """Attach an uploaded MCUboot image to a release (verified against the release's
+        signers, version and security counter on upload)."""
+        out = self.request(
+            "POST", f"/admin/v1/releases/{int(release_id)}/mcuboot", params={"image": image_blob}
+        )
+        return cast(dict[str, Any], out)
+
+    def set_class_format(self, class_id: str, fmt: str) -> ClassFormat:
+        """Which image format devices of a class get: ``suit`` (default) or ``mcuboot``."""
+        out = self.request(
+            "PUT", f"/admin/v1/classes/{_seg(class_id)}/format", json={"format": fmt}
+        )
+        return cast(ClassFormat, out)
 
     def list_releases(
         self, *, model: str | None = None, hw_rev: str | None = None

@@ -17,6 +17,7 @@ class ErrorCode(StrEnum):
     UNSUPPORTED = "E_UNSUPPORTED"  # well-formed but uses a feature we do not implement
     CRITICAL_UNKNOWN = "E_CRITICAL_UNKNOWN"  # unknown element that must be understood
     VERSION = "E_VERSION"  # wrong document/manifest format version
+    FIELD_RANGE = "E_FIELD_RANGE"  # a value does not fit a field of the target format (MCUboot)
     USAGE = "E_USAGE"  # bad command-line or API arguments
     # --- cryptography --------------------------------------------------------------------
     ALGORITHM = "E_ALGORITHM"  # algorithm or key type not allowed (RSA, unknown COSE alg)

@@ -45,6 +45,7 @@ class PublishResult:
     manifest_digest: str
     created: bool
     deltas: list[PublishedDelta] = field(default_factory=list)
+    mcuboot: str | None = None  # "attached" / "already attached" when the dir has one
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +56,7 @@ class PublishResult:
             "manifest_digest": self.manifest_digest,
             "created": self.created,
             "deltas": [d.__dict__ for d in self.deltas],
+            "mcuboot": self.mcuboot,
         }
 
 
@@ -132,6 +134,16 @@ def publish_release(client: AdminClient, directory: Path) -> PublishResult:
         release_id, version = existing["id"], existing["version"]
     result = PublishResult(release_id, model, hw_rev, version, digest, created)
 
+    mc = s.get("mcuboot")
+    if isinstance(mc, dict):
+        mc_path = _member(directory, _str(mc, "file", where))
+        try:
+            client.attach_mcuboot(release_id, client.upload_blob(mc_path)["blob"])
+            result.mcuboot = "attached"
+        except AdminError as err:
+            if err.code != ErrorCode.EXISTS:
+                raise
+            result.mcuboot = "already attached"
     have = {d["manifest_digest"]: d["id"] for d in client.release(release_id).get("deltas", [])}
     for patch, denv, ddigest, base in delta_files:
         if ddigest in have:

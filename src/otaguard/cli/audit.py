@@ -210,6 +210,12 @@ def _subject_summary(op: str, s: dict[str, Any]) -> str:
             f"img={str(s.get('image_digest', ''))[:16]}…"
             + (" DOWNGRADE" if s.get("downgrade") else "")
         )
+    if op == "sign-mcuboot":
+        return (
+            f"{s.get('model')}/{s.get('hw_rev')} {s.get('version')} MCUboot "
+            f"{s.get('mcuboot_version')} seq={s.get('sequence')} ctr={s.get('security_counter')} "
+            f"kid={s.get('key_id')}"
+        )
     if op == "seal":
         return f"records {s.get('first')}..{s.get('last')} kid={s.get('kid')}"
     if op == "sign-refused":

@@ -140,6 +140,33 @@ def set_groups(
     emit(out, as_json)
 
 
+@fleet.command("set-class-format")
+@click.option("--vendor", required=True, help="Vendor DNS domain.")
+@click.option("--model", required=True)
+@click.option("--hw-rev", required=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["suit", "mcuboot"]), required=True,
+    help="mcuboot: devices of this class are offered the release's MCUboot image.",
+)  # fmt: skip
+@admin_options
+def set_class_format(
+    vendor: str,
+    model: str,
+    hw_rev: str,
+    fmt: str,
+    server: str | None,
+    ca_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Choose the image format a device class is served (SUIT by default, or MCUboot)."""
+    from ..manifest.ids import class_id, vendor_id
+
+    cid = str(class_id(vendor_id(vendor), model, hw_rev))
+    with connect(server, ca_file) as client:
+        out = client.set_class_format(cid, fmt)
+    emit(dict(out), as_json)
+
+
 @fleet.command("assign")
 @click.argument("serial")
 @click.option("--release-id", type=int, required=True, help="Server id (`release list`).")

@@ -24,12 +24,14 @@ from ..crypto.keys import PublicKey
 from ..errors import ErrorCode, UsageError
 from ..fsutil import read_limited
 from ..manifest.class_algs import MAX_TABLE, ClassAlgs, envelope_algs
+from ..mcuboot.image import DEFAULT_TRAILER, Geometry
 from ..signing.audit import DEFAULT_SEAL_EVERY, AuditHead, AuditLog
 from ..signing.audit_key import check_separate
 from ..signing.client import TOKEN_ENV, SigningClient
 from ..signing.policy import Policy, Requester, Role, SigningRequest
 from ..signing.release import build_release, parse_expires
 from ..signing.release_deltas import DEFAULT_DELTA_FACTOR
+from ..signing.release_mcuboot import McubootJob
 from ..signing.service import SigningService
 from ..signing.state import SigningState
 from .common import close_signers, emit, load_signer, load_signers, multi_signer_options
@@ -77,6 +79,13 @@ def _summary_text(s: dict[str, Any]) -> str:
         + "".join(
             f"\n  no delta  from {d['base_version']}: {d['reason']}"
             for d in s.get("deltas_skipped", [])
+        )
+        + (
+            f"\n  mcuboot   {s['mcuboot']['file']} {s['mcuboot']['size']} bytes, version "
+            f"{s['mcuboot']['version']}, SEC_CNT {s['mcuboot']['security_counter']}, "
+            f"TLV overhead {s['mcuboot']['tlv_overhead']} bytes"
+            if "mcuboot" in s
+            else ""
         )
     )
 
@@ -188,6 +197,35 @@ def _summary_text(s: dict[str, Any]) -> str:
     "--class-alg`): a signer whose algorithm the class cannot verify is refused (E_ALGORITHM) "
     "before it signs.",
 )
+@click.option(
+    "--format",
+    "formats",
+    type=click.Choice(["suit", "mcuboot"]),
+    multiple=True,
+    help="Artifacts to write: the SUIT manifest always; 'mcuboot' also writes the release's "
+    "MCUboot image (image.mcuboot.bin), signed for the same request by the same key, policy "
+    "and audit log.",
+)
+@click.option(
+    "--slot-size",
+    type=click.IntRange(min=1),
+    help="MCUboot slot size in bytes: an image (header + image + TLVs + trailer) that does not "
+    "fit is refused (E_SLOT_FULL) before anything is signed.",
+)
+@click.option(
+    "--mcuboot-header-size",
+    type=click.IntRange(min=32, max=0xFFFF),
+    default=32,
+    show_default=True,
+    help="MCUboot header size (imgtool -H; Zephyr commonly uses 0x200).",
+)
+@click.option(
+    "--mcuboot-trailer-size",
+    type=click.IntRange(min=0),
+    default=DEFAULT_TRAILER,
+    show_default=True,
+    help="Bytes the slot keeps for MCUboot's swap trailer.",
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--json", "as_json", is_flag=True)
 def create(
@@ -226,6 +264,10 @@ def create(
     delta_factor: float,
     patch_uri_prefix: str | None,
     class_algs_file: Path | None,
+    formats: tuple[str, ...],
+    slot_size: int | None,
+    mcuboot_header_size: int,
+    mcuboot_trailer_size: int,
     out: Path,
     as_json: bool,
 ) -> None:
@@ -265,6 +307,12 @@ def create(
         req.validate()
         return req
 
+    want_mcuboot = "mcuboot" in formats
+    geometry = Geometry(slot_size, mcuboot_header_size, mcuboot_trailer_size)
+    if not want_mcuboot and slot_size is not None:
+        raise UsageError(ErrorCode.USAGE, "--slot-size is for --format mcuboot")
+    if want_mcuboot and (cosign or cosign_id):
+        raise UsageError(ErrorCode.USAGE, "--format mcuboot is not supported with co-signing")
     if (cosign or cosign_id) and not signing_url:
         raise UsageError(ErrorCode.USAGE, "--cosign/--cosign-id need --signing-url")
     if (cosign or cosign_id) and class_check is not None:
@@ -318,6 +366,10 @@ def create(
                 keys_box.append(client.public_key())
                 return keys_box
 
+            def mcuboot_remote(req: SigningRequest, data: bytes) -> tuple[bytes, AuditHead]:
+                r = client.sign_mcuboot(req, data, geometry)
+                return r.image, r.audit
+
             result = build_release(
                 out,
                 image,
@@ -327,6 +379,7 @@ def create(
                 remote_keys,
                 now,
                 signed_by=f"service {signing_url}",
+                mcuboot=McubootJob(geometry, mcuboot_remote) if want_mcuboot else None,
                 **deltas,
             )
     else:
@@ -358,6 +411,10 @@ def create(
                     signed = service.sign_release(req, who)
                     return signed.envelope, signed.audit
 
+                def mcuboot_local(req: SigningRequest, data: bytes) -> tuple[bytes, AuditHead]:
+                    signed = service.sign_mcuboot(req, who, data, geometry)
+                    return signed.image, signed.audit
+
                 result = build_release(
                     out,
                     image,
@@ -368,6 +425,7 @@ def create(
                     now,
                     signed_by=f"local {who.id}",
                     min_signers=len(signers),
+                    mcuboot=McubootJob(geometry, mcuboot_local) if want_mcuboot else None,
                     **deltas,
                 )
             finally:

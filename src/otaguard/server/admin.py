@@ -173,9 +173,11 @@ def admin_routes(srv: UpdateServer) -> list[Route]:
 
     from .campaign_admin import campaign_routes
     from .cert_admin import cert_routes
+    from .mcuboot import mcuboot_routes
     from .rotation import rotation_routes
 
     return [
+        *mcuboot_routes(srv),
         *rotation_routes(srv),
         *cert_routes(srv),
         *campaign_routes(srv),

@@ -44,6 +44,7 @@ from .blobs import LocalBlobStore, check_name
 from .ca import fingerprint, serial_of, verify_forwarded_cert
 from .campaigns import TRANSIENT_ERRORS, CampaignService, Plan
 from .db import Database
+from .mcuboot import offer as mcuboot_offer
 from .metrics import MetricsMiddleware, ServerMetrics, metrics_endpoint
 from .mtls import PEER_CERT_KEY
 from .prepared import Record
@@ -591,16 +592,19 @@ class UpdateServer:
                         return None
                     store.set_assignment_state(conn, dev.id, "done")
                 else:
-                    if rel.assignment_state == "assigned":
+                    # SUIT, or the MCUboot image for a class configured for it (None: this
+                    # release has no MCUboot image, nothing such a device could install).
+                    update = mcuboot_offer(conn, rel, _update_ref(rel))
+                    if update is not None and rel.assignment_state == "assigned":
                         if dry:
                             return None
                         store.set_assignment_state(conn, dev.id, "offered")
-                    update = _update_ref(rel)
-                    # Delta for the reported running image (read only); the full image stays
-                    # in the offer as the device's fallback.
-                    delta = store.delta_ref(conn, rel.id, facts.get("running_digest"))
-                    if delta is not None:
-                        update["delta"] = delta
+                    if update is not None and update["format"] == "suit":
+                        # Delta for the reported running image (read only); the full image
+                        # stays in the offer as the device's fallback.
+                        delta = store.delta_ref(conn, rel.id, facts.get("running_digest"))
+                        if delta is not None:
+                            update["delta"] = delta
             kl = store.latest_keylist(conn)
             return {
                 "update": update,

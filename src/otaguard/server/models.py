@@ -115,6 +115,30 @@ release_deltas = Table(
     Index("ix_release_deltas_patch_blob", "patch_blob"),
 )
 
+# The MCUboot image of a release (docs/server.md "MCUboot images"): a blob like an image, checked
+# on upload against the release's signers and fields; ``blob`` is the sha256 of its bytes.
+release_mcuboot = Table(
+    "release_mcuboot",
+    metadata,
+    Column("release_id", Integer, ForeignKey("releases.id", ondelete="CASCADE"), primary_key=True),
+    Column("blob", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("mcuboot_version", String(32), nullable=False),  # major.minor.revision+build
+    Column("key_id", String(64), nullable=False),  # kid hex of the signer
+    Column("uploaded_by", String(64)),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_release_mcuboot_blob", "blob"),
+)
+
+# Device classes that consume MCUboot images instead of SUIT (no row: SUIT).
+class_formats = Table(
+    "class_formats",
+    metadata,
+    Column("class_id", String(36), primary_key=True),
+    Column("format", String(16), nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
 assignments = Table(
     "assignments",
     metadata,

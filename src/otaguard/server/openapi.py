@@ -296,6 +296,43 @@ ADMIN_OPS: dict[tuple[str, str], dict[str, Any]] = {
         "body": _bin_body("application/suit-envelope+cose"),
         "status": "201",
     },
+    ("POST", "/admin/v1/releases/{release_id}/mcuboot"): {
+        "summary": "Attach a release's MCUboot image (an uploaded blob), verified on upload: "
+        "signed by a trusted signer of the release, same image, version and SEC_CNT "
+        "(E_UNTRUSTED_KEY, E_SIGNATURE, E_DIGEST, E_CONFLICT, E_EXISTS)",
+        "role": "release",
+        "parameters": [{"name": "image", "in": "query", "required": True, "schema": _STR}],
+        "status": "201",
+        "response": {
+            "type": "object",
+            "required": ["release_id", "blob", "size", "mcuboot_version", "key_id"],
+            "properties": {
+                "release_id": _INT,
+                "blob": _STR,
+                "size": _INT,
+                "mcuboot_version": _STR,
+                "key_id": _STR,
+            },
+        },
+    },
+    ("PUT", "/admin/v1/classes/{class_id}/format"): {
+        "summary": "The image format a device class consumes: 'suit' (default) or 'mcuboot' "
+        "(its devices are offered releases' MCUboot images)",
+        "role": "release",
+        "body": _json_body(
+            {
+                "type": "object",
+                "required": ["format"],
+                "additionalProperties": False,
+                "properties": {"format": {"enum": ["suit", "mcuboot"]}},
+            }
+        ),
+        "response": {
+            "type": "object",
+            "required": ["class_id", "format"],
+            "properties": {"class_id": _STR, "format": _STR},
+        },
+    },
     ("POST", "/admin/v1/assignments"): {
         "summary": "Assign one device a release directly (outside campaigns)",
         "role": "assign",

@@ -250,7 +250,13 @@ def device_may_fetch(conn: Connection, device_id: int, column: str, blob: str) -
         )
     params = {"device_id": device_id, "blob": blob}
     row = q.execute(conn, params).first()
-    return row is not None or _device_may_fetch_delta(conn, params, column)
+    if row is not None or _device_may_fetch_delta(conn, params, column):
+        return True
+    if column != "image_blob":
+        return False
+    from .mcuboot import device_may_fetch_mcuboot  # a release's MCUboot image is an image too
+
+    return device_may_fetch_mcuboot(conn, device_id, blob)
 
 
 def _device_may_fetch_delta(conn: Connection, params: dict[str, Any], column: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,21 @@ import httpx
 
 from ..crypto.keys import PublicKey
 from ..errors import ErrorCode, FormatError, OtaError
+from ..mcuboot.image import Geometry, ImageVersion, prepare
 from .audit import AuditHead
+from .mcuboot import mcuboot_body
 from .policy import SigningRequest
 
 TOKEN_ENV = "OTAGUARD_SIGNING_TOKEN"
 MAX_RESPONSE = 256 * 1024
+
+
+@dataclass(frozen=True)
+class RemoteMcuboot:
+    image: bytes  # the whole signed MCUboot image (verified by the caller)
+    sequence: int
+    key_id: str
+    audit: AuditHead
 
 
 @dataclass(frozen=True)
@@ -112,6 +123,34 @@ class SigningClient:
             )
         except (KeyError, TypeError, ValueError, binascii.Error):
             raise FormatError(ErrorCode.MALFORMED, "malformed signing service response") from None
+
+    def sign_mcuboot(
+        self, request: SigningRequest, image: bytes, geometry: Geometry
+    ) -> RemoteMcuboot:
+        """The MCUboot image of ``image`` for the already-signed release ``request``.
+
+        Only the TLV area travels back: header + image + protected TLVs are laid out here
+        (deterministic, bounds checked before the upload), so the caller verifies exactly the
+        bytes it will ship."""
+        unsigned = prepare(
+            image, ImageVersion.from_release(request.version), request.security_counter, geometry
+        )
+        body = self._call("POST", "/v1/sign-mcuboot", json=mcuboot_body(request, image, geometry))
+        try:
+            signed = unsigned.payload + base64.b64decode(body["tlvs"], validate=True)
+            audit = body["audit"]
+            result = RemoteMcuboot(
+                image=signed,
+                sequence=int(body["sequence"]),
+                key_id=str(body["key_id"]),
+                audit=AuditHead(int(audit["seq"]), str(audit["hash"])),
+            )
+            sha = str(body["mcuboot_sha256"])
+        except (KeyError, TypeError, ValueError, binascii.Error):
+            raise FormatError(ErrorCode.MALFORMED, "malformed signing service response") from None
+        if hashlib.sha256(signed).hexdigest() != sha:
+            raise OtaError(ErrorCode.DIGEST, "MCUboot image differs from what the service signed")
+        return result
 
     # --- co-signing (signing/cosign.py) ------------------------------------------------------
     def cosign_create(self, requests: list[SigningRequest]) -> dict[str, Any]:

@@ -2,6 +2,11 @@
 
 * ``POST /v1/sign``: JSON :class:`~otaguard.signing.policy.SigningRequest` → JSON with the
   envelope (base64), sequence, manifest digest, key ids and audit anchor.
+* ``POST /v1/sign-mcuboot``: ``{"request": SigningRequest, "image": base64, "header_size",
+  "slot_size", "trailer_size"}`` → the MCUboot image's TLV area (base64; the caller holds
+  header + image + protected TLVs, which are deterministic), its size and SHA-256, version,
+  counter, sequence, key id and audit anchor (:mod:`.mcuboot`: only for a release this service
+  signed; body limit ``max_mcuboot_body``; rate limited with ``/v1/sign``).
 * ``GET /v1/public-key``: the signer's public key (PEM) and kid, for any authenticated role.
 * ``GET /v1/health``: liveness, no authentication, no detail.
 * Co-signing (:mod:`.cosign`, only with a ``cosign`` config): ``POST /v1/cosign`` files a request
@@ -49,6 +54,7 @@ from ..server.authlog import AuthFailures
 from ..server.ratelimit import RateLimit, TokenBuckets, retry_after_header
 from ..wire import decimal, loads_json
 from .cosign import CosignService
+from .mcuboot import mcuboot_answer, parse_mcuboot_body
 from .openapi import openapi_schema
 from .policy import Requester, Role, SigningRequest
 from .service import SignedRelease, SigningService
@@ -56,6 +62,7 @@ from .service import SignedRelease, SigningService
 log = logging.getLogger("otaguard.signing.http")
 
 DEFAULT_MAX_BODY = 64 * 1024
+DEFAULT_MAX_MCUBOOT_BODY = 8 * 1024 * 1024  # base64 of an MCU image (slots are a few MiB)
 TOKEN_PREFIX = "otg_"
 
 STATUS: dict[ErrorCode, int] = {
@@ -283,6 +290,7 @@ def create_app(
     tokens: TokenTable,
     *,
     max_body: int = DEFAULT_MAX_BODY,
+    max_mcuboot_body: int = DEFAULT_MAX_MCUBOOT_BODY,
     sign_rate: SignRate = DEFAULT_SIGN_RATE,
     clock: Callable[[], float] = time.time,
     rate_clock: Callable[[], float] = time.monotonic,
@@ -322,6 +330,27 @@ def create_app(
                 log.error("signing failed: %s", err)
             return _error(err)
         return JSONResponse(signed_to_json(signed))
+
+    async def sign_mcuboot(request: Request) -> Response:
+        try:
+            who = authenticate(request)
+            if who.role == Role.VIEWER:
+                raise OtaError(ErrorCode.FORBIDDEN, f"role {who.role.value!r} may not sign")
+            wait = buckets.take(who.id)
+            if wait > 0:
+                log.warning("sign rate limit: refused requester %r (retry in %.1f s)", who.id, wait)
+                err = OtaError(ErrorCode.RATE_LIMIT, "too many signing requests")
+                return _error(err, {"Retry-After": retry_after_header(wait)})
+            if "json" not in request.headers.get("content-type", ""):
+                raise FormatError(ErrorCode.UNSUPPORTED, "Content-Type must be application/json")
+            body = await _read_body(request, max_mcuboot_body)
+            req, image, geometry = parse_mcuboot_body(loads_json(body))
+            signed = await run_in_threadpool(service.sign_mcuboot, req, who, image, geometry)
+        except OtaError as err:
+            if err.code == ErrorCode.INTERNAL:
+                log.error("MCUboot signing failed: %s", err)
+            return _error(err)
+        return JSONResponse(mcuboot_answer(signed))
 
     async def public_key(request: Request) -> Response:
         try:
@@ -408,6 +437,7 @@ def create_app(
     return Starlette(
         routes=[
             Route("/v1/sign", sign, methods=["POST"]),
+            Route("/v1/sign-mcuboot", sign_mcuboot, methods=["POST"]),
             Route("/v1/public-key", public_key, methods=["GET"]),
             Route("/v1/health", health, methods=["GET"]),
             Route("/v1/openapi.json", openapi, methods=["GET"]),

@@ -1,6 +1,6 @@
 """The signing service's OpenAPI 3.1 document (``GET /v1/openapi.json``).
 
-Written out rather than generated: the service has six routes and their request schemas are the
+Written out rather than generated: the service has eight routes and their request schemas are the
 contract CI and officers code against. A test checks that the document names exactly the
 app's routes, and ``schemathesis`` drives the live service from it (no 5xx, every answer one
 the document lists). The error statuses are the ones :data:`.http.STATUS` can give.
@@ -47,6 +47,41 @@ def _errors(*statuses: str) -> dict[str, Any]:
 _BODY_ERRORS = ("400", "401", "403", "404", "409", "410", "413", "415", "429", "503")
 
 SCHEMAS: dict[str, Any] = {
+    "McubootSignBody": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["request", "image"],
+        "properties": {
+            "request": {"$ref": "#/components/schemas/SigningRequest"},
+            "image": {"type": "string", "contentEncoding": "base64"},
+            "header_size": {"type": "integer", "minimum": 32, "maximum": 65535},
+            "slot_size": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]},
+            "trailer_size": {"type": "integer", "minimum": 0},
+        },
+    },
+    "McubootSigned": {
+        "type": "object",
+        "required": [
+            "tlvs",
+            "mcuboot_size",
+            "mcuboot_sha256",
+            "version",
+            "security_counter",
+            "sequence",
+            "key_id",
+            "audit",
+        ],
+        "properties": {
+            "tlvs": {"type": "string", "contentEncoding": "base64"},
+            "mcuboot_size": _INT,
+            "mcuboot_sha256": _HEX,
+            "version": _STR,
+            "security_counter": _INT,
+            "sequence": _INT,
+            "key_id": _STR,
+            "audit": {"type": "object", "required": ["seq", "hash"]},
+        },
+    },
     "Error": {
         "type": "object",
         "required": ["error", "detail"],
@@ -150,6 +185,16 @@ def openapi_schema() -> dict[str, Any]:
                     _ref("Signed"),
                     _BODY_ERRORS,
                     body=_ref("SigningRequest"),
+                )
+            },
+            "/v1/sign-mcuboot": {
+                "post": _op(
+                    "sign_mcuboot",
+                    "Sign the MCUboot image of a release this service signed (same policy, "
+                    "floors and audit log); answers the image's TLV area",
+                    _ref("McubootSigned"),
+                    _BODY_ERRORS,
+                    body=_ref("McubootSignBody"),
                 )
             },
             "/v1/public-key": {

@@ -1,9 +1,11 @@
 """A release directory: ``manifest.suit`` + ``image.bin`` + ``release.json``, written atomically.
 
-With ``delta_from`` it also holds, per published delta, ``patch-<base>.ogdp`` and its own signed
-``manifest-delta-<base>.suit`` (``<base>`` = first 16 hex digits of the base image digest): the
-same release (version, counters, sequence number, final digest and size) plus the delta part
-(:mod:`.release_deltas` decides which deltas are worth publishing).
+With an MCUboot job (``release create --format mcuboot``) it also holds ``image.mcuboot.bin``
+(:mod:`.release_mcuboot`). With ``delta_from`` it also holds, per published delta,
+``patch-<base>.ogdp`` and its own signed ``manifest-delta-<base>.suit`` (``<base>`` = first 16
+hex digits of the base image digest): the same release (version, counters, sequence number,
+final digest and size) plus the delta part (:mod:`.release_deltas` decides which deltas are
+worth publishing).
 
 The directory is assembled under a temporary name next to the destination and renamed into
 place only when complete, so a crash or a refused signature never leaves a half-written
@@ -47,6 +49,9 @@ from .release_deltas import (
     plan_summary,
     xz_size,
 )
+from .release_mcuboot import McubootJob
+from .release_mcuboot import finish as finish_mcuboot
+from .release_mcuboot import prepare as prepare_mcuboot
 
 MANIFEST_FILE = "manifest.suit"
 IMAGE_FILE = "image.bin"
@@ -168,6 +173,7 @@ def build_release(
     patch_uri_prefix: str | None = None,
     sign_batch: SignBatch | None = None,
     min_signers: int | Callable[[], int] = 1,
+    mcuboot: McubootJob | None = None,
 ) -> ReleaseResult:
     """Assemble ``out``: copy+hash image → request → plan deltas → sign → verify → summary →
     rename.
@@ -175,7 +181,9 @@ def build_release(
     ``make_request(digest, size)`` builds the request from the copied image's digest;
     ``sign(request)`` returns (envelope, audit anchor), called for the full release first and
     then for each delta; or ``sign_batch(requests)`` signs them all at once (a co-signing
-    request: the officers approve the release and its deltas together). ``verify_keys()``
+    request: the officers approve the release and its deltas together). ``mcuboot`` adds the
+    release's MCUboot image (:mod:`.release_mcuboot`), bounds checked before any signature.
+    ``verify_keys()``
     gives the keys the envelopes must verify with, ``min_signers`` of them distinct.
     ``signed_by`` and ``min_signers`` may be callables, asked after signing (a co-signing
     request learns its id and threshold from the service).
@@ -185,6 +193,8 @@ def build_release(
         raise UsageError(ErrorCode.USAGE, "--delta-factor must be in (0, 1]")
     if (sign is None) == (sign_batch is None):
         raise UsageError(ErrorCode.USAGE, "give exactly one of sign and sign_batch")
+    if mcuboot is not None and sign_batch is not None:
+        raise UsageError(ErrorCode.USAGE, "an MCUboot image is not supported with co-signing")
     if out.exists():
         raise OtaError(ErrorCode.EXISTS, f"{out} already exists; refusing to overwrite a release")
     parent = out.parent if str(out.parent) else Path(".")
@@ -194,6 +204,7 @@ def build_release(
     try:
         digest, size = copy_and_hash(image, tmp / IMAGE_FILE, digest_alg)
         req = make_request(digest, size)
+        mc_image = None if mcuboot is None else prepare_mcuboot(tmp / IMAGE_FILE, req, mcuboot)
         bases = [load_base(Path(p)) for p in delta_from]  # refuse bad bases before signing
         for b in bases:
             check_same_class(b, req)
@@ -253,6 +264,9 @@ def build_release(
             "downgrade": req.downgrade,
             "fast_forward": req.fast_forward,
         }
+        if mcuboot is not None:
+            assert mc_image is not None
+            summary["mcuboot"] = finish_mcuboot(tmp, mcuboot, req, mc_image, info, keys)
         if bases:
             published = [
                 _write_delta(tmp, d, env, aud, vm, keys, now, min_signers)

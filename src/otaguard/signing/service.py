@@ -28,8 +28,10 @@ from ..errors import ErrorCode, OtaError, PolicyError
 from ..manifest.build import build_envelope
 from ..manifest.model import ManifestInfo
 from ..manifest.verify import verify_envelope
+from ..mcuboot.image import Geometry
 from ..trust.model import StaticKeys
 from .audit import AuditHead, AuditLog, read_records, verify_log
+from .mcuboot import SignedMcuboot, sign_mcuboot_locked
 from .policy import Policy, Requester, SigningRequest, check_request, check_sequence
 from .state import SigningState, StateTxn
 
@@ -224,6 +226,25 @@ class SigningService:
         with self._lock:
             try:
                 return self._sign(request, requester)
+            except PolicyError as err:
+                if requester is not None and err.code != ErrorCode.AUTH:
+                    self._record_refusal(request, requester, err)
+                raise
+
+    def sign_mcuboot(
+        self,
+        request: SigningRequest,
+        requester: Requester | None,
+        image: bytes,
+        geometry: Geometry,
+    ) -> SignedMcuboot:
+        """Sign ``image`` as an MCUboot image of the already-signed release ``request``
+        (:mod:`.mcuboot`): same policy, floors and audit log; refusals are audited too."""
+        with self._lock:
+            try:
+                return sign_mcuboot_locked(
+                    self, request, requester, image, geometry, int(self._clock())
+                )
             except PolicyError as err:
                 if requester is not None and err.code != ErrorCode.AUTH:
                     self._record_refusal(request, requester, err)
