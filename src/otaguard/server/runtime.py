@@ -110,13 +110,18 @@ def build_server(opts: RunOptions) -> UpdateServer:
             "hash-chained and anchored in the database, but not sealed"
         )
     resolver = load_resolver(opts.trust_bundle, opts.trusted_keys, db)
-    return UpdateServer(
+    srv = UpdateServer(
         db,
         LocalBlobStore(opts.data_dir / "blobs"),
         settings,
         TrustState(resolver),
         issuer=opts.issuer,
     )
+    from .tufrepo import TufRepository  # tuf's imports only where a server runs
+
+    # The TUF repository's online snapshot/timestamp keys are generated here at first start.
+    srv.tuf = TufRepository(opts.data_dir / "tuf")
+    return srv
 
 
 def listener_deadlines(opts: RunOptions, srv: UpdateServer, listener: str) -> Deadlines:
