@@ -472,3 +472,17 @@ def test_root_and_path_checks_are_typed() -> None:
             targets_keys=[k], targets_threshold=1, snapshot_key=k, timestamp_key=k,
         )  # fmt: skip
     assert exc.value.code == ErrorCode.USAGE
+
+
+def test_bench_tuf_section_runs_ngclient_verification(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """bench/manifest.py's TUF rows come from metadata ngclient accepts (it asserts the
+    target), and name bytes and time per update next to SUIT."""
+    from bench.manifest import tuf_update_section
+
+    tuf_update_section(386, 100.0, rounds=1, batch=1)
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| TUF timestamp + "))
+    per_update = int(row.split("|")[2])
+    assert 1000 < per_update < 4000
