@@ -486,3 +486,35 @@ def test_bench_tuf_section_runs_ngclient_verification(
     row = next(line for line in out.splitlines() if line.startswith("| TUF timestamp + "))
     per_update = int(row.split("|")[2])
     assert 1000 < per_update < 4000
+
+
+def test_server_config_sets_the_tuf_limits(tmp_path: Path) -> None:
+    from otaguard.server.config import load_server_config
+    from otaguard.server.runtime import RunOptions
+
+    cfg = tmp_path / "server.toml"
+    cfg.write_text("[tuf]\ntimestamp_hours = 6\nmax_targets_days = 30\n")
+    values = load_server_config(cfg)
+    opts = RunOptions(data_dir=tmp_path, ca_cert=tmp_path / "ca.pem", **values)
+    assert (opts.tuf_timestamp_hours, opts.tuf_max_targets_days) == (6, 30)
+    for text in ("[tuf]\ntimestamp_hours = 0\n", "[tuf]\nmax_targets_days = '30'\n"):
+        cfg.write_text(text)
+        with pytest.raises(OtaError) as exc:
+            load_server_config(cfg)
+        assert exc.value.code == ErrorCode.CONFIG and "tuf." in exc.value.detail
+
+
+def test_timestamp_is_resigned_when_half_its_life_is_gone(world: World) -> None:
+    w = world
+    w.publish(w.targets_1, "1.0.0", b"\x99" * 10)
+    first = Metadata.from_bytes(w.repo.timestamp_bytes()).signed
+    w.clock.t += DAY // 2 - 60  # still more than half left: the same document
+    assert Metadata.from_bytes(w.repo.timestamp_bytes()).signed.version == first.version
+    w.clock.t += 120
+    again = Metadata.from_bytes(w.repo.timestamp_bytes()).signed
+    assert again.version == first.version + 1
+    assert tm.posix(again.expires) == w.clock.t + DAY
+    # A restarted server reads the same state back (and keeps its online keys).
+    reopened = TufRepository(w.repo.dir, clock=w.clock)
+    assert reopened.online_keys() == w.repo.online_keys()
+    assert reopened.timestamp_bytes() == w.repo.timestamp_bytes()

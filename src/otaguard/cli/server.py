@@ -99,6 +99,20 @@ def server() -> None:
     type=click.IntRange(1, 1 << 40),
     help="Bytes per second a request body must average (after --body-timeout of grace).",
 )
+@click.option(
+    "--tuf-timestamp-hours",
+    default=24,
+    show_default=True,
+    type=click.IntRange(1, 24 * 366),
+    help="TUF repository: timestamp expiry (how long a frozen repository goes unnoticed).",
+)
+@click.option(
+    "--tuf-max-targets-days",
+    default=366,
+    show_default=True,
+    type=click.IntRange(1, 3660),
+    help="TUF repository: uploaded targets expiring further ahead are refused (E_POLICY).",
+)
 @click.pass_context
 def run(ctx: click.Context, /, config_file: Path | None, **flags: object) -> None:
     """Migrate the database and serve until interrupted."""

@@ -58,6 +58,8 @@ class RunOptions:
     header_timeout: float = 10.0  # listener deadlines (server/listener.py)
     body_timeout: float = 30.0
     body_min_rate: int = 16384
+    tuf_timestamp_hours: int = 24  # TUF timestamp expiry (server/tufrepo.py)
+    tuf_max_targets_days: int = 366  # uploaded TUF targets expiring later: E_POLICY
 
 
 def open_database(data_dir: Path, db_url: str | None) -> Database:
@@ -117,10 +119,18 @@ def build_server(opts: RunOptions) -> UpdateServer:
         TrustState(resolver),
         issuer=opts.issuer,
     )
-    from .tufrepo import TufRepository  # tuf's imports only where a server runs
+    from .tufrepo import DAY, TufRepository, TufSettings  # tuf's imports only where a server runs
 
     # The TUF repository's online snapshot/timestamp keys are generated here at first start.
-    srv.tuf = TufRepository(opts.data_dir / "tuf")
+    ts_ttl = opts.tuf_timestamp_hours * 3600
+    srv.tuf = TufRepository(
+        opts.data_dir / "tuf",
+        TufSettings(
+            timestamp_ttl=ts_ttl,
+            snapshot_ttl=max(7 * DAY, 2 * ts_ttl),
+            max_targets_validity=opts.tuf_max_targets_days * DAY,
+        ),
+    )
     return srv
 
 
