@@ -95,3 +95,31 @@ def test_root_ceremony_rotation_and_targets(d: Path, capsys: pytest.CaptureFixtu
                                         d / "root.key", "--online-keys", d / "bad.json",
                                         "--out", d / "x.json"))  # fmt: skip
     assert rc == 1 and "E_MALFORMED" in err
+
+
+def test_targets_through_the_signing_service(
+    d: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from otaguard.signing.client import TOKEN_ENV
+    from tests.test_signing_http import Service, run_server
+
+    s = Service(d / "svc-state")
+    monkeypatch.setenv(TOKEN_ENV, s.tokens["ci"])
+    try:
+        with run_server(s.app) as url:
+            rc, _, err = run(capsys, "release", "create", "--image", d / "image.bin",
+                             "--vendor", "example.com", "--model", "thermo", "--hw-rev", "A",
+                             "--version", "1.0.0", "--security-counter", "1", "--expires",
+                             "+30d", "--signing-url", url, "--out", d / "rel")  # fmt: skip
+            assert rc == 0, err
+            rc, out, err = run(capsys, "tuf", "targets", d / "rel", "--signing-url", url,
+                               "--out", d / "targets.json", "--json")  # fmt: skip
+            assert rc == 0, err
+            rc, _, err = run(capsys, "tuf", "targets", d / "rel", "--signing-url", url,
+                             "--key-file", d / "op.key", "--out", d / "t2.json")  # fmt: skip
+            assert rc == 2 and "E_USAGE" in err
+    finally:
+        s.service.close()
+    md = Metadata[Targets].from_bytes((d / "targets.json").read_bytes())
+    assert json.loads(out)["targets_version"] == md.signed.version
+    assert "thermo/A/image.bin" in md.signed.targets

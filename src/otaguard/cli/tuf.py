@@ -133,7 +133,13 @@ def root_cmd(
 @tuf.command("targets")
 @click.argument("release_dir", type=click.Path(file_okay=False, path_type=Path))
 @multi_signer_options
-@click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--signing-url", metavar="URL", help="Signing service; token from the environment.")
+@click.option(
+    "--signing-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CA file that signed the signing service's TLS certificate.",
+)
 @click.option("--state", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--policy", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--requester", help="Requester id for the local policy (default local:$USER).")
@@ -150,7 +156,9 @@ def targets_cmd(
     pkcs11_module: str | None,
     key_files: tuple[Path, ...],
     alg_name: str | None,
-    audit_log: Path,
+    audit_log: Path | None,
+    signing_url: str | None,
+    signing_ca: Path | None,
     state: Path | None,
     policy: Path | None,
     requester: str | None,
@@ -160,8 +168,10 @@ def targets_cmd(
 ) -> None:
     """Sign RELEASE_DIR's image (from ``release create``) as TUF targets metadata.
 
-    The signing state must be the one that signed the release: the targets carry that
-    release's sequence number as their version, its counter and its expiry."""
+    Locally (--audit-log with --pkcs11-uri/--key-file) or through the signing service
+    (--signing-url, the CI path). Either way the signing state must be the one that signed the
+    release: the targets carry that release's sequence number as their version, its counter
+    and its expiry."""
     from ..signing.audit import AuditLog
     from ..signing.policy import Policy, Requester, Role, SigningRequest
     from ..signing.release import SUMMARY_FILE
@@ -188,6 +198,24 @@ def targets_cmd(
     prev = read_limited(previous, MAX_JSON) if previous is not None else None
     if out.exists():
         raise UsageError(ErrorCode.EXISTS, f"{out} already exists; refusing to overwrite")
+    if signing_url:
+        if pkcs11_uris or key_files or audit_log or state or policy:
+            raise UsageError(
+                ErrorCode.USAGE,
+                "--signing-url excludes --pkcs11-uri/--key-file/--audit-log/--state/--policy",
+            )
+        import os
+
+        from ..signing.client import TOKEN_ENV, SigningClient
+
+        with SigningClient(signing_url, os.environ.get(TOKEN_ENV, ""), ca_file=signing_ca) as cl:
+            data, version, head = cl.sign_tuf_targets(req, prev)
+        _write_targets(out, data, version, head.seq, head.hash, as_json)
+        return
+    if audit_log is None:
+        raise UsageError(
+            ErrorCode.USAGE, "local signing needs --audit-log (every signature is audited)"
+        )
     signers = load_signers(pkcs11_uris, pkcs11_module, key_files, alg_name)
     who = Requester(requester or f"local:{getpass.getuser()}", Role.SECURITY_OFFICER)
     pol = (
@@ -205,12 +233,20 @@ def targets_cmd(
     finally:
         st.close()
         close_signers(signers)
-    atomic_write(out, signed.data, overwrite=False)
+    _write_targets(out, signed.data, signed.version, signed.audit.seq, signed.audit.hash, as_json)
+
+
+def _write_targets(
+    out: Path, data: bytes, version: int, seq: int, audit_hash: str, as_json: bool
+) -> None:
+    from tuf.api.metadata import Targets
+
+    from ..tufrepo import metadata as tm
+
+    if tm.parse(data, Targets).signed.version != version:  # what the service says it signed
+        raise FormatError(ErrorCode.MALFORMED, "signed targets do not carry the stated version")
+    atomic_write(out, data, overwrite=False)
     emit(
-        {
-            "targets_version": signed.version,
-            "out": str(out),
-            "audit": {"seq": signed.audit.seq, "hash": signed.audit.hash},
-        },
+        {"targets_version": version, "out": str(out), "audit": {"seq": seq, "hash": audit_hash}},
         as_json,
     )
