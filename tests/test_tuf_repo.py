@@ -21,6 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, Targets
 from tuf.ngclient import Updater
@@ -514,7 +516,72 @@ def test_timestamp_is_resigned_when_half_its_life_is_gone(world: World) -> None:
     again = Metadata.from_bytes(w.repo.timestamp_bytes()).signed
     assert again.version == first.version + 1
     assert tm.posix(again.expires) == w.clock.t + DAY
+    # The online keys are owner-only files in an owner-only directory.
+    for role in ("snapshot", "timestamp"):
+        assert (w.repo.dir / "keys" / f"{role}.pem").stat().st_mode & 0o077 == 0
+    assert (w.repo.dir / "keys").stat().st_mode & 0o077 == 0
     # A restarted server reads the same state back (and keeps its online keys).
     reopened = TufRepository(w.repo.dir, clock=w.clock)
     assert reopened.online_keys() == w.repo.online_keys()
     assert reopened.timestamp_bytes() == w.repo.timestamp_bytes()
+
+
+_ROOT_KEY = SoftwareSigner(ed25519.Ed25519PrivateKey.generate())
+_RELEASE_KEY = SoftwareSigner(ed25519.Ed25519PrivateKey.generate())
+_NOW = 1_800_000_000
+
+
+def _signed_pair() -> tuple[Metadata[Root], bytes]:
+    online = SoftwareSigner(ed25519.Ed25519PrivateKey.generate()).public_key
+    online2 = SoftwareSigner(ed25519.Ed25519PrivateKey.generate()).public_key
+    root = tm.build_root(
+        version=1, expires=_NOW + 365 * DAY, root_keys=[_ROOT_KEY.public_key], root_threshold=1,
+        targets_keys=[_RELEASE_KEY.public_key], targets_threshold=1, snapshot_key=online,
+        timestamp_key=online2,
+    )  # fmt: skip
+    root_md = tm.check_first_root(tm.sign(root, [TufSigner(_ROOT_KEY)]), _NOW)
+    targets = tm.build_targets(
+        version=7, expires=_NOW + 30 * DAY, path=TARGET, length=100, sha256=b"\x01" * 32,
+        custom=tm.target_custom(version="1.0.0", security_counter=1, model="gw", hw_rev="r1",
+                                sequence=7),
+    )  # fmt: skip
+    return root_md, tm.sign(targets, [TufSigner(_RELEASE_KEY)])
+
+
+_PAIR = _signed_pair()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_mutated_targets_are_refused_with_a_code_or_mean_the_same(data: st.DataObject) -> None:
+    """Any byte changed, dropped or inserted: an OtaError with a code, or (a hex digit's case,
+    say) a document whose signed part is exactly the original's. Never another exception."""
+    root, doc = _PAIR
+    original = Metadata[Targets].from_bytes(doc).signed_bytes
+    i = data.draw(st.integers(0, len(doc) - 1))
+    kind = data.draw(st.sampled_from(["flip", "drop", "insert"]))
+    b = data.draw(st.integers(0, 255))
+    if kind == "flip":
+        mutated = doc[:i] + bytes([doc[i] ^ (b or 1)]) + doc[i + 1 :]
+    elif kind == "drop":
+        mutated = doc[:i] + doc[i + 1 :]
+    else:
+        mutated = doc[:i] + bytes([b]) + doc[i:]
+    try:
+        md = tm.check_targets(root, mutated, _NOW, 366 * DAY, 0)
+    except OtaError as err:
+        assert err.code in {
+            ErrorCode.MALFORMED, ErrorCode.SIGNATURE, ErrorCode.EXPIRED, ErrorCode.POLICY,
+            ErrorCode.REPLAY, ErrorCode.UNSUPPORTED, ErrorCode.TOO_LARGE,
+        }  # fmt: skip
+        return
+    assert md.signed_bytes == original
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=600) | st.text(max_size=300).map(str.encode))
+def test_arbitrary_bytes_are_refused_with_a_code(blob: bytes) -> None:
+    root, _ = _PAIR
+    with pytest.raises(OtaError) as exc:
+        tm.check_targets(root, blob, _NOW, 366 * DAY, 0)
+    assert exc.value.code in {ErrorCode.MALFORMED, ErrorCode.SIGNATURE}

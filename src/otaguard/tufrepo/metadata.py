@@ -244,7 +244,3 @@ def check_targets(
         raise OtaError(ErrorCode.UNSUPPORTED, "delegated targets roles are not served")
     return md
 
-
-def online_public_key(root: Metadata[Root], role: str) -> set[str]:
-    """The keyids the root names for ``role``."""
-    return set(root.signed.roles[role].keyids)
