@@ -243,4 +243,3 @@ def check_targets(
     if md.signed.delegations is not None:
         raise OtaError(ErrorCode.UNSUPPORTED, "delegated targets roles are not served")
     return md
-
