@@ -585,3 +585,49 @@ def test_arbitrary_bytes_are_refused_with_a_code(blob: bytes) -> None:
     with pytest.raises(OtaError) as exc:
         tm.check_targets(root, blob, _NOW, 366 * DAY, 0)
     assert exc.value.code in {ErrorCode.MALFORMED, ErrorCode.SIGNATURE}
+
+
+def test_online_keys_in_the_hsm(tmp_path: Path, softhsm_token: SoftHsmToken) -> None:
+    """Snapshot and timestamp keys given as PKCS#11 signers: nothing in keys/, and what they
+    sign verifies under a root naming them (Ed25519 and P-256 through the adapter)."""
+    snap, stamp = hsm_key(softhsm_token, "snap", "ed25519"), hsm_key(softhsm_token, "ts", "p256")
+    repo = TufRepository(tmp_path / "repo", online={"snapshot": snap, "timestamp": stamp})
+    assert not (tmp_path / "repo" / "keys").exists()
+    assert repo.online_keys() == {"snapshot": snap.public_key, "timestamp": stamp.public_key}
+    root = tm.build_root(
+        version=1, expires=int(time.time()) + DAY, root_keys=[_ROOT_KEY.public_key],
+        root_threshold=1, targets_keys=[_RELEASE_KEY.public_key], targets_threshold=1,
+        snapshot_key=snap.public_key, timestamp_key=stamp.public_key,
+    )  # fmt: skip
+    repo.put_root(tm.sign(root, [TufSigner(_ROOT_KEY)]))
+    targets = tm.build_targets(
+        version=3, expires=int(time.time()) + DAY, path=TARGET, length=1,
+        sha256=b"\x02" * 32, custom={},
+    )  # fmt: skip
+    repo.put_targets(tm.sign(targets, [TufSigner(_RELEASE_KEY)]), lambda _: True)
+    trusted = Metadata[Root].from_bytes(repo.metadata_bytes("1.root.json")).signed
+    for role, data in (
+        ("timestamp", repo.timestamp_bytes()),
+        ("snapshot", repo.metadata_bytes("1.snapshot.json")),
+    ):
+        md = Metadata.from_bytes(data)
+        trusted.verify_delegate(role, md.signed_bytes, md.signatures)
+    with pytest.raises(OtaError) as exc:
+        TufRepository(tmp_path / "r2", online={"snapshot": snap})
+    assert exc.value.code == ErrorCode.USAGE
+    with pytest.raises(OtaError) as exc:
+        TufRepository(tmp_path / "r3", online={"snapshot": snap, "timestamp": snap})
+    assert exc.value.code == ErrorCode.USAGE
+
+
+def test_server_run_needs_both_online_key_uris(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from otaguard.cli.main import main
+
+    (tmp_path / "ca.pem").write_text("not used before the check")
+    argv = ["server", "run", "--data-dir", str(tmp_path / "d"), "--ca-cert",
+            str(tmp_path / "ca.pem"), "--tuf-snapshot-pkcs11-uri",
+            "pkcs11:token=x;object=s"]  # fmt: skip
+    assert main(argv) == 2
+    assert "--tuf-timestamp-pkcs11-uri" in capsys.readouterr().err

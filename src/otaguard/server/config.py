@@ -54,6 +54,8 @@ _FIELDS: dict[tuple[str, str], str] = {
     ("pkcs11", "module"): "pkcs11_module",
     ("tuf", "timestamp_hours"): "tuf_timestamp_hours",
     ("tuf", "max_targets_days"): "tuf_max_targets_days",
+    ("tuf", "snapshot_pkcs11_uri"): "tuf_snapshot_pkcs11_uri",
+    ("tuf", "timestamp_pkcs11_uri"): "tuf_timestamp_pkcs11_uri",
 }
 _SECTIONS = {s for s, _ in _FIELDS if s}
 _PATHS = {
@@ -66,6 +68,7 @@ _PATHS = {
     "issuing_ca_dir",
 }
 _TEXTS = {"host", "admin_host", "db_url", "audit_seal_pkcs11_uri", "cert_lifetime", "pkcs11_module"}
+_TEXTS |= {"tuf_snapshot_pkcs11_uri", "tuf_timestamp_pkcs11_uri"}
 _PORTS = {"port", "admin_port"}
 _COUNTS = {"device_burst", "ip_burst"}
 _TUF = {"tuf_timestamp_hours": 24 * 366, "tuf_max_targets_days": 3660}  # field -> maximum

@@ -60,6 +60,9 @@ class RunOptions:
     body_min_rate: int = 16384
     tuf_timestamp_hours: int = 24  # TUF timestamp expiry (server/tufrepo.py)
     tuf_max_targets_days: int = 366  # uploaded TUF targets expiring later: E_POLICY
+    # The TUF snapshot/timestamp keys when they are in an HSM (loaded by the CLI from
+    # --tuf-snapshot-pkcs11-uri/--tuf-timestamp-pkcs11-uri); None: files in <data>/tuf/keys.
+    tuf_online: dict[str, Signer] | None = None
 
 
 def open_database(data_dir: Path, db_url: str | None) -> Database:
@@ -130,6 +133,7 @@ def build_server(opts: RunOptions) -> UpdateServer:
             snapshot_ttl=max(7 * DAY, 2 * ts_ttl),
             max_targets_validity=opts.tuf_max_targets_days * DAY,
         ),
+        online=opts.tuf_online,
     )
     return srv
 

@@ -3,11 +3,13 @@
 The snapshot and timestamp keys are the server's own *online* keys, of limited power: root
 names them for those two roles only, so with them one can say which targets version is current
 and that the repository is fresh, never add or change a target (that needs the targets key, in
-the release HSM). A stolen online key buys at most a freeze or mix within what targets signed,
-which TUF clients bound with the short timestamp expiry (docs/threat-model.md).
+the release HSM). Whoever holds them can keep a chosen published state looking fresh (a freeze
+within what the targets key signed, until the targets expire); a server that merely stops is
+seen by every client within one timestamp lifetime (docs/threat-model.md 2.11).
 
 Files under ``<data>/tuf/``: ``keys/{snapshot,timestamp}.pem`` (generated at first start,
-owner-only), ``metadata/N.root.json`` (every version: clients walk the chain),
+owner-only; not used when the two keys are given as PKCS#11 signers),
+``metadata/N.root.json`` (every version: clients walk the chain),
 ``metadata/N.targets.json``, ``metadata/N.snapshot.json`` (consistent snapshots) and
 ``metadata/timestamp.json``. Every file is written atomically, timestamp last, so a client
 never sees a timestamp naming a snapshot that is not there yet. One process writes (the lock
@@ -19,23 +21,26 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from securesystemslib.signer import CryptoSigner
+from securesystemslib.signer import Signer as SslibSigner
 from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 
+from ..crypto.cose import Signer
 from ..crypto.keys import PublicKey
 from ..errors import ErrorCode, OtaError, ServerError
 from ..fsutil import atomic_write, private_file, read_limited
 from ..tufrepo import metadata as tm
-from ..tufrepo.signer import tuf_key
+from ..tufrepo.signer import TufSigner, tuf_key
 from . import store
 
 DAY = 86400
+ONLINE_ROLES = ("snapshot", "timestamp")
 _VERSIONED = re.compile(r"\A([1-9][0-9]{0,9})\.(root|targets|snapshot)\.json\Z")
 
 
@@ -70,22 +75,32 @@ class TufRepository:
         settings: TufSettings | None = None,
         *,
         clock: Callable[[], int] = store.now_s,
+        online: Mapping[str, Signer] | None = None,
     ) -> None:
+        """``online``: the snapshot and timestamp signers (e.g. PKCS#11 keys); without them
+        the keys are files in ``keys/``, generated at first start."""
         self.dir = Path(root)
         self.meta = self.dir / "metadata"
         self.meta.mkdir(parents=True, exist_ok=True)
-        (self.dir / "keys").mkdir(mode=0o700, exist_ok=True)
         self.settings = settings or TufSettings()
         self._clock = clock
         self._lock = threading.Lock()
-        self._keys = {
-            role: _load_or_create_key(self.dir / "keys" / f"{role}.pem")
-            for role in ("snapshot", "timestamp")
-        }
-        self._signers = {
-            role: CryptoSigner(k, tuf_key(PublicKey(k.public_key())))
-            for role, k in self._keys.items()
-        }
+        self._public: dict[str, PublicKey] = {}
+        self._signers: dict[str, SslibSigner] = {}
+        if online is not None:
+            if set(online) != set(ONLINE_ROLES):
+                raise OtaError(ErrorCode.USAGE, "give both the snapshot and the timestamp key")
+            if online["snapshot"].public_key == online["timestamp"].public_key:
+                raise OtaError(ErrorCode.USAGE, "the snapshot and timestamp keys must differ")
+            for role, signer in online.items():
+                self._public[role] = signer.public_key
+                self._signers[role] = TufSigner(signer)
+        else:
+            (self.dir / "keys").mkdir(mode=0o700, exist_ok=True)
+            for role in ONLINE_ROLES:
+                k = _load_or_create_key(self.dir / "keys" / f"{role}.pem")
+                self._public[role] = PublicKey(k.public_key())
+                self._signers[role] = CryptoSigner(k, tuf_key(self._public[role]))
         self.root: Metadata[Root] | None = None
         self.targets: Metadata[Targets] | None = None
         self.snapshot: Metadata[Snapshot] | None = None
@@ -121,7 +136,7 @@ class TufRepository:
 
     def online_keys(self) -> dict[str, PublicKey]:
         """The snapshot and timestamp public keys, for the root ceremony to name."""
-        return {role: PublicKey(k.public_key()) for role, k in self._keys.items()}
+        return dict(self._public)
 
     # --- publication -------------------------------------------------------------------------
     def put_root(self, data: bytes) -> int:
