@@ -631,3 +631,51 @@ def test_server_run_needs_both_online_key_uris(
             "pkcs11:token=x;object=s"]  # fmt: skip
     assert main(argv) == 2
     assert "--tuf-timestamp-pkcs11-uri" in capsys.readouterr().err
+
+
+def test_moving_the_online_keys_into_an_hsm(tmp_path: Path, softhsm_token: SoftHsmToken) -> None:
+    """File keys → HSM keys: until a root names the new keys the server keeps serving what the
+    old ones signed; the root upload re-signs snapshot and timestamp at once."""
+    d = tmp_path / "repo"
+    old = TufRepository(d)
+    keys = old.online_keys()
+
+    def root(version: int, snap: PublicKey, stamp: PublicKey) -> bytes:
+        md = tm.build_root(
+            version=version, expires=int(time.time()) + DAY, root_keys=[_ROOT_KEY.public_key],
+            root_threshold=1, targets_keys=[_RELEASE_KEY.public_key], targets_threshold=1,
+            snapshot_key=snap, timestamp_key=stamp,
+        )  # fmt: skip
+        return tm.sign(md, [TufSigner(_ROOT_KEY)])
+
+    old.put_root(root(1, keys["snapshot"], keys["timestamp"]))
+    targets = tm.build_targets(
+        version=3, expires=int(time.time()) + DAY, path=TARGET, length=1,
+        sha256=b"\x02" * 32, custom={},
+    )  # fmt: skip
+    old.put_targets(tm.sign(targets, [TufSigner(_RELEASE_KEY)]), lambda _: True)
+    before = old.timestamp_bytes()
+    snap, stamp = hsm_key(softhsm_token, "snap", "p256"), hsm_key(softhsm_token, "ts", "ed25519")
+    new = TufRepository(d, online={"snapshot": snap, "timestamp": stamp})
+    assert new.timestamp_bytes() == before  # the root does not name the HSM keys yet
+    assert new.put_root(root(2, snap.public_key, stamp.public_key)) == 2
+    trusted = Metadata[Root].from_bytes(new.metadata_bytes("2.root.json")).signed
+    ts = Metadata.from_bytes(new.timestamp_bytes())
+    trusted.verify_delegate("timestamp", ts.signed_bytes, ts.signatures)
+    assert ts.signed.version == Metadata.from_bytes(before).signed.version + 1
+    # A restart with the same keys changes nothing.
+    again = TufRepository(d, online={"snapshot": snap, "timestamp": stamp})
+    assert again.timestamp_bytes() == new.timestamp_bytes()
+
+
+def test_targets_without_a_sha256_are_unsupported() -> None:
+    from tuf.api.metadata import TargetFile
+
+    root, _ = _PAIR
+    md = tm.build_targets(
+        version=9, expires=_NOW + DAY, path=TARGET, length=1, sha256=b"\x03" * 32, custom={}
+    )
+    md.signed.targets[TARGET] = TargetFile(1, {"sha512": "ab" * 64}, TARGET)
+    with pytest.raises(OtaError) as exc:
+        tm.check_targets(root, tm.sign(md, [TufSigner(_RELEASE_KEY)]), _NOW, 366 * DAY, 0)
+    assert exc.value.code == ErrorCode.UNSUPPORTED

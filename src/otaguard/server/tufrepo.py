@@ -106,6 +106,7 @@ class TufRepository:
         self.snapshot: Metadata[Snapshot] | None = None
         self.timestamp: Metadata[Timestamp] | None = None
         self._timestamp_bytes = b""
+        self._stale = False
         self._load()
 
     # --- state -------------------------------------------------------------------------------
@@ -133,6 +134,20 @@ class TufRepository:
         if (self.meta / "timestamp.json").exists():
             self._timestamp_bytes = self._read("timestamp.json")
             self.timestamp = Metadata[Timestamp].from_bytes(self._timestamp_bytes)
+        # Signed by keys this server no longer has (it now uses HSM keys, say) while the root
+        # already names the new ones: re-sign both on the first request.
+        self._stale = self._root_names_us() and any(
+            md is not None and self._signers[role].public_key.keyid not in md.signatures
+            for role, md in (("snapshot", self.snapshot), ("timestamp", self.timestamp))
+        )
+
+    def _root_names_us(self) -> bool:
+        """Whether the current root names this server's online keys (only then is a new
+        snapshot or timestamp of any use to a client)."""
+        return self.root is not None and all(
+            set(self.root.signed.roles[role].keyids) == {signer.public_key.keyid}
+            for role, signer in self._signers.items()
+        )
 
     def online_keys(self) -> dict[str, PublicKey]:
         """The snapshot and timestamp public keys, for the root ceremony to name."""
@@ -150,6 +165,9 @@ class TufRepository:
             self._check_online_roles(new)
             atomic_write(self.meta / f"{new.signed.version}.root.json", data)
             self.root = new
+            if self.targets is not None:
+                # re-signed at once: after a rotation a client checks them with this root
+                self._new_snapshot(now)
             return new.signed.version
 
     def _check_online_roles(self, root: Metadata[Root]) -> None:
@@ -216,7 +234,10 @@ class TufRepository:
             if self.timestamp is None or self.snapshot is None:
                 raise ServerError(ErrorCode.NOT_FOUND, "no TUF targets published yet", 404)
             left = tm.posix(self.timestamp.signed.expires) - now
-            if left < self.settings.timestamp_ttl // 2:
+            if self._stale:
+                self._new_snapshot(now)
+                self._stale = False
+            elif left < self.settings.timestamp_ttl // 2 and self._root_names_us():
                 if tm.posix(self.snapshot.signed.expires) - now < self.settings.timestamp_ttl:
                     self._new_snapshot(now)
                 else:

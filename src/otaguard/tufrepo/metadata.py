@@ -242,4 +242,7 @@ def check_targets(
         )
     if md.signed.delegations is not None:
         raise OtaError(ErrorCode.UNSUPPORTED, "delegated targets roles are not served")
+    for path, info in md.signed.targets.items():
+        if not re.fullmatch(r"[0-9a-f]{64}", info.hashes.get("sha256", "")):
+            raise OtaError(ErrorCode.UNSUPPORTED, f"target {path!r} has no sha256 hash")
     return md
