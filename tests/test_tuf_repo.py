@@ -177,9 +177,23 @@ class World:
         )
 
 
+_OPEN: list[Pkcs11Signer] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_hsm_sessions() -> Iterator[None]:
+    """Close every token session a test opened: SoftHSM2 shows a token created later (the next
+    test's) only after the module is re-initialized, which needs no session open."""
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
 def hsm_key(tok: SoftHsmToken, label: str, kind: str) -> Signer:
     generate_keypair(tok.uri(), label, kind, pin=tok.pin)  # type: ignore[arg-type]
-    return Pkcs11Signer.open(tok.uri(label), pin=tok.pin)
+    signer = Pkcs11Signer.open(tok.uri(label), pin=tok.pin)
+    _OPEN.append(signer)
+    return signer
 
 
 def online_keys(w: World) -> dict[str, PublicKey]:
