@@ -418,10 +418,12 @@ def test_client_covers_every_admin_route() -> None:
     import httpx
 
     from otaguard.server.admin import admin_routes
+    from otaguard.server.tuf_routes import admin_tuf_routes
 
+    fake: Any = types.SimpleNamespace(campaigns=None)
     routes = {
         (m, re.sub(r"\{[^}]+\}", "{}", r.path))
-        for r in admin_routes(types.SimpleNamespace(campaigns=None))  # type: ignore[arg-type]
+        for r in [*admin_routes(fake), *admin_tuf_routes(fake)]
         for m in (r.methods or set()) - {"HEAD"}
     }
     patterns = {
@@ -454,6 +456,7 @@ def test_client_covers_every_admin_route() -> None:
     c.finish_rotation(1, b"k"), c.create_campaign({}), c.campaign_action("c", "start")
     c.campaign("c"), c.list_campaigns(), c.openapi()
     c.attach_mcuboot(1, "b"), c.set_class_format("c", "mcuboot")
+    c.tuf_online_keys(), c.put_tuf_root(b"{}"), c.put_tuf_targets(b"{}")
     with contextlib.suppress(AdminError):
         c.expiring_certificates()
     assert seen == routes

@@ -41,6 +41,7 @@ from otaguard.server.app import TrustState
 from otaguard.server.ca import FleetCA
 from otaguard.server.db import sqlite_url
 from otaguard.server.enroll import Enrollment
+from otaguard.server.tufrepo import TufRepository
 from otaguard.trust.model import StaticKeys
 from tests.pg import Harness, fleet_ca, harness, server_tls  # noqa: F401
 from tests.test_server_api import SIGNER, publish
@@ -70,6 +71,7 @@ def live(
     tmp = tmp_path_factory.mktemp("schemathesis")
     trust = TrustState(StaticKeys([SIGNER.public_key]))
     with harness(sqlite_url(tmp / "otaguard.db"), fleet_ca, server_tls, tmp, trust=trust) as h:
+        h.srv.tuf = TufRepository(tmp / "tuf")  # /tuf/ answers (no root: 404s, refusals)
         dev = h.enroll("SN-ST-1")
         rid = publish(h, "1.1.0", b"\x5a" * 4096)
         with h.db.write() as conn:

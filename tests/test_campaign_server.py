@@ -324,7 +324,7 @@ def test_fleet_views_and_openapi(hc: tuple[Harness, Fleet, SimClock]) -> None:
         while not hasattr(app, "routes"):  # through the middlewares to the Starlette app
             app = app.app
         app_routes = {
-            (meth.lower(), r.path.replace(":int", ""))
+            (meth.lower(), r.path.replace(":int", "").replace(":path", ""))
             for r in app.routes
             for meth in (r.methods or ()) - {"HEAD"}
         }

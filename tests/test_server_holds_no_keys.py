@@ -376,6 +376,22 @@ def key_files_named_by_process(pid: int, needles: list[Needle]) -> tuple[set[Pat
     return holding, cmdline + b"\0" + environ
 
 
+# The only private keys the server may hold: its TUF repository's online snapshot and timestamp
+# keys (server/tufrepo.py), generated at first start. Root names them for those two roles only,
+# so they cannot sign a target, a firmware manifest, a key list or a root (threat model 4.3).
+ONLINE_KEYS = ("tuf/keys/snapshot.pem", "tuf/keys/timestamp.pem")
+
+
+def without_online_keys(hits: dict[str, set[str]]) -> dict[str, set[str]]:
+    """``hits`` minus the two online TUF keys, which must be there and be none of the known
+    keys (only the generic PEM-block labels, no root/operational/CA/device/TLS needle)."""
+    rest = dict(hits)
+    for name in ONLINE_KEYS:
+        labels = rest.pop(name, set())
+        assert labels and all(x.startswith("pem-private-key-") for x in labels), (name, labels)
+    return rest
+
+
 # --- the tests ----------------------------------------------------------------------------------
 def test_server_holds_no_private_key(tmp_path: Path) -> None:
     w = build_world(tmp_path)
@@ -391,8 +407,8 @@ def test_server_holds_no_private_key(tmp_path: Path) -> None:
         proc.wait(timeout=20)
     tls_key = (w.server_in / "tls" / "server.key").resolve()
     # (1) data directory (DB file, WAL, blobs) while running and after a clean stop; DB rows.
-    assert running_hits == {}
-    assert scan_tree(w.data, w.needles + w.tls_needles) == {}
+    assert without_online_keys(running_hits) == {}
+    assert without_online_keys(scan_tree(w.data, w.needles + w.tls_needles)) == {}
     table_hits, values = scan_sqlite(w.data / "otaguard.db", w.needles + w.tls_needles)
     assert table_hits == {}
     assert values > 20  # devices, tokens, releases, blobs, key list, reports were all read
@@ -455,7 +471,7 @@ def test_server_with_an_issuing_ca_holds_no_signing_key(tmp_path: Path) -> None:
         proc.wait(timeout=20)
     every = w.needles + w.tls_needles + key_needles("renewed-device", new_key)
     signing = [n for n in every if n.label.split("/")[0] in ("root", "operational")]
-    assert scan_tree(w.data, every) == {}
+    assert without_online_keys(scan_tree(w.data, every)) == {}
     table_hits, _ = scan_sqlite(w.data / "otaguard.db", every)
     assert table_hits == {}
     assert scan(log.read_bytes(), every) == set()

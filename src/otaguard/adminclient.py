@@ -405,6 +405,31 @@ class AdminClient:
         )
         return cast(dict[str, Any], out)
 
+    def tuf_online_keys(self) -> dict[str, str]:
+        """The server's TUF snapshot and timestamp public keys (PEM), for the root ceremony."""
+        return cast(dict[str, str], self.request("GET", "/admin/v1/tuf/online-keys"))
+
+    def put_tuf_root(self, root_json: bytes) -> dict[str, Any]:
+        """Publish root metadata (version N+1 must be signed by the old and new roots)."""
+        out = self.request(
+            "PUT",
+            "/admin/v1/tuf/root",
+            content=root_json,
+            headers={"Content-Type": "application/json"},
+        )
+        return cast(dict[str, Any], out)
+
+    def put_tuf_targets(self, targets_json: bytes) -> dict[str, Any]:
+        """Publish targets metadata (its images uploaded first); the server signs snapshot
+        and timestamp."""
+        out = self.request(
+            "PUT",
+            "/admin/v1/tuf/targets",
+            content=targets_json,
+            headers={"Content-Type": "application/json"},
+        )
+        return cast(dict[str, Any], out)
+
     def set_class_format(self, class_id: str, fmt: str) -> ClassFormat:
         """Which image format devices of a class get: ``suit`` (default) or ``mcuboot``."""
         out = self.request(

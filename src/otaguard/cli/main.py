@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "agent": "agent:agent",
     "campaign": "campaign:campaign",
     "rotation": "rotation:rotation",
+    "tuf": "tuf:tuf",
     "simulate": "simulate:simulate",
     "demo": "simulate:demo",
     "simulate-renewal": "simulate:simulate_renewal",

@@ -99,6 +99,27 @@ def server() -> None:
     type=click.IntRange(1, 1 << 40),
     help="Bytes per second a request body must average (after --body-timeout of grace).",
 )
+@click.option(
+    "--tuf-timestamp-hours",
+    default=24,
+    show_default=True,
+    type=click.IntRange(1, 24 * 366),
+    help="TUF repository: timestamp expiry (how long a frozen repository goes unnoticed).",
+)
+@click.option(
+    "--tuf-snapshot-pkcs11-uri",
+    metavar="URI",
+    help="TUF repository: the snapshot key in an HSM (with --tuf-timestamp-pkcs11-uri; "
+    "default: a key file generated in the data directory).",
+)
+@click.option("--tuf-timestamp-pkcs11-uri", metavar="URI", help="TUF repository: timestamp key.")
+@click.option(
+    "--tuf-max-targets-days",
+    default=366,
+    show_default=True,
+    type=click.IntRange(1, 3660),
+    help="TUF repository: uploaded targets expiring further ahead are refused (E_POLICY).",
+)
 @click.pass_context
 def run(ctx: click.Context, /, config_file: Path | None, **flags: object) -> None:
     """Migrate the database and serve until interrupted."""
@@ -124,7 +145,9 @@ def run_options(
     if values.get("ca_cert") is None:
         raise UsageError(ErrorCode.USAGE, "--ca-cert (or tls.ca_cert in --config) is required")
     keys = {k: values.pop(k, None) for k in _KEY_OPTIONS}
-    return RunOptions(**values, audit_sealer=_audit_sealer(keys), issuer=_issuer(keys))
+    return RunOptions(
+        **values, audit_sealer=_audit_sealer(keys), issuer=_issuer(keys), tuf_online=_tuf(keys)
+    )
 
 
 # Options that name keys: loaded here (PINs and passphrases from the environment), so that
@@ -135,7 +158,22 @@ _KEY_OPTIONS = (
     "issuing_ca_dir",
     "cert_lifetime",
     "pkcs11_module",
+    "tuf_snapshot_pkcs11_uri",
+    "tuf_timestamp_pkcs11_uri",
 )
+
+
+def _tuf(keys: dict[str, Any]) -> dict[str, Signer] | None:
+    uris = {r: keys[f"tuf_{r}_pkcs11_uri"] for r in ("snapshot", "timestamp")}
+    if not any(uris.values()):
+        return None
+    if not all(uris.values()):
+        raise UsageError(
+            ErrorCode.USAGE, "give both --tuf-snapshot-pkcs11-uri and --tuf-timestamp-pkcs11-uri"
+        )
+    from .common import load_signer
+
+    return {r: load_signer(u, keys["pkcs11_module"], None, None) for r, u in uris.items()}
 
 
 def _audit_sealer(keys: dict[str, Any]) -> Signer | None:

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from cryptography import x509
 from sqlalchemy import Connection
@@ -50,6 +50,9 @@ from .mtls import PEER_CERT_KEY
 from .prepared import Record
 from .ratelimit import ProbeDetector, RateLimit, TokenBuckets, retry_after_header
 from .renewal import MAX_CSR, CertIssuer, check_csr, parse_csr
+
+if TYPE_CHECKING:
+    from .tufrepo import TufRepository
 
 log = logging.getLogger("otaguard.server")
 T = TypeVar("T")
@@ -213,6 +216,9 @@ class UpdateServer:
         self.auth_failures = AuthFailures(
             self.metrics.auth_failures, interval=settings.probe_event_interval, clock=clock
         )
+        # The TUF repository for fleets whose devices run a TUF client (server/tufrepo.py);
+        # None: the /tuf/ routes answer 404.
+        self.tuf: TufRepository | None = None
 
     async def _db(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Database work of a device request: on a worker thread, or inline (``inline_io``)."""
@@ -229,6 +235,7 @@ class UpdateServer:
         neither serves the other's routes.
         """
         from .admin import admin_routes
+        from .tuf_routes import admin_tuf_routes
 
         routes: list[BaseRoute]
         if part == "device":
@@ -236,6 +243,7 @@ class UpdateServer:
         elif part == "admin":
             routes = [
                 *admin_routes(self),
+                *admin_tuf_routes(self),
                 Route("/healthz", self.health, methods=["GET"]),
                 Route("/metrics", metrics_endpoint(self), methods=["GET"]),
             ]
@@ -259,6 +267,8 @@ class UpdateServer:
 
     def device_routes(self) -> list[BaseRoute]:
         """The device listener's routes (also what the OpenAPI document describes)."""
+        from .tuf_routes import device_tuf_routes
+
         return [
             Route("/v1/checkin", self.checkin, methods=["POST"]),
             Route("/v1/reports", self.reports, methods=["POST"]),
@@ -267,6 +277,7 @@ class UpdateServer:
             Route("/v1/keylist", self.keylist, methods=["GET"]),
             Route("/v1/certificate", self.certificate, methods=["POST"]),
             Route("/healthz", self.health, methods=["GET"]),
+            *device_tuf_routes(self),
         ]
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:

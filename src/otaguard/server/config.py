@@ -52,6 +52,10 @@ _FIELDS: dict[tuple[str, str], str] = {
     ("renewal", "issuing_ca_dir"): "issuing_ca_dir",
     ("renewal", "cert_lifetime"): "cert_lifetime",
     ("pkcs11", "module"): "pkcs11_module",
+    ("tuf", "timestamp_hours"): "tuf_timestamp_hours",
+    ("tuf", "max_targets_days"): "tuf_max_targets_days",
+    ("tuf", "snapshot_pkcs11_uri"): "tuf_snapshot_pkcs11_uri",
+    ("tuf", "timestamp_pkcs11_uri"): "tuf_timestamp_pkcs11_uri",
 }
 _SECTIONS = {s for s, _ in _FIELDS if s}
 _PATHS = {
@@ -64,8 +68,10 @@ _PATHS = {
     "issuing_ca_dir",
 }
 _TEXTS = {"host", "admin_host", "db_url", "audit_seal_pkcs11_uri", "cert_lifetime", "pkcs11_module"}
+_TEXTS |= {"tuf_snapshot_pkcs11_uri", "tuf_timestamp_pkcs11_uri"}
 _PORTS = {"port", "admin_port"}
 _COUNTS = {"device_burst", "ip_burst"}
+_TUF = {"tuf_timestamp_hours": 24 * 366, "tuf_max_targets_days": 3660}  # field -> maximum
 _RATES = {"device_rate", "ip_rate"}
 _SECONDS = {"header_timeout", "body_timeout"}
 
@@ -139,6 +145,8 @@ def _value(field: str, name: str, v: Any, base: Path) -> Any:
         return _integer(name, v, 0, 65535)
     if field in _COUNTS:
         return _integer(name, v, 1, 10**9)
+    if field in _TUF:
+        return _integer(name, v, 1, _TUF[field])
     if field == "body_min_rate":
         return _integer(name, v, 1, 1 << 40)
     if field in _RATES:

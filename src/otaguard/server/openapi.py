@@ -464,6 +464,66 @@ DEVICE_OPS: dict[tuple[str, str], dict[str, Any]] = {
     ("GET", "/healthz"): {"summary": "Health", "response": _ref("Health")},
 }
 
+# The TUF repository (server/tuf_routes.py): metadata for devices that run a TUF client.
+_TUF_META = {
+    "type": "string",
+    "pattern": "^(timestamp|[1-9][0-9]{0,9}\\.(root|targets|snapshot))\\.json$",
+}
+DEVICE_OPS.update(
+    {
+        ("GET", "/tuf/{name}"): {
+            "summary": "TUF metadata: timestamp.json (re-signed when half its lifetime is "
+            "gone), N.root.json, N.snapshot.json, N.targets.json (E_NOT_FOUND otherwise)",
+            "path": {"name": _TUF_META},
+            "response": _OBJ,
+        },
+        ("GET", "/tuf/targets/{path}"): {
+            "summary": "A TUF target file, <dir>/<sha256>.<name> as the current targets "
+            "metadata lists it (consistent snapshots)",
+            "media": "application/octet-stream",
+        },
+    }
+)
+ADMIN_OPS.update(
+    {
+        ("GET", "/admin/v1/tuf/online-keys"): {
+            "summary": "The server's TUF snapshot and timestamp public keys (PEM), for the "
+            "root ceremony (otaguard tuf root --online-keys)",
+            "role": "read",
+            "response": {
+                "type": "object",
+                "required": ["snapshot", "timestamp"],
+                "properties": {"snapshot": _STR, "timestamp": _STR},
+            },
+        },
+        ("PUT", "/admin/v1/tuf/root"): {
+            "summary": "Upload TUF root metadata: the first, or the next version signed by the "
+            "old and new root keys (E_SIGNATURE, E_REPLAY, E_EXPIRED, E_UNTRUSTED_KEY)",
+            "role": "security",
+            "body": _bin_body("application/json"),
+            "status": "201",
+            "response": {
+                "type": "object",
+                "required": ["version"],
+                "properties": {"version": _INT, "uploaded_by": _STR},
+            },
+        },
+        ("PUT", "/admin/v1/tuf/targets"): {
+            "summary": "Publish TUF targets metadata signed by the release key; the server then "
+            "signs snapshot and timestamp (E_SIGNATURE, E_POLICY: expiry beyond policy, "
+            "E_EXPIRED, E_REPLAY, E_NOT_FOUND: image not uploaded)",
+            "role": "release",
+            "body": _bin_body("application/json"),
+            "status": "201",
+            "response": {
+                "type": "object",
+                "required": ["version"],
+                "properties": {"version": _INT, "uploaded_by": _STR},
+            },
+        },
+    }
+)
+
 _PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::[a-z]+)?\}")
 _ERR = {"content": {"application/json": {"schema": _ref("Error")}}}
 

@@ -58,6 +58,11 @@ class RunOptions:
     header_timeout: float = 10.0  # listener deadlines (server/listener.py)
     body_timeout: float = 30.0
     body_min_rate: int = 16384
+    tuf_timestamp_hours: int = 24  # TUF timestamp expiry (server/tufrepo.py)
+    tuf_max_targets_days: int = 366  # uploaded TUF targets expiring later: E_POLICY
+    # The TUF snapshot/timestamp keys when they are in an HSM (loaded by the CLI from
+    # --tuf-snapshot-pkcs11-uri/--tuf-timestamp-pkcs11-uri); None: files in <data>/tuf/keys.
+    tuf_online: dict[str, Signer] | None = None
 
 
 def open_database(data_dir: Path, db_url: str | None) -> Database:
@@ -110,13 +115,27 @@ def build_server(opts: RunOptions) -> UpdateServer:
             "hash-chained and anchored in the database, but not sealed"
         )
     resolver = load_resolver(opts.trust_bundle, opts.trusted_keys, db)
-    return UpdateServer(
+    srv = UpdateServer(
         db,
         LocalBlobStore(opts.data_dir / "blobs"),
         settings,
         TrustState(resolver),
         issuer=opts.issuer,
     )
+    from .tufrepo import DAY, TufRepository, TufSettings  # tuf's imports only where a server runs
+
+    # The TUF repository's online snapshot/timestamp keys are generated here at first start.
+    ts_ttl = opts.tuf_timestamp_hours * 3600
+    srv.tuf = TufRepository(
+        opts.data_dir / "tuf",
+        TufSettings(
+            timestamp_ttl=ts_ttl,
+            snapshot_ttl=max(7 * DAY, 2 * ts_ttl),
+            max_targets_validity=opts.tuf_max_targets_days * DAY,
+        ),
+        online=opts.tuf_online,
+    )
+    return srv
 
 
 def listener_deadlines(opts: RunOptions, srv: UpdateServer, listener: str) -> Deadlines:

@@ -152,6 +152,28 @@ class SigningClient:
             raise OtaError(ErrorCode.DIGEST, "MCUboot image differs from what the service signed")
         return result
 
+    def sign_tuf_targets(
+        self, request: SigningRequest, previous: bytes | None = None
+    ) -> tuple[bytes, int, AuditHead]:
+        """TUF targets.json for a release the service signed: (document, version, audit)."""
+        body = self._call(
+            "POST",
+            "/v1/sign-tuf-targets",
+            json={
+                "request": request.to_dict(),
+                "previous_b64": base64.b64encode(previous).decode() if previous else None,
+            },
+        )
+        try:
+            audit = body["audit"]
+            return (
+                base64.b64decode(body["targets_b64"], validate=True),
+                int(body["version"]),
+                AuditHead(int(audit["seq"]), str(audit["hash"])),
+            )
+        except (KeyError, TypeError, ValueError, binascii.Error):
+            raise FormatError(ErrorCode.MALFORMED, "malformed signing service response") from None
+
     # --- co-signing (signing/cosign.py) ------------------------------------------------------
     def cosign_create(self, requests: list[SigningRequest]) -> dict[str, Any]:
         """File a co-signing request (the release first, then its deltas); its view."""

@@ -31,6 +31,7 @@ parsed, and only after the credential checked out.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import logging
@@ -285,6 +286,20 @@ def signed_to_json(s: SignedRelease) -> dict[str, Any]:
     }
 
 
+def tuf_request_from_json(obj: object) -> tuple[SigningRequest, bytes | None]:
+    """``{"request": SigningRequest, "previous_b64": base64 of targets.json | null}``."""
+    if not isinstance(obj, dict) or "request" not in obj or set(obj) - {"request", "previous_b64"}:
+        raise FormatError(ErrorCode.MALFORMED, 'want {"request": {...}, "previous_b64": ...}')
+    prev = obj.get("previous_b64")
+    if prev is not None and not isinstance(prev, str):
+        raise FormatError(ErrorCode.MALFORMED, "previous_b64 must be a base64 string or null")
+    try:
+        previous = base64.b64decode(prev, validate=True) if prev is not None else None
+    except (binascii.Error, ValueError):
+        raise FormatError(ErrorCode.MALFORMED, "previous_b64 is not base64") from None
+    return SigningRequest.from_dict(obj["request"]), previous
+
+
 def create_app(
     service: SigningService,
     tokens: TokenTable,
@@ -351,6 +366,33 @@ def create_app(
                 log.error("MCUboot signing failed: %s", err)
             return _error(err)
         return JSONResponse(mcuboot_answer(signed))
+
+    async def sign_tuf(request: Request) -> Response:
+        """TUF targets for a release this service signed (same policy, keys, audit log and
+        per-requester rate as ``/v1/sign``; signing/tuf_targets.py)."""
+        try:
+            who = authenticate(request)
+            if who.role == Role.VIEWER:
+                raise OtaError(ErrorCode.FORBIDDEN, f"role {who.role.value!r} may not sign")
+            wait = buckets.take(who.id)
+            if wait > 0:
+                err = OtaError(ErrorCode.RATE_LIMIT, "too many signing requests")
+                return _error(err, {"Retry-After": retry_after_header(wait)})
+            if "json" not in request.headers.get("content-type", ""):
+                raise FormatError(ErrorCode.UNSUPPORTED, "Content-Type must be application/json")
+            req, previous = tuf_request_from_json(loads_json(await _read_body(request, max_body)))
+            signed = await run_in_threadpool(service.sign_tuf_targets, req, who, previous)
+        except OtaError as err:
+            if err.code == ErrorCode.INTERNAL:
+                log.error("TUF targets signing failed: %s", err)
+            return _error(err)
+        return JSONResponse(
+            {
+                "targets_b64": base64.b64encode(signed.data).decode(),
+                "version": signed.version,
+                "audit": {"seq": signed.audit.seq, "hash": signed.audit.hash},
+            }
+        )
 
     async def public_key(request: Request) -> Response:
         try:
@@ -438,6 +480,7 @@ def create_app(
         routes=[
             Route("/v1/sign", sign, methods=["POST"]),
             Route("/v1/sign-mcuboot", sign_mcuboot, methods=["POST"]),
+            Route("/v1/sign-tuf-targets", sign_tuf, methods=["POST"]),
             Route("/v1/public-key", public_key, methods=["GET"]),
             Route("/v1/health", health, methods=["GET"]),
             Route("/v1/openapi.json", openapi, methods=["GET"]),

@@ -197,6 +197,33 @@ def openapi_schema() -> dict[str, Any]:
                     body=_ref("McubootSignBody"),
                 )
             },
+            "/v1/sign-tuf-targets": {
+                "post": _op(
+                    "sign_tuf_targets",
+                    "Sign TUF targets metadata for a release this service signed (policy-checked,"
+                    " audited as sign-tuf-targets; E_POLICY when no such release or expiry beyond"
+                    " policy, E_UNSUPPORTED for sha384 images)",
+                    {
+                        "type": "object",
+                        "required": ["targets_b64", "version", "audit"],
+                        "properties": {
+                            "targets_b64": _STR,
+                            "version": _INT,
+                            "audit": {"type": "object", "required": ["seq", "hash"]},
+                        },
+                    },
+                    _BODY_ERRORS,
+                    body={
+                        "type": "object",
+                        "required": ["request"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "request": _ref("SigningRequest"),
+                            "previous_b64": _nullable(_STR),
+                        },
+                    },
+                )
+            },
             "/v1/public-key": {
                 "get": _op(
                     "public_key",

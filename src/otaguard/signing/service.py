@@ -54,6 +54,13 @@ class SignedRelease:
         return self.info.sequence_number
 
 
+@dataclass(frozen=True)
+class SignedTufTargets:
+    data: bytes  # targets.json as signed
+    version: int  # = the release's sequence number
+    audit: AuditHead
+
+
 def manifest_info(req: SigningRequest, sequence: int) -> ManifestInfo:
     text = {"model": req.model, "hw_rev": req.hw_rev, "vendor_domain": req.vendor}
     if req.description:
@@ -250,6 +257,19 @@ class SigningService:
                     self._record_refusal(request, requester, err)
                 raise
 
+    def sign_tuf_targets(
+        self, request: SigningRequest, requester: Requester | None, previous: bytes | None = None
+    ) -> SignedTufTargets:
+        """TUF targets metadata for a release this service signed (:mod:`.tuf_targets`):
+        same policy check, same keys, one ``sign-tuf-targets`` audit record."""
+        with self._lock:
+            try:
+                return self._sign_tuf(request, requester, previous)
+            except PolicyError as err:
+                if requester is not None and err.code != ErrorCode.AUTH:
+                    self._record_refusal(request, requester, err)
+                raise
+
     def record_event(self, actor: str, op: str, subject: dict[str, Any]) -> AuditHead:
         """Audit a key-management operation (authorize-key, revoke, keylist-update, ...)."""
         with self._lock, self.state.transaction() as tx:
@@ -300,6 +320,27 @@ class SigningService:
             tx.set_anchor(self.audit.head)
         log.info("signed %s %s seq %d for %s", req.model, req.version, sequence, requester.id)
         return SignedRelease(envelope, info, verified, key_ids, head)
+
+    def _sign_tuf(
+        self, req: SigningRequest, requester: Requester | None, previous: bytes | None
+    ) -> SignedTufTargets:
+        from . import tuf_targets as tt
+
+        now = int(self._clock())
+        req.validate()
+        if requester is None or not requester.id:
+            raise PolicyError(ErrorCode.AUTH, "no authenticated requester")
+        with self.state.transaction() as tx:
+            found = tx.signed_image(str(req.class_id), req.version, req.image_digest.hex())
+            plan = tt.plan(req, found, previous)
+            check_request(self.policy, plan.request, requester, None, now)
+            data = tt.sign(plan, self.signers)
+            key_ids = tuple(s.public_key.key_id.hex() for s in self.signers)
+            subject = tt.audit_subject(plan, requester.role.value, key_ids, data)
+            head = self.audit.append(requester.id, tt.OP_SIGN_TUF, subject)
+            tx.set_anchor(self.audit.head)
+        log.info("signed TUF targets v%d for %s", plan.sequence, requester.id)
+        return SignedTufTargets(data, plan.sequence, head)
 
     def _self_check(self, envelope: bytes, info: ManifestInfo, now: int) -> bytes:
         """Verify what we are about to hand out, with the signers' own public keys: every
