@@ -13,6 +13,7 @@ coverage instrumentation of the ``otaguard`` package. A crash, an oracle violati
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import re
@@ -118,8 +119,10 @@ def run_target(name: str, runs: int, update: bool, timeout_s: int) -> Result:
         LOGS.mkdir(exist_ok=True)
         (LOGS / f"{name}.log").write_text(log[-200_000:])
         failed = proc.returncode != 0
+        findings.mkdir(parents=True, exist_ok=True)  # another run may have tidied it away
         if not failed and not any(findings.iterdir()):
-            findings.rmdir()
+            with contextlib.suppress(OSError):  # a concurrent run may be using it
+                findings.rmdir()
         corpus = len(list(work.iterdir()))
         if update and not failed:
             merged = Path(tmp) / "merged"
@@ -154,8 +157,15 @@ def main() -> int:
     p.add_argument("--update-corpus", action="store_true")
     a = p.parse_args()
     names = [n for n in a.targets.split(",") if n]
+
+    def one(name: str) -> Result:
+        try:
+            return run_target(name, a.runs, a.update_corpus, a.timeout)
+        except Exception as exc:  # reported in the table, never lost
+            return Result(name, 0, 0.0, 0, True, f"{type(exc).__name__}: {exc}")
+
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        results = list(pool.map(lambda n: run_target(n, a.runs, a.update_corpus, a.timeout), names))
+        results = list(pool.map(one, names))
     print(f"{'target':<10} {'executions':>12} {'seconds':>9} {'exec/s':>8} {'corpus':>7}  result")
     for r in results:
         rate = r.executions / r.seconds if r.seconds else 0.0
