@@ -243,7 +243,19 @@ def status_of(code: ErrorCode) -> int:
     return STATUS.get(code, 500 if code == ErrorCode.INTERNAL else 400)
 
 
+class _Throttled(OtaError):
+    """Over the per-requester signing rate: answered 429 with ``Retry-After``."""
+
+    default_code = ErrorCode.RATE_LIMIT
+
+    def __init__(self, wait: float) -> None:
+        super().__init__(ErrorCode.RATE_LIMIT, "too many signing requests")
+        self.wait = wait
+
+
 def _error(err: OtaError, headers: dict[str, str] | None = None) -> JSONResponse:
+    if isinstance(err, _Throttled):
+        headers = {**(headers or {}), "Retry-After": retry_after_header(err.wait)}
     status = status_of(err.code)
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="otaguard-signing"'}
@@ -325,18 +337,23 @@ def create_app(
                 failures.note("signing", reason, request.client.host if request.client else None)
             raise
 
+    def admit_signer(request: Request) -> Requester:
+        """Who may ask for a signature now: authenticated, not a viewer, within the
+        per-requester rate (E_RATE_LIMIT with Retry-After), sending JSON."""
+        who = authenticate(request)
+        if who.role == Role.VIEWER:
+            raise OtaError(ErrorCode.FORBIDDEN, f"role {who.role.value!r} may not sign")
+        wait = buckets.take(who.id)
+        if wait > 0:
+            log.warning("sign rate limit: refused requester %r (retry in %.1f s)", who.id, wait)
+            raise _Throttled(wait)
+        if "json" not in request.headers.get("content-type", ""):
+            raise FormatError(ErrorCode.UNSUPPORTED, "Content-Type must be application/json")
+        return who
+
     async def sign(request: Request) -> Response:
         try:
-            who = authenticate(request)
-            if who.role == Role.VIEWER:
-                raise OtaError(ErrorCode.FORBIDDEN, f"role {who.role.value!r} may not sign")
-            wait = buckets.take(who.id)
-            if wait > 0:
-                log.warning("sign rate limit: refused requester %r (retry in %.1f s)", who.id, wait)
-                err = OtaError(ErrorCode.RATE_LIMIT, "too many signing requests")
-                return _error(err, {"Retry-After": retry_after_header(wait)})
-            if "json" not in request.headers.get("content-type", ""):
-                raise FormatError(ErrorCode.UNSUPPORTED, "Content-Type must be application/json")
+            who = admit_signer(request)
             body = await _read_body(request, max_body)
             req = SigningRequest.from_dict(loads_json(body))
             signed = await run_in_threadpool(service.sign_release, req, who)
@@ -348,16 +365,7 @@ def create_app(
 
     async def sign_mcuboot(request: Request) -> Response:
         try:
-            who = authenticate(request)
-            if who.role == Role.VIEWER:
-                raise OtaError(ErrorCode.FORBIDDEN, f"role {who.role.value!r} may not sign")
-            wait = buckets.take(who.id)
-            if wait > 0:
-                log.warning("sign rate limit: refused requester %r (retry in %.1f s)", who.id, wait)
-                err = OtaError(ErrorCode.RATE_LIMIT, "too many signing requests")
-                return _error(err, {"Retry-After": retry_after_header(wait)})
-            if "json" not in request.headers.get("content-type", ""):
-                raise FormatError(ErrorCode.UNSUPPORTED, "Content-Type must be application/json")
+            who = admit_signer(request)
             body = await _read_body(request, max_mcuboot_body)
             req, image, geometry = parse_mcuboot_body(loads_json(body))
             signed = await run_in_threadpool(service.sign_mcuboot, req, who, image, geometry)
@@ -371,15 +379,7 @@ def create_app(
         """TUF targets for a release this service signed (same policy, keys, audit log and
         per-requester rate as ``/v1/sign``; signing/tuf_targets.py)."""
         try:
-            who = authenticate(request)
-            if who.role == Role.VIEWER:
-                raise OtaError(ErrorCode.FORBIDDEN, f"role {who.role.value!r} may not sign")
-            wait = buckets.take(who.id)
-            if wait > 0:
-                err = OtaError(ErrorCode.RATE_LIMIT, "too many signing requests")
-                return _error(err, {"Retry-After": retry_after_header(wait)})
-            if "json" not in request.headers.get("content-type", ""):
-                raise FormatError(ErrorCode.UNSUPPORTED, "Content-Type must be application/json")
+            who = admit_signer(request)
             req, previous = tuf_request_from_json(loads_json(await _read_body(request, max_body)))
             signed = await run_in_threadpool(service.sign_tuf_targets, req, who, previous)
         except OtaError as err:
@@ -415,16 +415,8 @@ def create_app(
 
     async def cosign_create(request: Request) -> Response:
         try:
-            who = _requester(request, tokens, clock())
+            who = admit_signer(request)
             cs = cosign_or_404()
-            if who.role == Role.VIEWER:
-                raise OtaError(ErrorCode.FORBIDDEN, f"role {who.role.value!r} may not sign")
-            wait = buckets.take(who.id)
-            if wait > 0:
-                err = OtaError(ErrorCode.RATE_LIMIT, "too many signing requests")
-                return _error(err, {"Retry-After": retry_after_header(wait)})
-            if "json" not in request.headers.get("content-type", ""):
-                raise FormatError(ErrorCode.UNSUPPORTED, "Content-Type must be application/json")
             body = loads_json(await _read_body(request, max_body))
             if not isinstance(body, dict) or set(body) != {"requests"}:
                 raise FormatError(ErrorCode.MALFORMED, 'want {"requests": [...]}')
@@ -439,7 +431,7 @@ def create_app(
 
     async def cosign_get(request: Request) -> Response:
         try:
-            who = _requester(request, tokens, clock())
+            who = authenticate(request)
             cs = cosign_or_404()
             found = await run_in_threadpool(cs.get, request.path_params["rid"], who)
         except OtaError as err:
@@ -448,7 +440,7 @@ def create_app(
 
     async def cosign_approve(request: Request) -> Response:
         try:
-            who = _requester(request, tokens, clock())
+            who = authenticate(request)
             cs = cosign_or_404()
             if "json" not in request.headers.get("content-type", ""):
                 raise FormatError(ErrorCode.UNSUPPORTED, "Content-Type must be application/json")
