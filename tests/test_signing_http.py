@@ -356,8 +356,6 @@ def test_failed_authentication_is_logged_on_every_route(
     """Regression: the co-signing routes used to check tokens without logging a failure, so
     token guessing there left no trace. Every authenticated route logs it now; and a throttled
     signer still gets Retry-After through the shared admission check."""
-    from starlette.testclient import TestClient
-
     routes = [
         ("POST", "/v1/sign"), ("POST", "/v1/sign-mcuboot"), ("POST", "/v1/sign-tuf-targets"),
         ("GET", "/v1/public-key"), ("POST", "/v1/cosign"), ("GET", "/v1/cosign/cs_x"),
@@ -366,19 +364,18 @@ def test_failed_authentication_is_logged_on_every_route(
     for i, (method, path) in enumerate(routes):
         s = Service(tmp_path / str(i))  # a fresh service: the log is rate limited per source
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="otaguard.auth"):
-            r = TestClient(s.app).request(
-                method, path, json={}, headers={"Authorization": "Bearer otg_wrong"}
+        with caplog.at_level(logging.WARNING, logger="otaguard.auth"), run_server(s.app) as url:
+            r = httpx.request(
+                method, url + path, json={}, headers={"Authorization": "Bearer otg_wrong"}
             )
         assert r.status_code == 401 and r.json()["error"] == "E_AUTH", (path, r.text)
         lines = [rec.getMessage() for rec in caplog.records]
         assert any("authentication failed on the signing listener" in m for m in lines), path
         s.service.close()
     s = Service(tmp_path / "rate", sign_rate=SignRate(per_minute=1, burst=1))
-    client = TestClient(s.app)
-    ok = {"Authorization": f"Bearer {s.tokens['ci']}"}
-    assert client.post("/v1/sign", json=body(), headers=ok).status_code == 200
-    r = client.post("/v1/sign", json=body(), headers=ok)
+    with run_server(s.app) as url:
+        assert post(url, s.tokens["ci"], body()).status_code == 200
+        r = post(url, s.tokens["ci"], body())
     assert r.status_code == 429 and r.json()["error"] == "E_RATE_LIMIT"
     assert int(r.headers["retry-after"]) >= 1
     s.service.close()
