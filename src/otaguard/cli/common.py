@@ -68,13 +68,16 @@ def secret_from_env_or_prompt(env: str, prompt: str, *, confirm: bool = False) -
     return entered.encode()
 
 
-def signer_options(func: F) -> F:
-    """Options that select a signing key: a PKCS#11 URI, or a development key file."""
+def _key_options(func: F, *, repeatable: bool) -> F:
+    """The key-selecting options, once for both forms: one key, or repeatable URIs and files."""
+    again = " (repeatable: each key signs)" if repeatable else ""
     opts = [
         click.option(
             "--pkcs11-uri",
+            "pkcs11_uris" if repeatable else "pkcs11_uri",
             metavar="URI",
-            help="Key in an HSM, e.g. 'pkcs11:token=ota;object=release-2026'. "
+            multiple=repeatable,
+            help=f"Key in an HSM, e.g. 'pkcs11:token=ota;object=release-2026'{again}. "
             f"PIN from ${PIN_ENV} or a prompt.",
         ),
         click.option(
@@ -85,8 +88,10 @@ def signer_options(func: F) -> F:
         ),
         click.option(
             "--key-file",
+            "key_files" if repeatable else "key_file",
             type=click.Path(dir_okay=False, path_type=Path),
-            help="DEVELOPMENT ONLY: encrypted PKCS#8 key file; passphrase from "
+            multiple=repeatable,
+            help=f"DEVELOPMENT ONLY: encrypted PKCS#8 key file{again}; passphrase from "
             f"${PASSPHRASE_ENV} or a prompt.",
         ),
         click.option(
@@ -100,6 +105,11 @@ def signer_options(func: F) -> F:
     for opt in reversed(opts):
         func = opt(func)
     return func
+
+
+def signer_options(func: F) -> F:
+    """Options that select a signing key: a PKCS#11 URI, or a development key file."""
+    return _key_options(func, repeatable=False)
 
 
 def load_signer(
@@ -129,40 +139,7 @@ def multi_signer_options(func: F) -> F:
     """Like :func:`signer_options`, but ``--pkcs11-uri`` and ``--key-file`` repeat: one signature
     per key, for a key list whose threshold asks for several (k-of-n). A plain click option
     keeps only its last value, which is how a second ``--pkcs11-uri`` used to vanish."""
-    opts = [
-        click.option(
-            "--pkcs11-uri",
-            "pkcs11_uris",
-            metavar="URI",
-            multiple=True,
-            help="Key in an HSM, e.g. 'pkcs11:token=ota;object=release-2026' (repeatable: "
-            f"each key signs). PIN from ${PIN_ENV} or a prompt.",
-        ),
-        click.option(
-            "--pkcs11-module",
-            metavar="PATH",
-            envvar=MODULE_ENV,
-            help=f"PKCS#11 module (.so); default from ${MODULE_ENV} or SoftHSM2.",
-        ),
-        click.option(
-            "--key-file",
-            "key_files",
-            type=click.Path(dir_okay=False, path_type=Path),
-            multiple=True,
-            help="DEVELOPMENT ONLY: encrypted PKCS#8 key file (repeatable); passphrase from "
-            f"${PASSPHRASE_ENV} or a prompt.",
-        ),
-        click.option(
-            "--alg",
-            "alg_name",
-            metavar="ALG",
-            help="COSE algorithm: ed25519 (default for Ed25519 keys), eddsa, "
-            "esp256 (default for P-256), es256.",
-        ),
-    ]
-    for opt in reversed(opts):
-        func = opt(func)
-    return func
+    return _key_options(func, repeatable=True)
 
 
 def load_signers(
