@@ -128,15 +128,9 @@ def _operations(doc: dict[str, Any], listener: str) -> list[Any]:
     return ops
 
 
-@pytest.mark.parametrize("mode", list(GenerationMode), ids=lambda m: m.value)
-@pytest.mark.parametrize("listener", ["admin", "device"])
-def test_no_5xx_and_every_answer_is_documented(
-    live: Live, listener: str, mode: GenerationMode
-) -> None:
-    """Each operation of the listener, ``EXAMPLES`` generated requests that follow the schema
-    (positive) or break it (negative); every failure is collected and reported together."""
-    ops = _operations(live.doc, listener)
-    assert len(ops) >= (20 if listener == "admin" else 5)
+def _drive(ops: list[Any], mode: GenerationMode, call: Any) -> dict[int, int]:
+    """``EXAMPLES`` generated requests per operation, sent with ``call(case)``; every failure
+    is collected and reported together. Returns how often each status was answered."""
     failures: list[str] = []
     statuses: dict[int, int] = {}
     for op in ops:
@@ -150,7 +144,7 @@ def test_no_5xx_and_every_answer_is_documented(
             database=None,
         )
         def run(case: Any) -> None:
-            response = _call(live, case)
+            response = call(case)
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
             case.validate_response(response, checks=CHECKS)
 
@@ -162,6 +156,19 @@ def test_no_5xx_and_every_answer_is_documented(
         except Exception as exc:
             failures.append(f"{op.method.upper()} {op.path}: {exc}")
     assert not failures, "\n\n".join(failures)
+    return statuses
+
+
+@pytest.mark.parametrize("mode", list(GenerationMode), ids=lambda m: m.value)
+@pytest.mark.parametrize("listener", ["admin", "device"])
+def test_no_5xx_and_every_answer_is_documented(
+    live: Live, listener: str, mode: GenerationMode
+) -> None:
+    """Each operation of the listener, ``EXAMPLES`` generated requests that follow the schema
+    (positive) or break it (negative); every failure is collected and reported together."""
+    ops = _operations(live.doc, listener)
+    assert len(ops) >= (20 if listener == "admin" else 5)
+    statuses = _drive(ops, mode, lambda case: _call(live, case))
     # The requests reached the handlers: successes, and (negative mode) refusals of input.
     print(listener, mode.value, sorted(statuses.items()))
     assert sum(statuses.values()) >= len(ops)
@@ -232,36 +239,13 @@ def test_signing_service_no_5xx_and_every_answer_is_documented(
 ) -> None:
     url, token = signing_live.url, signing_live.token
     doc = requests.get(f"{url}/v1/openapi.json", timeout=10).json()
-    failures: list[str] = []
-    statuses: dict[int, int] = {}
+    ops = [r.ok() for r in schemathesis.openapi.from_dict(doc).get_all_operations()]
+    auth = {"Authorization": f"Bearer {token}"}
     with requests.Session() as session:
-        for result in schemathesis.openapi.from_dict(doc).get_all_operations():
-            op = result.ok()
-
-            @given(case=op.as_strategy(mode))
-            @settings(
-                max_examples=EXAMPLES,
-                deadline=None,
-                suppress_health_check=list(HealthCheck),
-                derandomize=True,
-                database=None,
-            )
-            def run(case: Any) -> None:
-                response = case.call(
-                    base_url=url,
-                    session=session,
-                    headers={"Authorization": f"Bearer {token}"},
-                    timeout=30,
-                )
-                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-                case.validate_response(response, checks=CHECKS)
-
-            try:
-                run()
-            except Unsatisfiable:
-                assert mode is GenerationMode.NEGATIVE, op.path
-            except Exception as exc:
-                failures.append(f"{op.method.upper()} {op.path}: {exc}")
-    assert not failures, "\n\n".join(failures)
+        statuses = _drive(
+            ops,
+            mode,
+            lambda case: case.call(base_url=url, session=session, headers=auth, timeout=30),
+        )
     assert sum(statuses.values()) >= 6
     assert statuses.get(400, 0) > 0 if mode is GenerationMode.NEGATIVE else statuses.get(200)
