@@ -32,6 +32,23 @@ command -v debugfs >/dev/null 2>&1            || need+=(e2fsprogs)
 ls /boot/vmlinuz-* >/dev/null 2>&1            || need+=(linux-image-amd64)
 [ -x /bin/busybox ]                           || need+=(busybox-static)
 command -v cpio >/dev/null 2>&1               || need+=(cpio)
+# tpm2-pytss (pip) builds against the TSS2 libraries; the TPM VM scenario needs a software TPM.
+pkg-config --exists tss2-esys 2>/dev/null      || need+=(libtss2-dev)
+command -v pkg-config >/dev/null 2>&1         || need+=(pkg-config)
+command -v gcc >/dev/null 2>&1                || need+=(gcc)
+[ -e /usr/include/python3.11/Python.h ]       || need+=(python3-dev)
+command -v swtpm >/dev/null 2>&1              || need+=(swtpm)
+command -v swtpm_setup >/dev/null 2>&1        || need+=(swtpm-tools)
+command -v tpm2_getcap >/dev/null 2>&1        || need+=(tpm2-tools)
+ls /usr/lib/x86_64-linux-gnu/ossl-modules/tpm2.so >/dev/null 2>&1 || need+=(tpm2-openssl)
+# U-Boot boot control (make test-vm) and its environment tools.
+[ -e /usr/lib/u-boot/qemu-x86/u-boot.rom ]    || need+=(u-boot-qemu)
+command -v fw_setenv >/dev/null 2>&1          || need+=(libubootenv-tool)
+# The cluster test: haproxy in TLS pass-through in front of several server nodes.
+command -v haproxy >/dev/null 2>&1            || need+=(haproxy)
+# The dashboard's browser tests: Debian's chromium driven through chromium-driver.
+command -v chromium >/dev/null 2>&1           || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1       || need+=(chromium-driver)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
