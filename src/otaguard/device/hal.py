@@ -105,6 +105,21 @@ class OtpMedia(Protocol):
     def program_otp(self, body: bytes) -> None: ...  # E_OTP_WRITTEN on a second write
 
 
+class CounterFloor(Protocol):
+    """Counters that hardware keeps monotonic (TPM NV counters): a floor under the counter record.
+
+    The counter record stays the one place counters are read and written
+    (:meth:`~.storage.SecureStorage.counters`); a floor only makes sure that what it returns
+    can never be lower than what the hardware counted, even if the record's storage was
+    rewritten with an older copy. It is raised *before* the record is written, so a power cut
+    between the two leaves the floor ahead, never behind.
+    """
+
+    def floor(self) -> tuple[int, int]: ...  # (security counter, key-list version)
+
+    def raise_to(self, security: int, keylist_version: int) -> None: ...
+
+
 class BootControl(Protocol):
     """How the boot firmware learns the boot state's decisions, and what it chose.
 

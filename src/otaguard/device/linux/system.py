@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from ..agent import Clock, InstallResult, UpdateAgent, system_clock
 from ..bootloader import Bootloader, BootResult
 from ..device import Provisioning, checkin_facts, device_status, provision
 from ..hal import Slot
+from ..https_transport import KeyLoader, load_key_file
 from ..selftest import SelfTest, settle_test_boot
 from ..slots import envelope_ref
 from ..storage import SecureStorage
@@ -36,6 +38,8 @@ from .config import AgentConfig
 from .filestore import FileOtp, FileRecord, check_state_dir
 from .grub import GrubBootControl, read_booted_slot
 from .grubenv import GrubEnvStore, initial_env
+from .tpm import Tpm, TpmStore, is_tpm_key
+from .tpmtls import TlsKeyHook, TpmKey
 
 BOOT_RECORD = "boot.json"
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -54,11 +58,17 @@ def _boot_id() -> str:
         return "unknown"
 
 
-def open_storage(state_dir: Path) -> SecureStorage:
+def open_storage(state_dir: Path, tpm: TpmStore | None = None) -> SecureStorage:
+    """Records are files either way; with a TPM, OTP is its locked NV index and its NV
+    counters are the floor of the counter record (tpm.py)."""
     return SecureStorage(
-        FileOtp(state_dir / "otp"),
+        FileOtp(state_dir / "otp") if tpm is None else tpm,
         lambda name, key: FileRecord(state_dir / f"{name}.rec", key=key),
+        floor=tpm,
     )
+
+
+FILE_STORE_NOTE = "no TPM: counters, root-key hash and identity key are files on the data partition"
 
 
 class LinuxDevice:
@@ -70,10 +80,20 @@ class LinuxDevice:
         running: int | None = None,
         provisioning: bool = False,
         progress: Callable[[Slot, int, int], None] | None = None,
+        tpm_owner_auth: bytes | None = None,
     ) -> None:
         """``running``: the slot GRUB started (default: from the kernel command line).
-        ``provisioning``: the factory writes slot A from outside, so nothing is protected."""
+        ``provisioning``: the factory writes slot A from outside, so nothing is protected.
+        ``tpm_owner_auth``: the TPM owner password, for provisioning only."""
         check_state_dir(cfg.state_dir)
+        self.tpm: Tpm | None = None
+        self.tpm_store: TpmStore | None = None
+        self._tls_hooks: dict[bytes, TlsKeyHook] = {}
+        if cfg.store == "tpm":
+            # Configured on the (verified) root file system, never found on the data
+            # partition: a device set up for a TPM refuses to run without it (E_TPM*).
+            self.tpm = Tpm(cfg.tpm_tcti)
+            self.tpm_store = TpmStore(self.tpm, owner_auth=tpm_owner_auth)
         self.cfg = cfg
         self.running = read_booted_slot(cfg.cmdline) if running is None else running
         self.env = GrubEnvStore(cfg.grubenv)
@@ -82,7 +102,9 @@ class LinuxDevice:
         )
         if not provisioning:
             self.slots.protect(self.running)
-        self.storage = open_storage(cfg.state_dir)
+        self.storage = open_storage(cfg.state_dir, self.tpm_store)
+        if self.tpm_store is not None and not provisioning:
+            self.tpm_store.floor()  # anchor and counters as provisioned, or E_TPM_NV now
         self.control = GrubBootControl(
             self.env,
             running=self.running,
@@ -167,7 +189,12 @@ class LinuxDevice:
         cur = self.bootloader.current
         out["running_slot"] = "AB"[self.running]
         out["boot"] = None if cur is None else {"slot": cur.slot_name, "mode": cur.mode}
-        out["storage"] = "file"  # no TPM backend yet: counters and keys are files
+        if self.tpm is None:
+            out["storage"] = "file"
+            out["storage_note"] = FILE_STORE_NOTE
+        else:
+            out["storage"] = "tpm"
+            out["tpm"] = {"tcti": self.tpm.tcti, "identity_key": self._identity_in_tpm()}
         try:
             env = self.env.read(repair=False)
             out["bootloader"] = {
@@ -179,6 +206,29 @@ class LinuxDevice:
         except OtaError as err:
             out["bootloader"] = {"type": "grub", "error": err.code.value}
         return out
+
+    # --- the TPM-held identity ----------------------------------------------------------------
+    def _identity_in_tpm(self) -> bool:
+        ident = self.storage.identity()
+        return ident is not None and is_tpm_key(ident.device_key)
+
+    def key_loader(self) -> KeyLoader:
+        """How the TLS client gets this device's key: a key file, or signatures from the TPM.
+        A TPM device never presents a key that is not TPM-held."""
+        if self.tpm is None:
+            return load_key_file
+        tpm = self.tpm
+
+        def load(ctx: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
+            pem = key_file.read_bytes()
+            if not is_tpm_key(pem):
+                raise DeviceError(ErrorCode.TPM_NV, "identity key is not held by the TPM")
+            hook = self._tls_hooks.get(pem)
+            if hook is None:
+                hook = self._tls_hooks[pem] = TlsKeyHook(TpmKey(tpm, pem))
+            hook.install(ctx, cert_file)
+
+        return load
 
     # --- what this power-on's boot check decided -----------------------------------------------
     def _save_boot_record(self, result: BootResult) -> None:
