@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from ..device.device import Provisioning
 from ..device.linux.config import AgentConfig
 from ..device.linux.service import log, reboot, run, self_test_of
-from ..device.linux.system import LinuxDevice, RebootRequested, write_outbox
-from ..device.linux.tpm import create_identity_key, ensure_srk
+from ..device.linux.system import LinuxDevice, RebootRequested, open_storage, write_outbox
+from ..device.linux.tpm import Tpm, TpmStore, create_identity_key, ensure_srk
 from ..device.linux.tpmtls import TpmKey, tpm_csr
 from ..device.storage import Identity
 from ..device.transport import LocalFileTransport, Transport
@@ -199,17 +199,24 @@ def install_cert_cmd(config_path: Path, cert_path: Path) -> None:
     cfg = AgentConfig.load(config_path)
     if cfg.store != "tpm":
         raise UsageError(ErrorCode.USAGE, "install-cert is for device.store = tpm")
-    dev = LinuxDevice(cfg, running=0, provisioning=True)
-    assert dev.tpm is not None
-    blob = read_limited(cfg.state_dir / TPM_KEY_FILE, MAX_PEM)
-    cert_pem = read_limited(cert_path, MAX_PEM)
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    key = TpmKey(dev.tpm, blob)
-    if cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) != (
-        key.spki_der()
-    ):
-        raise DeviceError(ErrorCode.CERT, "the certificate is not for the TPM identity key")
-    dev.storage.write_identity(Identity(blob, cert_pem))
+    tpm = Tpm(cfg.tpm_tcti)
+    try:
+        storage = open_storage(cfg.state_dir, TpmStore(tpm))
+        storage.require_otp()  # provisioned, and the TPM's anchor is as provisioning left it
+        blob = read_limited(cfg.state_dir / TPM_KEY_FILE, MAX_PEM)
+        cert_pem = read_limited(cert_path, MAX_PEM)
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+        except ValueError:
+            raise DeviceError(
+                ErrorCode.MALFORMED, f"{cert_path} is not a PEM certificate"
+            ) from None
+        spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        if spki != TpmKey(tpm, blob).spki_der():
+            raise DeviceError(ErrorCode.CERT, "the certificate is not for the TPM identity key")
+        storage.write_identity(Identity(blob, cert_pem))
+    finally:
+        tpm.close()
     emit({"identity": cert.subject.rfc4514_string(), "storage": "tpm"}, False)
 
 
