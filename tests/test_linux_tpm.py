@@ -476,3 +476,78 @@ def _handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> str:
 def test_status_json_has_no_secret(trig: TpmRig) -> None:
     text = json.dumps(trig.boot(0).status(), default=str)
     assert "huk" not in text.lower()
+
+
+# --- the CLI ---------------------------------------------------------------------------------
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    from otaguard.cli.main import main
+
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_provision_install_cert_and_status(
+    swtpm: Swtpm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rig = TpmRig(tmp_path / "dev", Lab(now=int(time.time())), swtpm.tcti)
+    tpm = Tpm(swtpm.tcti)
+    tpm.take_ownership(b"factory-secret")  # a TPM someone already owns
+    tpm.close()
+    d = rig.d
+    (d / "trust.bundle").write_bytes(rig.lab.bundle.to_bytes())
+    factory = image("1.0.0")
+    (d / "image.bin").write_bytes(factory)
+    (d / "manifest.suit").write_bytes(rig.lab.release(factory, version="1.0.0", seq=1, counter=1))
+    (d / "wrong.auth").write_bytes(b"guess")
+    (d / "owner.auth").write_bytes(b"factory-secret")
+    base = [
+        "agent", "provision", "--config", str(d / "agent.toml"),
+        "--trust", str(d / "trust.bundle"), "--vendor", "hvac.example.com",
+        "--model", rig.lab.model, "--hw-rev", rig.lab.hw_rev,
+        "--factory-image", str(d / "image.bin"), "--factory-manifest", str(d / "manifest.suit"),
+        "--serial", "dev-0002", "--csr-out", str(d / "device.csr"),
+    ]  # fmt: skip
+    rc, _, err = _cli(capsys, *base, "--tpm-owner-auth", str(d / "wrong.auth"))
+    assert rc == 1 and err.startswith("otaguard: error E_TPM_AUTH:") and err.count("\n") == 1
+    rc, _, err = _cli(capsys, *base, "--identity-key", str(d / "x"), "--identity-cert", "y")
+    assert rc == 2 and "E_USAGE" in err  # a TPM device makes its own key
+    rc, out, err = _cli(capsys, *base, "--tpm-owner-auth", str(d / "owner.auth"))
+    assert rc == 0, err
+    csr = x509.load_pem_x509_csr((d / "device.csr").read_bytes())
+    assert csr.is_signature_valid
+    rc, _, err = _cli(capsys, *base, "--tpm-owner-auth", str(d / "owner.auth"))
+    assert rc == 1 and "E_OTP_WRITTEN" in err  # once
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    (d / "other.pem").write_bytes(
+        _cert("dev-0002", ec.generate_private_key(ec.SECP256R1()).public_key(), ca_key)[0]
+    )
+    (d / "device.pem").write_bytes(_cert("dev-0002", csr.public_key(), ca_key)[0])
+    cfg = str(d / "agent.toml")
+    rc, _, err = _cli(
+        capsys, "agent", "install-cert", "--config", cfg, "--cert", str(d / "other.pem")
+    )
+    assert rc == 1 and err.startswith("otaguard: error E_CERT:")
+    rc, _, err = _cli(
+        capsys, "agent", "install-cert", "--config", cfg, "--cert", str(d / "device.pem")
+    )
+    assert rc == 0, err
+    (d / "cmdline").write_text("otaguard.slot=A ro\n")
+    rc, out, err = _cli(capsys, "agent", "status", "--config", cfg, "--json")
+    assert rc == 0, err
+    st = json.loads(out)
+    assert st["storage"] == "tpm" and st["tpm"]["identity_key"] is True
+    assert st["counters"]["security"] == 1
+
+
+def test_cli_without_the_tpm_is_one_line_with_its_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = tmp_path / "dev"
+    d.mkdir()
+    (d / "state").mkdir()
+    cfg = write_config(d, device=_device_section(d, f"device:{d / 'tpmrm0'}"))
+    for cmd in ("status", "boot-check", "run"):
+        rc, _, err = _cli(capsys, "agent", cmd, "--config", str(cfg))
+        assert rc == 1 and err.startswith("otaguard: error E_TPM: no TPM:"), err
+        assert err.count("\n") == 1

@@ -20,8 +20,6 @@ from ..device.device import Provisioning
 from ..device.linux.config import AgentConfig
 from ..device.linux.service import log, reboot, run, self_test_of
 from ..device.linux.system import LinuxDevice, RebootRequested, open_storage, write_outbox
-from ..device.linux.tpm import Tpm, TpmStore, create_identity_key, ensure_srk
-from ..device.linux.tpmtls import TpmKey, tpm_csr
 from ..device.storage import Identity
 from ..device.transport import LocalFileTransport, Transport
 from ..device.url_transport import UrlTransport
@@ -171,6 +169,8 @@ def provision_cmd(
     if dev.storage.otp() is not None:
         raise DeviceError(ErrorCode.OTP_WRITTEN, f"{cfg.state_dir} is already provisioned")
     if dev.tpm is not None:
+        from ..device.linux.tpm import ensure_srk
+
         dev.tpm.set_owner_auth(owner)
         if tpm_new_owner_auth is not None:
             owner = read_limited(tpm_new_owner_auth, MAX_AUTH)
@@ -180,9 +180,16 @@ def provision_cmd(
         ensure_srk(dev.tpm, owner)
     dev.provision(prov, _chunks(factory_image))
     if dev.tpm is not None and serial and csr_out:
+        from ..device.linux.tpm import create_identity_key
+        from ..device.linux.tpmtls import TpmKey, tpm_csr
+
         blob = create_identity_key(dev.tpm)
         atomic_write(cfg.state_dir / TPM_KEY_FILE, blob, mode=0o600)
-        atomic_write(csr_out, tpm_csr(TpmKey(dev.tpm, blob), serial))
+        key = TpmKey(dev.tpm, blob)
+        try:
+            atomic_write(csr_out, tpm_csr(key, serial))
+        finally:
+            key.close()
     if server_ca is not None:
         atomic_write(
             state_dir / "server-ca.pem" if state_dir else cfg.server_ca,
@@ -199,6 +206,9 @@ def install_cert_cmd(config_path: Path, cert_path: Path) -> None:
     cfg = AgentConfig.load(config_path)
     if cfg.store != "tpm":
         raise UsageError(ErrorCode.USAGE, "install-cert is for device.store = tpm")
+    from ..device.linux.tpm import Tpm, TpmStore
+    from ..device.linux.tpmtls import TpmKey
+
     tpm = Tpm(cfg.tpm_tcti)
     try:
         storage = open_storage(cfg.state_dir, TpmStore(tpm))
@@ -212,7 +222,9 @@ def install_cert_cmd(config_path: Path, cert_path: Path) -> None:
                 ErrorCode.MALFORMED, f"{cert_path} is not a PEM certificate"
             ) from None
         spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-        if spki != TpmKey(tpm, blob).spki_der():
+        key = TpmKey(tpm, blob)
+        key.close()  # only its public part is compared
+        if spki != key.spki_der():
             raise DeviceError(ErrorCode.CERT, "the certificate is not for the TPM identity key")
         storage.write_identity(Identity(blob, cert_pem))
     finally:

@@ -19,7 +19,7 @@ import os
 import ssl
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...errors import DeviceError, ErrorCode, OtaError
 from ...fsutil import atomic_write
@@ -38,8 +38,10 @@ from .config import AgentConfig
 from .filestore import FileOtp, FileRecord, check_state_dir
 from .grub import GrubBootControl, read_booted_slot
 from .grubenv import GrubEnvStore, initial_env
-from .tpm import Tpm, TpmStore, is_tpm_key
-from .tpmtls import TlsKeyHook, TpmKey
+
+if TYPE_CHECKING:  # tpm2-pytss is the optional extra `tpm`: imported only for a TPM store
+    from .tpm import Tpm, TpmStore
+    from .tpmtls import TlsKeyHook
 
 BOOT_RECORD = "boot.json"
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -90,6 +92,8 @@ class LinuxDevice:
         self.tpm_store: TpmStore | None = None
         self._tls_hooks: dict[bytes, TlsKeyHook] = {}
         if cfg.store == "tpm":
+            from .tpm import Tpm, TpmStore
+
             # Configured on the (verified) root file system, never found on the data
             # partition: a device set up for a TPM refuses to run without it (E_TPM*).
             self.tpm = Tpm(cfg.tpm_tcti)
@@ -209,6 +213,8 @@ class LinuxDevice:
 
     # --- the TPM-held identity ----------------------------------------------------------------
     def _identity_in_tpm(self) -> bool:
+        from .tpm import is_tpm_key
+
         ident = self.storage.identity()
         return ident is not None and is_tpm_key(ident.device_key)
 
@@ -217,6 +223,9 @@ class LinuxDevice:
         A TPM device never presents a key that is not TPM-held."""
         if self.tpm is None:
             return load_key_file
+        from .tpm import is_tpm_key
+        from .tpmtls import TlsKeyHook, TpmKey
+
         tpm = self.tpm
 
         def load(ctx: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:

@@ -56,6 +56,14 @@ class TpmKey:
             raise DeviceError(ErrorCode.UNSUPPORTED, "TPM identity key is not an EC key")
         self.public_key = pub
 
+    def close(self) -> None:
+        """Unload the key. (The kernel's resource manager does this when the process ends; a
+        TPM reached without one, such as swtpm over TCP, keeps it until told.)"""
+        if self.handle is not None:
+            handle, self.handle = self.handle, None
+            with self.tpm.call("unloading the identity key"):
+                self.tpm.ectx.flush_context(handle)
+
     def spki_der(self) -> bytes:
         return self.public_key.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -68,6 +76,8 @@ class TpmKey:
             len(digest), TPM2_ALG.SHA256
         )
         ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
+        if self.handle is None:
+            raise DeviceError(ErrorCode.STATE, "the identity key was unloaded")
         with self.tpm.call("signing with the identity key"):
             sig = self.tpm.ectx.sign(self.handle, TPM2B_DIGEST(digest), scheme, ticket)
         r = int.from_bytes(bytes(sig.signature.ecdsa.signatureR), "big")
