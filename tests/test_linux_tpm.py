@@ -24,6 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from otaguard.device.lab import Lab, MemoryTransport
 from otaguard.device.linux.config import AgentConfig
@@ -551,3 +553,46 @@ def test_cli_without_the_tpm_is_one_line_with_its_code(
         rc, _, err = _cli(capsys, "agent", cmd, "--config", str(cfg))
         assert rc == 1 and err.startswith("otaguard: error E_TPM: no TPM:"), err
         assert err.count("\n") == 1
+
+
+# --- property: the TPM floor under any mix of raises, cuts and restored records ---------------
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("advance"), st.integers(0, 3), st.integers(0, 2)),
+        st.tuples(st.just("cut"), st.integers(0, 3), st.integers(0, 2)),  # TPM raised, no record
+        st.tuples(st.just("restore"), st.integers(0, 7), st.just(0)),  # an older record copy
+    ),
+    max_size=8,
+)
+
+
+def test_counters_never_go_below_anything_ever_raised(
+    trig: TpmRig,
+) -> None:
+    dev = trig.boot(0)
+    storage, floor = dev.storage, dev.tpm_store
+    assert floor is not None
+    record = trig.cfg.state_dir / "counters.rec"
+
+    @settings(max_examples=25, deadline=None)
+    @given(ops=_OPS)
+    def run(ops: list[tuple[str, int, int]]) -> None:
+        start = storage.counters()
+        high = (start.security, start.keylist_version)
+        copies = [record.read_bytes()]
+        for op, a, b in ops:
+            cur = storage.counters()
+            target = (cur.security + a, cur.keylist_version + b)
+            if op == "advance":
+                storage.advance(security=target[0], keylist_version=target[1])
+                copies.append(record.read_bytes())
+            elif op == "cut":
+                floor.raise_to(*target)
+            else:
+                record.write_bytes(copies[a % len(copies)])
+            if op != "restore":
+                high = (max(high[0], target[0]), max(high[1], target[1]))
+            now = storage.counters()
+            assert (now.security, now.keylist_version) == high
+
+    run()
