@@ -3,14 +3,15 @@
 The verification sequence (manifest signature → applicability → streamed image hash →
 pending → first-boot verification → self-test → confirm, or fall back) lives once, in
 :mod:`.agent` and :mod:`.bootloader`. They reach storage and boot hardware only through
-these four small interfaces, each with two implementations:
+these small interfaces, each with its implementations:
 
 | interface | simulated NOR flash (simulator, power-cut proofs) | Linux (``linux/``) |
 |---|---|---|
 | :class:`SlotMedia` | ``slots.FlashSlots`` | ``blockslots.BlockSlots`` |
 | :class:`RecordMedia` | ``records.Record`` | ``filestore.FileRecord`` |
-| :class:`OtpMedia` | ``storage.FlashOtp`` | ``filestore.FileOtp`` |
+| :class:`OtpMedia` | ``storage.FlashOtp`` | ``filestore.FileOtp``, or ``tpm.TpmStore`` (NV index) |
 | :class:`BootControl` | ``bootloader.SelfBootControl`` | ``grub.GrubBootControl`` |
+| :class:`CounterFloor` | none | none, or ``tpm.TpmStore`` (TPM NV counters) |
 
 A backend decides *where* bytes go and how a write survives a power cut; it never decides
 whether something is trusted. That is why nothing here returns a verdict.
