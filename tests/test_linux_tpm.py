@@ -6,6 +6,7 @@ directory put back from a copy taken before an update), the TPM-held key in a re
 handshake, the key's non-exportability, and every bad-TPM case with its code.
 """
 
+# ruff: noqa: F811  (pytest fixtures imported from tests.pg are redefined as parameters)
 from __future__ import annotations
 
 import datetime as dt
@@ -27,6 +28,8 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from otaguard.clock import SimClock
+from otaguard.device.https_transport import HttpsTransport
 from otaguard.device.lab import Lab, MemoryTransport
 from otaguard.device.linux.config import AgentConfig
 from otaguard.device.linux.system import LinuxDevice
@@ -38,9 +41,22 @@ from otaguard.device.linux.tpm import (
     Tpm,
     create_identity_key,
     ensure_srk,
+    is_tpm_key,
 )
-from otaguard.device.linux.tpmtls import TlsKeyHook, TpmKey, tpm_csr
+from otaguard.device.linux.tpmtls import (
+    TlsKeyHook,
+    TpmKey,
+    blob_spki,
+    tpm_csr,
+    tpm_key_loader,
+    tpm_key_maker,
+)
+from otaguard.device.renewal import CertRenewal
+from otaguard.device.storage import Identity
 from otaguard.errors import ErrorCode, OtaError
+from otaguard.sim.renewal import MemoryIdentityStore
+from tests.pg import Harness, fleet_ca, server_tls  # noqa: F401
+from tests.test_cert_renewal import DAY, hr  # noqa: F401
 from tests.test_linux_agent import Rig, image, write_config
 
 pytestmark = pytest.mark.skipif(shutil.which("swtpm") is None, reason="swtpm not installed")
@@ -596,3 +612,62 @@ def test_counters_never_go_below_anything_ever_raised(
             assert (now.security, now.keylist_version) == high
 
     run()
+
+
+# --- the real server: mTLS check-in and certificate renewal with TPM keys ---------------------
+def test_tpm_device_checks_in_and_renews_with_tpm_keys(
+    swtpm: Swtpm, hr: Harness, tmp_path: Path
+) -> None:
+    """Enrollment from the TPM's CSR, a check-in over mTLS with the TPM key against the real
+    device listener, then a renewal whose new key is made in the TPM too."""
+    tpm = Tpm(swtpm.tcti)
+    try:
+        ensure_srk(tpm, b"")
+        blob = create_identity_key(tpm)
+        key = TpmKey(tpm, blob)
+        csr = tpm_csr(key, "SN-TPM1")
+        key.close()
+        e = hr.enroll("SN-TPM1", csr_pem=csr)
+        assert e.key_path is None
+        store_ = MemoryIdentityStore(Identity(blob, e.cert_path.read_bytes()))
+        d = tmp_path / "run"
+        d.mkdir()
+        (d / "device.pem").write_bytes(e.cert_path.read_bytes())
+        (d / "device.key").write_bytes(blob)
+        t = HttpsTransport(
+            hr.url, ca_file=e.ca_path, cert_file=d / "device.pem", key_file=d / "device.key",
+            max_attempts=1, key_loader=tpm_key_loader(tpm),
+        )  # fmt: skip
+        assert t.checkin({"version": "1.0.0"}) is None  # the server accepted the TPM key
+        r = CertRenewal(
+            store_, t, clock=SimClock(time.time() + 70 * DAY), new_key=tpm_key_maker(tpm)
+        )
+        r.checkin(lambda: t.checkin({"version": "1.0.0"}))
+        assert r.renew_if_due()
+        r.checkin(lambda: t.checkin({"version": "1.0.0"}))  # first use of the new identity
+        ident = store_.identity()
+        assert ident is not None and ident.pending_key is None and r.counts.committed == 1
+        assert ident.device_key != blob and is_tpm_key(ident.device_key)  # a new TPM key
+        new_cert = x509.load_pem_x509_certificate(ident.certificate)
+        assert new_cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ) == blob_spki(ident.device_key)
+        assert t.checkin({"version": "1.0.0"}) is None
+        t.close()
+        # a software key file is never presented by a TPM device
+        soft = ec.generate_private_key(ec.SECP256R1())
+        (d / "soft.key").write_bytes(
+            soft.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        with pytest.raises(OtaError) as ei:
+            HttpsTransport(
+                hr.url, ca_file=e.ca_path, cert_file=d / "device.pem", key_file=d / "soft.key",
+                key_loader=tpm_key_loader(tpm),
+            )  # fmt: skip
+        assert ei.value.code == ErrorCode.TPM_NV
+    finally:
+        tpm.close()

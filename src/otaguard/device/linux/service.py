@@ -104,12 +104,13 @@ def run(cfg: AgentConfig, *, once: bool = False, rng: random.Random | None = Non
     dev = LinuxDevice(cfg, progress=progress_logger())
     transport = transport_for(cfg, dev)
     renewal = None
-    if cfg.renew_fraction > 0 and dev.tpm is not None:
-        # Renewal makes its new key in software (renewal.make_csr); a TPM device must not
-        # trade its TPM-held key for one on disk. Re-enroll with a new TPM CSR instead.
-        log("certificate renewal is off: the identity key is TPM-held")
-    elif cfg.renew_fraction > 0:
-        renewal = CertRenewal(dev.storage, transport, fraction=cfg.renew_fraction)
+    if cfg.renew_fraction > 0:
+        renewal = CertRenewal(
+            dev.storage,
+            transport,
+            fraction=cfg.renew_fraction,
+            new_key=dev.renewal_key_maker(),  # a TPM device renews with a new TPM key
+        )
     updater = Updater(
         dev,
         transport,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import ssl
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ from ..bootloader import Bootloader, BootResult
 from ..device import Provisioning, checkin_facts, device_status, provision
 from ..hal import Slot
 from ..https_transport import KeyLoader, load_key_file
+from ..renewal import KeyMaker, software_key
 from ..selftest import SelfTest, settle_test_boot
 from ..slots import envelope_ref
 from ..storage import SecureStorage
@@ -41,7 +41,6 @@ from .grubenv import GrubEnvStore, initial_env
 
 if TYPE_CHECKING:  # tpm2-pytss is the optional extra `tpm`: imported only for a TPM store
     from .tpm import Tpm, TpmStore
-    from .tpmtls import TlsKeyHook
 
 BOOT_RECORD = "boot.json"
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -90,7 +89,6 @@ class LinuxDevice:
         check_state_dir(cfg.state_dir)
         self.tpm: Tpm | None = None
         self.tpm_store: TpmStore | None = None
-        self._tls_hooks: dict[bytes, TlsKeyHook] = {}
         if cfg.store == "tpm":
             from .tpm import Tpm, TpmStore
 
@@ -223,21 +221,17 @@ class LinuxDevice:
         A TPM device never presents a key that is not TPM-held."""
         if self.tpm is None:
             return load_key_file
-        from .tpm import is_tpm_key
-        from .tpmtls import TlsKeyHook, TpmKey
+        from .tpmtls import tpm_key_loader
 
-        tpm = self.tpm
+        return tpm_key_loader(self.tpm)
 
-        def load(ctx: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
-            pem = key_file.read_bytes()
-            if not is_tpm_key(pem):
-                raise DeviceError(ErrorCode.TPM_NV, "identity key is not held by the TPM")
-            hook = self._tls_hooks.get(pem)
-            if hook is None:
-                hook = self._tls_hooks[pem] = TlsKeyHook(TpmKey(tpm, pem))
-            hook.install(ctx, cert_file)
+    def renewal_key_maker(self) -> KeyMaker:
+        """Renewed keys are made where the identity key lives: in software, or in the TPM."""
+        if self.tpm is None:
+            return software_key
+        from .tpmtls import tpm_key_maker
 
-        return load
+        return tpm_key_maker(self.tpm)
 
     # --- what this power-on's boot check decided -----------------------------------------------
     def _save_boot_record(self, result: BootResult) -> None:

@@ -35,9 +35,23 @@ from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import TPM2B_DIGEST, TPMT_SIG_SCHEME, TPMT_TK_HASHCHECK
 
 from ...errors import DeviceError, ErrorCode
-from .tpm import Tpm
+from ..https_transport import KeyLoader
+from ..renewal import KeyMaker, NewKey
+from .tpm import Tpm, create_identity_key, is_tpm_key
 
 EVP_PKEY_EC = 408  # NID_X9_62_id_ecPublicKey
+MAX_LOADED_KEYS = 2
+
+
+def blob_spki(pem: bytes) -> bytes:
+    """The SubjectPublicKeyInfo of a TPM key blob, read from its public part (no TPM needed)."""
+    try:
+        pub = serialization.load_pem_public_key(TSSPrivKey.from_pem(pem).public.to_pem())
+    except Exception as exc:  # an ASN.1, PEM or TPM-structure error from the parsers
+        raise DeviceError(ErrorCode.MALFORMED, f"TPM key blob unreadable: {exc}") from None
+    return pub.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 class TpmKey:
@@ -239,3 +253,40 @@ def tpm_csr(key: TpmKey, serial: str) -> bytes:
     if not csr.is_signature_valid:
         raise DeviceError(ErrorCode.TPM, "the TPM's CSR signature does not verify")
     return csr.public_bytes(serialization.Encoding.PEM)
+
+
+# --- what the agent plugs in -------------------------------------------------------------------
+def tpm_key_loader(tpm: Tpm) -> KeyLoader:
+    """The TLS client's key loader on a TPM device: the key file must be a TPM blob (a TPM
+    device never presents a key that is not TPM-held). A key stays loaded while it is one of
+    the last two used (the current identity and a renewal's pending one): a TPM holds only a
+    few loaded objects, and without the kernel's resource manager none are swapped out."""
+    hooks: dict[bytes, TlsKeyHook] = {}
+
+    def load(ctx: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
+        pem = key_file.read_bytes()
+        if not is_tpm_key(pem):
+            raise DeviceError(ErrorCode.TPM_NV, "identity key is not held by the TPM")
+        hook = hooks.pop(pem, None)
+        if hook is None:
+            while len(hooks) >= MAX_LOADED_KEYS:
+                hooks.pop(next(iter(hooks))).key.close()
+            hook = TlsKeyHook(TpmKey(tpm, pem))
+        hooks[pem] = hook  # most recently used last
+        hook.install(ctx, cert_file)
+
+    return load
+
+
+def tpm_key_maker(tpm: Tpm) -> KeyMaker:
+    """Certificate renewal on a TPM device: each new key is created inside the TPM too."""
+
+    def make(serial: str) -> NewKey:
+        blob = create_identity_key(tpm)
+        key = TpmKey(tpm, blob)
+        try:
+            return NewKey(blob, key.spki_der(), tpm_csr(key, serial))
+        finally:
+            key.close()
+
+    return make
