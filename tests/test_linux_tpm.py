@@ -79,28 +79,33 @@ def _free_port_pair() -> int:
 class Swtpm:
     def __init__(self, d: Path) -> None:
         d.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port_pair()
-        self.proc = subprocess.Popen(
-            [
-                "swtpm", "socket", "--tpm2",
-                "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-                "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
-                "--tpmstate", f"dir={d}", "--flags", "not-need-init,startup-clear",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        self.tcti = f"swtpm:host=127.0.0.1,port={self.port}"
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.02)
+        for _ in range(5):  # a port taken between the probe and swtpm's bind: another pair
+            self.port = _free_port_pair()
+            self.proc = subprocess.Popen(
+                [
+                    "swtpm", "socket", "--tpm2",
+                    "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                    "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
+                    "--tpmstate", f"dir={d}", "--flags", "not-need-init,startup-clear",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            self.tcti = f"swtpm:host=127.0.0.1,port={self.port}"
+            for _ in range(250):
+                if self.proc.poll() is not None:
+                    break
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                    return
+                except OSError:
+                    time.sleep(0.02)
+            self.stop()
         raise RuntimeError("swtpm did not start")
 
     def stop(self) -> None:
-        self.proc.terminate()
+        if self.proc.poll() is None:
+            self.proc.terminate()
         self.proc.wait(10)
 
 

@@ -50,6 +50,20 @@ pytestmark = [
 ]
 
 
+def _free_port_pair() -> int:
+    while True:
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = int(a.getsockname()[1])
+        if port < 65000:
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+
+
 class SoftTpm:
     """One swtpm process over a persistent state directory (the TPM's NV survives restarts,
     as a chip's does across power cycles); stopped by its PID."""
@@ -70,24 +84,28 @@ class SoftTpm:
 
     def serve_tcp(self) -> str:
         """For the factory and for reading the counters on the host."""
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self._start(
-            [
-                "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
-                "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
-                "--flags", "not-need-init,startup-clear",
-            ]
-        )  # fmt: skip
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.02)
-        self.tcti = f"swtpm:host=127.0.0.1,port={port}"
-        return self.tcti
+        for _ in range(5):  # a port taken between the probe and swtpm's bind: another pair
+            port = _free_port_pair()
+            self._start(
+                [
+                    "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
+                    "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+                    "--flags", "not-need-init,startup-clear",
+                ]
+            )  # fmt: skip
+            assert self.proc is not None
+            for _ in range(250):
+                if self.proc.poll() is not None:
+                    break
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                except OSError:
+                    time.sleep(0.02)
+                    continue
+                self.tcti = f"swtpm:host=127.0.0.1,port={port}"
+                return self.tcti
+            self.stop()
+        raise RuntimeError("swtpm did not start")
 
     def serve_qemu(self, sock: Path) -> tuple[str, ...]:
         """For a VM: QEMU's TPM emulator backend on a unix socket; the firmware and kernel
