@@ -271,7 +271,7 @@ def otaguard_tuf_update(tmp: str) -> dict[str, bytes]:
     snapshot and timestamp signed by the server's online keys, plus the trusted root."""
     from pathlib import Path
 
-    from otaguard.server.tufrepo import TufRepository
+    from otaguard.server.storage.tufrepo import TufRepository
     from otaguard.tufrepo import metadata as tm
     from otaguard.tufrepo.signer import TufSigner
 

@@ -28,7 +28,7 @@ from otaguard.clock import SimClock
 from otaguard.device.renewal import CertRenewal
 from otaguard.device.storage import Identity
 from otaguard.errors import DeviceError, ErrorCode, OtaError, PowerCut
-from otaguard.server.ca import FleetCA
+from otaguard.server.pki.ca import FleetCA
 from otaguard.sim.renewal import MemoryIdentityStore
 
 SERIAL = "SN-M1"

@@ -19,8 +19,8 @@ from starlette.routing import Route
 
 from otaguard.device.https_transport import HttpsTransport
 from otaguard.errors import DeviceError, ErrorCode
-from otaguard.server.ca import FleetCA, spki_sha256
-from otaguard.server.mtls import ThreadedServer, server_ssl_context
+from otaguard.server.pki.ca import FleetCA, spki_sha256
+from otaguard.server.pki.mtls import ThreadedServer, server_ssl_context
 from tests.pg import fleet_ca, server_tls  # noqa: F401
 from tests.test_device_https_limits import (
     Creds,

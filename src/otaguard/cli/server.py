@@ -15,7 +15,7 @@ from .fleet import _data_dir_option, _db_option, _open_db
 
 if TYPE_CHECKING:
     from ..crypto.cose import Signer
-    from ..server.renewal import CertIssuer
+    from ..server.pki.renewal import CertIssuer
     from ..server.runtime import RunOptions
 
 
@@ -187,7 +187,7 @@ def _audit_sealer(keys: dict[str, Any]) -> Signer | None:
 
 
 def _issuer(keys: dict[str, Any]) -> CertIssuer | None:
-    from ..server.renewal import CertIssuer
+    from ..server.pki.renewal import CertIssuer
     from .common import parse_duration
     from .fleet import _load_ca
 

@@ -38,21 +38,21 @@ from ..crypto.cose import Signer
 from ..errors import ErrorCode, OtaError, ServerError
 from ..trust.model import KeyResolver
 from ..wire import decimal, loads_json
-from . import store
-from .authlog import AuthFailures
-from .blobs import LocalBlobStore, check_name
-from .ca import fingerprint, serial_of, verify_forwarded_cert
-from .campaigns import TRANSIENT_ERRORS, CampaignService, Plan
-from .db import Database
-from .mcuboot import offer as mcuboot_offer
+from .admin_api.mcuboot import offer as mcuboot_offer
 from .metrics import MetricsMiddleware, ServerMetrics, metrics_endpoint
-from .mtls import PEER_CERT_KEY
-from .prepared import Record
+from .pki.authlog import AuthFailures
+from .pki.ca import fingerprint, serial_of, verify_forwarded_cert
+from .pki.mtls import PEER_CERT_KEY
+from .pki.renewal import MAX_CSR, CertIssuer, check_csr, parse_csr
 from .ratelimit import ProbeDetector, RateLimit, TokenBuckets, retry_after_header
-from .renewal import MAX_CSR, CertIssuer, check_csr, parse_csr
+from .storage import store
+from .storage.blobs import LocalBlobStore, check_name
+from .storage.campaigns import TRANSIENT_ERRORS, CampaignService, Plan
+from .storage.db import Database
+from .storage.prepared import Record
 
 if TYPE_CHECKING:
-    from .tufrepo import TufRepository
+    from .storage.tufrepo import TufRepository
 
 log = logging.getLogger("otaguard.server")
 T = TypeVar("T")
@@ -234,8 +234,8 @@ class UpdateServer:
         certificate in the handshake, the admin listener authenticates bearer tokens, and
         neither serves the other's routes.
         """
-        from .admin import admin_routes
-        from .tuf_routes import admin_tuf_routes
+        from .admin_api.releases import admin_routes
+        from .admin_api.tuf import admin_tuf_routes
 
         routes: list[BaseRoute]
         if part == "device":
@@ -267,7 +267,7 @@ class UpdateServer:
 
     def device_routes(self) -> list[BaseRoute]:
         """The device listener's routes (also what the OpenAPI document describes)."""
-        from .tuf_routes import device_tuf_routes
+        from .admin_api.tuf import device_tuf_routes
 
         return [
             Route("/v1/checkin", self.checkin, methods=["POST"]),

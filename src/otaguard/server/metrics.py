@@ -32,8 +32,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ErrorCode, OtaError
-from . import models as m
-from .db import Database
+from .storage import models as m
+from .storage.db import Database
 
 if TYPE_CHECKING:
     from .app import UpdateServer
@@ -260,7 +260,7 @@ class MetricsMiddleware:
 def metrics_endpoint(srv: UpdateServer) -> Any:
     async def metrics(request: Request) -> Response:
         """Prometheus text format (any admin role)."""
-        from .admin import authorize
+        from .admin_api.releases import authorize
 
         await authorize(srv, request, "read")
         body = await run_in_threadpool(srv.metrics.render)

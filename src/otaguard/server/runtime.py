@@ -20,15 +20,15 @@ from ..crypto.keys import PublicKey
 from ..errors import ErrorCode, UsageError
 from ..fsutil import private_file, read_limited
 from ..trust.model import KeyResolver, StaticKeys
-from . import store
 from .app import IpNet, ServerSettings, TrustState, UpdateServer
-from .blobs import LocalBlobStore
-from .ca import MAX_PEM, load_cert_pem
-from .db import Database, sqlite_url
-from .listener import Deadlines
-from .mtls import bind_socket, run_loop, server_ssl_context, uvicorn_config
+from .pki.ca import MAX_PEM, load_cert_pem
+from .pki.listener import Deadlines
+from .pki.mtls import bind_socket, run_loop, server_ssl_context, uvicorn_config
+from .pki.renewal import CertIssuer
 from .ratelimit import RateLimit
-from .renewal import CertIssuer
+from .storage import store
+from .storage.blobs import LocalBlobStore
+from .storage.db import Database, sqlite_url
 
 log = logging.getLogger("otaguard.server")
 
@@ -122,7 +122,11 @@ def build_server(opts: RunOptions) -> UpdateServer:
         TrustState(resolver),
         issuer=opts.issuer,
     )
-    from .tufrepo import DAY, TufRepository, TufSettings  # tuf's imports only where a server runs
+    from .storage.tufrepo import (  # tuf's imports only where a server runs
+        DAY,
+        TufRepository,
+        TufSettings,
+    )
 
     # The TUF repository's online snapshot/timestamp keys are generated here at first start.
     ts_ttl = opts.tuf_timestamp_hours * 3600
@@ -184,6 +188,6 @@ def run(opts: RunOptions) -> None:
     try:
         run_loop(main())
     finally:
-        from .rotation import close_audit_log
+        from .admin_api.rotation import close_audit_log
 
         close_audit_log(srv)

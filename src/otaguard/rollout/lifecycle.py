@@ -20,8 +20,8 @@ from fractions import Fraction
 
 from ..errors import ErrorCode
 from ..manifest.version import compare_versions
-from .rollout_admission import plan_thresholds
-from .rollout_model import (
+from .admission import plan_thresholds
+from .model import (
     ALL_FINISHED,
     MAX_SAMPLES,
     Campaign,

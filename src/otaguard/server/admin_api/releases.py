@@ -25,16 +25,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..crypto.algorithms import HashAlg, StreamingHasher
-from ..errors import ErrorCode, OtaError, ServerError
-from ..wire import decimal
-from . import admin_queries as q
-from . import store
-from .admin_auth import require_role
-from .blobs import check_name
+from ...crypto.algorithms import HashAlg, StreamingHasher
+from ...errors import ErrorCode, OtaError, ServerError
+from ...wire import decimal
+from ..storage import admin_queries as q
+from ..storage import store
+from ..storage.blobs import check_name
+from .auth import require_role
 
 if TYPE_CHECKING:
-    from .app import UpdateServer
+    from ..app import UpdateServer
 
 # security-officer may do everything (docs/server.md, admin API roles).
 PERMISSIONS: dict[str, frozenset[str]] = {
@@ -171,8 +171,8 @@ def admin_routes(srv: UpdateServer) -> list[Route]:
         version = await run_in_threadpool(_publish_keylist, srv, doc)
         return JSONResponse({"version": version}, status_code=201)
 
-    from .campaign_admin import campaign_routes
-    from .cert_admin import cert_routes
+    from .campaigns import campaign_routes
+    from .certificates import cert_routes
     from .mcuboot import mcuboot_routes
     from .rotation import rotation_routes
 
@@ -195,9 +195,9 @@ def admin_routes(srv: UpdateServer) -> list[Route]:
 def _verify_release(
     srv: UpdateServer, envelope: bytes, image_blob: str, resolver: Any
 ) -> dict[str, Any]:
-    from ..manifest.conditions import check_fleet_wide
-    from ..manifest.ids import class_id
-    from ..manifest.verify import verify_envelope
+    from ...manifest.conditions import check_fleet_wide
+    from ...manifest.ids import class_id
+    from ...manifest.verify import verify_envelope
 
     vm = verify_envelope(envelope, resolver, max_size=srv.settings.max_envelope)
     info = vm.info
@@ -251,8 +251,8 @@ def _verify_delta(
     (same version, sequence, counter, expiry, final digest and size), then the patch blob
     against the signed patch digest and size, then the patch header against the release image
     (size and SHA-256 fingerprint), so devices are never offered a delta they must refuse."""
-    from ..delta import HEADER_MAX, patch_header
-    from ..manifest.verify import verify_envelope
+    from ...delta import HEADER_MAX, patch_header
+    from ...manifest.verify import verify_envelope
 
     vm = verify_envelope(envelope, resolver, max_size=srv.settings.max_envelope)
     info, d = vm.info, vm.info.delta
@@ -311,7 +311,7 @@ def _verify_delta(
 
 
 def _assign(conn: Connection, serial: str, release_id: int) -> None:
-    from ..manifest.ids import class_id
+    from ...manifest.ids import class_id
 
     dev = store.device_by_serial(conn, serial)
     if dev is None:
@@ -330,7 +330,7 @@ def _assign(conn: Connection, serial: str, release_id: int) -> None:
 
 
 def _publish_keylist(srv: UpdateServer, doc: bytes) -> int:
-    from ..trust.store import TrustStore
+    from ...trust.store import TrustStore
 
     current = srv.trust.resolver
     if not isinstance(current, TrustStore):

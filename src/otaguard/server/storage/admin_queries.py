@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, func, insert, select
 
-from ..errors import ErrorCode, ServerError
+from ...errors import ErrorCode, ServerError
 from . import models as m
 
 MAX_PAGE = 1000

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ..errors import ErrorCode, ServerError
+from ...errors import ErrorCode, ServerError
 from .ca import FleetCA, IssuedCert
 
 MAX_CSR = 16 * 1024

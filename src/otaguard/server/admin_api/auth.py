@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from ..errors import ErrorCode, ServerError
-from . import store
+from ...errors import ErrorCode, ServerError
+from ..storage import store
 
 if TYPE_CHECKING:
-    from .app import UpdateServer
+    from ..app import UpdateServer
 
 
 async def token_identity(srv: UpdateServer, request: Request) -> tuple[str, str]:

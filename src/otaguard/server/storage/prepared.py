@@ -40,7 +40,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import Delete, Insert, Update
 from sqlalchemy.sql.elements import ClauseElement
 
-from ..errors import ErrorCode, ServerError
+from ...errors import ErrorCode, ServerError
 
 Processor = Callable[[Any], Any]
 

@@ -30,17 +30,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import ErrorCode, OtaError, ServerError
-from ..signing.audit import AuditHead, AuditLog
-from ..trust.model import Role
-from ..trust.store import TrustStore
-from ..wire import decimal, loads_json
-from . import models as m
-from . import store
-from .admin_auth import require_role
+from ...errors import ErrorCode, OtaError, ServerError
+from ...signing.audit import AuditHead, AuditLog
+from ...trust.model import Role
+from ...trust.store import TrustStore
+from ...wire import decimal, loads_json
+from ..storage import models as m
+from ..storage import store
+from .auth import require_role
 
 if TYPE_CHECKING:
-    from .app import UpdateServer
+    from ..app import UpdateServer
 
 DEFAULT_THRESHOLD = 0.97
 DEFAULT_UNREACHABLE = 7 * 86400

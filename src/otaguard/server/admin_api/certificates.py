@@ -15,13 +15,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import ErrorCode, ServerError
-from ..wire import decimal
-from . import store
-from .admin import authorize
+from ...errors import ErrorCode, ServerError
+from ...wire import decimal
+from ..storage import store
+from .releases import authorize
 
 if TYPE_CHECKING:
-    from .app import UpdateServer
+    from ..app import UpdateServer
 
 _WITHIN = re.compile(r"\A([0-9]{1,6})([smhd]?)\Z")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -554,7 +554,7 @@ def _errors(kind: str, role: str | None) -> dict[str, Any]:
 def _operations(
     routes: list[BaseRoute], kind: str, ops: dict[tuple[str, str], dict[str, Any]]
 ) -> dict[str, Any]:
-    from .admin import PERMISSIONS
+    from .releases import PERMISSIONS
 
     paths: dict[str, Any] = {}
     for route in routes:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 from ..errors import ErrorCode
-from .rollout_model import (
+from .model import (
     Campaign,
     CampaignError,
     CampaignStatus,

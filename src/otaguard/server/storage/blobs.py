@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from ..errors import ErrorCode, OtaError, ServerError
+from ...errors import ErrorCode, OtaError, ServerError
 
 CHUNK = 256 * 1024
 _NAME = re.compile(r"\A[0-9a-f]{64}\Z")

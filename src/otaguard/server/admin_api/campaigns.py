@@ -17,15 +17,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import ErrorCode, ServerError
-from ..wire import decimal
-from . import admin_queries as q
-from . import store
-from .admin import authorize
+from ...errors import ErrorCode, ServerError
+from ...wire import decimal
+from ..storage import admin_queries as q
+from ..storage import store
 from .openapi import openapi_schema
+from .releases import authorize
 
 if TYPE_CHECKING:
-    from .app import UpdateServer
+    from ..app import UpdateServer
 
 ACTIONS = ("start", "pause", "resume", "abort")
 

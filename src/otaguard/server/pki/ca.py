@@ -30,10 +30,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ..crypto.algorithms import CoseAlg
-from ..crypto.keys import PublicKey
-from ..errors import CryptoError, ErrorCode, KeyStoreError, OtaError, UsageError
-from ..fsutil import atomic_write, read_limited
+from ...crypto.algorithms import CoseAlg
+from ...crypto.keys import PublicKey
+from ...errors import CryptoError, ErrorCode, KeyStoreError, OtaError, UsageError
+from ...fsutil import atomic_write, read_limited
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"

@@ -1,10 +1,10 @@
-"""Alembic environment: always handed an open connection by ``otaguard.server.db``."""
+"""Alembic environment: always handed an open connection by ``otaguard.server.storage.db``."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from otaguard.server.models import metadata
+from otaguard.server.storage.models import metadata
 
 connection = context.config.attributes["connection"]
 context.configure(

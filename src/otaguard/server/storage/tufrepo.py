@@ -31,12 +31,12 @@ from securesystemslib.signer import CryptoSigner
 from securesystemslib.signer import Signer as SslibSigner
 from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 
-from ..crypto.cose import Signer
-from ..crypto.keys import PublicKey
-from ..errors import ErrorCode, OtaError, ServerError
-from ..fsutil import atomic_write, private_file, read_limited
-from ..tufrepo import metadata as tm
-from ..tufrepo.signer import TufSigner, tuf_key
+from ...crypto.cose import Signer
+from ...crypto.keys import PublicKey
+from ...errors import ErrorCode, OtaError, ServerError
+from ...fsutil import atomic_write, private_file, read_limited
+from ...tufrepo import metadata as tm
+from ...tufrepo.signer import TufSigner, tuf_key
 from . import store
 
 DAY = 86400

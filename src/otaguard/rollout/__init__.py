@@ -2,15 +2,15 @@
 
 The engine is a set of pure functions over frozen, JSON-serializable values:
 
-- model (``rollout_model``): :class:`TargetSelector`, :class:`DeviceView`, :class:`Phase`,
+- model (``model``): :class:`TargetSelector`, :class:`DeviceView`, :class:`Phase`,
   :class:`FailureThreshold`, :class:`ReleaseInfo`, :class:`CampaignSpec`, :class:`Campaign`
   (spec + persisted state), :class:`Counts`, :class:`DeviceState`, :class:`CampaignStatus`;
-- device progress (``rollout_devices``): :func:`apply_report`, :func:`mark_offered`;
-- admission (``rollout_admission``): :func:`should_offer`, :func:`record_offer`,
+- device progress (``devices``): :func:`apply_report`, :func:`mark_offered`;
+- admission (``admission``): :func:`should_offer`, :func:`record_offer`,
   :func:`admitted`, :func:`offers`, :func:`stragglers`;
-- lifecycle (``rollout_lifecycle``): :func:`create_campaign`, :func:`start`, :func:`pause`,
+- lifecycle (``lifecycle``): :func:`create_campaign`, :func:`start`, :func:`pause`,
   :func:`resume`, :func:`abort`, :func:`evaluate`, :func:`conflicts`;
-- update paths (``rollout_paths``): :func:`next_release_for`, :func:`update_path`.
+- update paths (``paths``): :func:`next_release_for`, :func:`update_path`.
 
 Time always comes from the caller (``now``), normally ``clock.now()`` of an
 :class:`otaguard.clock.Clock`; :class:`CampaignRunner` does that for you and serializes the
@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterable
 
 from ..clock import Clock
-from .rollout_admission import (
+from .admission import (
     admitted,
     device_rank,
     in_cohort,
@@ -35,8 +35,8 @@ from .rollout_admission import (
     stragglers,
     tokens_at,
 )
-from .rollout_devices import DeviceEvent, DeviceProgress, apply_report, mark_offered, no_path
-from .rollout_lifecycle import (
+from .devices import DeviceEvent, DeviceProgress, apply_report, mark_offered, no_path
+from .lifecycle import (
     Action,
     Decision,
     SlaReport,
@@ -54,7 +54,7 @@ from .rollout_lifecycle import (
     sla_report,
     start,
 )
-from .rollout_model import (
+from .model import (
     ALL_FINISHED,
     Campaign,
     CampaignError,
@@ -72,7 +72,7 @@ from .rollout_model import (
     TargetSelector,
     quota,
 )
-from .rollout_paths import is_up_to_date, next_release_for, update_path
+from .paths import is_up_to_date, next_release_for, update_path
 
 
 class CampaignRunner:

@@ -24,7 +24,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..errors import ErrorCode, ServerError
+from ...errors import ErrorCode, ServerError
 from .listener import DeadlineProtocol, Deadlines, with_deadlines
 
 PEER_CERT_KEY = "otaguard.peer_cert_der"

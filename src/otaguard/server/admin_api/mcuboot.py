@@ -24,18 +24,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..crypto.algorithms import CoseAlg, HashAlg, digest_bytes
-from ..crypto.keys import PublicKey
-from ..errors import CryptoError, ErrorCode, OtaError, ServerError
-from ..mcuboot.image import MAX_MCUBOOT_IMAGE, ImageVersion, verify_image
-from ..trust.model import Role
-from . import models as m
-from . import store
-from .blobs import check_name
-from .prepared import Record
+from ...crypto.algorithms import CoseAlg, HashAlg, digest_bytes
+from ...crypto.keys import PublicKey
+from ...errors import CryptoError, ErrorCode, OtaError, ServerError
+from ...mcuboot.image import MAX_MCUBOOT_IMAGE, ImageVersion, verify_image
+from ...trust.model import Role
+from ..storage import models as m
+from ..storage import store
+from ..storage.blobs import check_name
+from ..storage.prepared import Record
 
 if TYPE_CHECKING:
-    from .app import UpdateServer
+    from ..app import UpdateServer
 
 FORMATS = ("suit", "mcuboot")
 _ALGS = (CoseAlg.ED25519, CoseAlg.ESP256)
@@ -143,7 +143,7 @@ def verify_upload(srv: UpdateServer, rel: Record, blob: str, resolver: Any) -> d
 
 
 def mcuboot_routes(srv: UpdateServer) -> list[Route]:
-    from .admin import authorize
+    from .releases import authorize
 
     async def upload(request: Request) -> Response:
         who = await authorize(srv, request, "release")

@@ -17,11 +17,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ..errors import CryptoError, ErrorCode, UsageError
-from ..fsutil import atomic_write
-from . import store
+from ...errors import CryptoError, ErrorCode, UsageError
+from ...fsutil import atomic_write
+from ..storage import store
+from ..storage.db import Database
 from .ca import FleetCA, IssuedCert, check_serial, spki_sha256, write_private_key
-from .db import Database
 
 MAX_GROUPS = 32
 MAX_LABEL = 64

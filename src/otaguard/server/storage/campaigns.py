@@ -32,12 +32,9 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 
-from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import ErrorCode, FormatError, ServerError
-from . import models as m
-from . import store
-from .prepared import Prepared, Record, in_consts
-from .rollout import (
+from ...clock import SYSTEM_CLOCK, Clock
+from ...errors import ErrorCode, FormatError, ServerError
+from ...rollout import (
     Campaign,
     CampaignRunner,
     CampaignSpec,
@@ -64,7 +61,10 @@ from .rollout import (
     start,
     stragglers,
 )
-from .rollout_model import version_key
+from ...rollout.model import version_key
+from . import models as m
+from . import store
+from .prepared import Prepared, Record, in_consts
 
 log = logging.getLogger("otaguard.server.campaigns")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ErrorCode, FormatError
 from ..manifest.version import compare_versions, parse_version
-from .rollout_model import DeviceState, version_key
+from .model import DeviceState, version_key
 
 MAX_ERROR = 64
 

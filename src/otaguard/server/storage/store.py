@@ -16,8 +16,8 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import ErrorCode, OtaError, ServerError
+from ...clock import SYSTEM_CLOCK, Clock
+from ...errors import ErrorCode, OtaError, ServerError
 from . import models as m
 from .prepared import Prepared, Record, in_consts
 
@@ -254,7 +254,9 @@ def device_may_fetch(conn: Connection, device_id: int, column: str, blob: str) -
         return True
     if column != "image_blob":
         return False
-    from .mcuboot import device_may_fetch_mcuboot  # a release's MCUboot image is an image too
+    from ..admin_api.mcuboot import (
+        device_may_fetch_mcuboot,  # a release's MCUboot image is an image too
+    )
 
     return device_may_fetch_mcuboot(conn, device_id, blob)
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from ..errors import ErrorCode, FormatError
 from ..manifest.version import compare_versions
-from .rollout_model import CampaignError, ReleaseInfo, version_key
+from .model import CampaignError, ReleaseInfo, version_key
 
 MAX_RELEASES = 2_000  # per call; the search is O(R²)
 

@@ -16,12 +16,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..errors import ErrorCode, ServerError
-from ..tufrepo.metadata import MAX_METADATA
-from .tufrepo import TufRepository
+from ...errors import ErrorCode, ServerError
+from ...tufrepo.metadata import MAX_METADATA
+from ..storage.tufrepo import TufRepository
 
 if TYPE_CHECKING:
-    from .app import UpdateServer
+    from ..app import UpdateServer
 
 TUF_JSON = "application/json"
 
@@ -63,7 +63,7 @@ def device_tuf_routes(srv: UpdateServer) -> list[Route]:
 
 
 def admin_tuf_routes(srv: UpdateServer) -> list[Route]:
-    from .admin import authorize
+    from .releases import authorize
 
     async def online_keys(request: Request) -> Response:
         await authorize(srv, request, "read")
