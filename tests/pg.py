@@ -26,7 +26,8 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from otaguard.server.app import ServerSettings, TrustState, UpdateServer
+from otaguard.server.app import UpdateServer
+from otaguard.server.context import ServerSettings, TrustState
 from otaguard.server.pki.ca import FleetCA
 from otaguard.server.pki.enroll import Enrollment, enroll_device, issue_server_cert
 from otaguard.server.pki.mtls import ThreadedServer, server_ssl_context

@@ -36,7 +36,7 @@ from schemathesis.core.failures import FailureGroup
 from schemathesis.openapi.checks import JsonSchemaError
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from otaguard.server.app import TrustState
+from otaguard.server.context import TrustState
 from otaguard.server.pki.ca import FleetCA
 from otaguard.server.pki.enroll import Enrollment
 from otaguard.server.storage import store

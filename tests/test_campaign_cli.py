@@ -12,7 +12,7 @@ import pytest
 
 from otaguard.cli.main import main
 from otaguard.device.lab import Lab
-from otaguard.server.app import TrustState
+from otaguard.server.context import TrustState
 from otaguard.server.pki.ca import FleetCA
 from otaguard.trust.model import StaticKeys
 from tests.campaign_fleet import Fleet, release, token

@@ -13,7 +13,7 @@ import pytest
 
 from otaguard.clock import SimClock
 from otaguard.device.lab import Lab
-from otaguard.server.app import TrustState
+from otaguard.server.context import TrustState
 from otaguard.server.pki.ca import FleetCA
 from otaguard.server.storage import models as m
 from otaguard.trust.model import StaticKeys

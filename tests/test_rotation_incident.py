@@ -30,7 +30,7 @@ from otaguard.device.lab import Lab, MemoryTransport, image_bytes
 from otaguard.device.layout import LayoutConfig
 from otaguard.device.updater import Updater, install_identity, write_identity_files
 from otaguard.errors import ErrorCode, OtaError
-from otaguard.server.app import ServerSettings, TrustState
+from otaguard.server.context import ServerSettings, TrustState
 from otaguard.server.pki.ca import FleetCA
 from otaguard.server.pki.enroll import Enrollment
 from otaguard.server.ratelimit import RateLimit

@@ -25,7 +25,8 @@ from otaguard.crypto.software import SoftwareSigner
 from otaguard.manifest.build import build_envelope
 from otaguard.manifest.ids import class_id, vendor_id
 from otaguard.manifest.model import ManifestInfo
-from otaguard.server.app import ServerSettings, TrustState, parse_range
+from otaguard.server.context import ServerSettings, TrustState
+from otaguard.server.device_api.endpoints import parse_range
 from otaguard.server.pki.ca import FleetCA
 from otaguard.server.ratelimit import RateLimit
 from otaguard.server.storage import models, store

@@ -11,7 +11,7 @@ import pytest
 
 from otaguard.device.https_transport import HttpsTransport
 from otaguard.errors import DeviceError, ErrorCode
-from otaguard.server.app import ServerSettings, TrustState
+from otaguard.server.context import ServerSettings, TrustState
 from otaguard.server.pki.ca import FleetCA, spki_sha256
 from otaguard.server.pki.enroll import Enrollment
 from otaguard.server.ratelimit import RateLimit

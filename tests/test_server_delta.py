@@ -19,7 +19,7 @@ from otaguard.device.layout import LayoutConfig
 from otaguard.manifest.build import build_envelope
 from otaguard.manifest.model import DeltaInfo
 from otaguard.manifest.verify import verify_envelope
-from otaguard.server.app import TrustState
+from otaguard.server.context import TrustState
 from otaguard.server.pki.ca import FleetCA
 from otaguard.server.pki.enroll import Enrollment
 from otaguard.trust.model import StaticKeys

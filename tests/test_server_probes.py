@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from otaguard.server.app import ServerSettings, TrustState
+from otaguard.server.context import ServerSettings, TrustState
 from otaguard.server.pki.ca import FleetCA
 from otaguard.server.ratelimit import ProbeDetector, RateLimit
 from otaguard.server.storage import store

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from otaguard.cli.main import main as cli_main
 from otaguard.cli.server import _KEY_OPTIONS
 from otaguard.errors import ErrorCode, OtaError
-from otaguard.server.app import TrustState
 from otaguard.server.config import _FIELDS, load_server_config, parse_server_config
+from otaguard.server.context import TrustState
 from otaguard.server.metrics import parse_samples
 from otaguard.server.pki.ca import FleetCA
 from otaguard.server.runtime import RunOptions

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from otaguard.server.app import ServerSettings
+from otaguard.server.context import ServerSettings
 from otaguard.server.pki.ca import FleetCA, write_private_key
 from otaguard.server.ratelimit import RateLimit
 from tests.pg import (  # noqa: F401

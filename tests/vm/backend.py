@@ -30,7 +30,8 @@ from otaguard.adminclient import AdminClient
 from otaguard.delta import create_patch
 from otaguard.device.lab import Lab
 from otaguard.device.linux.grubenv import decode_block
-from otaguard.server.app import ServerSettings, TrustState, UpdateServer
+from otaguard.server.app import UpdateServer
+from otaguard.server.context import ServerSettings, TrustState
 from otaguard.server.pki.ca import FleetCA
 from otaguard.server.pki.enroll import Enrollment, enroll_device, issue_server_cert
 from otaguard.server.pki.mtls import ThreadedServer, server_ssl_context

@@ -184,7 +184,7 @@ def revoke(
         with AdminClient.connect(server, ca_file=ca_file) as client:
             client.revoke_device(serial)
     else:
-        from ..server import store
+        from ..server.storage import store
 
         db = _open_db(data_dir, db_url)
         with db.write() as conn:

@@ -20,7 +20,8 @@ from ..crypto.keys import PublicKey
 from ..errors import ErrorCode, UsageError
 from ..fsutil import private_file, read_limited
 from ..trust.model import KeyResolver, StaticKeys
-from .app import IpNet, ServerSettings, TrustState, UpdateServer
+from .app import UpdateServer
+from .context import IpNet, ServerSettings, TrustState
 from .pki.ca import MAX_PEM, load_cert_pem
 from .pki.listener import Deadlines
 from .pki.mtls import bind_socket, run_loop, server_ssl_context, uvicorn_config

@@ -40,13 +40,14 @@ from ..device.renewal import CERT_REFUSALS, CertRenewal
 from ..device.storage import Identity
 from ..errors import ErrorCode, OtaError, PowerCut, UsageError
 from ..fsutil import atomic_write
-from ..server import store
-from ..server.app import ServerSettings, UpdateServer
+from ..server.app import UpdateServer
+from ..server.context import ServerSettings
 from ..server.pki.ca import FleetCA
 from ..server.pki.enroll import enroll_device, issue_server_cert
 from ..server.pki.mtls import ThreadedServer, server_ssl_context
 from ..server.pki.renewal import CertIssuer
 from ..server.ratelimit import RateLimit
+from ..server.storage import store
 from ..server.storage.blobs import LocalBlobStore
 from ..server.storage.db import Database, sqlite_url
 

@@ -45,11 +45,12 @@ class ServerSpec:
 def _serve(spec: ServerSpec, dev_fd: int, adm_fd: int | None) -> None:
     import socket
 
-    from ..server import store
-    from ..server.app import ServerSettings, TrustState, UpdateServer
+    from ..server.app import UpdateServer
+    from ..server.context import ServerSettings, TrustState
     from ..server.pki.ca import load_cert_pem
     from ..server.pki.mtls import ThreadedServer, server_ssl_context
     from ..server.ratelimit import RateLimit
+    from ..server.storage import store
     from ..server.storage.blobs import LocalBlobStore
     from ..server.storage.db import Database
     from ..trust.bundle import TrustBundle

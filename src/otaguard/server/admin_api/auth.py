@@ -11,10 +11,10 @@ from ...errors import ErrorCode, ServerError
 from ..storage import store
 
 if TYPE_CHECKING:
-    from ..app import UpdateServer
+    from ..context import ServerContext
 
 
-async def token_identity(srv: UpdateServer, request: Request) -> tuple[str, str]:
+async def token_identity(srv: ServerContext, request: Request) -> tuple[str, str]:
     """(token name, role) of the request's bearer token, or 401 E_AUTH (missing, unknown,
     revoked, or expired on the server clock: ``store.token_role``)."""
     auth = request.headers.get("authorization", "")
@@ -36,10 +36,26 @@ async def token_identity(srv: UpdateServer, request: Request) -> tuple[str, str]
 
 
 async def require_role(
-    srv: UpdateServer, request: Request, roles: frozenset[str], what: str
+    srv: ServerContext, request: Request, roles: frozenset[str], what: str
 ) -> tuple[str, str]:
     """The caller's identity if its role is in ``roles``, else 403 E_FORBIDDEN."""
     name, role = await token_identity(srv, request)
     if role not in roles:
         raise ServerError(ErrorCode.FORBIDDEN, f"role {role!r} may not {what}", 403)
     return name, role
+
+
+# security-officer may do everything (docs/server.md, admin API roles).
+PERMISSIONS: dict[str, frozenset[str]] = {
+    "read": frozenset({"viewer", "operator", "release-manager", "security-officer"}),
+    "assign": frozenset({"operator", "security-officer"}),
+    "campaign": frozenset({"operator", "security-officer"}),
+    "devices": frozenset({"operator", "security-officer"}),
+    "release": frozenset({"release-manager", "security-officer"}),
+    "security": frozenset({"security-officer"}),
+}
+
+
+async def authorize(srv: ServerContext, request: Request, permission: str) -> str:
+    name, _ = await require_role(srv, request, PERMISSIONS[permission], permission)
+    return name

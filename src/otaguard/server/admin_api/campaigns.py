@@ -21,11 +21,11 @@ from ...errors import ErrorCode, ServerError
 from ...wire import decimal
 from ..storage import admin_queries as q
 from ..storage import store
+from .auth import authorize
 from .openapi import openapi_schema
-from .releases import authorize
 
 if TYPE_CHECKING:
-    from ..app import UpdateServer
+    from ..context import ServerContext
 
 ACTIONS = ("start", "pause", "resume", "abort")
 
@@ -40,7 +40,7 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
     return n
 
 
-def campaign_routes(srv: UpdateServer) -> list[Route]:
+def campaign_routes(srv: ServerContext) -> list[Route]:
     svc = srv.campaigns
 
     async def list_campaigns(request: Request) -> Response:

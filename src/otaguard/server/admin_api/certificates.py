@@ -18,10 +18,10 @@ from starlette.routing import Route
 from ...errors import ErrorCode, ServerError
 from ...wire import decimal
 from ..storage import store
-from .releases import authorize
+from .auth import authorize
 
 if TYPE_CHECKING:
-    from ..app import UpdateServer
+    from ..context import ServerContext
 
 _WITHIN = re.compile(r"\A([0-9]{1,6})([smhd]?)\Z")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -37,7 +37,7 @@ def parse_within(text: str) -> int:
     return int(m.group(1)) * _UNIT[m.group(2)]
 
 
-def cert_routes(srv: UpdateServer) -> list[Route]:
+def cert_routes(srv: ServerContext) -> list[Route]:
     async def expiring(request: Request) -> Response:
         """Devices whose certificate expires within ``within`` (default 30d), soonest first"""
         await authorize(srv, request, "read")

@@ -18,7 +18,7 @@ import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, delete, insert, select
+from sqlalchemy import delete, insert
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -32,62 +32,15 @@ from ...trust.model import Role
 from ..storage import models as m
 from ..storage import store
 from ..storage.blobs import check_name
+from ..storage.mcuboot import mcuboot_row
 from ..storage.prepared import Record
+from .auth import authorize
 
 if TYPE_CHECKING:
-    from ..app import UpdateServer
+    from ..context import ServerContext
 
 FORMATS = ("suit", "mcuboot")
 _ALGS = (CoseAlg.ED25519, CoseAlg.ESP256)
-
-
-def class_format(conn: Connection, class_id: str) -> str:
-    row = conn.execute(
-        select(m.class_formats.c.format).where(m.class_formats.c.class_id == class_id)
-    ).first()
-    return "suit" if row is None else str(row[0])
-
-
-def mcuboot_row(conn: Connection, release_id: int) -> Record | None:
-    return conn.execute(
-        select(m.release_mcuboot).where(m.release_mcuboot.c.release_id == release_id)
-    ).first()
-
-
-def offer(conn: Connection, rel: Record, suit_ref: dict[str, Any]) -> dict[str, Any] | None:
-    """The check-in's ``update`` for this release and the device's class: the SUIT reference
-    as it is, or the MCUboot image. A release without an MCUboot image is offered to nobody of
-    an MCUboot class (None): they could not install it."""
-    if class_format(conn, rel.class_id) != "mcuboot":
-        return {**suit_ref, "format": "suit"}
-    row = mcuboot_row(conn, rel.id)
-    if row is None:
-        return None
-    return {
-        "format": "mcuboot",
-        "release_id": rel.id,
-        "version": rel.version,
-        "mcuboot_version": row.mcuboot_version,
-        "security_counter": rel.security_counter,
-        "image_url": f"/v1/images/{row.blob}",
-        "image_size": row.size,
-        "image_digest": row.blob,
-        "digest_alg": "sha-256",
-    }
-
-
-def device_may_fetch_mcuboot(conn: Connection, device_id: int, blob: str) -> bool:
-    """Whether ``blob`` is the MCUboot image of a release assigned to the device."""
-    j = m.assignments.join(
-        m.release_mcuboot, m.assignments.c.release_id == m.release_mcuboot.c.release_id
-    )
-    q = (
-        select(m.release_mcuboot.c.release_id)
-        .select_from(j)
-        .where(m.assignments.c.device_id == device_id, m.release_mcuboot.c.blob == blob)
-        .limit(1)
-    )
-    return conn.execute(q).first() is not None
 
 
 def _signer_keys(resolver: Any, rel: Record) -> list[PublicKey]:
@@ -111,7 +64,7 @@ def _signer_keys(resolver: Any, rel: Record) -> list[PublicKey]:
     return keys
 
 
-def verify_upload(srv: UpdateServer, rel: Record, blob: str, resolver: Any) -> dict[str, Any]:
+def verify_upload(srv: ServerContext, rel: Record, blob: str, resolver: Any) -> dict[str, Any]:
     size = srv.blobs.size(blob)
     if size is None:
         raise ServerError(ErrorCode.NOT_FOUND, "MCUboot image blob not uploaded", 404)
@@ -142,8 +95,7 @@ def verify_upload(srv: UpdateServer, rel: Record, blob: str, resolver: Any) -> d
     }
 
 
-def mcuboot_routes(srv: UpdateServer) -> list[Route]:
-    from .releases import authorize
+def mcuboot_routes(srv: ServerContext) -> list[Route]:
 
     async def upload(request: Request) -> Response:
         who = await authorize(srv, request, "release")

@@ -18,6 +18,8 @@ from typing import Any
 
 from starlette.routing import BaseRoute, Route
 
+from .auth import PERMISSIONS
+
 ENVELOPE_TYPE = "application/suit-envelope+cose"
 KEYLIST_TYPE = "application/cose; cose-type=cose-sign1"
 
@@ -554,8 +556,6 @@ def _errors(kind: str, role: str | None) -> dict[str, Any]:
 def _operations(
     routes: list[BaseRoute], kind: str, ops: dict[tuple[str, str], dict[str, Any]]
 ) -> dict[str, Any]:
-    from .releases import PERMISSIONS
-
     paths: dict[str, Any] = {}
     for route in routes:
         if not isinstance(route, Route):

@@ -16,10 +16,8 @@ they would have to refuse.
 from __future__ import annotations
 
 import json
-import uuid
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -31,28 +29,17 @@ from ...wire import decimal
 from ..storage import admin_queries as q
 from ..storage import store
 from ..storage.blobs import check_name
-from .auth import require_role
+from .auth import authorize
+from .rotation import check_release_signers
 
 if TYPE_CHECKING:
-    from ..app import UpdateServer
-
-# security-officer may do everything (docs/server.md, admin API roles).
-PERMISSIONS: dict[str, frozenset[str]] = {
-    "read": frozenset({"viewer", "operator", "release-manager", "security-officer"}),
-    "assign": frozenset({"operator", "security-officer"}),
-    "campaign": frozenset({"operator", "security-officer"}),
-    "devices": frozenset({"operator", "security-officer"}),
-    "release": frozenset({"release-manager", "security-officer"}),
-    "security": frozenset({"security-officer"}),
-}
+    from ..context import ServerContext
 
 
-async def authorize(srv: UpdateServer, request: Request, permission: str) -> str:
-    name, _ = await require_role(srv, request, PERMISSIONS[permission], permission)
-    return name
+def release_routes(srv: ServerContext) -> list[Route]:
+    """Image upload, release and delta upload (verified against the trust anchors), release
+    detail."""
 
-
-def admin_routes(srv: UpdateServer) -> list[Route]:
     async def upload_image(request: Request) -> Response:
         await authorize(srv, request, "release")
         cl = request.headers.get("content-length")
@@ -75,8 +62,6 @@ def admin_routes(srv: UpdateServer) -> list[Route]:
         values["uploaded_by"] = who
 
         def insert() -> int:
-            from .rotation import check_release_signers
-
             with srv.db.write() as conn:
                 check_release_signers(conn, values["signers"])  # E_KEY_RETIRED after advance
                 return store.insert_release(conn, values)
@@ -113,37 +98,6 @@ def admin_routes(srv: UpdateServer) -> list[Route]:
         log_values = {k: values[k] for k in ("release_id", "base_digest", "manifest_digest")}
         return JSONResponse({"id": did, "uploaded_by": who, **log_values}, status_code=201)
 
-    async def assign(request: Request) -> Response:
-        await authorize(srv, request, "assign")
-        body = await srv.read_json(request)
-        serial, release_id = body.get("serial"), body.get("release_id")
-        if not isinstance(serial, str) or not isinstance(release_id, int):
-            raise ServerError(ErrorCode.MALFORMED, "need serial (str) and release_id (int)", 400)
-
-        def work() -> None:
-            with srv.db.write() as conn:
-                _assign(conn, serial, release_id)
-
-        await run_in_threadpool(work)
-        return JSONResponse({"serial": serial, "release_id": release_id}, status_code=201)
-
-    async def device(request: Request) -> Response:
-        await authorize(srv, request, "read")
-        serial = request.path_params["serial"]
-
-        def work() -> dict[str, Any]:
-            with srv.db.read() as conn:
-                dev = store.device_by_serial(conn, serial)
-                if dev is None:
-                    raise ServerError(ErrorCode.NOT_FOUND, f"no device {serial}", 404)
-                return {
-                    **store.device_view(conn, dev),
-                    "last_report": q.last_report(conn, dev.id),
-                    "assignment": q.assignment(conn, dev.id),
-                }
-
-        return JSONResponse(await run_in_threadpool(work))
-
     async def release(request: Request) -> Response:
         await authorize(srv, request, "read")
         release_id = int(request.path_params["release_id"])
@@ -154,46 +108,16 @@ def admin_routes(srv: UpdateServer) -> list[Route]:
 
         return JSONResponse(await run_in_threadpool(work))
 
-    async def revoke(request: Request) -> Response:
-        await authorize(srv, request, "security")
-        serial = request.path_params["serial"]
-
-        def work() -> None:
-            with srv.db.write() as conn:
-                store.revoke_device(conn, serial)
-
-        await run_in_threadpool(work)
-        return JSONResponse({"serial": serial, "revoked": True})
-
-    async def put_keylist(request: Request) -> Response:
-        await authorize(srv, request, "security")
-        doc = await srv.read_body(request, srv.settings.max_envelope)
-        version = await run_in_threadpool(_publish_keylist, srv, doc)
-        return JSONResponse({"version": version}, status_code=201)
-
-    from .campaigns import campaign_routes
-    from .certificates import cert_routes
-    from .mcuboot import mcuboot_routes
-    from .rotation import rotation_routes
-
     return [
-        *mcuboot_routes(srv),
-        *rotation_routes(srv),
-        *cert_routes(srv),
-        *campaign_routes(srv),
         Route("/admin/v1/images", upload_image, methods=["POST"]),
         Route("/admin/v1/releases", create_release, methods=["POST"]),
         Route("/admin/v1/releases/{release_id:int}", release, methods=["GET"]),
         Route("/admin/v1/releases/{release_id:int}/deltas", create_delta, methods=["POST"]),
-        Route("/admin/v1/assignments", assign, methods=["POST"]),
-        Route("/admin/v1/devices/{serial}", device, methods=["GET"]),
-        Route("/admin/v1/devices/{serial}/revoke", revoke, methods=["POST"]),
-        Route("/admin/v1/keylist", put_keylist, methods=["PUT"]),
     ]
 
 
 def _verify_release(
-    srv: UpdateServer, envelope: bytes, image_blob: str, resolver: Any
+    srv: ServerContext, envelope: bytes, image_blob: str, resolver: Any
 ) -> dict[str, Any]:
     from ...manifest.conditions import check_fleet_wide
     from ...manifest.ids import class_id
@@ -245,7 +169,7 @@ def _verify_release(
 
 
 def _verify_delta(
-    srv: UpdateServer, rel: Any, envelope: bytes, patch_blob: str, resolver: Any
+    srv: ServerContext, rel: Any, envelope: bytes, patch_blob: str, resolver: Any
 ) -> dict[str, Any]:
     """A delta upload is checked like a release: signature, then that it is *this* release
     (same version, sequence, counter, expiry, final digest and size), then the patch blob
@@ -308,40 +232,3 @@ def _verify_delta(
         "patch_size": d.patch_size,
         "patch_blob": patch_blob,
     }
-
-
-def _assign(conn: Connection, serial: str, release_id: int) -> None:
-    from ...manifest.ids import class_id
-
-    dev = store.device_by_serial(conn, serial)
-    if dev is None:
-        raise ServerError(ErrorCode.NOT_FOUND, f"no device {serial}", 404)
-    rel = store.release_by_id(conn, release_id)
-    if rel is None:
-        raise ServerError(ErrorCode.NOT_FOUND, f"no release {release_id}", 404)
-    if str(class_id(uuid.UUID(rel.vendor_id), dev.model, dev.hw_rev)) != rel.class_id:
-        raise ServerError(
-            ErrorCode.INCOMPATIBLE,
-            f"release {release_id} is for {rel.model}/{rel.hw_rev}, device is "
-            f"{dev.model}/{dev.hw_rev}",
-            409,
-        )
-    store.assign(conn, dev.id, release_id, None)
-
-
-def _publish_keylist(srv: UpdateServer, doc: bytes) -> int:
-    from ...trust.store import TrustStore
-
-    current = srv.trust.resolver
-    if not isinstance(current, TrustStore):
-        raise ServerError(ErrorCode.UNTRUSTED_KEY, "key lists need a trust bundle (root)", 409)
-    try:
-        new = current.apply_update(doc)
-    except OtaError as err:
-        raise ServerError(
-            err.code, err.detail, 409 if err.code == ErrorCode.REPLAY else 400
-        ) from None
-    with srv.db.write() as conn:
-        store.put_keylist(conn, new.version, doc)
-    srv.trust.replace(new)
-    return new.version

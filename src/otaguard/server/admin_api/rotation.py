@@ -40,7 +40,7 @@ from ..storage import store
 from .auth import require_role
 
 if TYPE_CHECKING:
-    from ..app import UpdateServer
+    from ..context import ServerContext
 
 DEFAULT_THRESHOLD = 0.97
 DEFAULT_UNREACHABLE = 7 * 86400
@@ -52,7 +52,7 @@ _audit_lock = threading.Lock()
 
 
 # --- audit ---------------------------------------------------------------------------------------
-def audit_log(srv: UpdateServer) -> AuditLog:
+def audit_log(srv: ServerContext) -> AuditLog:
     """The server's rotation audit log (``<data dir>/audit/rotation-audit.log`` by default).
 
     Sealed by the server's audit-sealing key (``server run --audit-seal-*``: an HSM key the
@@ -69,7 +69,7 @@ def audit_log(srv: UpdateServer) -> AuditLog:
         return log
 
 
-def close_audit_log(srv: UpdateServer) -> None:
+def close_audit_log(srv: ServerContext) -> None:
     """Seal and close the rotation log at shutdown (a closed, sealed log ends with a seal)."""
     with _audit_lock:
         log: AuditLog | None = getattr(srv, "rotation_audit", None)
@@ -182,7 +182,7 @@ def fleet_progress(conn: Connection, rot: Row[Any], now: int) -> dict[str, Any]:
     }
 
 
-def key_expiry(srv: UpdateServer, now: int, warn_days: int) -> list[dict[str, Any]]:
+def key_expiry(srv: ServerContext, now: int, warn_days: int) -> list[dict[str, Any]]:
     """Keys in the server's trust store, days left, and a warning inside ``warn_days``."""
     ts = srv.trust.resolver
     if not isinstance(ts, TrustStore):
@@ -207,7 +207,7 @@ def key_expiry(srv: UpdateServer, now: int, warn_days: int) -> list[dict[str, An
     return out
 
 
-def rotation_view(srv: UpdateServer, conn: Connection, rot: Row[Any], warn_days: int) -> Any:
+def rotation_view(srv: ServerContext, conn: Connection, rot: Row[Any], warn_days: int) -> Any:
     now = store.now_s()
     events = conn.execute(
         select(m.rotation_events)
@@ -252,7 +252,7 @@ def rotation_view(srv: UpdateServer, conn: Connection, rot: Row[Any], warn_days:
 
 # --- actions -------------------------------------------------------------------------------------
 def _event(
-    srv: UpdateServer,
+    srv: ServerContext,
     conn: Connection,
     rot_id: int,
     action: str,
@@ -282,7 +282,7 @@ def _event(
     )
 
 
-def _apply_keylist(srv: UpdateServer, doc: bytes) -> TrustStore:
+def _apply_keylist(srv: ServerContext, doc: bytes) -> TrustStore:
     current = srv.trust.resolver
     if not isinstance(current, TrustStore):
         raise ServerError(ErrorCode.UNTRUSTED_KEY, "key lists need a trust bundle (root)", 409)
@@ -308,7 +308,7 @@ def _usable(ts: TrustStore, kid: bytes) -> bool:
     return any(k.key_id == kid for k in ts.usable(Role.FIRMWARE, None))
 
 
-def start(srv: UpdateServer, actor: str, body: dict[str, Any], doc: bytes) -> int:
+def start(srv: ServerContext, actor: str, body: dict[str, Any], doc: bytes) -> int:
     old, new = _kid(body.get("old_kid"), "old_kid"), _kid(body.get("new_kid"), "new_kid")
     threshold = body.get("threshold", DEFAULT_THRESHOLD)
     unreachable = body.get("unreachable_after", DEFAULT_UNREACHABLE)
@@ -386,7 +386,7 @@ def _gate(
     return progress["fraction"], True
 
 
-def advance(srv: UpdateServer, actor: str, role: str, rid: int, body: dict[str, Any]) -> Any:
+def advance(srv: ServerContext, actor: str, role: str, rid: int, body: dict[str, Any]) -> Any:
     with srv.db.write() as conn:
         rot = rotation_by_id(conn, rid)
         if rot.state != "started":
@@ -405,7 +405,7 @@ def advance(srv: UpdateServer, actor: str, role: str, rid: int, body: dict[str, 
 
 
 def finish(
-    srv: UpdateServer, actor: str, role: str, rid: int, body: dict[str, Any], doc: bytes
+    srv: ServerContext, actor: str, role: str, rid: int, body: dict[str, Any], doc: bytes
 ) -> Any:
     with srv.db.read() as conn:
         rot = rotation_by_id(conn, rid)
@@ -442,7 +442,7 @@ def finish(
 
 
 # --- HTTP ----------------------------------------------------------------------------------------
-async def _who(srv: UpdateServer, request: Request, roles: frozenset[str]) -> tuple[str, str]:
+async def _who(srv: ServerContext, request: Request, roles: frozenset[str]) -> tuple[str, str]:
     return await require_role(srv, request, roles, "do this")
 
 
@@ -450,7 +450,7 @@ READ_ROLES = frozenset({"viewer", "operator", "release-manager", "security-offic
 OFFICER = frozenset({"security-officer"})
 
 
-async def _body(srv: UpdateServer, request: Request) -> tuple[dict[str, Any], bytes | None]:
+async def _body(srv: ServerContext, request: Request) -> tuple[dict[str, Any], bytes | None]:
     raw = await srv.read_body(request, 4 * srv.settings.max_envelope)
     try:
         obj = loads_json(raw or b"{}")
@@ -475,7 +475,7 @@ def _warn_days(request: Request) -> int:
     return n
 
 
-def rotation_routes(srv: UpdateServer) -> list[Route]:
+def rotation_routes(srv: ServerContext) -> list[Route]:
     async def start_ep(request: Request) -> Response:
         actor, _ = await _who(srv, request, OFFICER)
         body, doc = await _body(srv, request)

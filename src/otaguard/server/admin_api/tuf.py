@@ -13,73 +13,34 @@ from typing import TYPE_CHECKING
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ...errors import ErrorCode, ServerError
 from ...tufrepo.metadata import MAX_METADATA
-from ..storage.tufrepo import TufRepository
+from ..context import tuf_repo
+from .auth import authorize
 
 if TYPE_CHECKING:
-    from ..app import UpdateServer
-
-TUF_JSON = "application/json"
+    from ..context import ServerContext
 
 
-def _repo(srv: UpdateServer) -> TufRepository:
-    repo = srv.tuf
-    if repo is None:
-        raise ServerError(ErrorCode.NOT_FOUND, "this server has no TUF repository", 404)
-    return repo
-
-
-def device_tuf_routes(srv: UpdateServer) -> list[Route]:
-    async def metadata(request: Request) -> Response:
-        await srv.identify(request)
-        repo = _repo(srv)
-        name = request.path_params["name"]
-        if name == "timestamp.json":
-            data = await run_in_threadpool(repo.timestamp_bytes)
-        else:
-            data = await run_in_threadpool(repo.metadata_bytes, name)
-        return Response(data, media_type=TUF_JSON, headers={"Cache-Control": "no-store"})
-
-    async def target(request: Request) -> Response:
-        await srv.identify(request)
-        digest = _repo(srv).target_blob(request.path_params["path"])
-        size = srv.blobs.size(digest)
-        if size is None:
-            raise ServerError(ErrorCode.NOT_FOUND, "target blob missing", 404)
-        return StreamingResponse(
-            srv.blobs.open_range(digest, 0, size - 1) if size else iter(()),
-            media_type="application/octet-stream",
-            headers={"Content-Length": str(size)},
-        )
-
-    return [
-        Route("/tuf/targets/{path:path}", target, methods=["GET"]),
-        Route("/tuf/{name}", metadata, methods=["GET"]),
-    ]
-
-
-def admin_tuf_routes(srv: UpdateServer) -> list[Route]:
-    from .releases import authorize
+def admin_tuf_routes(srv: ServerContext) -> list[Route]:
 
     async def online_keys(request: Request) -> Response:
         await authorize(srv, request, "read")
-        keys = _repo(srv).online_keys()
+        keys = tuf_repo(srv).online_keys()
         return JSONResponse({role: k.to_pem().decode() for role, k in keys.items()})
 
     async def put_root(request: Request) -> Response:
         who = await authorize(srv, request, "security")
-        repo = _repo(srv)
+        repo = tuf_repo(srv)
         data = await srv.read_body(request, MAX_METADATA)
         version = await run_in_threadpool(repo.put_root, data)
         return JSONResponse({"version": version, "uploaded_by": who}, status_code=201)
 
     async def put_targets(request: Request) -> Response:
         who = await authorize(srv, request, "release")
-        repo = _repo(srv)
+        repo = tuf_repo(srv)
         data = await srv.read_body(request, MAX_METADATA)
         version = await run_in_threadpool(
             repo.put_targets, data, lambda d: srv.blobs.size(d) is not None

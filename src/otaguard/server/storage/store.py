@@ -19,6 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from ...clock import SYSTEM_CLOCK, Clock
 from ...errors import ErrorCode, OtaError, ServerError
 from . import models as m
+from .mcuboot import device_may_fetch_mcuboot  # a release's MCUboot image is an image too
 from .prepared import Prepared, Record, in_consts
 
 log = logging.getLogger(__name__)
@@ -254,10 +255,6 @@ def device_may_fetch(conn: Connection, device_id: int, column: str, blob: str) -
         return True
     if column != "image_blob":
         return False
-    from ..admin_api.mcuboot import (
-        device_may_fetch_mcuboot,  # a release's MCUboot image is an image too
-    )
-
     return device_may_fetch_mcuboot(conn, device_id, blob)
 
 
