@@ -38,7 +38,7 @@ def _app(peers: list[Any]) -> Starlette:
     async def checkin(request: Request) -> JSONResponse:
         peers.append(request.scope["client"])
         # Read the body before answering, as the real check-in does: an answer that starts
-        # before the body has arrived closes the connection (server/listener.py), and whether
+        # before the body has arrived closes the connection (server/pki/listener.py), and whether
         # it arrived first would otherwise depend on how TLS split the request.
         await request.body()
         return JSONResponse({"update": None})

@@ -1,4 +1,4 @@
-"""Prepared statements (server/prepared.py) behave exactly like SQLAlchemy Core executions.
+"""Prepared statements (server/storage/prepared.py) behave exactly like SQLAlchemy Core executions.
 
 The cross-check (tests/prepared_check.py): the full device flow and two phased-campaign
 flows run again here against a real server on SQLite and PostgreSQL, with every prepared

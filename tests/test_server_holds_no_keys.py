@@ -377,8 +377,9 @@ def key_files_named_by_process(pid: int, needles: list[Needle]) -> tuple[set[Pat
 
 
 # The only private keys the server may hold: its TUF repository's online snapshot and timestamp
-# keys (server/tufrepo.py), generated at first start. Root names them for those two roles only,
-# so they cannot sign a target, a firmware manifest, a key list or a root (threat model 4.3).
+# keys (server/storage/tufrepo.py), generated at first start. Root names them for those two
+# roles only, so they cannot sign a target, a firmware manifest, a key list or a root (threat
+# model 4.3).
 ONLINE_KEYS = ("tuf/keys/snapshot.pem", "tuf/keys/timestamp.pem")
 
 

@@ -146,7 +146,7 @@ class ServerContext:
         self.auth_failures = AuthFailures(
             self.metrics.auth_failures, interval=settings.probe_event_interval, clock=clock
         )
-        # The TUF repository for fleets whose devices run a TUF client (server/tufrepo.py);
+        # The TUF repository for fleets whose devices run a TUF client (server/storage/tufrepo.py);
         # None: the /tuf/ routes answer 404.
         self.tuf: TufRepository | None = None
 

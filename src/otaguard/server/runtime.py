@@ -56,10 +56,10 @@ class RunOptions:
     # The rotation log's sealing key (loaded by the CLI from --audit-seal-*).
     audit_sealer: Signer | None = None
     issuer: CertIssuer | None = None  # the fleet CA for certificate renewal (else E_NO_ISSUER)
-    header_timeout: float = 10.0  # listener deadlines (server/listener.py)
+    header_timeout: float = 10.0  # listener deadlines (server/pki/listener.py)
     body_timeout: float = 30.0
     body_min_rate: int = 16384
-    tuf_timestamp_hours: int = 24  # TUF timestamp expiry (server/tufrepo.py)
+    tuf_timestamp_hours: int = 24  # TUF timestamp expiry (server/storage/tufrepo.py)
     tuf_max_targets_days: int = 366  # uploaded TUF targets expiring later: E_POLICY
     # The TUF snapshot/timestamp keys when they are in an HSM (loaded by the CLI from
     # --tuf-snapshot-pkcs11-uri/--tuf-timestamp-pkcs11-uri); None: files in <data>/tuf/keys.

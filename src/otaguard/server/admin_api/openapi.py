@@ -466,7 +466,7 @@ DEVICE_OPS: dict[tuple[str, str], dict[str, Any]] = {
     ("GET", "/healthz"): {"summary": "Health", "response": _ref("Health")},
 }
 
-# The TUF repository (server/tuf_routes.py): metadata for devices that run a TUF client.
+# The TUF repository (server/admin_api/tuf.py): metadata for devices that run a TUF client.
 _TUF_META = {
     "type": "string",
     "pattern": "^(timestamp|[1-9][0-9]{0,9}\\.(root|targets|snapshot))\\.json$",
