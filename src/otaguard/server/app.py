@@ -10,7 +10,6 @@ configured with, and devices verify them again.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -27,12 +26,7 @@ from .device_api.endpoints import DeviceApi
 from .metrics import MetricsMiddleware
 from .ratelimit import TokenBuckets, retry_after_header
 
-if TYPE_CHECKING:
-    pass
-
 log = logging.getLogger("otaguard.server")
-T = TypeVar("T")
-P = ParamSpec("P")
 
 
 def _status_of(err: OtaError) -> int:

@@ -8,7 +8,6 @@ Route modules (:mod:`.device_api`, :mod:`.admin_api`) import this module, never
 from __future__ import annotations
 
 import ipaddress
-import logging
 import threading
 import time
 from collections import OrderedDict
@@ -37,7 +36,6 @@ from .storage.db import Database
 if TYPE_CHECKING:
     from .storage.tufrepo import TufRepository
 
-log = logging.getLogger("otaguard.server")
 T = TypeVar("T")
 P = ParamSpec("P")
 

@@ -11,7 +11,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import Any
 
 from sqlalchemy import Connection
 from starlette.concurrency import run_in_threadpool
@@ -21,24 +21,18 @@ from starlette.routing import BaseRoute, Route
 
 from ...errors import ErrorCode, ServerError
 from ...wire import decimal
+from ..context import Identity, error_response
+from ..health import healthz
 from ..pki.renewal import MAX_CSR, check_csr, parse_csr
 from ..storage import store
 from ..storage.blobs import check_name
 from ..storage.campaigns import TRANSIENT_ERRORS, Plan
-from ..storage.prepared import Record
-
-if TYPE_CHECKING:
-    pass
-
-from ..context import Identity, error_response
-from ..health import healthz
 from ..storage.mcuboot import offer as mcuboot_offer
+from ..storage.prepared import Record
 from .gate import DeviceGate
 from .tuf import device_tuf_routes
 
 log = logging.getLogger("otaguard.server")
-T = TypeVar("T")
-P = ParamSpec("P")
 
 ENVELOPE_TYPE = "application/suit-envelope+cose"
 KEYLIST_TYPE = "application/cose; cose-type=cose-sign1"

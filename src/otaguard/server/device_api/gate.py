@@ -14,26 +14,21 @@ import logging
 import time
 import urllib.parse
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import TypeVar
 
 from cryptography import x509
 from sqlalchemy import Connection
 from starlette.requests import Request
 
 from ...errors import ErrorCode, ServerError
+from ..context import Identity, RateLimited, ServerContext
 from ..pki.ca import fingerprint, serial_of, verify_forwarded_cert
 from ..pki.mtls import PEER_CERT_KEY
 from ..storage import store
 from ..storage.prepared import Record
 
-if TYPE_CHECKING:
-    pass
-
-from ..context import Identity, RateLimited, ServerContext
-
 log = logging.getLogger("otaguard.server")
 T = TypeVar("T")
-P = ParamSpec("P")
 
 # Refusals of a known device's certificate: counted towards its refusal threshold.
 _CERT_REFUSALS = frozenset(
