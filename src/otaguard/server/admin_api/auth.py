@@ -1,4 +1,9 @@
-"""Bearer-token identity for the admin listener: one lookup shared by every admin route."""
+"""Bearer-token identity for the admin listener: one lookup shared by every admin route.
+
+Roles: ``viewer`` reads; ``operator`` assigns releases and runs campaigns; ``release-manager``
+uploads images and releases; ``security-officer`` may do everything, including revoking
+devices and publishing key lists. Tokens are stored as SHA-256 only.
+"""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""Admin API (minimal for now): bearer tokens with roles, release upload, assignment, devices.
-
-Roles: ``viewer`` reads; ``operator`` assigns releases (campaigns later); ``release-manager``
-uploads images and releases; ``security-officer`` revokes devices and publishes key lists.
-Tokens are stored as SHA-256 only.
+"""Admin API, releases: image upload, release upload, delta upload, release detail.
 
 Deltas are uploaded per release (``POST /admin/v1/releases/{id}/deltas?patch=<blob>``, body the
 delta envelope) and verified the same way (:func:`_verify_delta`).
