@@ -27,7 +27,7 @@ import pytest
 import otaguard
 from otaguard.device.linux.grubenv import decode_block
 from otaguard.device.linux.tpm import Tpm, TpmStore
-from otaguard.server.enroll import enroll_device
+from otaguard.server.pki.enroll import enroll_device
 
 from . import build
 from .backend import (
