@@ -48,7 +48,7 @@ def _chunks(path: Path, n: int = 1024 * 1024) -> Any:
 
 @click.group()
 def agent() -> None:
-    """The device agent for Linux devices with A/B partitions and GRUB."""
+    """The device agent for Linux devices with A/B partitions and GRUB or U-Boot."""
 
 
 @agent.command("provision")
@@ -77,6 +77,11 @@ def agent() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Override the two env copy paths (an ESP being built).",
 )
+@click.option(
+    "--fw-env-config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Override the config's fw_env.config (U-Boot: env copies in files being built).",
+)
 @click.option("--json", "as_json", is_flag=True)
 def provision_cmd(
     config_path: Path,
@@ -93,6 +98,7 @@ def provision_cmd(
     slot_a: str | None,
     slot_b: str | None,
     grubenv: tuple[Path, Path] | None,
+    fw_env_config: Path | None,
     as_json: bool,
 ) -> None:
     """Factory step: identity facts, trust store, counters, the factory image in slot A."""
@@ -106,6 +112,8 @@ def provision_cmd(
         over["slot_b"] = slot_b
     if grubenv:
         over["grubenv"] = (Path(grubenv[0]), Path(grubenv[1]))
+    if fw_env_config is not None:
+        over["fw_env_config"] = fw_env_config
     cfg = dataclasses.replace(cfg, **over)
     bundle = TrustBundle.load(read_limited(trust_path, MAX_BUNDLE))
     vid = vendor_id(vendor)

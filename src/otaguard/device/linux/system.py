@@ -1,4 +1,5 @@
-"""A Linux device assembled from its config: block-device slots, state files, GRUB control.
+"""A Linux device assembled from its config: block-device slots, state files, boot control
+(GRUB or U-Boot, :func:`open_env`).
 
 It offers what :class:`~..updater.Updater` uses of the simulated :class:`~..device.Device`
 (``boot``, ``run_self_test``, ``install``, ...), so the same polling cycle drives both. The
@@ -33,9 +34,11 @@ from ..storage import SecureStorage
 from ..transport import Transport
 from .blockslots import BlockSlots
 from .config import AgentConfig
+from .envstore import EnvStore
 from .filestore import FileOtp, FileRecord, check_state_dir
 from .grub import GrubBootControl, read_booted_slot
 from .grubenv import GrubEnvStore, initial_env
+from .uboot import UBootEnvStore
 
 BOOT_RECORD = "boot.json"
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -52,6 +55,13 @@ def _boot_id() -> str:
         return BOOT_ID.read_text().strip()
     except OSError:
         return "unknown"
+
+
+def open_env(cfg: AgentConfig) -> EnvStore:
+    """The boot state's home for the configured bootloader (one control logic for both)."""
+    if cfg.bootloader == "uboot":
+        return UBootEnvStore(cfg.fw_env_config)
+    return GrubEnvStore(cfg.grubenv)
 
 
 def open_storage(state_dir: Path) -> SecureStorage:
@@ -76,7 +86,7 @@ class LinuxDevice:
         check_state_dir(cfg.state_dir)
         self.cfg = cfg
         self.running = read_booted_slot(cfg.cmdline) if running is None else running
-        self.env = GrubEnvStore(cfg.grubenv)
+        self.env = open_env(cfg)
         self.slots = BlockSlots.from_specs(
             cfg.slot_a, cfg.slot_b, cfg.state_dir, on_invalidate=self._disable
         )
@@ -168,16 +178,17 @@ class LinuxDevice:
         out["running_slot"] = "AB"[self.running]
         out["boot"] = None if cur is None else {"slot": cur.slot_name, "mode": cur.mode}
         out["storage"] = "file"  # no TPM backend yet: counters and keys are files
+        kind = self.cfg.bootloader
         try:
             env = self.env.read(repair=False)
             out["bootloader"] = {
-                "type": "grub",
+                "type": kind,
                 "order": list(env.order),
                 "states": list(env.states),
                 "tries": list(env.tries),
             }
         except OtaError as err:
-            out["bootloader"] = {"type": "grub", "error": err.code.value}
+            out["bootloader"] = {"type": kind, "error": err.code.value}
         return out
 
     # --- what this power-on's boot check decided -----------------------------------------------
