@@ -26,6 +26,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+import otaguard
 from otaguard.adminclient import AdminClient
 from otaguard.delta import create_patch
 from otaguard.device.lab import Lab
@@ -286,8 +287,14 @@ def provision_disk(
     pin = spki_pin((be.tls / "server.pem").read_bytes())
     section = UBOOT_SECTION if uboot else GRUB_SECTION
     (data / "agent.toml").write_text(agent_config(pin, max_tries=max_tries, bootloader=section))
+    # The guest runs the agent from the package this test imported (a worktree's src/ comes
+    # before the venv's own install), through a wrapper on the data partition (/mnt).
+    src = Path(otaguard.__file__).resolve().parents[1]
+    wrapper = data / "otaguard.sh"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={src} exec {otaguard_bin()} "$@"\n')
+    wrapper.chmod(0o755)
     (data / "boot.env").write_text(
-        f"OTAGUARD_BIN={otaguard_bin()}\nOTAGUARD_CONFIG=/mnt/agent.toml\n"
+        "OTAGUARD_BIN=/mnt/otaguard.sh\nOTAGUARD_CONFIG=/mnt/agent.toml\n"
     )
     slot_a = work / "slot-a.img"
     shutil.copyfile(factory.image, slot_a)
