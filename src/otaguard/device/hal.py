@@ -10,7 +10,7 @@ these four small interfaces, each with two implementations:
 | :class:`SlotMedia` | ``slots.FlashSlots`` | ``blockslots.BlockSlots`` |
 | :class:`RecordMedia` | ``records.Record`` | ``filestore.FileRecord`` |
 | :class:`OtpMedia` | ``storage.FlashOtp`` | ``filestore.FileOtp`` |
-| :class:`BootControl` | ``bootloader.SelfBootControl`` | ``grub.GrubBootControl`` (GRUB or U-Boot env) |
+| :class:`BootControl` | ``bootloader.SelfBootControl`` | ``grub.GrubBootControl`` (GRUB, U-Boot) |
 
 A backend decides *where* bytes go and how a write survives a power cut; it never decides
 whether something is trusted. That is why nothing here returns a verdict.
