@@ -176,6 +176,9 @@ def test_status_names_uboot(urig: URig, capsys: pytest.CaptureFixture[str]) -> N
         "type": "uboot",
         "error": "E_BOOT_ENV",
     }
+    urig.fw.write_text(f"{urig.d / 'disk.img'} 0x0 0x2000\n")  # one copy: not redundant
+    assert main(["agent", "status", "--config", str(urig.cfg.path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bootloader"]["error"] == "E_CONFIG"
 
 
 # --- the store on its own -------------------------------------------------------------------
@@ -190,7 +193,7 @@ def test_tool_and_config_failures_are_typed(tmp_path: Path) -> None:
         UBootEnvStore(cfg, setenv=str(tmp_path / "no-such-fw_setenv")).write(initial_env(0))
     assert ei.value.code == ErrorCode.BOOT_ENV and "libubootenv-tool" in ei.value.detail
     with pytest.raises(OtaError) as ei:
-        UBootEnvStore(tmp_path / "missing.config")
+        UBootEnvStore(tmp_path / "missing.config").read()
     assert ei.value.code == ErrorCode.BOOT_ENV
     disk = tmp_path / "disk.img"
     for text in (
@@ -203,7 +206,7 @@ def test_tool_and_config_failures_are_typed(tmp_path: Path) -> None:
         bad = tmp_path / "bad.config"
         bad.write_text(text)
         with pytest.raises(OtaError) as ei:
-            UBootEnvStore(bad)
+            UBootEnvStore(bad).read()
         assert ei.value.code == ErrorCode.CONFIG, text
     # the device named in the config is gone: fw_setenv fails, a typed error
     gone = tmp_path / "gone.config"

@@ -81,13 +81,24 @@ class UBootEnvStore:
         self.config = config
         self.printenv = printenv
         self.setenv = setenv
-        try:
-            raw = config.read_bytes()[: MAX_CONFIG + 1]
-        except OSError as exc:
-            raise DeviceError(ErrorCode.BOOT_ENV, f"cannot read {config}: {exc.strerror}") from None
-        if len(raw) > MAX_CONFIG:
-            raise DeviceError(ErrorCode.CONFIG, f"{config} is larger than {MAX_CONFIG} bytes")
-        self.copies = parse_fw_env_config(raw.decode("utf-8", "replace"), str(config))
+        self._copies: tuple[EnvCopy, EnvCopy] | None = None
+
+    def copies(self) -> tuple[EnvCopy, EnvCopy]:
+        """The config's two copies, parsed at first use (so ``agent status`` can still
+        report a missing or broken config as the bootloader's error)."""
+        if self._copies is None:
+            try:
+                raw = self.config.read_bytes()[: MAX_CONFIG + 1]
+            except OSError as exc:
+                raise DeviceError(
+                    ErrorCode.BOOT_ENV, f"cannot read {self.config}: {exc.strerror}"
+                ) from None
+            if len(raw) > MAX_CONFIG:
+                raise DeviceError(
+                    ErrorCode.CONFIG, f"{self.config} is larger than {MAX_CONFIG} bytes"
+                )
+            self._copies = parse_fw_env_config(raw.decode("utf-8", "replace"), str(self.config))
+        return self._copies
 
     def _run(self, argv: list[str]) -> str:
         try:
@@ -107,6 +118,7 @@ class UBootEnvStore:
 
     def variables(self) -> dict[str, str]:
         """Every variable of the copy in force; E_BOOT_ENV when no copy is valid."""
+        self.copies()  # a config that is not two copies is refused before the tool runs
         out: dict[str, str] = {}
         for line in self._run([self.printenv, "-c", str(self.config)]).splitlines():
             name, eq, value = line.partition("=")
@@ -141,7 +153,7 @@ class UBootEnvStore:
 
     def _sync(self) -> None:
         """Make the copy fw_setenv wrote durable before anything depends on it."""
-        for dev in {c.device for c in self.copies}:
+        for dev in {c.device for c in self.copies()}:
             try:
                 fd = os.open(dev, os.O_RDONLY)
             except OSError as exc:
