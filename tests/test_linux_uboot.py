@@ -195,7 +195,7 @@ def test_tool_and_config_failures_are_typed(tmp_path: Path) -> None:
     with pytest.raises(OtaError) as ei:
         UBootEnvStore(tmp_path / "missing.config").read()
     assert ei.value.code == ErrorCode.BOOT_ENV
-    disk = tmp_path / "disk.img"
+    disk = tmp_path / "never-written.img"
     for text in (
         f"{disk} 0x0 0x2000\n",  # one copy
         f"{disk} 0x0 0x2000\n{disk} 0x2000 0x1000\n",  # sizes differ
@@ -205,9 +205,14 @@ def test_tool_and_config_failures_are_typed(tmp_path: Path) -> None:
     ):
         bad = tmp_path / "bad.config"
         bad.write_text(text)
+        store = UBootEnvStore(bad)
         with pytest.raises(OtaError) as ei:
-            UBootEnvStore(bad).read()
+            store.read()
         assert ei.value.code == ErrorCode.CONFIG, text
+        with pytest.raises(OtaError) as ei:
+            store.write(initial_env(0))
+        assert ei.value.code == ErrorCode.CONFIG, text
+        assert not disk.exists()  # nothing was written through it
     # the device named in the config is gone: fw_setenv fails, a typed error
     gone = tmp_path / "gone.config"
     gone.write_text(f"{tmp_path}/nodir/disk 0x0 0x2000\n{tmp_path}/nodir/disk 0x2000 0x2000\n")

@@ -133,6 +133,7 @@ class UBootEnvStore:
 
     def write(self, env: BootEnv) -> BootEnv:
         """One ``fw_setenv`` of every variable (one copy written), synced, then read back."""
+        self.copies()  # never let fw_setenv write through a config that is not two copies
         try:
             seq = self.read().seq + 1
         except DeviceError:
