@@ -333,3 +333,16 @@ def test_a_torn_write_leaves_the_last_completed_state(
         assert got.states[pend] != "pending" or got.tries[pend] <= last.tries[pend]
     else:
         assert got == last
+
+
+def test_boot_cmd_imports_and_writes_only_our_variables() -> None:
+    """Every ``env import`` in boot.cmd names its variables (U-Boot would otherwise take
+    bootcmd & co. from a forged copy) and every import/export names only otaguard's."""
+    ours = set(initial_env(0).variables())
+    script = (FILES / "boot.cmd").read_text()
+    code = [line.split("#", 1)[0] for line in script.splitlines()]
+    uses = [m for line in code for m in re.findall(r"env (?:import|export) ([^;']*)", line)]
+    assert len(uses) >= 5
+    for use in uses:
+        names = [w for w in use.split() if not w.startswith(("-", "0x"))]
+        assert names and set(names) <= ours, use
