@@ -43,10 +43,12 @@
 #   3. Nothing chosen: boot the first slot in OG_ORDER that is not bad, else slot A.
 #
 # Why the count-down rewrites the copy in place instead of writing the other copy with
-# flags + 1: a torn write must never buy a try. Torn in place, that copy's CRC fails and the
-# other copy is used, which is the agent's previous decision: it never names the pending slot
-# pending (the agent takes a slot out of rotation before it writes into it, docs/
-# device-linux.md), so the device boots the fallback slot and the boot check reverts.
+# flags + 1: a try must be spent even when the write is torn. Torn in the other copy, this copy
+# and its count stay in force, so a cut at each boot would retry forever. Torn in place, this
+# copy fails its CRC and the other copy, written earlier by the agent, is in force: right after
+# an install it does not name the slot pending at all (the agent takes a slot out of rotation
+# before writing into it, docs/device-linux.md), and later the agent keeps U-Boot's count, so
+# the fallback never holds more tries than this copy did.
 #
 # Before booting, a line
 #   OTAGUARD-UBOOT: slot=<s> state=<state> tries-left=<n> env=<0|1|default>
