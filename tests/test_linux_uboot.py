@@ -236,7 +236,7 @@ def test_config_choice(tmp_path: Path) -> None:
         AgentConfig.load(p)
     assert ei.value.code == ErrorCode.CONFIG and "bootloader.type" in ei.value.detail
     cfg = AgentConfig.load(write_config(tmp_path, bootloader='type = "uboot"'))
-    assert (cfg.bootloader, cfg.fw_env_config) == ("uboot", Path("/etc/fw_env.config"))
+    assert (cfg.bootloader, cfg.fw_env_config) == ("uboot", Path("/etc/otaguard/fw_env.config"))
     assert AgentConfig.load(write_config(tmp_path, bootloader="")).bootloader == "grub"
 
 

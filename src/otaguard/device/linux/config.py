@@ -44,7 +44,7 @@ class AgentConfig:
     checkpoint: int = 1024 * 1024
     # [bootloader]
     bootloader: str = "grub"  # "grub" (files/grub.cfg) or "uboot" (files/boot.cmd)
-    fw_env_config: Path = Path("/etc/fw_env.config")  # libubootenv's, for "uboot"
+    fw_env_config: Path = Path("/etc/otaguard/fw_env.config")  # libubootenv's, for "uboot"
     grubenv: tuple[Path, Path] = (
         Path("/boot/efi/otaguard/grubenv.0"),
         Path("/boot/efi/otaguard/grubenv.1"),
