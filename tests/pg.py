@@ -27,7 +27,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from otaguard.server.app import ServerSettings, TrustState, UpdateServer
-from otaguard.server.blobs import LocalBlobStore
+from otaguard.server.blobs import BlobStore, LocalBlobStore
 from otaguard.server.ca import FleetCA
 from otaguard.server.db import Database, sqlite_url
 from otaguard.server.enroll import Enrollment, enroll_device, issue_server_cert
@@ -181,6 +181,7 @@ def make_harness(
     *,
     settings: ServerSettings | None = None,
     trust: TrustState | None = None,
+    blobs: BlobStore | None = None,
 ) -> Harness:
     db = Database(db_url)
     db.upgrade()
@@ -189,7 +190,7 @@ def make_harness(
         device_rate=RateLimit(rate=1000.0, burst=1000),
         ip_rate=RateLimit(rate=10000.0, burst=10000),
     )
-    srv = UpdateServer(db, LocalBlobStore(tmp / "blobs"), st, trust)
+    srv = UpdateServer(db, blobs or LocalBlobStore(tmp / "blobs"), st, trust, data_dir=tmp)
     ctx = server_ssl_context(tls_dir / "server.pem", tls_dir / "server.key", tls_dir / "ca.pem")
     server = ThreadedServer(srv.asgi("device"), ctx).start()
     adm_ctx = server_ssl_context(

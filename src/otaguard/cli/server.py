@@ -120,6 +120,19 @@ def server() -> None:
     type=click.IntRange(1, 3660),
     help="TUF repository: uploaded targets expiring further ahead are refused (E_POLICY).",
 )
+@click.option(
+    "--storage-backend",
+    type=click.Choice(["local", "s3"]),
+    help="Blob store: DATA_DIR/blobs (local, the default) or an S3-compatible bucket (s3; "
+    "credentials from boto3's chain: $AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY, a profile, an "
+    "instance role).",
+)
+@click.option("--s3-bucket", help="S3 blob store: the bucket.")
+@click.option(
+    "--s3-endpoint-url", metavar="URL", help="S3 blob store: MinIO, Ceph RGW, ... (default AWS)."
+)
+@click.option("--s3-region", help="S3 blob store: the region.")
+@click.option("--s3-prefix", help="S3 blob store: key prefix inside the bucket.")
 @click.pass_context
 def run(ctx: click.Context, /, config_file: Path | None, **flags: object) -> None:
     """Migrate the database and serve until interrupted."""

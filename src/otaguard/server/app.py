@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from cryptography import x509
@@ -40,7 +41,7 @@ from ..trust.model import KeyResolver
 from ..wire import decimal, loads_json
 from . import store
 from .authlog import AuthFailures
-from .blobs import LocalBlobStore, check_name
+from .blobs import BlobStore, LocalBlobStore, check_name
 from .ca import fingerprint, serial_of, verify_forwarded_cert
 from .campaigns import TRANSIENT_ERRORS, CampaignService, Plan
 from .db import Database
@@ -185,16 +186,21 @@ class UpdateServer:
     def __init__(
         self,
         db: Database,
-        blobs: LocalBlobStore,
+        blobs: BlobStore,
         settings: ServerSettings,
         trust: TrustState | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
         issuer: CertIssuer | None = None,
+        data_dir: Path | None = None,
     ) -> None:
         """``issuer``: the fleet CA for certificate renewal (``POST /v1/certificate``); None
-        answers renewal with E_NO_ISSUER."""
+        answers renewal with E_NO_ISSUER. ``data_dir``: where local state other than blobs
+        lives (the rotation audit log); by default the local blob store's parent."""
         self.db = db
+        if data_dir is None and isinstance(blobs, LocalBlobStore):
+            data_dir = blobs.root.parent
+        self.data_dir = data_dir
         self.issuer = issuer
         self.blobs = blobs
         self.settings = settings
@@ -711,15 +717,16 @@ class UpdateServer:
         etag = f'"{digest}"'
         if _etag_matches(request.headers.get("if-none-match"), etag):
             return Response(status_code=304, headers={"ETag": etag})
-        data = self.blobs.read(digest, self.settings.max_envelope)
+        data = await self._db(self.blobs.read, digest, self.settings.max_envelope)
         return Response(data, media_type=ENVELOPE_TYPE, headers={"ETag": etag})
 
     async def image(self, request: Request) -> Response:
         digest = check_name(request.path_params["digest"])
         if not await self._may_fetch(request, "image_blob", digest):
             raise ServerError(ErrorCode.NOT_FOUND, "no such image for this device", 404)
-        size = self.blobs.size(digest)
+        size = await self._db(self.blobs.size, digest)
         if size is None:
+            log.error("blob %s not served: an offered image or patch is not in the store", digest)
             raise ServerError(ErrorCode.NOT_FOUND, "image blob missing", 404)
         etag = f'"{digest}"'
         headers = {"ETag": etag, "Accept-Ranges": "bytes"}
@@ -738,22 +745,28 @@ class UpdateServer:
                 headers["Content-Range"] = f"bytes {start}-{end}/{size}"
                 headers["Content-Length"] = str(end - start + 1)
                 return StreamingResponse(
-                    self._chunks(digest, start, end),
+                    await self._chunks(digest, start, end),
                     status_code=206,
                     media_type="application/octet-stream",
                     headers=headers,
                 )
         headers["Content-Length"] = str(size)
         return StreamingResponse(
-            self._chunks(digest, 0, size - 1),
+            await self._chunks(digest, 0, size - 1),
             media_type="application/octet-stream",
             headers=headers,
         )
 
-    def _chunks(self, digest: str, start: int, end: int) -> Iterator[bytes] | AsyncIterator[bytes]:
-        """The blob's bytes: a plain iterator is read on worker threads by the response, one
-        hop per chunk; with ``inline_io`` it is read on the event loop."""
-        chunks = self.blobs.open_range(digest, start, end) if end >= start else iter(())
+    async def _chunks(
+        self, digest: str, start: int, end: int
+    ) -> Iterator[bytes] | AsyncIterator[bytes]:
+        """The blob's bytes, opened (and verified) before the response starts, so a missing
+        blob or an unreachable store is a 404/503 rather than a cut body: a plain iterator is
+        read on worker threads by the response, one hop per chunk; with ``inline_io`` it is
+        read on the event loop."""
+        chunks: Iterator[bytes] = iter(())
+        if end >= start:
+            chunks = await self._db(self.blobs.open_range, digest, start, end)
         if not self.settings.inline_io:
             return chunks
 

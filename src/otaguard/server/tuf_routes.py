@@ -9,6 +9,7 @@ ceremony), root upload (security officer) and targets upload (release manager).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from starlette.concurrency import run_in_threadpool
@@ -47,11 +48,14 @@ def device_tuf_routes(srv: UpdateServer) -> list[Route]:
     async def target(request: Request) -> Response:
         await srv.identify(request)
         digest = _repo(srv).target_blob(request.path_params["path"])
-        size = srv.blobs.size(digest)
+        size = await run_in_threadpool(srv.blobs.size, digest)
         if size is None:
             raise ServerError(ErrorCode.NOT_FOUND, "target blob missing", 404)
+        chunks: Iterator[bytes] = iter(())
+        if size:
+            chunks = await run_in_threadpool(srv.blobs.open_range, digest, 0, size - 1)
         return StreamingResponse(
-            srv.blobs.open_range(digest, 0, size - 1) if size else iter(()),
+            chunks,
             media_type="application/octet-stream",
             headers={"Content-Length": str(size)},
         )

@@ -1,0 +1,348 @@
+"""The blob store's behaviour, the same suite on both backends: the local directory and an
+S3-compatible bucket (moto's standalone server, a real subprocess on 127.0.0.1).
+
+Two stores on the same storage stand for two server nodes: what one stored, the other serves,
+any range of it, after verifying it itself."""
+
+# ruff: noqa: F811  (pytest fixtures imported from tests.s3server are redefined as parameters)
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from otaguard.errors import ErrorCode, OtaError, ServerError
+from otaguard.server import blobs
+from otaguard.server.blobs import CHUNK, Digests, LocalBlobStore, Verified, checked_span
+from otaguard.server.blobs_s3 import S3BlobStore
+from tests.s3server import MotoServer, moto_server, s3_env  # noqa: F401
+
+FAST = {"connect_timeout": 0.5, "read_timeout": 0.5, "attempts": 1}
+
+
+@dataclass
+class Backend:
+    kind: str
+    store: Any
+    node: Callable[[], Any]  # another node's store on the same storage
+    tamper: Callable[[str, bytes], None]  # replace the stored bytes behind the store's back
+    remove: Callable[[str], None]
+    outage: Callable[[], contextlib.AbstractContextManager[None]]
+    token: Callable[[str], Any]  # the stored version's token, as the store would see it
+
+
+def _local(tmp: Path) -> Backend:
+    root = tmp / "blobs"
+    store = LocalBlobStore(root)
+
+    def tamper(name: str, data: bytes) -> None:
+        p = store.path(name)
+        os.chmod(p, 0o644)
+        p.write_bytes(data)  # in place, like bit-rot or an editor
+
+    @contextlib.contextmanager
+    def outage() -> Iterator[None]:
+        root.rename(tmp / "unmounted")  # the volume is gone
+        try:
+            yield
+        finally:
+            (tmp / "unmounted").rename(root)
+
+    def token(name: str) -> Any:
+        return blobs._token(store.path(name).stat())
+
+    return Backend(
+        "local",
+        store,
+        lambda: LocalBlobStore(root),
+        tamper,
+        lambda name: store.path(name).unlink(),
+        outage,
+        token,
+    )
+
+
+def _s3(moto: MotoServer, tmp: Path, *, prefix: str = "fleet/blobs/") -> Backend:
+    bucket = moto.new_bucket()
+    raw = moto.client()
+
+    def node() -> S3BlobStore:
+        return S3BlobStore(
+            bucket, spool_dir=tmp / "spool", prefix=prefix, client=moto.client(**FAST)
+        )
+
+    store = node()
+
+    @contextlib.contextmanager
+    def outage() -> Iterator[None]:
+        moto.freeze()  # accepts connections, never answers: every call times out
+        try:
+            yield
+        finally:
+            moto.thaw()
+
+    return Backend(
+        "s3",
+        store,
+        node,
+        lambda name, data: raw.put_object(Bucket=bucket, Key=store.key(name), Body=data),
+        lambda name: raw.delete_object(Bucket=bucket, Key=store.key(name)),
+        outage,
+        lambda name: raw.head_object(Bucket=bucket, Key=store.key(name))["ETag"],
+    )
+
+
+@pytest.fixture(params=["local", "s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "local":
+        yield _local(tmp_path)
+        return
+    request.getfixturevalue("s3_env")
+    # One server per test worker, a bucket per test (the outage test freezes the server for
+    # its own duration: the tests of one worker run one after the other).
+    yield _s3(request.getfixturevalue("moto_server"), tmp_path)
+
+
+def _pieces(data: bytes, size: int) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+def _get(store: Any, name: str, start: int, end: int) -> bytes:
+    return b"".join(store.open_range(name, start, end))
+
+
+def _code(exc: pytest.ExceptionInfo[OtaError]) -> ErrorCode:
+    return exc.value.code
+
+
+DATA = os.urandom(3 * CHUNK + 12_345)
+NAME = hashlib.sha256(DATA).hexdigest()
+
+
+def test_put_then_any_node_serves_every_range(backend: Backend) -> None:
+    name, size = backend.store.put_stream(_pieces(DATA, 70_000), len(DATA))
+    assert (name, size) == (NAME, len(DATA))
+    other = backend.node()  # never saw the upload: verifies the blob itself first
+    for store in (backend.store, other):
+        assert store.size(NAME) == len(DATA)
+        assert store.read(NAME, len(DATA)) == DATA
+        assert _get(store, NAME, 0, len(DATA) - 1) == DATA
+        for start, end in [(0, 0), (5, 9), (CHUNK - 1, CHUNK), (2 * CHUNK + 7, len(DATA) - 1)]:
+            assert _get(store, NAME, start, end) == DATA[start : end + 1]
+        # A download cut at an odd offset and resumed from there gives the whole blob.
+        cut = CHUNK + 4321
+        assert _get(store, NAME, 0, cut - 1) + _get(store, NAME, cut, len(DATA) - 1) == DATA
+    assert other.verify(NAME)
+
+
+def test_put_is_idempotent_and_async_put_matches(backend: Backend) -> None:
+    small = b"manifest bytes"
+    assert backend.store.put(small) == hashlib.sha256(small).hexdigest()
+    assert backend.store.put(small) == hashlib.sha256(small).hexdigest()
+    token = backend.token(NAME) if backend.store.size(NAME) else None
+    assert token is None
+
+    async def body() -> AsyncIterator[bytes]:
+        for p in _pieces(DATA, 100_000):
+            yield p
+
+    async def put() -> tuple[str, int]:
+        r: tuple[str, int] = await backend.store.put_async(body(), len(DATA))
+        return r
+
+    assert anyio.run(put) == (NAME, len(DATA))
+    first = backend.token(NAME)
+    assert backend.store.put_stream(_pieces(DATA, 1 << 20), len(DATA)) == (NAME, len(DATA))
+    assert backend.token(NAME) == first  # verified here already: not written again
+    assert backend.node().read(NAME, len(DATA)) == DATA
+
+
+def test_put_over_the_limit_stores_nothing(backend: Backend) -> None:
+    with pytest.raises(ServerError) as exc:
+        backend.store.put_stream(_pieces(DATA, 70_000), len(DATA) - 1)
+    assert exc.value.code == ErrorCode.TOO_LARGE and exc.value.status == 413
+    assert backend.node().size(NAME) is None
+
+
+def test_missing_blob_is_not_found_and_logged(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend.store.put_stream(_pieces(DATA, 70_000), len(DATA))
+    assert _get(backend.store, NAME, 0, 9) == DATA[:10]
+    backend.remove(NAME)
+    caplog.set_level(logging.ERROR, "otaguard.server")
+    for store in (backend.store, backend.node()):
+        with pytest.raises(OtaError) as exc:
+            store.open_range(NAME, 0, 9)
+        assert _code(exc) == ErrorCode.NOT_FOUND
+        with pytest.raises(OtaError) as exc:
+            store.read(NAME, len(DATA))
+        assert _code(exc) == ErrorCode.NOT_FOUND
+    assert backend.node().size(NAME) is None
+    assert not backend.node().verify(NAME)
+    assert any(f"blob {NAME} not served" in r.getMessage() for r in caplog.records)
+
+
+def test_tampered_blob_is_never_served_and_a_new_put_repairs_it(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend.store.put_stream(_pieces(DATA, 70_000), len(DATA))
+    assert _get(backend.store, NAME, 0, len(DATA) - 1) == DATA
+    evil = bytearray(DATA)
+    evil[CHUNK + 10] ^= 1
+    backend.tamper(NAME, bytes(evil))
+    caplog.set_level(logging.ERROR, "otaguard.server")
+    for store in (backend.store, backend.node()):
+        for start, end in [(0, 9), (CHUNK, CHUNK + 20)]:
+            with pytest.raises(OtaError) as exc:
+                _get(store, NAME, start, end)
+            assert _code(exc) == ErrorCode.NOT_FOUND
+        with pytest.raises(OtaError) as exc:
+            store.read(NAME, len(DATA))
+        assert _code(exc) == ErrorCode.NOT_FOUND
+        assert not store.verify(NAME)
+    assert any("no longer match" in r.getMessage() for r in caplog.records)
+    # Uploading the image again is the repair.
+    assert backend.store.put_stream(_pieces(DATA, 70_000), len(DATA)) == (NAME, len(DATA))
+    assert _get(backend.node(), NAME, 0, len(DATA) - 1) == DATA
+
+
+def test_a_change_the_version_token_misses_is_stopped_at_the_bad_piece(
+    backend: Backend,
+) -> None:
+    """Bit-rot under an unchanged mtime, or an ETag that did not change: the store believes
+    its verified version is current, and the piece digests still stop the wrong bytes."""
+    store = backend.store
+    store.put_stream(_pieces(DATA, 70_000), len(DATA))
+    evil = bytearray(DATA)
+    evil[2 * CHUNK + 5] ^= 0x80
+    backend.tamper(NAME, bytes(evil))
+    v = store.verified.get(NAME)
+    assert v is not None
+    store.verified.add(NAME, Verified(backend.token(NAME), v.size, v.pieces))  # the miss
+    sent = bytearray()
+    with pytest.raises(OtaError) as exc:
+        for chunk in store.open_range(NAME, 100, len(DATA) - 1):
+            sent += chunk
+    assert _code(exc) == ErrorCode.NOT_FOUND
+    assert bytes(sent) == DATA[100 : 2 * CHUNK]  # everything before the bad piece, no more
+    assert store.verified.get(NAME) is None  # the next request hashes it again: 404
+    with pytest.raises(OtaError) as exc:
+        store.open_range(NAME, 0, 9)
+    assert _code(exc) == ErrorCode.NOT_FOUND
+
+
+def _unavailable(fn: Callable[[], object]) -> None:
+    with pytest.raises(ServerError) as exc:
+        fn()
+    assert exc.value.code == ErrorCode.STORAGE and exc.value.status == 503
+
+
+def test_store_outage_is_e_storage_and_recovers_by_itself(backend: Backend) -> None:
+    store = backend.store
+    store.put_stream(_pieces(DATA, 70_000), len(DATA))
+    other = backend.node()  # has verified nothing: must ask the store for everything
+    with backend.outage():
+        _unavailable(lambda: other.size(NAME))
+        _unavailable(lambda: other.open_range(NAME, 0, 9))
+        _unavailable(lambda: store.open_range(NAME, 0, 9))
+        _unavailable(lambda: store.read(NAME, len(DATA)))
+        _unavailable(lambda: store.put(b"while down"))
+        with pytest.raises((OSError, OtaError)):
+            store.probe()
+    store.probe()
+    assert _get(other, NAME, CHUNK - 3, CHUNK + 3) == DATA[CHUNK - 3 : CHUNK + 4]
+    assert store.read(NAME, len(DATA)) == DATA
+    assert store.put(b"after") == hashlib.sha256(b"after").hexdigest()
+
+
+def test_s3_connection_refused_then_back_needs_no_restart(
+    s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The bucket's server goes away (connection refused) and comes back on the same address:
+    the same store object works again, no reconnect or restart of otaguard needed."""
+    moto = MotoServer().start()
+    try:
+        b = _s3(moto, tmp_path)
+        b.store.put_stream(_pieces(DATA, 70_000), len(DATA))
+        moto.stop()
+        _unavailable(lambda: b.store.open_range(NAME, 0, 9))
+        _unavailable(lambda: b.node().size(NAME))
+        with pytest.raises(OtaError):
+            b.store.probe()
+        moto.start()  # same port; moto comes back empty, as a restored bucket would be
+        moto.client().create_bucket(Bucket=b.store.bucket)
+        with pytest.raises(OtaError) as exc:
+            b.store.open_range(NAME, 0, 9)
+        assert _code(exc) == ErrorCode.NOT_FOUND
+        b.store.put_stream(_pieces(DATA, 70_000), len(DATA))
+        assert _get(b.store, NAME, 0, 9) == DATA[:10]
+        b.store.probe()
+    finally:
+        moto.stop()
+
+
+def test_s3_layout_and_multipart(
+    s3_env: dict[str, str], moto_server: MotoServer, tmp_path: Path
+) -> None:
+    """Keys are ``<prefix>ab/cd/<sha256>`` like the local directory (``aws s3 sync`` of
+    ``blobs/`` is a migration); a blob over the multipart threshold goes up in parts."""
+    b = _s3(moto_server, tmp_path, prefix="p/")
+    with mock.patch("otaguard.server.blobs_s3.MULTIPART_THRESHOLD", CHUNK):
+        name, _ = b.store.put_stream(_pieces(DATA, 70_000), len(DATA))
+    raw = moto_server.client()
+    keys = [o["Key"] for o in raw.list_objects_v2(Bucket=b.store.bucket)["Contents"]]
+    assert keys == [f"p/{name[:2]}/{name[2:4]}/{name}"]
+    assert b.node().read(name, len(DATA)) == DATA
+    assert not list((tmp_path / "spool").iterdir())  # the spool file is gone
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.binary(min_size=0, max_size=700),
+    a=st.integers(0, 699),
+    b=st.integers(0, 699),
+    piece=st.integers(1, 64),
+)
+def test_checked_span_returns_exactly_the_range(data: bytes, a: int, b: int, piece: int) -> None:
+    """Range arithmetic: for any blob, piece size and range inside it, the checked span is
+    the range's bytes, read from the aligned start (property, small pieces)."""
+    if not data:
+        return
+    start, end = sorted((a % len(data), b % len(data)))
+    with mock.patch.object(blobs, "CHUNK", piece):
+        d = Digests()
+        for p in _pieces(data, 7):
+            d.update(p)
+        digest, pieces = d.finish()
+        assert digest == hashlib.sha256(data).hexdigest()
+        assert len(pieces) == 32 * -(-len(data) // piece)
+        v = Verified(None, len(data), pieces)
+        a_start, a_end = blobs.aligned(start, end, len(data))
+        assert a_start % piece == 0 and a_start <= start <= end <= a_end < len(data)
+        f = io.BytesIO(data)
+        f.seek(a_start)
+        out = b"".join(checked_span("x" * 64, v, f.read, start, end, lambda: None))
+    assert out == data[start : end + 1]
+
+
+def test_local_store_root_missing_is_storage_not_missing_blob(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    name = store.put(b"x")
+    shutil.rmtree(tmp_path / "blobs")
+    _unavailable(lambda: store.size(name))
+    _unavailable(lambda: store.read(name, 10))
