@@ -8,16 +8,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from otaguard.cli.main import main as cli_main
+from otaguard.device.https_transport import HttpsTransport
 from otaguard.errors import ErrorCode, OtaError
 from otaguard.server import store
 from otaguard.server.app import TrustState
@@ -25,11 +28,19 @@ from otaguard.server.blobs_s3 import S3BlobStore
 from otaguard.server.ca import FleetCA
 from otaguard.server.config import load_server_config
 from otaguard.server.db import Database, sqlite_url
+from otaguard.server.enroll import Enrollment
 from otaguard.server.runtime import RunOptions, storage_options
 from otaguard.trust.model import StaticKeys
 from tests.pg import Harness, fleet_ca, harness, server_tls  # noqa: F401
 from tests.s3server import MotoServer, moto_server, s3_env  # noqa: F401
-from tests.test_server_api import SIGNER, _device_flow, admin, admin_client, make_release
+from tests.test_server_api import (
+    SIGNER,
+    _device_flow,
+    admin,
+    admin_client,
+    make_release,
+    publish,
+)
 
 FAST = {"connect_timeout": 0.5, "read_timeout": 0.5, "attempts": 1}
 
@@ -137,6 +148,58 @@ def _two_nodes(moto: MotoServer, bucket: str, a: Harness, b: Harness) -> None:
         "database": "ok",
         "blobs": "ok",
     }
+
+
+def test_device_resumes_on_another_node_after_the_bucket_came_back(
+    s3_env: dict[str, str], fleet_ca: FleetCA, server_tls: Path, tmp_path: Path
+) -> None:
+    """The device's own HTTPS transport: its download from node A is cut, it resumes on node B
+    while the bucket hangs, gets 503 E_STORAGE with Retry-After, waits as told (the store is
+    back by then) and finishes the image from where it stopped."""
+    moto = MotoServer().start()
+    try:
+        bucket = moto.new_bucket()
+        db = sqlite_url(tmp_path / "s3.db")
+        with (
+            s3_node(moto, bucket, db, fleet_ca, server_tls, tmp_path / "a") as a,
+            s3_node(moto, bucket, db, fleet_ca, server_tls, tmp_path / "b") as b,
+        ):
+            image = os.urandom(600_000)
+            rid = publish(a, "3.0.0", image)
+            e = a.enroll("SN-R1")
+            admin_client(a, "operator").assign("SN-R1", rid)
+            on_a = _transport(a, e, [])
+            assert on_a.checkin({"version": "2.0.0", "security_counter": 1}) is not None
+            first = b"".join(on_a.open_image(0))[:250_001]  # the link dropped here
+            on_a.close()
+
+            waits: list[float] = []
+
+            def sleep(seconds: float) -> None:
+                waits.append(seconds)
+                moto.thaw()  # the store comes back while the device waits
+
+            on_b = _transport(b, e, waits, sleep=sleep)
+            assert on_b.checkin({"version": "2.0.0", "security_counter": 1}) is not None
+            moto.freeze()
+            rest = b"".join(on_b.open_image(len(first)))
+            on_b.close()
+            assert first + rest == image
+            assert waits and waits[0] >= 5  # Retry-After of the 503 honoured
+    finally:
+        moto.stop()
+
+
+def _transport(h: Harness, e: Enrollment, waits: list[float], **kw: Any) -> HttpsTransport:
+    return HttpsTransport(
+        h.url,
+        ca_file=e.ca_path,
+        cert_file=e.cert_path,
+        key_file=e.key_path,
+        sleep=kw.pop("sleep", waits.append),
+        rng=random.Random(1),
+        **kw,
+    )
 
 
 # --- configuration -------------------------------------------------------------------------------
