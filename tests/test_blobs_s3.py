@@ -221,6 +221,21 @@ def test_tampered_blob_is_never_served_and_a_new_put_repairs_it(
     assert _get(backend.node(), NAME, 0, len(DATA) - 1) == DATA
 
 
+def test_blob_truncated_to_nothing_is_not_served_as_empty(backend: Backend) -> None:
+    """Callers send zero bytes without reading, so size() itself refuses an empty blob whose
+    name is not the empty blob's; the empty blob itself is fine."""
+    name = backend.store.put(b"firmware")
+    backend.tamper(name, b"")
+    for store in (backend.store, backend.node()):
+        with pytest.raises(OtaError) as exc:
+            size = store.size(name)  # the S3 node that stored it still knows the real size
+            assert size, "an empty size would be served without a read"
+            _get(store, name, 0, size - 1)
+        assert _code(exc) == ErrorCode.NOT_FOUND
+    empty = backend.store.put(b"")
+    assert backend.node().size(empty) == 0 and backend.node().read(empty, 10) == b""
+
+
 def test_a_change_the_version_token_misses_is_stopped_at_the_bad_piece(
     backend: Backend,
 ) -> None:

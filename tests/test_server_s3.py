@@ -24,6 +24,7 @@ from otaguard.device.https_transport import HttpsTransport
 from otaguard.errors import ErrorCode, OtaError
 from otaguard.server import store
 from otaguard.server.app import TrustState
+from otaguard.server.blobs import LocalBlobStore
 from otaguard.server.blobs_s3 import S3BlobStore
 from otaguard.server.ca import FleetCA
 from otaguard.server.config import load_server_config
@@ -308,3 +309,38 @@ def test_server_process_keeps_blobs_in_the_bucket(
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_migrate_blobs_copies_verified_blobs_and_names_damaged_ones(
+    s3_env: dict[str, str],
+    moto_server: MotoServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    local = LocalBlobStore(tmp_path / "data" / "blobs")
+    good = [local.put(os.urandom(n)) for n in (0, 1000, 300_000)]
+    bad = local.put(b"will rot")
+    local.path(bad).chmod(0o644)
+    local.path(bad).write_bytes(b"has rotted")
+    truncated = local.put(b"will be cut")
+    local.path(truncated).chmod(0o644)
+    local.path(truncated).write_bytes(b"")
+    bucket = moto_server.new_bucket()
+    argv = ["server", "migrate-blobs", "--data-dir", str(tmp_path / "data")]
+    argv += ["--s3-bucket", bucket, "--s3-endpoint-url", moto_server.url, "--s3-prefix", "m"]
+    assert cli_main(argv) == 1
+    out = capsys.readouterr()
+    assert f"copied 3 blobs (301000 bytes) to s3://{bucket}, 0 already there" in out.out
+    assert "error E_NOT_FOUND: 2 local blobs no longer match their names" in out.err
+    assert bad in out.err and truncated in out.err
+    s3 = S3BlobStore(bucket, spool_dir=tmp_path / "spool", prefix="m/", client=moto_server.client())
+    assert all(s3.verify(name) for name in good)
+    assert s3.size(bad) is None and s3.size(truncated) is None
+    # Repaired locally, the same command again copies only what is missing.
+    local.put(b"will rot")
+    local.put(b"will be cut")
+    assert cli_main(argv) == 0
+    assert f"copied 2 blobs (19 bytes) to s3://{bucket}, 3 already there" in capsys.readouterr().out
+    assert s3.read(bad, 100) == b"will rot"
+    keys = moto_server.client().list_objects_v2(Bucket=bucket)["Contents"]
+    assert len(keys) == 5

@@ -60,6 +60,17 @@ def unavailable(what: str, exc: BaseException | str) -> ServerError:
     return ServerError(ErrorCode.STORAGE, "blob store unavailable, retry later", 503)
 
 
+EMPTY = hashlib.sha256(b"").hexdigest()
+
+
+def checked_size(name: str, size: int | None) -> int | None:
+    """A size as a store reports it, except that only the empty blob may be empty: callers
+    serve zero bytes without a read, so a blob truncated to nothing would pass unchecked."""
+    if size == 0 and name != EMPTY:
+        raise missing(name, "it is empty, its name is not the empty blob's")
+    return size
+
+
 def missing(name: str, why: str) -> OtaError:
     """A blob the caller expected is not there, or its bytes are not its name: never served."""
     log.error("blob %s not served: %s", name, why)
@@ -303,7 +314,7 @@ class LocalBlobStore:
 
     def size(self, name: str) -> int | None:
         try:
-            return self.path(name).stat().st_size
+            return checked_size(name, self.path(name).stat().st_size)
         except FileNotFoundError:
             self._check_root()
             return None
@@ -371,6 +382,12 @@ class LocalBlobStore:
         self.verified.add(name, v)
         return v
 
+    def names(self) -> Iterator[str]:
+        """Every blob name in the store, sorted (for copying the store elsewhere)."""
+        for p in sorted(self.root.glob("??/??/*")):
+            if _NAME.match(p.name) and p.relative_to(self.root).as_posix() == blob_key(p.name):
+                yield p.name
+
     def probe(self) -> None:
         """Write, read back and remove a small file under the root (the health check): raises
         OSError when the store cannot take a new blob (read-only, full, permissions)."""
@@ -394,6 +411,49 @@ class LocalBlobStore:
                 return h.hexdigest() == name
         except FileNotFoundError:
             return False
+
+
+def copy_blobs(src: LocalBlobStore, dst: BlobStore) -> tuple[int, int, int, list[str]]:
+    """Copy every blob of a local store into another (``server migrate-blobs``), each verified
+    on the way out. A name the destination holds at the same size is skipped, so a re-run
+    after an interruption copies only what is left (the destination's own read verification
+    still checks those bytes before serving them). A blob whose bytes no longer match its
+    name is not copied. (blobs copied, bytes copied, blobs already there, damaged names)."""
+    count = total = present = 0
+    damaged: list[str] = []
+    for name in src.names():
+        try:
+            size = src.size(name)
+        except OtaError as err:
+            if err.code != ErrorCode.NOT_FOUND:
+                raise
+            damaged.append(name)  # truncated to nothing
+            continue
+        if size is None:
+            continue  # removed meanwhile
+        try:
+            there = dst.size(name)
+        except OtaError as err:
+            if err.code != ErrorCode.NOT_FOUND:
+                raise
+            there = None  # damaged there: overwritten below
+        if there == size:
+            present += 1
+            continue
+        try:
+            chunks = src.open_range(name, 0, size - 1) if size else iter(())
+            got, n = dst.put_stream(chunks, size)
+        except OtaError as err:
+            if err.code != ErrorCode.NOT_FOUND:
+                raise
+            damaged.append(name)
+            continue
+        if got != name:  # changed between the check and the copy
+            damaged.append(name)
+            continue
+        count += 1
+        total += n
+    return count, total, present, damaged
 
 
 def _token(st: os.stat_result) -> Hashable:

@@ -43,6 +43,7 @@ from .blobs import (
     VerifiedCache,
     aligned,
     blob_key,
+    checked_size,
     checked_span,
     missing,
     unavailable,
@@ -199,7 +200,7 @@ class S3BlobStore:
         if known is not None:
             return known.size  # content-addressed: a verified name's size cannot change
         head = self._head(name)
-        return None if head is None else head[1]
+        return None if head is None else checked_size(name, head[1])
 
     def read(self, name: str, max_size: int) -> bytes:
         """The whole blob (manifests: small), hashed on every read."""
