@@ -277,6 +277,8 @@ def test_store_outage_is_e_storage_and_recovers_by_itself(backend: Backend) -> N
         _unavailable(lambda: store.open_range(NAME, 0, 9))
         _unavailable(lambda: store.read(NAME, len(DATA)))
         _unavailable(lambda: store.put(b"while down"))
+        with mock.patch("otaguard.server.blobs_s3.MULTIPART_THRESHOLD", CHUNK):  # S3: multipart
+            _unavailable(lambda: store.put_stream(_pieces(DATA[::-1], 70_000), len(DATA)))
         with pytest.raises((OSError, OtaError)):
             store.probe()
     store.probe()
@@ -361,3 +363,19 @@ def test_local_store_root_missing_is_storage_not_missing_blob(tmp_path: Path) ->
     shutil.rmtree(tmp_path / "blobs")
     _unavailable(lambda: store.size(name))
     _unavailable(lambda: store.read(name, 10))
+
+
+def test_s3_misconfigured_bucket_is_e_storage(
+    s3_env: dict[str, str], moto_server: MotoServer, tmp_path: Path
+) -> None:
+    """A bucket that does not exist (a typo, deleted): every operation that needs it is 503
+    E_STORAGE and logged, including a multipart upload (boto3 wraps its part errors)."""
+    store = S3BlobStore("otaguard-no-such-bucket", spool_dir=tmp_path, client=moto_server.client())
+    _unavailable(lambda: store.put(b"x"))
+    with mock.patch("otaguard.server.blobs_s3.MULTIPART_THRESHOLD", CHUNK):
+        _unavailable(lambda: store.put_stream(_pieces(DATA, 70_000), len(DATA)))
+    _unavailable(lambda: store.open_range(NAME, 0, 9))
+    _unavailable(lambda: store.read(NAME, 10))
+    with pytest.raises(OtaError) as exc:
+        store.probe()
+    assert _code(exc) == ErrorCode.STORAGE

@@ -30,6 +30,7 @@ from typing import Any
 
 import anyio.to_thread
 import boto3
+from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -130,7 +131,9 @@ class S3BlobStore:
             # 5xx, throttling, and also 403 / NoSuchBucket: the store is unusable as
             # configured; the operator fixes it and the next request works.
             raise unavailable(what, f"{code} {status}: {err.get('Message', '')}") from None
-        except (BotoCoreError, OSError) as exc:
+        except (BotoCoreError, Boto3Error, OSError) as exc:
+            # Boto3Error: upload_file's S3UploadFailedError (a part failed; the multipart
+            # upload is aborted by the transfer manager)
             raise unavailable(what, exc) from None
 
     # --- writes --------------------------------------------------------------------------------
