@@ -379,3 +379,19 @@ def test_s3_misconfigured_bucket_is_e_storage(
     with pytest.raises(OtaError) as exc:
         store.probe()
     assert _code(exc) == ErrorCode.STORAGE
+
+
+def test_verified_cache_expires_on_its_clock_and_keeps_to_its_byte_budget() -> None:
+    now = [0.0]
+    cache = blobs.VerifiedCache(reverify_after=100.0, max_bytes=1000, clock=lambda: now[0])
+    cache.add("a", Verified("t", 1, b"x" * 300))
+    now[0] = 99.0
+    got = cache.get("a")
+    assert got is not None and got.token == "t"
+    now[0] = 100.0
+    assert cache.get("a") is None  # hashed again from here on
+    for n in "bcd":  # 3 x (300 + 128) bytes > 1000: the least recently used goes
+        cache.add(n, Verified(n, 1, b"x" * 300))
+    assert cache.get("b") is None and cache.get("c") is not None and cache.get("d") is not None
+    cache.add("huge", Verified("h", 1, b"x" * 5000))  # over budget alone: kept, others evicted
+    assert cache.get("huge") is not None and cache.get("c") is None
