@@ -142,26 +142,32 @@ class S3BlobStore:
         return name
 
     def put_stream(self, chunks: Iterable[bytes], max_size: int) -> tuple[str, int]:
-        spool = Spool(self.spool_dir, max_size)
         try:
-            for chunk in chunks:
-                spool.write(chunk)
-            name, pieces = spool.finish()
-            self._upload(spool.tmp, name, spool.total, pieces)
-            return name, spool.total
-        finally:
-            spool.discard()
+            spool = Spool(self.spool_dir, max_size)
+            try:
+                for chunk in chunks:
+                    spool.write(chunk)
+                name, pieces = spool.finish()
+                self._upload(spool.tmp, name, spool.total, pieces)
+                return name, spool.total
+            finally:
+                spool.discard()
+        except OSError as exc:  # the local spool: full, read-only, gone
+            raise unavailable("spool", exc) from None
 
     async def put_async(self, chunks: AsyncIterator[bytes], max_size: int) -> tuple[str, int]:
-        spool = Spool(self.spool_dir, max_size)
         try:
-            async for chunk in chunks:
-                spool.write(chunk)
-            name, pieces = spool.finish()
-            await anyio.to_thread.run_sync(self._upload, spool.tmp, name, spool.total, pieces)
-            return name, spool.total
-        finally:
-            spool.discard()
+            spool = Spool(self.spool_dir, max_size)
+            try:
+                async for chunk in chunks:
+                    spool.write(chunk)
+                name, pieces = spool.finish()
+                await anyio.to_thread.run_sync(self._upload, spool.tmp, name, spool.total, pieces)
+                return name, spool.total
+            finally:
+                spool.discard()
+        except OSError as exc:
+            raise unavailable("spool", exc) from None
 
     def _upload(self, path: str, name: str, size: int, pieces: bytes) -> None:
         key = self.key(name)

@@ -8,9 +8,10 @@ before the server binds a socket or touches the database. Relative paths are rel
 file's directory.
 
 No secret goes into the file: the server's flags take none either (the TLS key and the fleet
-CA are paths to files). The one value that could carry one is the database URL; a URL with a
-password is refused here (give it in ``$OTAGUARD_DB_URL``, or use a ``PGPASSFILE`` or peer
-authentication).
+CA are paths to files). The values that could carry one are the database URL, refused with a
+password (give it in ``$OTAGUARD_DB_URL``, or use a ``PGPASSFILE`` or peer authentication),
+and the S3 endpoint URL, refused with a user or password (S3 credentials come from boto3's
+chain: the environment, a profile, an instance role).
 """
 
 from __future__ import annotations
