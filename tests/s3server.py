@@ -8,6 +8,7 @@ refuse connections (moto keeps objects in memory: a restart comes back empty).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -19,6 +20,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from tests.support import missing
 
 # Dummy credentials, and nothing that could send boto3 anywhere but 127.0.0.1 (no shared
 # config files, no instance-metadata lookups).
@@ -48,6 +51,8 @@ class MotoServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> MotoServer:
+        if importlib.util.find_spec("moto") is None:
+            missing("moto[server] (the S3-compatible test server)")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,

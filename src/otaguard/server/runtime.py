@@ -147,7 +147,14 @@ def parse_proxies(values: list[str]) -> tuple[IpNet, ...]:
 
 
 def build_server(opts: RunOptions) -> UpdateServer:
-    storage_options(opts)  # a bad [storage] value stops the server before it migrates
+    storage = storage_options(opts)  # a bad [storage] value stops the server before it migrates
+    if storage["storage_backend"] == "s3":
+        log.warning(
+            "otaguard server: blobs in s3://%s/%s%s",
+            storage["s3_bucket"],
+            storage["s3_prefix"] or "",
+            f" at {storage['s3_endpoint_url']}" if storage["s3_endpoint_url"] else "",
+        )
     db = open_database(opts.data_dir, opts.db_url)
     settings = ServerSettings(
         ca_cert=load_cert_pem(read_limited(opts.ca_cert, MAX_PEM)),
