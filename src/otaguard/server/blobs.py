@@ -299,17 +299,12 @@ class LocalBlobStore:
             raise unavailable("write", exc) from None
 
     def _finish(self, spool: Spool) -> tuple[str, int]:
-        """Commit unless this node verified the stored copy: putting a blob again repairs a
-        damaged one (re-uploading the image is what an operator does about E_NOT_FOUND)."""
+        """Commit, also over an existing copy: the same name is the same bytes, and putting a
+        blob again is how a damaged one is repaired (re-uploading the image is what an
+        operator does about E_NOT_FOUND), even when no check has noticed the damage yet."""
         name, pieces = spool.finish()
-        try:
-            token = _token(self.path(name).stat())
-        except FileNotFoundError:
-            token = None
-        known = self.verified.get(name)
-        if token is None or known is None or known.token != token:
-            self._commit(spool.tmp, name)
-            self.verified.add(name, Verified(_token(self.path(name).stat()), spool.total, pieces))
+        self._commit(spool.tmp, name)
+        self.verified.add(name, Verified(_token(self.path(name).stat()), spool.total, pieces))
         return name, spool.total
 
     def size(self, name: str) -> int | None:

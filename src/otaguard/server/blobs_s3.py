@@ -8,8 +8,7 @@ any blob: the ETag devices resume with (``If-Range``) is the blob's digest, not 
   known before anything reaches the bucket), then upload it under its final key: a single PUT
   below 64 MiB, a multipart upload above (8 MiB parts, two at a time), and S3 makes an object
   visible only once complete, so a crash never leaves a partial blob under a name. Putting an
-  existing name again is a no-op when this node has verified the stored object, an overwrite
-  (a repair) otherwise.
+  existing name again writes it again: same name, same bytes, and a repair if it was damaged.
 * **Reads** verify (see :class:`~.blobs.VerifiedCache`): the first read of a blob through this
   node streams the whole object and hashes it; its ETag is kept, and every ranged read after
   that is a ``GetObject(Range=…, IfMatch=etag)``, so an object replaced since is refused by the
@@ -170,12 +169,9 @@ class S3BlobStore:
             raise unavailable("spool", exc) from None
 
     def _upload(self, path: str, name: str, size: int, pieces: bytes) -> None:
+        """Always written, also over an existing object: putting a blob again is the repair
+        of a damaged one, even one no check has noticed yet."""
         key = self.key(name)
-        known = self.verified.get(name)
-        if known is not None:
-            head = self._head(name)
-            if head is not None and head == (known.token, size):
-                return  # this node verified exactly this object: nothing to do
         try:
             if size < MULTIPART_THRESHOLD:
                 with open(path, "rb") as f:
