@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from otaguard.server.blobs import CHUNK, LocalBlobStore
+from otaguard.server.storage.blobs import CHUNK, LocalBlobStore
 
 MIB = 1024 * 1024
 
@@ -101,7 +101,7 @@ def main() -> None:
         os.environ.update(S3_ENV)
         moto = MotoServer().start()
         try:
-            from otaguard.server.blobs_s3 import S3BlobStore
+            from otaguard.server.storage.blobs_s3 import S3BlobStore
 
             s3 = S3BlobStore(moto.new_bucket(), spool_dir=Path(d) / "spool", client=moto.client())
             for r in rows("S3 (moto, 127.0.0.1)", s3, size, None):

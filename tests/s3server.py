@@ -89,7 +89,7 @@ class MotoServer:
         self.proc.send_signal(signal.SIGCONT)
 
     def client(self, **kw: Any) -> Any:
-        from otaguard.server.blobs_s3 import s3_client
+        from otaguard.server.storage.blobs_s3 import s3_client
 
         return s3_client(self.url, "us-east-1", **kw)
 

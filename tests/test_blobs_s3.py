@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, rule
 
 from otaguard.errors import ErrorCode, OtaError, ServerError
-from otaguard.server import blobs
-from otaguard.server.blobs import CHUNK, Digests, LocalBlobStore, Verified, checked_span
-from otaguard.server.blobs_s3 import S3BlobStore
+from otaguard.server.storage import blobs
+from otaguard.server.storage.blobs import CHUNK, Digests, LocalBlobStore, Verified, checked_span
+from otaguard.server.storage.blobs_s3 import S3BlobStore
 from tests.s3server import MotoServer, moto_server, s3_env  # noqa: F401
 
 FAST = {"connect_timeout": 0.5, "read_timeout": 0.5, "attempts": 1}
@@ -277,7 +277,8 @@ def test_store_outage_is_e_storage_and_recovers_by_itself(backend: Backend) -> N
         _unavailable(lambda: store.open_range(NAME, 0, 9))
         _unavailable(lambda: store.read(NAME, len(DATA)))
         _unavailable(lambda: store.put(b"while down"))
-        with mock.patch("otaguard.server.blobs_s3.MULTIPART_THRESHOLD", CHUNK):  # S3: multipart
+        # (the S3 store goes multipart above this threshold)
+        with mock.patch("otaguard.server.storage.blobs_s3.MULTIPART_THRESHOLD", CHUNK):
             _unavailable(lambda: store.put_stream(_pieces(DATA[::-1], 70_000), len(DATA)))
         with pytest.raises((OSError, OtaError)):
             store.probe()
@@ -319,7 +320,7 @@ def test_s3_layout_and_multipart(
     """Keys are ``<prefix>ab/cd/<sha256>`` like the local directory (``aws s3 sync`` of
     ``blobs/`` is a migration); a blob over the multipart threshold goes up in parts."""
     b = _s3(moto_server, tmp_path, prefix="p/")
-    with mock.patch("otaguard.server.blobs_s3.MULTIPART_THRESHOLD", CHUNK):
+    with mock.patch("otaguard.server.storage.blobs_s3.MULTIPART_THRESHOLD", CHUNK):
         name, _ = b.store.put_stream(_pieces(DATA, 70_000), len(DATA))
     raw = moto_server.client()
     keys = [o["Key"] for o in raw.list_objects_v2(Bucket=b.store.bucket)["Contents"]]
@@ -372,7 +373,7 @@ def test_s3_misconfigured_bucket_is_e_storage(
     E_STORAGE and logged, including a multipart upload (boto3 wraps its part errors)."""
     store = S3BlobStore("otaguard-no-such-bucket", spool_dir=tmp_path, client=moto_server.client())
     _unavailable(lambda: store.put(b"x"))
-    with mock.patch("otaguard.server.blobs_s3.MULTIPART_THRESHOLD", CHUNK):
+    with mock.patch("otaguard.server.storage.blobs_s3.MULTIPART_THRESHOLD", CHUNK):
         _unavailable(lambda: store.put_stream(_pieces(DATA, 70_000), len(DATA)))
     _unavailable(lambda: store.open_range(NAME, 0, 9))
     _unavailable(lambda: store.read(NAME, 10))

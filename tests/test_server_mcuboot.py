@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from otaguard.crypto.software import SoftwareSigner
 from otaguard.manifest.ids import class_id
 from otaguard.mcuboot.image import Geometry, ImageVersion, sign_image
-from otaguard.server.app import TrustState
-from otaguard.server.ca import FleetCA
+from otaguard.server.context import TrustState
+from otaguard.server.pki.ca import FleetCA
 from otaguard.trust.model import StaticKeys
 from tests.pg import Harness, db_url, fleet_ca, harness, pg_cluster, server_tls  # noqa: F401
 from tests.test_server_api import SIGNER, VENDOR, admin, publish

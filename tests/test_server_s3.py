@@ -22,15 +22,15 @@ import pytest
 from otaguard.cli.main import main as cli_main
 from otaguard.device.https_transport import HttpsTransport
 from otaguard.errors import ErrorCode, OtaError
-from otaguard.server import store
-from otaguard.server.app import TrustState
-from otaguard.server.blobs import LocalBlobStore
-from otaguard.server.blobs_s3 import S3BlobStore
-from otaguard.server.ca import FleetCA
 from otaguard.server.config import load_server_config
-from otaguard.server.db import Database, sqlite_url
-from otaguard.server.enroll import Enrollment
+from otaguard.server.context import TrustState
+from otaguard.server.pki.ca import FleetCA
+from otaguard.server.pki.enroll import Enrollment
 from otaguard.server.runtime import RunOptions, storage_options
+from otaguard.server.storage import store
+from otaguard.server.storage.blobs import LocalBlobStore
+from otaguard.server.storage.blobs_s3 import S3BlobStore
+from otaguard.server.storage.db import Database, sqlite_url
 from otaguard.trust.model import StaticKeys
 from tests.pg import Harness, fleet_ca, harness, server_tls  # noqa: F401
 from tests.s3server import MotoServer, moto_server, s3_env  # noqa: F401
@@ -229,6 +229,13 @@ def test_bad_storage_config_is_e_config_naming_the_key(
     with pytest.raises(OtaError) as exc:
         load_server_config(p)
     assert exc.value.code is ErrorCode.CONFIG and message in exc.value.detail
+
+
+def test_storage_keys_are_the_config_files_keys() -> None:
+    from otaguard.server.config import _FIELDS
+    from otaguard.server.storage.blob_settings import STORAGE_KEYS
+
+    assert {f: f"{s}.{k}" for (s, k), f in _FIELDS.items() if s == "storage"} == STORAGE_KEYS
 
 
 def test_storage_options_need_each_other(tmp_path: Path) -> None:

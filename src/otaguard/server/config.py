@@ -16,15 +16,14 @@ chain: the environment, a profile, an instance role).
 
 from __future__ import annotations
 
-import re
 import tomllib
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from sqlalchemy.engine import make_url
 
 from ..errors import ErrorCode, OtaError
+from .storage.blob_settings import STORAGE_KEYS, storage_value
 
 MAX_CONFIG = 64 * 1024
 
@@ -65,8 +64,6 @@ _FIELDS: dict[tuple[str, str], str] = {
     ("storage", "s3_region"): "s3_region",
     ("storage", "s3_prefix"): "s3_prefix",
 }
-# The blob store's fields, checked by storage_value (also for the flags, server/runtime.py).
-STORAGE_KEYS = {f: f"{s}.{k}" for (s, k), f in _FIELDS.items() if s == "storage"}
 _SECTIONS = {s for s, _ in _FIELDS if s}
 _PATHS = {
     "data_dir",
@@ -190,41 +187,3 @@ def _check_db_url(name: str, v: str) -> None:
             f"{name}: no passwords in the config file (set $OTAGUARD_DB_URL, or use a "
             "PGPASSFILE or peer authentication)"
         )
-
-
-_BUCKET = re.compile(r"\A[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
-_REGION = re.compile(r"\A[a-z0-9-]{1,40}\Z")
-_PREFIX = re.compile(r"\A[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*/?\Z")
-
-
-def storage_value(field: str, name: str, v: Any) -> str:
-    """A ``[storage]`` value, checked (``name`` is how the error names it). Credentials have
-    no key: they come from boto3's chain (environment, profile, instance role), and an
-    endpoint URL carrying a user or password is refused like a database URL with one."""
-    if not isinstance(v, str) or not v:
-        raise _fail(f"{name} must be a non-empty string")
-    if field == "storage_backend":
-        if v not in ("local", "s3"):
-            raise _fail(f'{name} must be "local" or "s3"')
-    elif field == "s3_bucket":
-        if not _BUCKET.match(v) or ".." in v:
-            raise _fail(f"{name} is not an S3 bucket name (3-63 of a-z, 0-9, '.', '-')")
-    elif field == "s3_endpoint_url":
-        url = urlsplit(v)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise _fail(f"{name} must be an http(s) URL")
-        if url.username or url.password:
-            raise _fail(
-                f"{name}: no credentials in the config (use $AWS_ACCESS_KEY_ID and "
-                "$AWS_SECRET_ACCESS_KEY, a profile or an instance role)"
-            )
-        if url.query or url.fragment:
-            raise _fail(f"{name} must not have a query or fragment")
-    elif field == "s3_region":
-        if not _REGION.match(v):
-            raise _fail(f"{name} is not a region name")
-    elif field == "s3_prefix":
-        if not _PREFIX.match(v) or any(p in (".", "..") for p in v.split("/")):
-            raise _fail(f"{name} must be a relative key prefix such as 'otaguard/blobs/'")
-        return v if v.endswith("/") else v + "/"
-    return v

@@ -21,15 +21,17 @@ from ..crypto.keys import PublicKey
 from ..errors import ErrorCode, OtaError, UsageError
 from ..fsutil import private_file, read_limited
 from ..trust.model import KeyResolver, StaticKeys
-from . import store
-from .app import IpNet, ServerSettings, TrustState, UpdateServer
-from .blobs import BlobStore, LocalBlobStore
-from .ca import MAX_PEM, load_cert_pem
-from .db import Database, sqlite_url
-from .listener import Deadlines
-from .mtls import bind_socket, run_loop, server_ssl_context, uvicorn_config
+from .app import UpdateServer
+from .context import IpNet, ServerSettings, TrustState
+from .pki.ca import MAX_PEM, load_cert_pem
+from .pki.listener import Deadlines
+from .pki.mtls import bind_socket, run_loop, server_ssl_context, uvicorn_config
+from .pki.renewal import CertIssuer
 from .ratelimit import RateLimit
-from .renewal import CertIssuer
+from .storage import store
+from .storage.blob_settings import STORAGE_KEYS, storage_value
+from .storage.blobs import BlobStore, LocalBlobStore
+from .storage.db import Database, sqlite_url
 
 log = logging.getLogger("otaguard.server")
 
@@ -56,10 +58,10 @@ class RunOptions:
     # The rotation log's sealing key (loaded by the CLI from --audit-seal-*).
     audit_sealer: Signer | None = None
     issuer: CertIssuer | None = None  # the fleet CA for certificate renewal (else E_NO_ISSUER)
-    header_timeout: float = 10.0  # listener deadlines (server/listener.py)
+    header_timeout: float = 10.0  # listener deadlines (server/pki/listener.py)
     body_timeout: float = 30.0
     body_min_rate: int = 16384
-    tuf_timestamp_hours: int = 24  # TUF timestamp expiry (server/tufrepo.py)
+    tuf_timestamp_hours: int = 24  # TUF timestamp expiry (server/storage/tufrepo.py)
     tuf_max_targets_days: int = 366  # uploaded TUF targets expiring later: E_POLICY
     # The TUF snapshot/timestamp keys when they are in an HSM (loaded by the CLI from
     # --tuf-snapshot-pkcs11-uri/--tuf-timestamp-pkcs11-uri); None: files in <data>/tuf/keys.
@@ -83,7 +85,6 @@ def open_database(data_dir: Path, db_url: str | None) -> Database:
 
 def storage_options(opts: RunOptions) -> dict[str, str | None]:
     """The blob store's options, checked: E_CONFIG naming the key (and its flag)."""
-    from .config import STORAGE_KEYS, storage_value
 
     values: dict[str, str | None] = {}
     for fld, key in STORAGE_KEYS.items():
@@ -107,7 +108,7 @@ def open_blob_store(opts: RunOptions) -> BlobStore:
     values = storage_options(opts)
     if values["storage_backend"] in (None, "local"):
         return LocalBlobStore(opts.data_dir / "blobs")
-    from .blobs_s3 import S3BlobStore  # boto3 only where it is used
+    from .storage.blobs_s3 import S3BlobStore  # boto3 only where it is used
 
     assert values["s3_bucket"] is not None
 
@@ -177,7 +178,11 @@ def build_server(opts: RunOptions) -> UpdateServer:
         issuer=opts.issuer,
         data_dir=opts.data_dir,
     )
-    from .tufrepo import DAY, TufRepository, TufSettings  # tuf's imports only where a server runs
+    from .storage.tufrepo import (  # tuf's imports only where a server runs
+        DAY,
+        TufRepository,
+        TufSettings,
+    )
 
     # The TUF repository's online snapshot/timestamp keys are generated here at first start.
     ts_ttl = opts.tuf_timestamp_hours * 3600
@@ -239,6 +244,6 @@ def run(opts: RunOptions) -> None:
     try:
         run_loop(main())
     finally:
-        from .rotation import close_audit_log
+        from .admin_api.rotation import close_audit_log
 
         close_audit_log(srv)
