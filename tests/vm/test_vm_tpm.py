@@ -23,11 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from otaguard.server.enroll import enroll_device
 
 import otaguard
 from otaguard.device.linux.grubenv import decode_block
 from otaguard.device.linux.tpm import Tpm, TpmStore
+from otaguard.server.pki.enroll import enroll_device
 
 from . import build
 from .backend import (
