@@ -62,7 +62,9 @@ class ErrorCode(StrEnum):
     POWER_CUT = "E_POWER_CUT"  # injected power loss (simulation only)
     SLOT_FULL = "E_SLOT_FULL"  # image does not fit the slot
     NO_VALID_SLOT = "E_NO_VALID_SLOT"
-    STORAGE = "E_STORAGE"  # secure-storage record unreadable in both copies
+    # Storage unusable: a device's secure-storage record unreadable in both copies; on the
+    # server, the blob store unreachable or failing (503, retry later).
+    STORAGE = "E_STORAGE"
     OTP_WRITTEN = "E_OTP_WRITTEN"  # write-once area already programmed
     COUNTER_DECREASE = "E_COUNTER_DECREASE"
     SELF_TEST = "E_SELF_TEST"

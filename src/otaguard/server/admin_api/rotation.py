@@ -63,7 +63,9 @@ def audit_log(srv: ServerContext) -> AuditLog:
     with _audit_lock:
         log: AuditLog | None = getattr(srv, "rotation_audit", None)
         if log is None:
-            path = srv.blobs.root.parent / "audit" / "rotation-audit.log"
+            if srv.data_dir is None:
+                raise OtaError(ErrorCode.CONFIG, "no data directory for the rotation audit log")
+            path = srv.data_dir / "audit" / "rotation-audit.log"
             log = AuditLog.open(path, srv.settings.audit_sealer, seal_every=1)
             srv.rotation_audit = log  # type: ignore[attr-defined]
         return log
