@@ -235,6 +235,7 @@ class UpdateServer:
         neither serves the other's routes.
         """
         from .admin import admin_routes
+        from .dashboard.routes import dashboard_routes
         from .tuf_routes import admin_tuf_routes
 
         routes: list[BaseRoute]
@@ -246,6 +247,7 @@ class UpdateServer:
                 *admin_tuf_routes(self),
                 Route("/healthz", self.health, methods=["GET"]),
                 Route("/metrics", metrics_endpoint(self), methods=["GET"]),
+                *dashboard_routes(self),  # the operators' web pages under /ui/
             ]
         else:
             raise ValueError(part)
