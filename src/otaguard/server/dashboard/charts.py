@@ -120,7 +120,7 @@ def line_chart(
         t = lo + (hi - lo) * i / 4
         chart.xticks.append(Rule(x(t), _time_label(t, hi - lo)))
         v = y_max * i / 4
-        label = f"{v / y_max:.0%}" if percent else f"{v:.0f}"
+        label = f"{v / y_max:.0%}" if percent else f"{v:.3g}"
         chart.yticks.append(Rule(y(v), label))
     chart.hlines = [Rule(y(v), label, "level") for v, label in hlines]
     chart.vlines = [Rule(x(t), label, "moment") for t, label in vlines if lo <= t <= hi]

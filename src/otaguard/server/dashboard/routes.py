@@ -22,7 +22,7 @@ import jinja2
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from ...errors import ErrorCode, OtaError, ServerError
 from .. import admin_queries as q
@@ -448,8 +448,8 @@ def _rotation_chart(
         on_new.append((float(t), sum(n for v, n in spread.items() if v >= start_v) / total))
         for v in versions:
             per_version[v].append((float(t), spread.get(v, 0) / total))
-    series = [(f"on v{start_v} or later", "ok", sorted(on_new))]
-    series += [(f"on v{v}", _version_css(v, view), pts) for v, pts in per_version.items()]
+    series = [(f"on v{v}", _version_css(v, view), pts) for v, pts in per_version.items()]
+    series.append((f"on v{start_v} or later", "ok", sorted(on_new)))  # drawn last: on top
     return charts.line_chart(
         "fraction of the targeted fleet",
         series,
@@ -470,27 +470,25 @@ def _version_css(v: int, view: dict[str, Any]) -> str:
 
 
 def dashboard_routes(srv: UpdateServer) -> list[BaseRoute]:
+    """One mount, ``/ui``: not a :class:`Route`, so the API's OpenAPI document (built from
+    the admin app's routes) and the schema-driven tests leave the HTML pages out."""
     ui = Dashboard(srv)
-
-    async def to_ui(request: Request) -> Response:
-        return _secure(RedirectResponse("/ui/", status_code=307))
-
     pg = ui.page
-    return [
-        Route("/ui", to_ui, methods=["GET"]),
-        Route("/ui/login", ui.login_get, methods=["GET"]),
-        Route("/ui/login", ui.login_post, methods=["POST"]),
-        Route("/ui/logout", pg(ui.logout), methods=["POST"]),
-        Route("/ui/static/{name}", ui.static, methods=["GET"]),
-        Route("/ui/", pg(ui.overview), methods=["GET"]),
-        Route("/ui/fleet", pg(ui.fleet), methods=["GET"]),
-        Route("/ui/devices/{serial}", pg(ui.device), methods=["GET"]),
-        Route("/ui/campaigns", pg(ui.campaigns), methods=["GET"]),
-        Route("/ui/campaigns/{name}", pg(ui.campaign), methods=["GET"]),
-        Route("/ui/campaigns/{name}/live", pg(ui.campaign_live), methods=["GET"]),
-        Route("/ui/campaigns/{name}/{action}", pg(ui.campaign_action), methods=["POST"]),
-        Route("/ui/rotation", pg(ui.rotation), methods=["GET"]),
-        Route("/ui/rotation/live", pg(ui.rotation_live), methods=["GET"]),
-        Route("/ui/releases", pg(ui.releases), methods=["GET"]),
-        Route("/ui/audit", pg(ui.audit), methods=["GET"]),
+    pages = [
+        Route("/login", ui.login_get, methods=["GET"]),
+        Route("/login", ui.login_post, methods=["POST"]),
+        Route("/logout", pg(ui.logout), methods=["POST"]),
+        Route("/static/{name}", ui.static, methods=["GET"]),
+        Route("/", pg(ui.overview), methods=["GET"]),
+        Route("/fleet", pg(ui.fleet), methods=["GET"]),
+        Route("/devices/{serial}", pg(ui.device), methods=["GET"]),
+        Route("/campaigns", pg(ui.campaigns), methods=["GET"]),
+        Route("/campaigns/{name}", pg(ui.campaign), methods=["GET"]),
+        Route("/campaigns/{name}/live", pg(ui.campaign_live), methods=["GET"]),
+        Route("/campaigns/{name}/{action}", pg(ui.campaign_action), methods=["POST"]),
+        Route("/rotation", pg(ui.rotation), methods=["GET"]),
+        Route("/rotation/live", pg(ui.rotation_live), methods=["GET"]),
+        Route("/releases", pg(ui.releases), methods=["GET"]),
+        Route("/audit", pg(ui.audit), methods=["GET"]),
     ]
+    return [Mount("/ui", routes=pages)]
