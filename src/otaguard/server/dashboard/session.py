@@ -54,6 +54,11 @@ def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
+def _same(given: str, want: str) -> bool:
+    """Constant-time, and any text (compare_digest refuses non-ASCII str)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), want.encode())
+
+
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
@@ -79,7 +84,7 @@ class Sessions:
         if not cookie or len(cookie) > MAX_COOKIE or cookie.count(".") != 1:
             raise ServerError(ErrorCode.AUTH, "log in first", 401)
         body, mac = cookie.split(".")
-        if not hmac.compare_digest(mac, self._mac(purpose, body.encode())):
+        if not _same(mac, self._mac(purpose, body.encode("utf-8", "surrogatepass"))):
             raise ServerError(ErrorCode.AUTH, "session not signed by this server", 401)
         try:
             claims = json.loads(_unb64(body))
@@ -117,7 +122,7 @@ class Sessions:
         return self._mac("csrf", s.sid.encode())
 
     def check_csrf(self, s: Session, value: object) -> None:
-        if not isinstance(value, str) or not hmac.compare_digest(value, self.csrf(s)):
+        if not isinstance(value, str) or not _same(value, self.csrf(s)):
             raise ServerError(ErrorCode.CSRF, "form lacks this session's anti-forgery token", 403)
 
     # --- log-in form ---------------------------------------------------------------------------
@@ -135,7 +140,7 @@ class Sessions:
                 ErrorCode.CSRF, "log-in form expired or not from this server: reload it", 403
             ) from None
         want = self._mac("login-form", nonce.encode())
-        if not isinstance(value, str) or not hmac.compare_digest(value, want):
+        if not isinstance(value, str) or not _same(value, want):
             raise ServerError(ErrorCode.CSRF, "log-in form lacks its anti-forgery token", 403)
 
 
