@@ -29,7 +29,10 @@ from tests.pg import fleet_ca, server_tls  # noqa: F401
 from tests.support import missing
 
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    NoAlertPresentException,
+    StaleElementReferenceException,
+)
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
@@ -90,17 +93,39 @@ def sc(
 
 
 def shot(d: WebDriver, name: str) -> None:
+    """The whole page at 1280 px wide (only with OTAGUARD_SCREENSHOTS)."""
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
-        d.set_window_size(1280, 600)
-        height = d.execute_script("return document.body.scrollHeight")
-        d.set_window_size(1280, max(600, min(int(height) + 40, 2400)))
+        metrics = {"width": 1280, "deviceScaleFactor": 1, "mobile": False}
+        d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {**metrics, "height": 500})
+        height = int(d.execute_script("return document.documentElement.scrollHeight"))
+        d.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride", {**metrics, "height": min(height, 2400)}
+        )
         d.save_screenshot(str(Path(SHOTS) / f"{name}.png"))
-        d.set_window_size(1280, 1400)
+        d.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
 def text(d: WebDriver, css: str) -> str:
-    return str(d.find_element(By.CSS_SELECTOR, css).text)
+    """The element's text, read in one step (the live part may be swapped in at any moment,
+    which would make a held element reference stale)."""
+    got = d.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.innerText : null;", css
+    )
+    assert got is not None, css
+    return str(got).strip()
+
+
+def act(d: WebDriver, css: str, keys: str | None = None) -> None:
+    """Click (or type into) an element of the live part, finding it again if swapped."""
+    for _ in range(5):
+        try:
+            e = d.find_element(By.CSS_SELECTOR, css)
+            e.click() if keys is None else e.send_keys(keys)
+            return
+        except StaleElementReferenceException:  # swapped by the page's refresh: find it again
+            continue
+    raise AssertionError(f"{css} kept going stale")
 
 
 def wait(d: WebDriver, cond: Callable[[WebDriver], object]) -> None:
@@ -137,7 +162,6 @@ def test_operator_watches_pauses_and_resumes_a_campaign(sc: Scene, driver: WebDr
     d = driver
     sc.campaign("spring-1", display="Spring security patch")
     log_in(d, sc, "operator")
-    shot(d, "overview")
     d.get(sc.url + "/ui/campaigns/spring-1")
     assert text(d, "#status") == "running" and text(d, "#succeeded") == "0"
     d.execute_script("window.__still_here = 1")  # gone if the page were reloaded
@@ -155,18 +179,21 @@ def test_operator_watches_pauses_and_resumes_a_campaign(sc: Scene, driver: WebDr
     wait(d, lambda d: text(d, "#succeeded") == str(n2))
     shot(d, "campaign-running")
 
-    d.find_element(By.NAME, "reason").send_keys("INC-7: watching the canaries")
-    d.find_element(By.ID, "pause").click()
+    act(d, "input[name=reason]", "INC-7: watching the canaries")
+    act(d, "#pause")
     wait(d, lambda d: text(d, "#status") == "paused")
     assert "INC-7: watching the canaries" in text(d, "#pause-reason")
     assert sc.api("viewer").get("/admin/v1/campaigns/spring-1").json()["status"] == "paused"
     shot(d, "campaign-paused")
-    d.find_element(By.ID, "resume").click()
+    act(d, "#resume")
     wait(d, lambda d: text(d, "#status") == "running")
     assert sc.api("viewer").get("/admin/v1/campaigns/spring-1").json()["status"] == "running"
 
-    for name, path in (("campaigns", "/ui/campaigns"), ("fleet", "/ui/fleet"),
-                       ("device", "/ui/devices/SN-000"), ("releases", "/ui/releases")):  # fmt: skip
+    done = next(s for s, dev in sorted(sc.fleet.devices.items()) if dev.version == "1.1.0")
+    sc.fleet.devices[done].poll()  # a check-in on the new firmware
+    pages = {"overview": "/ui/", "campaigns": "/ui/campaigns", "fleet": "/ui/fleet",
+             "device": f"/ui/devices/{done}", "releases": "/ui/releases"}  # fmt: skip
+    for name, path in pages.items():
         d.get(sc.url + path)
         assert "Refused" not in d.title, path
         shot(d, name)
