@@ -123,6 +123,7 @@ def scene(
     *,
     devices: int = 6,
     healthy: bool = True,
+    db_url: str | None = None,
 ) -> Iterator[Scene]:
     lab = Lab()
     clock = SimClock(lab.now)
@@ -134,7 +135,7 @@ def scene(
         audit_sealer=SoftwareSigner(generate_private_key("ed25519")),
     )
     trust = TrustState(lab.bundle.store())
-    url = sqlite_url(tmp_path / "otaguard.db")
+    url = db_url or sqlite_url(tmp_path / "otaguard.db")
     with harness(url, fleet_ca, server_tls, tmp_path, trust=trust, settings=settings) as h:
         h.srv.campaigns.clock = clock
         fleet = Fleet(

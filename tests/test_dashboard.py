@@ -19,7 +19,7 @@ from otaguard.server.ca import FleetCA
 from otaguard.server.dashboard.routes import CSP
 from otaguard.server.dashboard.session import COOKIE, SESSION_S, sessions_of
 from tests.dashboard_support import Scene, csrf_of, login, scene
-from tests.pg import fleet_ca, server_tls  # noqa: F401
+from tests.pg import db_url, fleet_ca, pg_cluster, server_tls  # noqa: F401
 
 XSS = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">'
 PAGES = ["/ui/", "/ui/fleet", "/ui/fleet?serial=SN-00", "/ui/devices/SN-000", "/ui/campaigns",
@@ -47,7 +47,22 @@ def campaign_status(sc: Scene, name: str = "spring-1") -> str:
     return str(r.json()["status"])
 
 
-def test_every_page_renders_with_the_security_headers(sc: Scene) -> None:
+@pytest.fixture
+def sc_db(
+    db_url: str,
+    fleet_ca: FleetCA,
+    server_tls: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Scene]:
+    with scene(fleet_ca, server_tls, tmp_path, monkeypatch, devices=4, db_url=db_url) as s:
+        s.campaign("spring-1", display="Spring patch")
+        yield s
+
+
+def test_every_page_renders_with_the_security_headers(sc_db: Scene) -> None:
+    """On SQLite and PostgreSQL: the dashboard's own queries run on both."""
+    sc = sc_db
     sc.fleet.poll_all()  # two canaries update: reports, a chart with points
     sc.start_rotation()
     c = sc.login("viewer")
@@ -72,6 +87,10 @@ def test_every_page_renders_with_the_security_headers(sc: Scene) -> None:
     assert 'id="audit-status" class="ok-text">Verified' in audit and "rotation-start" in audit
     assert c.get("/ui/fleet?serial=SN-000").headers["location"] == "/ui/devices/SN-000"
     assert c.get("/ui/static/other.js").status_code == 404
+    refused(c.get("/ui/campaigns/no-such"), 404, "E_NOT_FOUND")
+    refused(c.get("/ui/devices/SN-999"), 404, "E_NOT_FOUND")
+    r = c.get("/ui")
+    assert r.status_code == 307 and r.headers["location"].endswith("/ui/")
 
 
 def test_login_cookie_attributes_and_refusals(sc: Scene) -> None:
