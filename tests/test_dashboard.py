@@ -216,3 +216,22 @@ def test_stored_html_is_escaped(
         assert "<script>alert" not in r.text
         r = c.get("/ui/fleet?serial=%3Cscript%3E")
         assert r.status_code == 200 and "<script>" not in r.text.split("</header>")[1]
+
+
+def test_audit_page_reports_a_tampered_rotation_log(sc: Scene) -> None:
+    sc.start_rotation()
+    c = sc.login("security-officer")
+    assert 'id="audit-status" class="ok-text">Verified' in c.get("/ui/audit").text
+    from otaguard.server.rotation import close_audit_log
+
+    close_audit_log(sc.h.srv)  # the server reopens it on its next append
+    log = sc.h.tmp / "audit" / "rotation-audit.log"
+    text = log.read_text()
+    assert "INC-42" in text
+    log.write_text(text.replace("INC-42", "INC-43"))  # someone rewrites the reason
+    page = c.get("/ui/audit").text
+    assert 'id="audit-status" class="error">NOT VALID' in page and "E_AUDIT_CHAIN" in page
+    lines = text.splitlines(keepends=True)
+    log.write_text("".join(lines[:1]))  # cut back before the record the database anchors
+    page = c.get("/ui/audit").text
+    assert 'class="error">NOT VALID: <code>E_AUDIT_SEAL</code>' in page and "truncated" in page
