@@ -12,6 +12,7 @@ no inline script or style, nothing from another origin.
 
 from __future__ import annotations
 
+import logging
 import threading
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,7 @@ from .session import COOKIE, LOGIN_COOKIE, LOGIN_S, Session, sessions_of, token_
 if TYPE_CHECKING:
     from ..app import UpdateServer
 
+log = logging.getLogger("otaguard.server")
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -298,6 +300,7 @@ class Dashboard:
         reason = check_reason(form.get("reason") or None)
         name = request.path_params["name"]
         await run_in_threadpool(self.srv.campaigns.transition, name, action, reason)
+        log.warning("dashboard: %r (%s) did %s on campaign %r", s.name, s.role, action, name)
         return RedirectResponse(_campaign_url(name), status_code=303)
 
     def _rotation_ctx(self) -> dict[str, Any]:
