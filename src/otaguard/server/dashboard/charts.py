@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 W, H = 640, 220
 LEFT, RIGHT, TOP, BOTTOM = 48, 12, 12, 28
@@ -143,3 +144,75 @@ def bar_chart(title: str, values: Sequence[tuple[str, int, str]]) -> Chart:
         chart.bars.append(Bar(label, v, round(pos, 1), w, css))
         pos += w
     return chart
+
+
+def campaign_chart(
+    st: dict[str, Any], finishes: list[tuple[int, str]], policy: dict[str, Any], now: float
+) -> Chart:
+    """Devices finished over time (succeeded; failed or reverted), with the phase quota, the
+    failure limit and the campaign's events."""
+    ok: list[tuple[float, float]] = []
+    bad: list[tuple[float, float]] = []
+    n_ok = n_bad = 0
+    start = st.get("started_at")
+    if start is not None:
+        ok.append((float(start), 0.0))
+        bad.append((float(start), 0.0))
+    for t, state in finishes:
+        if state == "succeeded":
+            n_ok += 1
+            ok.append((t, n_ok))
+        else:
+            n_bad += 1
+            bad.append((t, n_bad))
+    hlines: list[tuple[float, str]] = [(float(st["quota"]), f"phase {st['phase']} quota")]
+    if policy.get("failure_limit") is not None:
+        hlines.append((float(policy["failure_limit"]), "failure limit"))
+    moments = [
+        (float(h["at"]), str(h["event"]))
+        for h in st["history"]
+        if h["event"] in ("started", "advanced", "paused", "resumed", "completed", "aborted")
+    ]
+    end = st.get("ended_at") or max([now, *(t for t, _ in ok + bad)])
+    return line_chart(
+        "devices finished",
+        [("succeeded", "ok", ok), ("failed or reverted", "bad", bad)],
+        y_max=max(1, int(st["target_size"])),
+        hlines=hlines,
+        vlines=moments,
+        t_max=float(end),
+    )
+
+
+def rotation_chart(view: dict[str, Any], samples: list[tuple[int, dict[int, int]]]) -> Chart:
+    """Fraction of the targeted fleet on each key-list version over time (the rotation's
+    events plus the samples the dashboard took), with the threshold."""
+    start_v = int(view["start_keylist_version"])
+    on_new = [(float(e["at"]), float(e["fraction"])) for e in view["history"]]
+    versions = sorted({v for _, spread in samples for v in spread})
+    per_version: dict[int, list[tuple[float, float]]] = {v: [] for v in versions}
+    for t, spread in samples:
+        total = sum(spread.values()) or 1
+        on_new.append((float(t), sum(n for v, n in spread.items() if v >= start_v) / total))
+        for v in versions:
+            per_version[v].append((float(t), spread.get(v, 0) / total))
+    series = [(f"on v{v}", version_css(v, view), pts) for v, pts in per_version.items()]
+    series.append((f"on v{start_v} or later", "ok", sorted(on_new)))  # drawn last: on top
+    return line_chart(
+        "fraction of the targeted fleet",
+        series,
+        y_max=1.0,
+        percent=True,
+        hlines=[(float(view["threshold"]), "threshold")],
+        vlines=[(float(e["at"]), str(e["action"])) for e in view["history"]],
+    )
+
+
+def version_css(v: int, view: dict[str, Any]) -> str:
+    """Old list, the rotation's start list (or later), its final list."""
+    final = view.get("final_keylist_version")
+    if final is not None and v >= int(final):
+        return "v-final"
+    if v >= int(view["start_keylist_version"]):
+        return "v-new"
+    return "v-old"

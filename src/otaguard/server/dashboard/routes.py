@@ -281,7 +281,8 @@ class Dashboard:
                 return dq.campaign_finishes(conn, name), dq.campaign_policy(conn, name)
 
         finishes, policy = await run_in_threadpool(work)
-        return {"c": st, "policy": policy, "chart": _campaign_chart(st, finishes, policy)}
+        chart = charts.campaign_chart(st, finishes, policy, store.now_s())
+        return {"c": st, "policy": policy, "chart": chart}
 
     async def campaign(self, request: Request, s: Session) -> Response:
         ctx = await self._campaign_ctx(request.path_params["name"])
@@ -322,10 +323,10 @@ class Dashboard:
         return {
             "rot": view,
             "spread": spread,
-            "chart": _rotation_chart(view, samples),
+            "chart": charts.rotation_chart(view, samples),
             "bars": charts.bar_chart(
                 "devices per key-list version now",
-                [(f"v{v}", n, _version_css(v, view)) for v, n in spread.items()],
+                [(f"v{v}", n, charts.version_css(v, view)) for v, n in spread.items()],
             ),
         }
 
@@ -400,76 +401,6 @@ def _key_names(srv: UpdateServer) -> dict[str, str]:
     if not isinstance(ts, TrustStore):
         return {}
     return {a.key_id.hex(): a.trusted.name for a in ts.keylist.authorizations}
-
-
-def _campaign_chart(
-    st: dict[str, Any], finishes: list[tuple[int, str]], policy: dict[str, Any]
-) -> charts.Chart:
-    ok: list[tuple[float, float]] = []
-    bad: list[tuple[float, float]] = []
-    n_ok = n_bad = 0
-    start = st.get("started_at")
-    if start is not None:
-        ok.append((float(start), 0.0))
-        bad.append((float(start), 0.0))
-    for t, state in finishes:
-        if state == "succeeded":
-            n_ok += 1
-            ok.append((t, n_ok))
-        else:
-            n_bad += 1
-            bad.append((t, n_bad))
-    hlines: list[tuple[float, str]] = [(float(st["quota"]), f"phase {st['phase']} quota")]
-    if policy.get("failure_limit") is not None:
-        hlines.append((float(policy["failure_limit"]), "failure limit"))
-    moments = [
-        (float(h["at"]), str(h["event"]))
-        for h in st["history"]
-        if h["event"] in ("started", "advanced", "paused", "resumed", "completed", "aborted")
-    ]
-    now = float(store.now_s())
-    end = st.get("ended_at") or max([now, *(t for t, _ in ok + bad)])
-    return charts.line_chart(
-        "devices finished",
-        [("succeeded", "ok", ok), ("failed or reverted", "bad", bad)],
-        y_max=max(1, int(st["target_size"])),
-        hlines=hlines,
-        vlines=moments,
-        t_max=float(end),
-    )
-
-
-def _rotation_chart(
-    view: dict[str, Any], samples: list[tuple[int, dict[int, int]]]
-) -> charts.Chart:
-    start_v = int(view["start_keylist_version"])
-    on_new = [(float(e["at"]), float(e["fraction"])) for e in view["history"]]
-    versions = sorted({v for _, spread in samples for v in spread})
-    per_version: dict[int, list[tuple[float, float]]] = {v: [] for v in versions}
-    for t, spread in samples:
-        total = sum(spread.values()) or 1
-        on_new.append((float(t), sum(n for v, n in spread.items() if v >= start_v) / total))
-        for v in versions:
-            per_version[v].append((float(t), spread.get(v, 0) / total))
-    series = [(f"on v{v}", _version_css(v, view), pts) for v, pts in per_version.items()]
-    series.append((f"on v{start_v} or later", "ok", sorted(on_new)))  # drawn last: on top
-    return charts.line_chart(
-        "fraction of the targeted fleet",
-        series,
-        y_max=1.0,
-        percent=True,
-        hlines=[(float(view["threshold"]), "threshold")],
-        vlines=[(float(e["at"]), str(e["action"])) for e in view["history"]],
-    )
-
-
-def _version_css(v: int, view: dict[str, Any]) -> str:
-    final = view.get("final_keylist_version")
-    if final is not None and v >= int(final):
-        return "v-final"
-    if v >= int(view["start_keylist_version"]):
-        return "v-new"
-    return "v-old"
 
 
 def dashboard_routes(srv: UpdateServer) -> list[BaseRoute]:
