@@ -235,3 +235,21 @@ def test_audit_page_reports_a_tampered_rotation_log(sc: Scene) -> None:
     log.write_text("".join(lines[:1]))  # cut back before the record the database anchors
     page = c.get("/ui/audit").text
     assert 'class="error">NOT VALID: <code>E_AUDIT_SEAL</code>' in page and "truncated" in page
+
+
+def test_rotation_finish_shows_on_the_rotation_and_release_pages(sc: Scene) -> None:
+    key_b = sc.start_rotation()
+    so = sc.api("security-officer")
+    force = {"force": True, "reason": "INC-42: ship today"}
+    assert so.post("/admin/v1/rotations/1/advance", json=force).status_code == 200
+    c = sc.login("viewer")
+    page = c.get("/ui/releases").text
+    assert 'class="status paused">retired' in page  # 1.1.0 was signed with the old key
+    final = sc.lab.keylist_update([key_b], keep_op=False, revoked=[sc.lab.op.public_key.key_id])
+    body = {"keylist": base64.b64encode(final).decode(), **force}
+    assert so.post("/admin/v1/rotations/1/finish", json=body).status_code == 200
+    page = c.get("/ui/releases").text
+    assert 'class="status aborted">revoked' in page
+    rot = c.get("/ui/rotation").text
+    assert 'id="rot-state" class="status finished">finished' in rot
+    assert rot.count("INC-42: ship today") == 2  # the forced advance and finish, with reasons

@@ -346,7 +346,9 @@ class Dashboard:
                 return {"releases": q.list_releases(conn), "release_key": release_key(conn)}
 
         data = await run_in_threadpool(work)
-        return self.render(request, "releases.html", s, keys=_key_names(self.srv), **data)
+        revoked = _revoked_keys(self.srv)
+        keys = _key_names(self.srv)
+        return self.render(request, "releases.html", s, keys=keys, revoked=revoked, **data)
 
     async def audit(self, request: Request, s: Session) -> Response:
         from .audit import rotation_audit
@@ -391,6 +393,14 @@ def _cookie(resp: Response, name: str, value: str, max_age: int) -> None:
     resp.set_cookie(
         name, value, max_age=max_age, path="/", secure=True, httponly=True, samesite="strict"
     )
+
+
+def _revoked_keys(srv: UpdateServer) -> set[str]:
+    """kid hex of the keys the server's current key list revokes."""
+    from ...trust.store import TrustStore
+
+    ts = srv.trust.resolver
+    return {k.hex() for k in ts.keylist.revoked} if isinstance(ts, TrustStore) else set()
 
 
 def _key_names(srv: UpdateServer) -> dict[str, str]:
