@@ -8,11 +8,15 @@ SameSite, and the refusal is a typed 403 ``E_CSRF`` before any state changes.
 from __future__ import annotations
 
 import urllib.parse
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
 from ...errors import ErrorCode, ServerError
 from .session import Session, Sessions
+
+if TYPE_CHECKING:
+    from ..app import UpdateServer
 
 MAX_FORM = 4096
 FORM_TYPE = "application/x-www-form-urlencoded"
@@ -32,15 +36,13 @@ def same_origin(request: Request) -> None:
             raise ServerError(ErrorCode.CSRF, "form posted from another origin", 403)
 
 
-async def read_form(request: Request) -> dict[str, str]:
+async def read_form(srv: UpdateServer, request: Request) -> dict[str, str]:
     """The url-encoded body (one value per field; at most ``MAX_FORM`` bytes). Any other
     body is E_CSRF: every dashboard form is url-encoded and carries its token."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != FORM_TYPE:  # not one of our forms, so it cannot carry the token either
         raise ServerError(ErrorCode.CSRF, f"not a dashboard form ({FORM_TYPE})", 403)
-    from ..app import UpdateServer
-
-    raw = await UpdateServer.read_body(request, MAX_FORM)
+    raw = await srv.read_body(request, MAX_FORM)
     try:
         pairs = urllib.parse.parse_qsl(
             raw.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=16
@@ -55,10 +57,12 @@ async def read_form(request: Request) -> dict[str, str]:
     return out
 
 
-async def checked_form(request: Request, sessions: Sessions, s: Session) -> dict[str, str]:
+async def checked_form(
+    srv: UpdateServer, request: Request, sessions: Sessions, s: Session
+) -> dict[str, str]:
     """A session's form post, refused with 403 E_CSRF unless it is same-origin and carries
     the session's token."""
     same_origin(request)
-    form = await read_form(request)
+    form = await read_form(srv, request)
     sessions.check_csrf(s, form.get("csrf"))
     return form

@@ -3,11 +3,14 @@ over time). Decisions and writes go through the admin API's own service function
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sqlalchemy import Connection, func, select
 
 from .. import models as m
+from ..rollout_model import Campaign
+from ..rotation import _targeted
 
 MAX_HISTORY = 50
 MAX_SEARCH = 50
@@ -102,8 +105,6 @@ def campaign_finishes(conn: Connection, name: str) -> list[tuple[int, str]]:
 def keylist_spread(conn: Connection, rot: Any) -> dict[int, int]:
     """A rotation's targeted devices (the rotation's own selection) per key-list version
     (0: never reported one)."""
-    from ..rotation import _targeted
-
     out: dict[int, int] = {}
     for r in _targeted(conn, rot):
         v = int(r.keylist_version or 0)
@@ -114,10 +115,6 @@ def keylist_spread(conn: Connection, rot: Any) -> dict[int, int]:
 def campaign_policy(conn: Connection, name: str) -> dict[str, Any]:
     """The campaign's failure threshold and success rule, and the failure count that would
     pause it now (failures before the last acknowledged auto-pause do not count)."""
-    import json
-
-    from ..rollout_model import Campaign
-
     row = conn.execute(select(m.campaigns.c.state).where(m.campaigns.c.name == name)).first()
     if row is None:
         return {}

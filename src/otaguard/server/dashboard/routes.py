@@ -26,13 +26,17 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from ...errors import ErrorCode, OtaError, ServerError
+from ...trust.store import TrustStore
+from ...wire import decimal
 from .. import admin_queries as q
 from .. import store
 from ..admin import PERMISSIONS
 from ..admin_auth import check_role
 from ..campaign_admin import ACTIONS, check_reason
+from ..rotation import DEFAULT_WARN_DAYS, current_rotation, release_key, rotation_view
 from . import charts
 from . import queries as dq
+from .audit import rotation_audit
 from .csrf import checked_form, read_form, same_origin
 from .session import COOKIE, LOGIN_COOKIE, LOGIN_S, Session, sessions_of, token_by_id, token_id_of
 
@@ -83,9 +87,8 @@ def _when(t: float | None) -> str:
 
 
 def _status_of(err: OtaError) -> int:
-    from ..app import _status_of as api_status
-
-    return api_status(err)
+    """The HTTP status the admin API gives the same refusal (ServerError carries it)."""
+    return err.status if isinstance(err, ServerError) else 400
 
 
 class Dashboard:
@@ -160,7 +163,7 @@ class Dashboard:
     async def login_post(self, request: Request) -> Response:
         try:
             same_origin(request)
-            form = await read_form(request)
+            form = await read_form(self.srv, request)
             self.sessions.check_login(request.cookies.get(LOGIN_COOKIE), form.get("csrf"))
             token = form.get("token", "").strip()
             if not token or len(token) > MAX_TOKEN:
@@ -185,7 +188,7 @@ class Dashboard:
         return _secure(resp)
 
     async def logout(self, request: Request, s: Session) -> Response:
-        await checked_form(request, self.sessions, s)
+        await checked_form(self.srv, request, self.sessions, s)
         self.sessions.end(s)
         resp = RedirectResponse("/ui/login", status_code=303)
         resp.delete_cookie(COOKIE, path="/", secure=True, httponly=True, samesite="strict")
@@ -204,8 +207,6 @@ class Dashboard:
         svc = self.srv.campaigns
 
         def work() -> dict[str, Any]:
-            from ..rotation import current_rotation
-
             with self.srv.db.read() as conn:
                 rot = current_rotation(conn)
                 return {
@@ -293,7 +294,7 @@ class Dashboard:
         return self.render(request, "_campaign_live.html", s, **ctx)
 
     async def campaign_action(self, request: Request, s: Session) -> Response:
-        form = await checked_form(request, self.sessions, s)
+        form = await checked_form(self.srv, request, self.sessions, s)
         check_role(s.role, PERMISSIONS["campaign"], "campaign")  # as POST /admin/v1/campaigns/…
         action = request.path_params["action"]
         if action not in ACTIONS:
@@ -305,8 +306,6 @@ class Dashboard:
         return RedirectResponse(_campaign_url(name), status_code=303)
 
     def _rotation_ctx(self) -> dict[str, Any]:
-        from ..rotation import DEFAULT_WARN_DAYS, current_rotation, rotation_view
-
         with self.srv.db.read() as conn:
             rot = current_rotation(conn)
             if rot is None:
@@ -340,8 +339,6 @@ class Dashboard:
 
     async def releases(self, request: Request, s: Session) -> Response:
         def work() -> dict[str, Any]:
-            from ..rotation import release_key
-
             with self.srv.db.read() as conn:
                 return {"releases": q.list_releases(conn), "release_key": release_key(conn)}
 
@@ -351,8 +348,6 @@ class Dashboard:
         return self.render(request, "releases.html", s, keys=keys, revoked=revoked, **data)
 
     async def audit(self, request: Request, s: Session) -> Response:
-        from .audit import rotation_audit
-
         data = await run_in_threadpool(rotation_audit, self.srv)
         return self.render(request, "audit.html", s, keys=_key_names(self.srv), **data)
 
@@ -369,8 +364,6 @@ def _allowed(s: Session | None, perm: str) -> bool:
 
 
 def _int(v: str | None, default: int) -> int:
-    from ...wire import decimal
-
     n = decimal(v) if v is not None else None
     return default if n is None else n
 
@@ -397,16 +390,12 @@ def _cookie(resp: Response, name: str, value: str, max_age: int) -> None:
 
 def _revoked_keys(srv: UpdateServer) -> set[str]:
     """kid hex of the keys the server's current key list revokes."""
-    from ...trust.store import TrustStore
-
     ts = srv.trust.resolver
     return {k.hex() for k in ts.keylist.revoked} if isinstance(ts, TrustStore) else set()
 
 
 def _key_names(srv: UpdateServer) -> dict[str, str]:
     """kid hex → the name the trust store gives the key (for "who signed what")."""
-    from ...trust.store import TrustStore
-
     ts = srv.trust.resolver
     if not isinstance(ts, TrustStore):
         return {}
