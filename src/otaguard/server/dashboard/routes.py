@@ -88,7 +88,12 @@ def _when(t: float | None) -> str:
 
 def _status_of(err: OtaError) -> int:
     """The HTTP status the admin API gives the same refusal (ServerError carries it)."""
-    return err.status if isinstance(err, ServerError) else 400
+    if isinstance(err, ServerError):
+        return err.status
+    return _STATUS.get(err.code, 400)
+
+
+_STATUS = {ErrorCode.NOT_FOUND: 404, ErrorCode.AUTH: 401, ErrorCode.FORBIDDEN: 403}
 
 
 class Dashboard:
@@ -197,7 +202,9 @@ class Dashboard:
     async def static(self, request: Request) -> Response:
         name = request.path_params["name"]
         if name not in STATIC:
-            return _secure(await self.error(request, OtaError(ErrorCode.NOT_FOUND, name), None))
+            return _secure(
+                await self.error(request, ServerError(ErrorCode.NOT_FOUND, name, 404), None)
+            )
         body = resources.files("otaguard.server.dashboard").joinpath("static", name).read_bytes()
         resp = Response(body, media_type=STATIC[name])
         return _secure(resp)
