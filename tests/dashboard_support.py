@@ -23,11 +23,11 @@ import pytest
 from otaguard.clock import SimClock
 from otaguard.crypto.software import SoftwareSigner, generate_private_key
 from otaguard.device.lab import Lab
-from otaguard.server import store
-from otaguard.server.app import ServerSettings, TrustState
-from otaguard.server.ca import FleetCA
-from otaguard.server.db import sqlite_url
+from otaguard.server.context import ServerSettings, TrustState
+from otaguard.server.pki.ca import FleetCA
 from otaguard.server.ratelimit import RateLimit
+from otaguard.server.storage import store
+from otaguard.server.storage.db import sqlite_url
 from tests.campaign_fleet import Fleet, release
 from tests.pg import Harness, harness
 

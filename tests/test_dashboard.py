@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from otaguard.server import store
-from otaguard.server.ca import FleetCA
 from otaguard.server.dashboard.routes import CSP
 from otaguard.server.dashboard.session import COOKIE, SESSION_S, sessions_of
+from otaguard.server.pki.ca import FleetCA
+from otaguard.server.storage import store
 from tests.dashboard_support import Scene, csrf_of, login, scene
 from tests.pg import db_url, fleet_ca, pg_cluster, server_tls  # noqa: F401
 
@@ -222,7 +222,7 @@ def test_audit_page_reports_a_tampered_rotation_log(sc: Scene) -> None:
     sc.start_rotation()
     c = sc.login("security-officer")
     assert 'id="audit-status" class="ok-text">Verified' in c.get("/ui/audit").text
-    from otaguard.server.rotation import close_audit_log
+    from otaguard.server.admin_api.rotation import close_audit_log
 
     close_audit_log(sc.h.srv)  # the server reopens it on its next append
     log = sc.h.tmp / "audit" / "rotation-audit.log"

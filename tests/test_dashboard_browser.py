@@ -29,7 +29,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from otaguard.server.ca import FleetCA
+from otaguard.server.pki.ca import FleetCA
 from tests.dashboard_support import Scene, scene
 from tests.pg import fleet_ca, server_tls  # noqa: F401
 from tests.support import missing

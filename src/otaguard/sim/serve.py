@@ -41,10 +41,10 @@ def serve(data: Path, host: str, port: int, *, echo: Callable[[str], None] = pri
     """Serve ``data``'s admin listener until interrupted (blocks)."""
     import uvicorn
 
-    from ..server import store
-    from ..server.mtls import bind_socket, run_loop, server_ssl_context, uvicorn_config
-    from ..server.rotation import close_audit_log
+    from ..server.admin_api.rotation import close_audit_log
+    from ..server.pki.mtls import bind_socket, run_loop, server_ssl_context, uvicorn_config
     from ..server.runtime import RunOptions, build_server
+    from ..server.storage import store
 
     if not (data / STATE).is_file():
         raise UsageError(ErrorCode.USAGE, f"{data} holds no kept simulation server")

@@ -12,15 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import AuditError
 from ...signing.audit import read_records, verify_log
-from ..rotation import audit_anchor
+from ..admin_api.rotation import audit_anchor
 
 if TYPE_CHECKING:
-    from ..app import UpdateServer
+    from ..context import ServerContext
 
 SHOWN = 50
 
 
-def rotation_audit(srv: UpdateServer) -> dict[str, Any]:
+def rotation_audit(srv: ServerContext) -> dict[str, Any]:
     path = srv.blobs.root.parent / "audit" / "rotation-audit.log"
     with srv.db.read() as conn:
         anchor = audit_anchor(conn)

@@ -16,7 +16,7 @@ from ...errors import ErrorCode, ServerError
 from .session import Session, Sessions
 
 if TYPE_CHECKING:
-    from ..app import UpdateServer
+    from ..context import ServerContext
 
 MAX_FORM = 4096
 FORM_TYPE = "application/x-www-form-urlencoded"
@@ -36,7 +36,7 @@ def same_origin(request: Request) -> None:
             raise ServerError(ErrorCode.CSRF, "form posted from another origin", 403)
 
 
-async def read_form(srv: UpdateServer, request: Request) -> dict[str, str]:
+async def read_form(srv: ServerContext, request: Request) -> dict[str, str]:
     """The url-encoded body (one value per field; at most ``MAX_FORM`` bytes). Any other
     body is E_CSRF: every dashboard form is url-encoded and carries its token."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -58,7 +58,7 @@ async def read_form(srv: UpdateServer, request: Request) -> dict[str, str]:
 
 
 async def checked_form(
-    srv: UpdateServer, request: Request, sessions: Sessions, s: Session
+    srv: ServerContext, request: Request, sessions: Sessions, s: Session
 ) -> dict[str, str]:
     """A session's form post, refused with 403 E_CSRF unless it is same-origin and carries
     the session's token."""

@@ -8,9 +8,9 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
-from .. import models as m
-from ..rollout_model import Campaign
-from ..rotation import _targeted
+from ...rollout.model import Campaign
+from ..admin_api.rotation import _targeted
+from ..storage import models as m
 
 MAX_HISTORY = 50
 MAX_SEARCH = 50

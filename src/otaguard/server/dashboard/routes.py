@@ -28,12 +28,11 @@ from starlette.routing import BaseRoute, Mount, Route
 from ...errors import ErrorCode, OtaError, ServerError
 from ...trust.store import TrustStore
 from ...wire import decimal
-from .. import admin_queries as q
-from .. import store
-from ..admin import PERMISSIONS
-from ..admin_auth import check_role
-from ..campaign_admin import ACTIONS, check_reason
-from ..rotation import DEFAULT_WARN_DAYS, current_rotation, release_key, rotation_view
+from ..admin_api.auth import PERMISSIONS, check_role
+from ..admin_api.campaigns import ACTIONS, check_reason
+from ..admin_api.rotation import DEFAULT_WARN_DAYS, current_rotation, release_key, rotation_view
+from ..storage import admin_queries as q
+from ..storage import store
 from . import charts
 from . import queries as dq
 from .audit import rotation_audit
@@ -41,7 +40,7 @@ from .csrf import checked_form, read_form, same_origin
 from .session import COOKIE, LOGIN_COOKIE, LOGIN_S, Session, sessions_of, token_by_id, token_id_of
 
 if TYPE_CHECKING:
-    from ..app import UpdateServer
+    from ..context import ServerContext
 
 log = logging.getLogger("otaguard.server")
 CSP = (
@@ -97,7 +96,7 @@ _STATUS = {ErrorCode.NOT_FOUND: 404, ErrorCode.AUTH: 401, ErrorCode.FORBIDDEN: 4
 
 
 class Dashboard:
-    def __init__(self, srv: UpdateServer) -> None:
+    def __init__(self, srv: ServerContext) -> None:
         self.srv = srv
         self.sessions = sessions_of(srv)
         self.env = _env()
@@ -395,13 +394,13 @@ def _cookie(resp: Response, name: str, value: str, max_age: int) -> None:
     )
 
 
-def _revoked_keys(srv: UpdateServer) -> set[str]:
+def _revoked_keys(srv: ServerContext) -> set[str]:
     """kid hex of the keys the server's current key list revokes."""
     ts = srv.trust.resolver
     return {k.hex() for k in ts.keylist.revoked} if isinstance(ts, TrustStore) else set()
 
 
-def _key_names(srv: UpdateServer) -> dict[str, str]:
+def _key_names(srv: ServerContext) -> dict[str, str]:
     """kid hex → the name the trust store gives the key (for "who signed what")."""
     ts = srv.trust.resolver
     if not isinstance(ts, TrustStore):
@@ -409,7 +408,7 @@ def _key_names(srv: UpdateServer) -> dict[str, str]:
     return {a.key_id.hex(): a.trusted.name for a in ts.keylist.authorizations}
 
 
-def dashboard_routes(srv: UpdateServer) -> list[BaseRoute]:
+def dashboard_routes(srv: ServerContext) -> list[BaseRoute]:
     """One mount, ``/ui``: not a :class:`Route`, so the API's OpenAPI document (built from
     the admin app's routes) and the schema-driven tests leave the HTML pages out."""
     ui = Dashboard(srv)

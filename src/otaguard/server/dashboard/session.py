@@ -28,11 +28,11 @@ from weakref import WeakKeyDictionary
 from sqlalchemy import Connection, select
 
 from ...errors import ErrorCode, ServerError
-from .. import models as m
-from .. import store
+from ..storage import models as m
+from ..storage import store
 
 if TYPE_CHECKING:
-    from ..app import UpdateServer
+    from ..context import ServerContext
 
 COOKIE = "__Host-otg_session"  # __Host-: Secure, Path=/, no Domain, or the browser drops it
 LOGIN_COOKIE = "__Host-otg_login"
@@ -144,11 +144,11 @@ class Sessions:
             raise ServerError(ErrorCode.CSRF, "log-in form lacks its anti-forgery token", 403)
 
 
-_BY_SERVER: WeakKeyDictionary[UpdateServer, Sessions] = WeakKeyDictionary()
+_BY_SERVER: WeakKeyDictionary[ServerContext, Sessions] = WeakKeyDictionary()
 _BY_SERVER_LOCK = threading.Lock()
 
 
-def sessions_of(srv: UpdateServer) -> Sessions:
+def sessions_of(srv: ServerContext) -> Sessions:
     """The server's session keys (made on first use; tests reach the clock through this)."""
     with _BY_SERVER_LOCK:
         s = _BY_SERVER.get(srv)
