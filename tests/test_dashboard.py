@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from otaguard.errors import ErrorCode, OtaError
 from otaguard.server.dashboard.routes import CSP
 from otaguard.server.dashboard.session import COOKIE, SESSION_S, sessions_of
 from otaguard.server.pki.ca import FleetCA
@@ -253,3 +254,59 @@ def test_rotation_finish_shows_on_the_rotation_and_release_pages(sc: Scene) -> N
     rot = c.get("/ui/rotation").text
     assert 'id="rot-state" class="status finished">finished' in rot
     assert rot.count("INC-42: ship today") == 2  # the forced advance and finish, with reasons
+
+
+def test_signing_audit_log_says_who_asked_for_each_release(sc: Scene) -> None:
+    from otaguard.crypto.software import SoftwareSigner, generate_private_key
+    from otaguard.server.dashboard.audit import configure_signing_audit
+    from otaguard.signing.audit import AuditLog
+    from tests.campaign_fleet import release
+
+    c = sc.login("viewer")
+    assert "Not configured" in c.get("/ui/audit").text
+    rels = sc.api("viewer").get("/admin/v1/releases").json()["releases"]
+    sealer = SoftwareSigner(generate_private_key("ed25519"))
+    path = sc.h.tmp / "signing-audit.log"
+    log = AuditLog.open(path, sealer, seal_every=1)
+    log.append("ci-pipeline", "sign-manifest", {"manifest_digest": rels[0]["manifest_digest"]})
+    log.close()
+    configure_signing_audit(sc.h.srv, path, [sealer.public_key])
+    page = c.get("/ui/releases").text
+    assert "ci-pipeline" in page and "no signing record" not in page
+    audit = c.get("/ui/audit").text
+    assert 'id="signing-status" class="ok-text">Verified' in audit
+    assert "Every release on this server has its signing record" in audit
+    release(sc.api("release-manager"), sc.lab, "1.2.0", 3)  # signed outside the service
+    assert "no signing record" in c.get("/ui/releases").text
+    assert (
+        'id="unaccounted">Releases with no signing record in this log: #2'
+        in c.get("/ui/audit").text
+    )
+    text = path.read_text()
+    path.write_text(text.replace("ci-pipeline", "someone-else"))  # the requester rewritten
+    audit = c.get("/ui/audit").text
+    assert 'id="signing-status" class="error">NOT VALID: <code>E_AUDIT_CHAIN</code>' in audit
+    assert "Signature asked by" not in c.get("/ui/releases").text  # unverified: not shown
+    configure_signing_audit(sc.h.srv, path, [])  # without the seal key: seals do not verify
+    path.write_text(text)
+    assert "NOT VALID: <code>E_AUDIT_SEAL</code>" in c.get("/ui/audit").text
+
+
+def test_signing_audit_options(tmp_path: Path) -> None:
+    from otaguard.server.config import parse_server_config
+
+    doc = {"audit": {"signing_log": "a/audit.log", "signing_keys": ["seal.pem"]}}
+    values = parse_server_config(doc, tmp_path)
+    assert values == {
+        "signing_audit_log": tmp_path / "a/audit.log",
+        "signing_audit_keys": [tmp_path / "seal.pem"],
+    }
+    with pytest.raises(OtaError) as bad:
+        parse_server_config({"audit": {"signing_keys": "seal.pem"}}, tmp_path)
+    assert bad.value.code == ErrorCode.CONFIG and "audit.signing_keys" in bad.value.detail
+    from otaguard.server.runtime import RunOptions, build_server
+
+    opts = RunOptions(tmp_path / "d", tmp_path / "ca.pem", signing_audit_keys=[tmp_path / "k"])
+    with pytest.raises(OtaError) as usage:
+        build_server(opts)
+    assert usage.value.code == ErrorCode.USAGE and not (tmp_path / "d").exists()

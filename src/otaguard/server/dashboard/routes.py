@@ -35,7 +35,7 @@ from ..storage import admin_queries as q
 from ..storage import store
 from . import charts
 from . import queries as dq
-from .audit import rotation_audit
+from .audit import rotation_audit, signing_audit
 from .csrf import checked_form, read_form, same_origin
 from .session import COOKIE, LOGIN_COOKIE, LOGIN_S, Session, sessions_of, token_by_id, token_id_of
 
@@ -349,12 +349,18 @@ class Dashboard:
                 return {"releases": q.list_releases(conn), "release_key": release_key(conn)}
 
         data = await run_in_threadpool(work)
+        data["signing"] = await run_in_threadpool(signing_audit, self.srv, data["releases"])
         revoked = _revoked_keys(self.srv)
         keys = _key_names(self.srv)
         return self.render(request, "releases.html", s, keys=keys, revoked=revoked, **data)
 
     async def audit(self, request: Request, s: Session) -> Response:
-        data = await run_in_threadpool(rotation_audit, self.srv)
+        def work() -> dict[str, Any]:
+            with self.srv.db.read() as conn:
+                releases = q.list_releases(conn)
+            return {**rotation_audit(self.srv), "signing": signing_audit(self.srv, releases)}
+
+        data = await run_in_threadpool(work)
         return self.render(request, "audit.html", s, keys=_key_names(self.srv), **data)
 
 
