@@ -54,6 +54,7 @@ class ErrorCode(StrEnum):
     DOWNGRADE = "E_DOWNGRADE"  # version not monotonic without authorization
     AUTH = "E_AUTH"  # missing/invalid credential
     FORBIDDEN = "E_FORBIDDEN"  # credential valid but role insufficient
+    CSRF = "E_CSRF"  # a dashboard form without this session's anti-forgery token
     AUDIT_CHAIN = "E_AUDIT_CHAIN"  # audit record edited/removed/reordered
     AUDIT_SEAL = "E_AUDIT_SEAL"  # seal signature invalid or tail truncated after a seal
     AUDIT_ANCHOR = "E_AUDIT_ANCHOR"  # verification asked to say OK without an anchor

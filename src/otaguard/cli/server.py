@@ -71,6 +71,18 @@ def server() -> None:
     help="Development only: an encrypted key file instead of the HSM key.",
 )
 @click.option(
+    "--signing-audit-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The signing service's audit log (or a copy): verified and shown by the dashboard.",
+)
+@click.option(
+    "--signing-audit-key",
+    "signing_audit_keys",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="PEM public key that seals the signing audit log; repeat for rotated keys.",
+)
+@click.option(
     "--issuing-ca-dir",
     type=click.Path(file_okay=False, path_type=Path),
     help="Fleet CA directory: renew device certificates (POST /v1/certificate). The CA key "

@@ -51,6 +51,8 @@ _FIELDS: dict[tuple[str, str], str] = {
     ("listener", "body_min_rate"): "body_min_rate",
     ("audit", "seal_pkcs11_uri"): "audit_seal_pkcs11_uri",
     ("audit", "seal_key_file"): "audit_seal_key_file",
+    ("audit", "signing_log"): "signing_audit_log",
+    ("audit", "signing_keys"): "signing_audit_keys",
     ("renewal", "issuing_ca_dir"): "issuing_ca_dir",
     ("renewal", "cert_lifetime"): "cert_lifetime",
     ("pkcs11", "module"): "pkcs11_module",
@@ -73,6 +75,7 @@ _PATHS = {
     "trust_bundle",
     "audit_seal_key_file",
     "issuing_ca_dir",
+    "signing_audit_log",
 }
 _TEXTS = {"host", "admin_host", "db_url", "audit_seal_pkcs11_uri", "cert_lifetime", "pkcs11_module"}
 _TEXTS |= {"tuf_snapshot_pkcs11_uri", "tuf_timestamp_pkcs11_uri"}
@@ -132,7 +135,7 @@ def _value(field: str, name: str, v: Any, base: Path) -> Any:
         if not isinstance(v, str) or not v:
             raise _fail(f"{name} must be a non-empty path string")
         return base / v
-    if field == "trusted_keys":
+    if field in ("trusted_keys", "signing_audit_keys"):
         if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
             raise _fail(f"{name} must be a list of path strings")
         return [base / x for x in v]

@@ -23,6 +23,7 @@ from ..fsutil import private_file, read_limited
 from ..trust.model import KeyResolver, StaticKeys
 from .app import UpdateServer
 from .context import IpNet, ServerSettings, TrustState
+from .dashboard.audit import configure_signing_audit
 from .pki.ca import MAX_PEM, load_cert_pem
 from .pki.listener import Deadlines
 from .pki.mtls import bind_socket, run_loop, server_ssl_context, uvicorn_config
@@ -57,6 +58,9 @@ class RunOptions:
     ip_burst: int = 1000
     # The rotation log's sealing key (loaded by the CLI from --audit-seal-*).
     audit_sealer: Signer | None = None
+    # The signing service's audit log (or a copy) and its seal keys, for the dashboard.
+    signing_audit_log: Path | None = None
+    signing_audit_keys: list[Path] = field(default_factory=list)
     issuer: CertIssuer | None = None  # the fleet CA for certificate renewal (else E_NO_ISSUER)
     header_timeout: float = 10.0  # listener deadlines (server/pki/listener.py)
     body_timeout: float = 30.0
@@ -156,6 +160,8 @@ def build_server(opts: RunOptions) -> UpdateServer:
             storage["s3_prefix"] or "",
             f" at {storage['s3_endpoint_url']}" if storage["s3_endpoint_url"] else "",
         )
+    if opts.signing_audit_keys and opts.signing_audit_log is None:
+        raise UsageError(ErrorCode.USAGE, "--signing-audit-key needs --signing-audit-log")
     db = open_database(opts.data_dir, opts.db_url)
     settings = ServerSettings(
         ca_cert=load_cert_pem(read_limited(opts.ca_cert, MAX_PEM)),
@@ -178,6 +184,9 @@ def build_server(opts: RunOptions) -> UpdateServer:
         issuer=opts.issuer,
         data_dir=opts.data_dir,
     )
+    if opts.signing_audit_log is not None:
+        seal_keys = [PublicKey.from_pem(read_limited(k, MAX_PEM)) for k in opts.signing_audit_keys]
+        configure_signing_audit(srv, opts.signing_audit_log, seal_keys)
     from .storage.tufrepo import (  # tuf's imports only where a server runs
         DAY,
         TufRepository,
