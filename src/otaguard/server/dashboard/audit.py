@@ -23,7 +23,7 @@ from weakref import WeakKeyDictionary
 from ...crypto.keys import PublicKey
 from ...errors import AuditError
 from ...signing.audit import read_records, verify_log
-from ..admin_api.rotation import audit_anchor
+from ..admin_api.rotation import audit_anchor, audit_log_path
 
 if TYPE_CHECKING:
     from ..context import ServerContext
@@ -33,7 +33,7 @@ OP_SIGN = "sign-manifest"  # signing.service.OP_SIGN (the server imports no sign
 
 
 def rotation_audit(srv: ServerContext) -> dict[str, Any]:
-    path = srv.blobs.root.parent / "audit" / "rotation-audit.log"
+    path = audit_log_path(srv)
     with srv.db.read() as conn:
         anchor = audit_anchor(conn)
     out: dict[str, Any] = {
