@@ -124,6 +124,7 @@ def scene(
     devices: int = 6,
     healthy: bool = True,
     db_url: str | None = None,
+    session_key: bytes | None = None,
 ) -> Iterator[Scene]:
     lab = Lab()
     clock = SimClock(lab.now)
@@ -133,6 +134,7 @@ def scene(
         device_rate=RateLimit(rate=1000.0, burst=1000),
         ip_rate=RateLimit(rate=10000.0, burst=10000),
         audit_sealer=SoftwareSigner(generate_private_key("ed25519")),
+        session_key=session_key,
     )
     trust = TrustState(lab.bundle.store())
     url = db_url or sqlite_url(tmp_path / "otaguard.db")

@@ -6,7 +6,10 @@ driven in test_dashboard_browser.py."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import os
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +18,11 @@ import httpx
 import pytest
 
 from otaguard.errors import ErrorCode, OtaError
+from otaguard.server.app import UpdateServer
 from otaguard.server.dashboard.routes import CSP
 from otaguard.server.dashboard.session import COOKIE, SESSION_S, sessions_of
 from otaguard.server.pki.ca import FleetCA
+from otaguard.server.pki.mtls import ThreadedServer, server_ssl_context
 from otaguard.server.storage import store
 from tests.dashboard_support import Scene, csrf_of, login, scene
 from tests.pg import db_url, fleet_ca, pg_cluster, server_tls  # noqa: F401
@@ -310,3 +315,64 @@ def test_signing_audit_options(tmp_path: Path) -> None:
     with pytest.raises(OtaError) as usage:
         build_server(opts)
     assert usage.value.code == ErrorCode.USAGE and not (tmp_path / "d").exists()
+
+
+def test_two_nodes_share_sessions_and_log_outs(
+    fleet_ca: FleetCA, server_tls: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several nodes behind a balancer (docs/server.md): with one session key file a session
+    made on node 1 works on node 2, and a log-out on either ends it on both; a node without
+    the shared key refuses the cookie (E_AUTH) rather than trusting it."""
+    key = os.urandom(32)
+    with scene(fleet_ca, server_tls, tmp_path, monkeypatch, devices=1, session_key=key) as sc:
+        nodes = {}
+        for name, node_key in [("peer", key), ("stranger", None)]:
+            st = dataclasses.replace(sc.h.srv.settings, session_key=node_key)
+            srv = UpdateServer(sc.h.db, sc.h.srv.blobs, st, sc.h.srv.trust, data_dir=tmp_path)
+            ctx = server_ssl_context(
+                server_tls / "server.pem",
+                server_tls / "server.key",
+                None,
+                require_client_cert=False,
+            )
+            nodes[name] = ThreadedServer(srv.asgi("admin"), ctx).start()
+        try:
+            op = sc.login("operator")
+            cookie = op.cookies[COOKIE]
+
+            def on(node: str) -> httpx.Client:
+                c = httpx.Client(
+                    base_url=nodes[node].url,
+                    verify=ssl.create_default_context(cafile=str(tmp_path / "tls" / "ca.pem")),
+                    follow_redirects=False,
+                )
+                c.cookies.set(COOKIE, cookie)
+                sc.h.clients.append(c)
+                return c
+
+            peer = on("peer")
+            page = peer.get("/ui/campaigns")
+            assert page.status_code == 200, page.text[:300]
+            refused(on("stranger").get("/ui/campaigns"), 401, "E_AUTH")
+            # log out through node 2: node 1 refuses the same, still-signed cookie
+            assert peer.post("/ui/logout", data={"csrf": csrf_of(page.text)}).status_code == 303
+            replay = sc.browser()
+            replay.cookies.set(COOKIE, cookie)
+            refused(replay.get("/ui/campaigns"), 401, "E_AUTH")
+        finally:
+            for n in nodes.values():
+                n.stop()
+
+
+def test_session_key_file_must_be_a_key(tmp_path: Path) -> None:
+    from otaguard.cli.server import _session_key
+
+    short = tmp_path / "short.key"
+    short.write_bytes(b"hunter2")
+    for path in (short, tmp_path / "missing.key"):
+        with pytest.raises(OtaError) as e:
+            _session_key(path)
+        assert e.value.code == ErrorCode.CONFIG and "dashboard.session_key_file" in e.value.detail
+    good = tmp_path / "good.key"
+    good.write_bytes(os.urandom(32))
+    assert _session_key(good) == good.read_bytes()

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from otaguard.errors import ErrorCode, ServerError
+from otaguard.errors import ErrorCode, OtaError, ServerError
 from otaguard.server.dashboard import charts
 from otaguard.server.dashboard.session import SESSION_S, Sessions
 
@@ -38,8 +38,14 @@ def test_round_trip_expiry_logout_and_another_server() -> None:
     clock.t += 1
     assert code_of(s.check, cookie) == ErrorCode.AUTH  # expired inside the signed payload
     clock.t -= SESSION_S
-    s.end(sess)
-    assert code_of(s.check, cookie) == ErrorCode.AUTH  # logged out
+    key = bytes(range(32))  # dashboard.session_key_file: one key, every node
+    node1, node2 = Sessions(clock, key), Sessions(clock, key)
+    cookie, sess = node1.issue(7, "ops-1", "operator")
+    assert node2.check(cookie) == sess and node2.csrf(sess) == node1.csrf(sess)
+    assert code_of(Sessions(clock, bytes(32)).check, cookie) == ErrorCode.AUTH
+    with pytest.raises(OtaError) as e:
+        Sessions(clock, key[:31])  # too short to be a key
+    assert e.value.code == ErrorCode.CONFIG
 
 
 def test_form_tokens_are_bound_to_their_session_and_purpose() -> None:

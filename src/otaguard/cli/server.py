@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from click.core import ParameterSource
 
-from ..errors import ErrorCode, UsageError
+from ..errors import ErrorCode, OtaError, UsageError
 from .common import lifetime_options, lifetime_seconds
 from .fleet import _data_dir_option, _db_option, _open_db
 
@@ -81,6 +81,12 @@ def server() -> None:
     multiple=True,
     type=click.Path(dir_okay=False, path_type=Path),
     help="PEM public key that seals the signing audit log; repeat for rotated keys.",
+)
+@click.option(
+    "--dashboard-session-key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="32+ random bytes that sign dashboard sessions: the same file on every node of a "
+    "cluster (default: a key per process; a restart logs everyone out).",
 )
 @click.option(
     "--issuing-ca-dir",
@@ -171,7 +177,11 @@ def run_options(
         raise UsageError(ErrorCode.USAGE, "--ca-cert (or tls.ca_cert in --config) is required")
     keys = {k: values.pop(k, None) for k in _KEY_OPTIONS}
     return RunOptions(
-        **values, audit_sealer=_audit_sealer(keys), issuer=_issuer(keys), tuf_online=_tuf(keys)
+        **values,
+        audit_sealer=_audit_sealer(keys),
+        issuer=_issuer(keys),
+        tuf_online=_tuf(keys),
+        session_key=_session_key(keys["dashboard_session_key_file"]),
     )
 
 
@@ -185,7 +195,28 @@ _KEY_OPTIONS = (
     "pkcs11_module",
     "tuf_snapshot_pkcs11_uri",
     "tuf_timestamp_pkcs11_uri",
+    "dashboard_session_key_file",
 )
+
+
+def _session_key(path: Path | None) -> bytes | None:
+    """The dashboard's session key (E_CONFIG naming the setting when unusable)."""
+    if path is None:
+        return None
+    from ..fsutil import read_limited
+    from ..server.dashboard.session import MIN_KEY
+
+    try:
+        key = read_limited(path, 4096)
+    except OtaError as err:
+        raise OtaError(ErrorCode.CONFIG, f"dashboard.session_key_file: {err.detail}") from None
+    if len(key) < MIN_KEY:
+        raise OtaError(
+            ErrorCode.CONFIG,
+            f"dashboard.session_key_file {path}: {len(key)} bytes; needs {MIN_KEY} or more "
+            "random bytes (head -c 32 /dev/urandom)",
+        )
+    return key
 
 
 def _tuf(keys: dict[str, Any]) -> dict[str, Signer] | None:

@@ -53,6 +53,7 @@ _FIELDS: dict[tuple[str, str], str] = {
     ("audit", "seal_key_file"): "audit_seal_key_file",
     ("audit", "signing_log"): "signing_audit_log",
     ("audit", "signing_keys"): "signing_audit_keys",
+    ("dashboard", "session_key_file"): "dashboard_session_key_file",
     ("renewal", "issuing_ca_dir"): "issuing_ca_dir",
     ("renewal", "cert_lifetime"): "cert_lifetime",
     ("pkcs11", "module"): "pkcs11_module",
@@ -76,6 +77,7 @@ _PATHS = {
     "audit_seal_key_file",
     "issuing_ca_dir",
     "signing_audit_log",
+    "dashboard_session_key_file",
 }
 _TEXTS = {"host", "admin_host", "db_url", "audit_seal_pkcs11_uri", "cert_lifetime", "pkcs11_module"}
 _TEXTS |= {"tuf_snapshot_pkcs11_uri", "tuf_timestamp_pkcs11_uri"}

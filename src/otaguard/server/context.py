@@ -74,6 +74,9 @@ class ServerSettings:
     # Seals the rotation audit log (an HSM key authorized for the audit role only); without
     # one the log is hash-chained and anchored in the database but unsealed.
     audit_sealer: Signer | None = None
+    # The dashboard's session-signing key (``dashboard.session_key_file``): the same on every
+    # node so a session works on all of them; None draws one per process (one node).
+    session_key: bytes | None = None
 
 
 class TrustState:

@@ -61,6 +61,9 @@ class RunOptions:
     # The signing service's audit log (or a copy) and its seal keys, for the dashboard.
     signing_audit_log: Path | None = None
     signing_audit_keys: list[Path] = field(default_factory=list)
+    # Signs dashboard sessions (loaded by the CLI from --dashboard-session-key-file): the same
+    # on every node of a cluster; None: a key per process.
+    session_key: bytes | None = None
     issuer: CertIssuer | None = None  # the fleet CA for certificate renewal (else E_NO_ISSUER)
     header_timeout: float = 10.0  # listener deadlines (server/pki/listener.py)
     body_timeout: float = 30.0
@@ -169,6 +172,7 @@ def build_server(opts: RunOptions) -> UpdateServer:
         device_rate=RateLimit(opts.device_rate, opts.device_burst),
         ip_rate=RateLimit(opts.ip_rate, opts.ip_burst),
         audit_sealer=opts.audit_sealer,
+        session_key=opts.session_key,
     )
     if opts.audit_sealer is None:
         log.warning(

@@ -37,7 +37,16 @@ from . import charts
 from . import queries as dq
 from .audit import rotation_audit, signing_audit
 from .csrf import checked_form, read_form, same_origin
-from .session import COOKIE, LOGIN_COOKIE, LOGIN_S, Session, sessions_of, token_by_id, token_id_of
+from .session import (
+    COOKIE,
+    LOGIN_COOKIE,
+    LOGIN_S,
+    Session,
+    end_session,
+    session_live,
+    sessions_of,
+    token_id_of,
+)
 
 if TYPE_CHECKING:
     from ..context import ServerContext
@@ -123,7 +132,7 @@ class Dashboard:
 
         def recheck() -> None:
             with self.srv.db.read() as conn:
-                token_by_id(conn, s)
+                session_live(conn, s)
 
         await run_in_threadpool(recheck)
         return s
@@ -193,7 +202,12 @@ class Dashboard:
 
     async def logout(self, request: Request, s: Session) -> Response:
         await checked_form(self.srv, request, self.sessions, s)
-        self.sessions.end(s)
+
+        def end() -> None:
+            with self.srv.db.write() as conn:
+                end_session(conn, s)
+
+        await run_in_threadpool(end)
         resp = RedirectResponse("/ui/login", status_code=303)
         resp.delete_cookie(COOKIE, path="/", secure=True, httponly=True, samesite="strict")
         return resp

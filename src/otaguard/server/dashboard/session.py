@@ -1,10 +1,12 @@
 """Signed dashboard sessions: a cookie the server can check without storing it.
 
-The cookie never holds the admin token. It holds claims signed with HMAC-SHA256 under a key
-drawn at random when the server starts (so a restart ends every session): a random session
-id, the token's row id, name and role, and the session's own expiry. Every request re-reads
-the token row (:func:`token_by_id`), so a token revoked or expired on the server clock ends
-its sessions on the next request, and a role changed under it is noticed.
+The cookie never holds the admin token. It holds claims signed with HMAC-SHA256: a random
+session id, the token's row id, name and role, and the session's own expiry. The key is drawn
+at random when the server starts (a restart ends every session), or read from
+``dashboard.session_key_file`` so that every node of a cluster accepts the sessions of the
+others (docs/server.md, several nodes). Every request re-reads the token row and the log-out
+table (:func:`session_live`), so a token revoked or expired on the server clock, or a session
+logged out on any node, ends on the next request, and a role changed under it is noticed.
 
 The anti-forgery token of a session's forms is an HMAC of its session id under the same key
 (a synchronizer token the browser cannot compute); log-in, which has no session yet, gets a
@@ -25,9 +27,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, delete, insert, select
 
-from ...errors import ErrorCode, ServerError
+from ...errors import ErrorCode, OtaError, ServerError
 from ..storage import models as m
 from ..storage import store
 
@@ -39,6 +41,7 @@ LOGIN_COOKIE = "__Host-otg_login"
 SESSION_S = 8 * 3600
 LOGIN_S = 600
 MAX_COOKIE = 1024
+MIN_KEY = 32
 
 
 @dataclass(frozen=True)
@@ -66,11 +69,11 @@ def _unb64(text: str) -> bytes:
 class Sessions:
     """Issue and check session cookies and anti-forgery tokens (one per server process)."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._key = secrets.token_bytes(32)
+    def __init__(self, clock: Callable[[], float] = time.time, key: bytes | None = None) -> None:
+        if key is not None and len(key) < MIN_KEY:
+            raise OtaError(ErrorCode.CONFIG, f"a dashboard session key needs {MIN_KEY}+ bytes")
+        self._key = key if key is not None else secrets.token_bytes(32)
         self.clock = clock
-        self._ended: dict[str, int] = {}  # logged-out session ids until their expiry
-        self._lock = threading.Lock()
 
     def _mac(self, purpose: str, data: bytes) -> str:
         return _b64(hmac.new(self._key, purpose.encode() + b"\0" + data, hashlib.sha256).digest())
@@ -107,16 +110,7 @@ class Sessions:
             s = Session(str(c["sid"]), int(c["tid"]), str(c["n"]), str(c["r"]), int(c["exp"]))
         except (KeyError, TypeError, ValueError):
             raise ServerError(ErrorCode.AUTH, "malformed session", 401) from None
-        with self._lock:
-            if s.sid in self._ended:
-                raise ServerError(ErrorCode.AUTH, "logged out", 401)
         return s
-
-    def end(self, s: Session) -> None:
-        now = int(self.clock())
-        with self._lock:
-            self._ended = {k: v for k, v in self._ended.items() if v > now}
-            self._ended[s.sid] = s.expires
 
     def csrf(self, s: Session) -> str:
         return self._mac("csrf", s.sid.encode())
@@ -153,7 +147,7 @@ def sessions_of(srv: ServerContext) -> Sessions:
     with _BY_SERVER_LOCK:
         s = _BY_SERVER.get(srv)
         if s is None:
-            s = _BY_SERVER[srv] = Sessions()
+            s = _BY_SERVER[srv] = Sessions(key=srv.settings.session_key)
         return s
 
 
@@ -162,6 +156,23 @@ def token_id_of(conn: Connection, name: str) -> int:
     if row is None:
         raise ServerError(ErrorCode.AUTH, "unknown or revoked token", 401)
     return int(row.id)
+
+
+def end_session(conn: Connection, s: Session) -> None:
+    """Log out on every node: the id stays in the table until the cookie would expire anyway."""
+    now = store.now_s()
+    t = m.dashboard_logouts
+    conn.execute(delete(t).where(t.c.expires_at <= now))
+    if conn.execute(select(t.c.sid).where(t.c.sid == s.sid)).first() is None:
+        conn.execute(insert(t).values(sid=s.sid, expires_at=s.expires))
+
+
+def session_live(conn: Connection, s: Session) -> None:
+    """Not logged out on any node, and its token still live (401 E_AUTH otherwise)."""
+    t = m.dashboard_logouts
+    if conn.execute(select(t.c.sid).where(t.c.sid == s.sid)).first() is not None:
+        raise ServerError(ErrorCode.AUTH, "logged out", 401)
+    token_by_id(conn, s)
 
 
 def token_by_id(conn: Connection, s: Session) -> None:

@@ -206,6 +206,15 @@ admin_tokens = Table(
     Column("expires_at", BigInteger),
 )
 
+# Dashboard sessions logged out (migration 0009): shared by every node, kept until the
+# session's cookie would have expired anyway.
+dashboard_logouts = Table(
+    "dashboard_logouts",
+    metadata,
+    Column("sid", String(64), primary_key=True),
+    Column("expires_at", BigInteger, nullable=False),
+)
+
 # Campaigns (migration 0003_campaigns): ``state`` is ``rollout.Campaign.to_dict()`` as JSON;
 # ``status`` mirrors it for queries; ``revision`` rises on every write of ``state`` (the
 # in-process cache compares it). ``n_<state>`` are the per-state counts of the members, moved
