@@ -66,7 +66,7 @@ def admin_routes(srv: UpdateServer) -> list[Route]:
         who = await authorize(srv, request, "release")
         image_blob = check_name(request.query_params.get("image", ""))
         envelope = await srv.read_body(request, srv.settings.max_envelope)
-        resolver = srv.trust.resolver
+        resolver = await run_in_threadpool(srv.trust.fresh)  # the database's newest anchors
         if resolver is None:
             raise ServerError(
                 ErrorCode.UNTRUSTED_KEY, "server has no trust anchors configured", 409
@@ -90,7 +90,7 @@ def admin_routes(srv: UpdateServer) -> list[Route]:
         release_id = int(request.path_params["release_id"])
         patch_blob = check_name(request.query_params.get("patch", ""))
         envelope = await srv.read_body(request, srv.settings.max_envelope)
-        resolver = srv.trust.resolver
+        resolver = await run_in_threadpool(srv.trust.fresh)  # the database's newest anchors
         if resolver is None:
             raise ServerError(
                 ErrorCode.UNTRUSTED_KEY, "server has no trust anchors configured", 409
@@ -332,7 +332,7 @@ def _assign(conn: Connection, serial: str, release_id: int) -> None:
 def _publish_keylist(srv: UpdateServer, doc: bytes) -> int:
     from ..trust.store import TrustStore
 
-    current = srv.trust.resolver
+    current = srv.trust.fresh()
     if not isinstance(current, TrustStore):
         raise ServerError(ErrorCode.UNTRUSTED_KEY, "key lists need a trust bundle (root)", 409)
     try:

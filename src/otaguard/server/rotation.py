@@ -283,7 +283,7 @@ def _event(
 
 
 def _apply_keylist(srv: UpdateServer, doc: bytes) -> TrustStore:
-    current = srv.trust.resolver
+    current = srv.trust.fresh()
     if not isinstance(current, TrustStore):
         raise ServerError(ErrorCode.UNTRUSTED_KEY, "key lists need a trust bundle (root)", 409)
     try:
@@ -316,7 +316,7 @@ def start(srv: UpdateServer, actor: str, body: dict[str, Any], doc: bytes) -> in
         raise ServerError(ErrorCode.MALFORMED, "threshold must be in (0, 1]", 400)
     if not isinstance(unreachable, int) or unreachable <= 0:
         raise ServerError(ErrorCode.MALFORMED, "unreachable_after must be seconds > 0", 400)
-    current = srv.trust.resolver
+    current = srv.trust.fresh()
     if not isinstance(current, TrustStore) or not _usable(current, old):
         raise ServerError(ErrorCode.UNTRUSTED_KEY, "old_kid is not a usable key today", 400)
     new_store = _apply_keylist(srv, doc)

@@ -115,13 +115,18 @@ def build_server(opts: RunOptions) -> UpdateServer:
             "hash-chained and anchored in the database, but not sealed"
         )
     resolver = load_resolver(opts.trust_bundle, opts.trusted_keys, db)
+    trust = TrustState(resolver)
     srv = UpdateServer(
         db,
         LocalBlobStore(opts.data_dir / "blobs"),
         settings,
-        TrustState(resolver),
+        trust,
         issuer=opts.issuer,
     )
+    # Other nodes on this database publish key lists too: follow them (server/trustsync.py).
+    from .trustsync import TrustSync
+
+    trust.refresh = TrustSync(db, trust).start().refresh
     from .tufrepo import DAY, TufRepository, TufSettings  # tuf's imports only where a server runs
 
     # The TUF repository's online snapshot/timestamp keys are generated here at first start.
