@@ -9,11 +9,15 @@ pass-through: the mTLS handshake still ends at a node, which sees the device's c
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.pg import _as_postgres
 from tests.support import require_binary, server_run_argv
 
 
@@ -179,3 +184,58 @@ def haproxy(tmp: Path, backends: list[Node]) -> Iterator[Balancer]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@dataclass
+class OwnPg:
+    """A PostgreSQL cluster of this test's own, so the test may stop and start it."""
+
+    base: Path
+    pg_ctl: str
+    opts: str
+
+    def url(self, dbname: str = "otaguard") -> str:
+        return f"postgresql+psycopg://postgres@/{dbname}?host={self.base}"
+
+    def _ctl(self, *args: str) -> None:
+        data = str(self.base / "data")
+        log = str(self.base / "log")
+        subprocess.run(
+            _as_postgres([self.pg_ctl, "-D", data, "-o", self.opts, "-l", log, *args]),
+            check=True,
+            capture_output=True,
+        )
+
+    def start(self) -> None:
+        self._ctl("-w", "start")
+
+    def stop(self) -> None:
+        self._ctl("-m", "fast", "-w", "stop")
+
+
+@contextmanager
+def own_pg(tmp: Path) -> Iterator[OwnPg]:
+    import psycopg
+
+    initdb, pg_ctl = require_binary("initdb"), require_binary("pg_ctl")
+    base = Path(tempfile.mkdtemp(prefix="otaguard-pg-own-"))
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam("postgres")
+        os.chown(base, pw.pw_uid, pw.pw_gid)
+    subprocess.run(
+        _as_postgres([initdb, "-D", str(base / "data"), "-A", "trust", "-U", "postgres"]),
+        check=True,
+        capture_output=True,
+    )
+    pg = OwnPg(base, pg_ctl, f"-k {base} -c listen_addresses='' -c fsync=off")
+    pg.start()
+    try:
+        with psycopg.connect(
+            host=str(base), user="postgres", dbname="postgres", autocommit=True
+        ) as c:
+            c.execute('CREATE DATABASE "otaguard"')
+        yield pg
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            pg._ctl("-m", "immediate", "stop")
+        shutil.rmtree(base, ignore_errors=True)

@@ -127,6 +127,11 @@ def build_server(opts: RunOptions) -> UpdateServer:
     from .trustsync import TrustSync
 
     trust.refresh = TrustSync(db, trust).start().refresh
+    if db.dialect == "postgresql":
+        # Per-device limits and probe counters hold across every node on this database.
+        from .sharedlimits import share_limits
+
+        share_limits(srv, db)
     from .tufrepo import DAY, TufRepository, TufSettings  # tuf's imports only where a server runs
 
     # The TUF repository's online snapshot/timestamp keys are generated here at first start.
