@@ -126,7 +126,7 @@ def build_server(opts: RunOptions) -> UpdateServer:
     # Other nodes on this database publish key lists too: follow them (server/trustsync.py).
     from .trustsync import TrustSync
 
-    trust.refresh = TrustSync(db, trust).start().refresh
+    trust.refresh = TrustSync(db, trust, on_campaigns=srv.campaigns.wake).start().refresh
     if db.dialect == "postgresql":
         # Per-device limits and probe counters hold across every node on this database.
         from .sharedlimits import share_limits

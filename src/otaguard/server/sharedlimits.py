@@ -193,7 +193,5 @@ def share_limits(srv: UpdateServer, db: Database) -> SharedState:
     st = srv.settings
     srv.device_buckets = SharedBuckets(shared, st.device_rate)
     srv.probes = SharedProbeDetector(shared, "rate_limit", st.probe_threshold, st.probe_window)
-    srv.refusals = SharedProbeDetector(
-        shared, "refusal", st.refusal_threshold, st.refusal_window
-    )
+    srv.refusals = SharedProbeDetector(shared, "refusal", st.refusal_threshold, st.refusal_window)
     return shared

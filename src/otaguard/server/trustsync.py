@@ -18,6 +18,12 @@ node learns of a new one, from cheapest to most certain:
   upload verification, key-list publication and rotation step, so no security decision is
   taken on anchors older than the database's, whatever happened to the notifications.
 
+The same listening connection carries ``otaguard_campaigns``: a campaign written by one node
+(started, paused, a phase advanced) makes the others refresh their campaign cache at their
+next request instead of at its next 5-second tick. Campaign decisions that write re-read the
+campaign row under its lock anyway (server/campaigns.py); this only shortens how long another
+node's read-only check-ins see the previous state.
+
 Reloading replays each newer key list in version order on top of the node's store (a
 transition-mode list may be signed by a key only the previous list authorizes). Retired keys
 (rotation ``advance``) need none of this: they are read from the database at each upload.
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, select, text
@@ -41,23 +48,34 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("otaguard.server")
 CHANNEL = "otaguard_trust"
+CAMPAIGNS = "otaguard_campaigns"
 DEFAULT_RECHECK = 2.0
 
 
-def announce(conn: Connection) -> None:
+def announce(conn: Connection, channel: str = CHANNEL) -> None:
     """Wake the other nodes once ``conn``'s transaction commits (PostgreSQL; a no-op on
     SQLite, whose nodes rely on the re-check)."""
     if conn.dialect.name == "postgresql":
-        conn.execute(text(f"NOTIFY {CHANNEL}"))
+        conn.execute(text(f"NOTIFY {channel}"))
 
 
 class TrustSync:
     """Reloads one node's :class:`~.app.TrustState` from the database's key lists."""
 
-    def __init__(self, db: Database, trust: TrustState, *, recheck: float = DEFAULT_RECHECK):
+    def __init__(
+        self,
+        db: Database,
+        trust: TrustState,
+        *,
+        recheck: float = DEFAULT_RECHECK,
+        on_campaigns: Callable[[], None] | None = None,
+    ):
+        """``on_campaigns``: called when another node changed a campaign (the node's
+        campaign cache then refreshes at its next request instead of within 5 s)."""
         self.db = db
         self.trust = trust
         self.recheck = recheck
+        self.on_campaigns = on_campaigns
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -138,10 +156,13 @@ class TrustSync:
             try:
                 if conn is None:
                     conn = self._connect(psycopg)
-                    self._refresh_quietly()  # whatever was published while not listening
-                for _ in conn.notifies(timeout=self.recheck, stop_after=1):
-                    pass
-                self._refresh_quietly()  # a notification, or the periodic re-check
+                    self._campaigns_changed()  # whatever changed while not listening
+                    self._refresh_quietly()
+                channels = {n.channel for n in conn.notifies(timeout=self.recheck, stop_after=1)}
+                if CAMPAIGNS in channels:
+                    self._campaigns_changed()
+                if CHANNEL in channels or not channels:
+                    self._refresh_quietly()  # a notification, or the periodic re-check
             except (psycopg.Error, OSError) as exc:
                 log.warning("trust notifications lost (%s); reconnecting", exc)
                 if conn is not None:
@@ -152,9 +173,14 @@ class TrustSync:
         if conn is not None:
             conn.close()
 
+    def _campaigns_changed(self) -> None:
+        if self.on_campaigns is not None:
+            self.on_campaigns()
+
     def _connect(self, psycopg: Any) -> Any:
         engine = self.db.engine
         cargs, cparams = engine.dialect.create_connect_args(engine.url)
         conn = psycopg.connect(*cargs, **cparams, autocommit=True, connect_timeout=5)
         conn.execute(f"LISTEN {CHANNEL}")
+        conn.execute(f"LISTEN {CAMPAIGNS}")
         return conn
