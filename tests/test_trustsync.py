@@ -18,7 +18,7 @@ from otaguard.device.lab import Lab
 from otaguard.server import store
 from otaguard.server.app import TrustState
 from otaguard.server.db import Database
-from otaguard.server.trustsync import TrustSync
+from otaguard.server.trustsync import CAMPAIGNS, TrustSync, announce
 from otaguard.trust.store import TrustStore
 from tests.pg import PgCluster, db_url, pg_cluster  # noqa: F401
 
@@ -168,5 +168,31 @@ def test_concurrent_refreshes_apply_each_list_once(db_url: str) -> None:
             t.join()
         assert _version(trust) == 4 and sync.reloads == 3
     finally:
+        db.dispose()
+        other.dispose()
+
+
+def test_campaign_changes_wake_the_other_nodes(pg_cluster: PgCluster) -> None:
+    """A campaign change committed by one node calls the others' ``on_campaigns`` (their
+    campaign cache then refreshes at the next request); a rolled-back one does not."""
+    url = pg_cluster.create_database()
+    Database(url).upgrade()
+    woken = threading.Event()
+    db = Database(url)
+    sync = TrustSync(db, TrustState(None), recheck=3600.0, on_campaigns=woken.set)
+    other = Database(url)
+    try:
+        sync.start()
+        assert woken.wait(5)  # once at connect: whatever changed while not listening
+        woken.clear()
+        with pytest.raises(RuntimeError), other.write() as conn:
+            announce(conn, CAMPAIGNS)
+            raise RuntimeError("rolled back: nothing is delivered")
+        assert not woken.wait(0.5)
+        with other.write() as conn:
+            announce(conn, CAMPAIGNS)
+        assert woken.wait(5)
+    finally:
+        sync.stop()
         db.dispose()
         other.dispose()
