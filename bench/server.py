@@ -940,6 +940,31 @@ def populate_copy(db_url: str, registry: int, pki: Pki) -> float:
     return time.perf_counter() - t0
 
 
+def lookup_pages(db_url: str, serial: str) -> tuple[int, int]:
+    """Buffer pages PostgreSQL touches to find one device row and its rate-limit bucket
+    (EXPLAIN ANALYZE BUFFERS): the machine-independent part of how a check-in's cost grows
+    with the registry (B-tree depth)."""
+    import psycopg
+
+    from otaguard.server.db import Database
+
+    db = Database(db_url)
+    cargs, cparams = db.engine.dialect.create_connect_args(db.engine.url)
+    db.dispose()
+    out = []
+    with psycopg.connect(*cargs, **cparams) as c:
+        for sql in (
+            "SELECT * FROM devices WHERE serial = %s",
+            "SELECT * FROM rate_buckets WHERE key = %s",
+        ):
+            c.execute(sql, (serial,))  # warm
+            row = c.execute(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", (serial,)).fetchone()
+            assert row is not None
+            plan = row[0][0]["Plan"]
+            out.append(int(plan["Shared Hit Blocks"]) + int(plan["Shared Read Blocks"]))
+    return out[0], out[1]
+
+
 HAPROXY_BENCH = """global
     maxconn 4000
 defaults
@@ -1089,7 +1114,17 @@ def cluster_main(args: Any) -> int:
                     group.stop()
                 us = 1e6 * r.server_cores / r.rate if r.rate else 0.0
                 pg_us = 1e6 * r.db_cores / r.rate if r.rate else 0.0
-                scale.append([f"{size:,}", f"{r.rate:,.0f}", f"{us:,.0f}", f"{pg_us:,.0f}"])
+                dev_pages, bucket_pages = lookup_pages(url, connecting[-1])
+                scale.append(
+                    [
+                        f"{size:,}",
+                        f"{r.rate:,.0f}",
+                        f"{us:,.0f}",
+                        f"{pg_us:,.0f}",
+                        str(dev_pages),
+                        str(bucket_pages),
+                    ]
+                )
     print()
     print(
         "| configuration | check-ins/s | p50 ms | p99 ms | errors | server cores | client cores "
@@ -1100,8 +1135,11 @@ def cluster_main(args: Any) -> int:
         print("| " + " | ".join(row) + " |")
     if scale:
         print()
-        print("| registered devices | check-ins/s | server µs/check-in | PostgreSQL µs/check-in |")
-        print("|---:|---:|---:|---:|")
+        print(
+            "| registered devices | check-ins/s | server µs/check-in | PostgreSQL µs/check-in "
+            "| pages per device lookup | pages per bucket lookup |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|")
         for row in scale:
             print("| " + " | ".join(row) + " |")
         first, last = float(scale[0][2].replace(",", "")), float(scale[-1][2].replace(",", ""))
