@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 import httpx
+from sqlalchemy import text
 
 from otaguard.server.ca import FleetCA
 from otaguard.server.db import Database
 from otaguard.server.enroll import enroll_device
+from otaguard.server.sharedlimits import RETRY_SHARED_AFTER
 from tests.campaign_fleet import token
 from tests.cluster import nodes, own_pg
 from tests.pg import fleet_ca, server_tls  # noqa: F401
@@ -57,6 +59,7 @@ def test_node_survives_losing_its_database(
             assert h.status_code == 503 and h.json()["checks"]["database"] == "failed"
 
             pg.start()
+            restarted = time.time()
             ok = None
             for _ in range(50):  # the device retries as Retry-After tells it
                 ok = dev.post("/v1/checkin", json=CHECKIN)
@@ -69,4 +72,14 @@ def test_node_survives_losing_its_database(
             r = dev.post("/v1/reports", json={"report_id": "r-1", "state": "downloading"})
             assert r.status_code == 201, r.text
             assert adm.get("/admin/v1/campaigns").status_code == 200
+            # The shared limiter is back on the database too (after its 1 s local fallback).
+            time.sleep(RETRY_SHARED_AFTER + 0.1)
+            assert dev.post("/v1/checkin", json=CHECKIN).status_code == 200
+            db = Database(pg.url())
+            with db.read() as conn:
+                at = conn.execute(
+                    text("SELECT at FROM rate_buckets WHERE key = 'SN-DB1'")
+                ).scalar_one()
+            db.dispose()
+            assert at >= restarted
             assert node.proc is not None and node.proc.poll() is None  # never restarted
