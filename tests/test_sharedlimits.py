@@ -7,6 +7,7 @@ one database, driven by one injectable clock, so the counts are exact."""
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -67,7 +68,7 @@ def test_shared_buckets_equal_one_bucket(pg_db: Database, ops: list[tuple[int, f
     """Whatever node each request reaches, the cluster decides as a single bucket would."""
     clock = Clock()
     limit = RateLimit(rate=2.0, burst=3)
-    key = f"SN-{clock.t}-{id(ops)}"
+    key = f"SN-{uuid.uuid4().hex}"  # a fresh bucket per example (one database for all)
     nodes = [SharedBuckets(s, limit) for s in _nodes(pg_db, clock)]
     model = TokenBuckets(limit, clock=clock)
     for node, dt in ops:
