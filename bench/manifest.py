@@ -264,14 +264,14 @@ def main() -> None:
     side_by_side(vm.info, tuf_bytes, tuf_update, IMAGE_SIZE, per_call, args.rounds)
 
 
-# --- otaguard's own TUF repository (server/tufrepo.py): bytes and client verify time per update
+# --- otaguard's own TUF repository (server/storage/tufrepo.py): bytes and client verify time per update
 def otaguard_tuf_update(tmp: str) -> dict[str, bytes]:
     """What a device's TUF client downloads per update from otaguard's repository: targets
     signed through otaguard's signer adapter (the release key; an HSM in production), the
     snapshot and timestamp signed by the server's online keys, plus the trusted root."""
     from pathlib import Path
 
-    from otaguard.server.tufrepo import TufRepository
+    from otaguard.server.storage.tufrepo import TufRepository
     from otaguard.tufrepo import metadata as tm
     from otaguard.tufrepo.signer import TufSigner
 

@@ -69,7 +69,7 @@ def serve_worker(cfg: dict[str, Any]) -> None:
     run`` does and serve the device API on a SO_REUSEPORT socket shared with its siblings."""
     import uvicorn
 
-    from otaguard.server import mtls
+    from otaguard.server.pki import mtls
     from otaguard.server.runtime import RunOptions, build_server
 
     opts = RunOptions(
@@ -197,8 +197,8 @@ def make_pki(tmp: Path, n_clients: int, serials: list[str]) -> Pki:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from otaguard.server.ca import FleetCA
-    from otaguard.server.enroll import issue_server_cert
+    from otaguard.server.pki.ca import FleetCA
+    from otaguard.server.pki.enroll import issue_server_cert
 
     ca = FleetCA.create(tmp / "ca", passphrase=secrets.token_hex(16).encode())
     tls = tmp / "tls"
@@ -229,8 +229,8 @@ def populate(db_url: str, registry: int, pki: Pki, serials: list[str]) -> float:
     that connect, random ones for the rest). Returns seconds taken."""
     from sqlalchemy import func, insert, select
 
-    from otaguard.server import models as m
-    from otaguard.server.db import Database
+    from otaguard.server.storage import models as m
+    from otaguard.server.storage.db import Database
 
     t0 = time.perf_counter()
     db = Database(db_url)
@@ -565,9 +565,9 @@ def run_load(
 def add_image(db_url: str, data_dir: Path, serial: str, size: int) -> tuple[str, Path]:
     """Put a random image into the blob store and let ``serial`` fetch it (a release row and
     an assignment, written through the store layer). Returns (blob name, file path)."""
-    from otaguard.server import store
-    from otaguard.server.blobs import LocalBlobStore
-    from otaguard.server.db import Database
+    from otaguard.server.storage import store
+    from otaguard.server.storage.blobs import LocalBlobStore
+    from otaguard.server.storage.db import Database
 
     blobs = LocalBlobStore(data_dir / "blobs")
     name, n = blobs.put_stream((os.urandom(MIB) for _ in range(size // MIB)), size)
@@ -762,7 +762,7 @@ def main() -> int:
     rest = [s for s in serials if s not in chosen]
     ordered = connecting + rest  # make_pki issues certs for the first n_dev
 
-    from otaguard.server.db import sqlite_url
+    from otaguard.server.storage.db import sqlite_url
 
     rows: list[list[str]] = []
     dl_rows: list[list[str]] = []
@@ -907,7 +907,7 @@ def populate_copy(db_url: str, registry: int, pki: Pki) -> float:
     device in a group and with a rate-limit bucket row, as a fleet that polls has."""
     import psycopg
 
-    from otaguard.server.db import Database
+    from otaguard.server.storage.db import Database
 
     t0 = time.perf_counter()
     db = Database(db_url)
@@ -946,7 +946,7 @@ def lookup_pages(db_url: str, serial: str) -> tuple[int, int]:
     with the registry (B-tree depth)."""
     import psycopg
 
-    from otaguard.server.db import Database
+    from otaguard.server.storage.db import Database
 
     db = Database(db_url)
     cargs, cparams = db.engine.dialect.create_connect_args(db.engine.url)
@@ -1053,7 +1053,7 @@ def cluster_main(args: Any) -> int:
         print("  " + " | ".join(rows[-1]), flush=True)
         return r
 
-    from otaguard.server.db import sqlite_url
+    from otaguard.server.storage.db import sqlite_url
 
     with tempfile.TemporaryDirectory(prefix="otaguard-bench-") as tmp_s:
         tmp = Path(tmp_s)

@@ -23,9 +23,9 @@ from otaguard.device.device import Device
 from otaguard.device.https_transport import HttpsTransport
 from otaguard.device.lab import Lab, image_bytes
 from otaguard.device.updater import PollResult, Updater
-from otaguard.server import store
-from otaguard.server.db import Database
-from otaguard.server.enroll import Enrollment
+from otaguard.server.pki.enroll import Enrollment
+from otaguard.server.storage import store
+from otaguard.server.storage.db import Database
 
 FACTORY = image_bytes(16_000, 1)
 

@@ -26,13 +26,14 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from otaguard.server.app import ServerSettings, TrustState, UpdateServer
-from otaguard.server.blobs import LocalBlobStore
-from otaguard.server.ca import FleetCA
-from otaguard.server.db import Database, sqlite_url
-from otaguard.server.enroll import Enrollment, enroll_device, issue_server_cert
-from otaguard.server.mtls import ThreadedServer, server_ssl_context
+from otaguard.server.app import UpdateServer
+from otaguard.server.context import ServerSettings, TrustState
+from otaguard.server.pki.ca import FleetCA
+from otaguard.server.pki.enroll import Enrollment, enroll_device, issue_server_cert
+from otaguard.server.pki.mtls import ThreadedServer, server_ssl_context
 from otaguard.server.ratelimit import RateLimit
+from otaguard.server.storage.blobs import LocalBlobStore
+from otaguard.server.storage.db import Database, sqlite_url
 from tests.support import missing, require_binary
 
 CA_PASSPHRASE = b"test-ca-passphrase"

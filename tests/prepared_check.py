@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from otaguard.server.prepared import Prepared
+from otaguard.server.storage.prepared import Prepared
 
 _execute = Prepared.execute
 

@@ -20,7 +20,7 @@ from otaguard.adminclient import AdminClient, AdminError
 from otaguard.cli.main import main
 from otaguard.crypto.keys import PublicKey
 from otaguard.errors import ErrorCode
-from otaguard.server.app import TrustState
+from otaguard.server.context import TrustState
 from otaguard.trust.model import StaticKeys
 from tests.campaign_fleet import token
 from tests.pg import Harness, fleet_ca, harness, server_tls  # noqa: F401
@@ -78,7 +78,7 @@ def setup(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> Iterator[tuple[Harness, list[str]]]:
-    from otaguard.server.db import sqlite_url
+    from otaguard.server.storage.db import sqlite_url
 
     capsys.readouterr()
     pub = PublicKey.from_pem((keys_dir / "op.pub").read_bytes())
@@ -357,7 +357,7 @@ def test_keys_publish(
 ) -> None:
     """A root-signed key list v2 published with `keys publish`; the same list again is a
     replay the server refuses (E_REPLAY) in one line."""
-    from otaguard.server.db import sqlite_url
+    from otaguard.server.storage.db import sqlite_url
     from otaguard.trust.bundle import TrustBundle
 
     monkeypatch.setenv("OTAGUARD_KEY_PASSPHRASE", "key-passphrase-for-tests")
@@ -417,8 +417,8 @@ def test_client_covers_every_admin_route() -> None:
 
     import httpx
 
-    from otaguard.server.admin import admin_routes
-    from otaguard.server.tuf_routes import admin_tuf_routes
+    from otaguard.server.admin_api.routes import admin_routes
+    from otaguard.server.admin_api.tuf import admin_tuf_routes
 
     fake: Any = types.SimpleNamespace(campaigns=None)
     routes = {
@@ -468,7 +468,7 @@ def test_publish_attaches_the_mcuboot_image_and_a_class_switches_format(
     """A release directory with an MCUboot image: publish attaches it (a re-run says so and
     changes nothing); fleet set-class-format makes the class's devices get it."""
     from otaguard.manifest.ids import class_id, vendor_id
-    from otaguard.server.mcuboot import class_format
+    from otaguard.server.storage.mcuboot import class_format
 
     h, common = setup
     rel = keys_dir / "rel-2.0.0-mcu"

@@ -17,9 +17,9 @@ from sqlalchemy import func, insert, select
 from otaguard.cli.main import main
 from otaguard.clock import SimClock
 from otaguard.errors import ErrorCode, OtaError, ServerError
-from otaguard.server import models as m
-from otaguard.server import store
-from otaguard.server.db import Database
+from otaguard.server.storage import models as m
+from otaguard.server.storage import store
+from otaguard.server.storage.db import Database
 from tests.pg import Harness, db_url, fleet_ca, hx, pg_cluster, server_tls  # noqa: F401
 
 T0 = 1_900_000_000
@@ -56,7 +56,7 @@ def test_token_refused_once_expired(
     clock.set(T0 + 3599)  # last second of its life
     assert c.get("/admin/v1/devices").status_code == 200
     clock.set(T0 + 3600)
-    with caplog.at_level(logging.WARNING, logger="otaguard.server.store"):
+    with caplog.at_level(logging.WARNING, logger="otaguard.server.storage.store"):
         r = c.get("/admin/v1/devices")
     assert r.status_code == 401
     assert r.json() == {"error": ErrorCode.AUTH.value, "detail": "token expired"}

@@ -36,12 +36,12 @@ from schemathesis.core.failures import FailureGroup
 from schemathesis.openapi.checks import JsonSchemaError
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from otaguard.server import store
-from otaguard.server.app import TrustState
-from otaguard.server.ca import FleetCA
-from otaguard.server.db import sqlite_url
-from otaguard.server.enroll import Enrollment
-from otaguard.server.tufrepo import TufRepository
+from otaguard.server.context import TrustState
+from otaguard.server.pki.ca import FleetCA
+from otaguard.server.pki.enroll import Enrollment
+from otaguard.server.storage import store
+from otaguard.server.storage.db import sqlite_url
+from otaguard.server.storage.tufrepo import TufRepository
 from otaguard.trust.model import StaticKeys
 from tests.pg import Harness, fleet_ca, harness, server_tls  # noqa: F401
 from tests.test_server_api import SIGNER, publish

@@ -12,8 +12,8 @@ import pytest
 
 from otaguard.cli.main import main
 from otaguard.device.lab import Lab
-from otaguard.server.app import TrustState
-from otaguard.server.ca import FleetCA
+from otaguard.server.context import TrustState
+from otaguard.server.pki.ca import FleetCA
 from otaguard.trust.model import StaticKeys
 from tests.campaign_fleet import Fleet, release, token
 from tests.pg import Harness, fleet_ca, harness, server_tls  # noqa: F401
@@ -24,7 +24,7 @@ from tests.test_campaign_server import client
 def setup(
     fleet_ca: FleetCA, server_tls: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[Harness, Fleet, list[str]]]:
-    from otaguard.server.db import sqlite_url
+    from otaguard.server.storage.db import sqlite_url
 
     lab = Lab()
     trust = TrustState(StaticKeys([lab.op.public_key]))

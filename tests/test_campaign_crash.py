@@ -20,10 +20,10 @@ from sqlalchemy import select
 
 from otaguard.adminclient import AdminClient
 from otaguard.device.lab import Lab
-from otaguard.server import models as m
-from otaguard.server.ca import FleetCA
-from otaguard.server.db import Database
-from otaguard.server.enroll import Enrollment, enroll_device
+from otaguard.server.pki.ca import FleetCA
+from otaguard.server.pki.enroll import Enrollment, enroll_device
+from otaguard.server.storage import models as m
+from otaguard.server.storage.db import Database
 from tests.campaign_fleet import Fleet, release, token
 from tests.pg import db_url, fleet_ca, pg_cluster, server_tls  # noqa: F401
 

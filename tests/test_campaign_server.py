@@ -13,9 +13,9 @@ import pytest
 
 from otaguard.clock import SimClock
 from otaguard.device.lab import Lab
-from otaguard.server import models as m
-from otaguard.server.app import TrustState
-from otaguard.server.ca import FleetCA
+from otaguard.server.context import TrustState
+from otaguard.server.pki.ca import FleetCA
+from otaguard.server.storage import models as m
 from otaguard.trust.model import StaticKeys
 from tests.campaign_fleet import Fleet, release, token
 from tests.pg import Harness, db_url, fleet_ca, harness, pg_cluster, server_tls  # noqa: F401

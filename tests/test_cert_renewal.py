@@ -31,11 +31,11 @@ from otaguard.device.renewal import CertRenewal, make_csr, renew_due
 from otaguard.device.storage import Identity
 from otaguard.device.updater import Updater
 from otaguard.errors import DeviceError, ErrorCode, OtaError, PowerCut
-from otaguard.server import store
-from otaguard.server.ca import FleetCA, fingerprint
-from otaguard.server.db import sqlite_url
-from otaguard.server.enroll import Enrollment
-from otaguard.server.renewal import MAX_CSR, CertIssuer
+from otaguard.server.pki.ca import FleetCA, fingerprint
+from otaguard.server.pki.enroll import Enrollment
+from otaguard.server.pki.renewal import MAX_CSR, CertIssuer
+from otaguard.server.storage import store
+from otaguard.server.storage.db import sqlite_url
 from otaguard.sim.renewal import MemoryIdentityStore, RenewalSimOptions, run_renewal_sim
 from tests.pg import Harness, fleet_ca, harness, server_tls  # noqa: F401
 from tests.test_server_api import admin

@@ -1,9 +1,10 @@
 """The device renewal flow as a state machine under every mix of faults (hypothesis).
 
-The server is a model of ``server/app.py`` ``_device_work`` + ``POST /v1/certificate`` (current,
-pending and superseded fingerprints; the first use of the pending certificate promotes it) with
-real certificates from a real fleet CA; the network drops requests before they arrive or loses
-answers after the server acted; the device loses power before or after either storage write.
+The server is a model of ``server/device_api/gate.py`` ``_device_work`` +
+``POST /v1/certificate`` (current, pending and superseded fingerprints; the first use of the
+pending certificate promotes it) with real certificates from a real fleet CA; the network
+drops requests before they arrive or loses answers after the server acted; the device loses
+power before or after either storage write.
 
 Safety, after every step: the certificate the server holds current is one the device has in
 storage (current or pending) — the device can always get in. Liveness: once the faults stop,
@@ -28,7 +29,7 @@ from otaguard.clock import SimClock
 from otaguard.device.renewal import CertRenewal
 from otaguard.device.storage import Identity
 from otaguard.errors import DeviceError, ErrorCode, OtaError, PowerCut
-from otaguard.server.ca import FleetCA
+from otaguard.server.pki.ca import FleetCA
 from otaguard.sim.renewal import MemoryIdentityStore
 
 SERIAL = "SN-M1"

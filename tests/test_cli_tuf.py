@@ -10,7 +10,7 @@ import pytest
 from tuf.api.metadata import Metadata, Root, Targets
 
 from otaguard.cli.main import main
-from otaguard.server.tufrepo import TufRepository
+from otaguard.server.storage.tufrepo import TufRepository
 from otaguard.tufrepo import metadata as tm
 
 

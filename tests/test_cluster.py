@@ -27,10 +27,10 @@ from sqlalchemy import func, select
 from otaguard.adminclient import AdminClient
 from otaguard.crypto.software import SoftwareSigner, generate_private_key
 from otaguard.device.lab import Lab, image_bytes
-from otaguard.server import models as m
-from otaguard.server.ca import FleetCA
-from otaguard.server.db import Database
-from otaguard.server.enroll import Enrollment, enroll_device
+from otaguard.server.pki.ca import FleetCA
+from otaguard.server.pki.enroll import Enrollment, enroll_device
+from otaguard.server.storage import models as m
+from otaguard.server.storage.db import Database
 from tests.campaign_fleet import Fleet, token
 from tests.cluster import haproxy, nodes
 from tests.pg import PgCluster, fleet_ca, pg_cluster, server_tls  # noqa: F401

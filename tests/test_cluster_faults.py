@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 from sqlalchemy import text
 
-from otaguard.server.ca import FleetCA
-from otaguard.server.db import Database
-from otaguard.server.enroll import enroll_device
+from otaguard.server.pki.ca import FleetCA
+from otaguard.server.pki.enroll import enroll_device
 from otaguard.server.sharedlimits import RETRY_SHARED_AFTER
+from otaguard.server.storage.db import Database
 from tests.campaign_fleet import token
 from tests.cluster import nodes, own_pg
 from tests.pg import fleet_ca, server_tls  # noqa: F401

@@ -13,8 +13,8 @@ from pathlib import Path
 from otaguard.adminclient import AdminClient
 from otaguard.crypto.software import SoftwareSigner, generate_private_key
 from otaguard.device.lab import Lab, image_bytes
-from otaguard.server.ca import FleetCA
-from otaguard.server.db import Database
+from otaguard.server.pki.ca import FleetCA
+from otaguard.server.storage.db import Database
 from tests.campaign_fleet import token
 from tests.cluster import nodes
 from tests.pg import PgCluster, fleet_ca, pg_cluster, server_tls  # noqa: F401

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from otaguard.server import store
-from otaguard.server.db import Database
+from otaguard.server.storage import store
+from otaguard.server.storage.db import Database
 from tests.pg import PgCluster, pg_cluster  # noqa: F401
 
 

@@ -19,8 +19,8 @@ from starlette.routing import Route
 
 from otaguard.device.https_transport import HttpsTransport
 from otaguard.errors import DeviceError, ErrorCode
-from otaguard.server.ca import FleetCA, spki_sha256
-from otaguard.server.mtls import ThreadedServer, server_ssl_context
+from otaguard.server.pki.ca import FleetCA, spki_sha256
+from otaguard.server.pki.mtls import ThreadedServer, server_ssl_context
 from tests.pg import fleet_ca, server_tls  # noqa: F401
 from tests.test_device_https_limits import (
     Creds,
@@ -38,7 +38,7 @@ def _app(peers: list[Any]) -> Starlette:
     async def checkin(request: Request) -> JSONResponse:
         peers.append(request.scope["client"])
         # Read the body before answering, as the real check-in does: an answer that starts
-        # before the body has arrived closes the connection (server/listener.py), and whether
+        # before the body has arrived closes the connection (server/pki/listener.py), and whether
         # it arrived first would otherwise depend on how TLS split the request.
         await request.body()
         return JSONResponse({"update": None})

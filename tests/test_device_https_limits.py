@@ -24,8 +24,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from otaguard.device.https_transport import MAX_JSON, MAX_KEYLIST, MAX_MANIFEST, HttpsTransport
 from otaguard.errors import DeviceError, ErrorCode
-from otaguard.server.ca import FleetCA
-from otaguard.server.mtls import server_ssl_context
+from otaguard.server.pki.ca import FleetCA
+from otaguard.server.pki.mtls import server_ssl_context
 from tests.pg import fleet_ca, server_tls  # noqa: F401
 
 BIG = 100 * 1024 * 1024  # what the hostile server offers; the client must not take it all
@@ -285,7 +285,7 @@ def test_no_deadline_by_default_and_a_fast_body_is_fine(
 def _client_only_cert_for_loopback(ca: FleetCA, d: Path) -> tuple[Path, Path]:
     """Signed by the fleet CA, SAN 127.0.0.1 (so the hostname matches), EKU clientAuth only:
     exactly what a stolen device key pair plus a permissive CA would give a MITM."""
-    from otaguard.server import ca as ca_mod
+    from otaguard.server.pki import ca as ca_mod
 
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)

@@ -91,7 +91,7 @@ def test_random_operation_sequences_keep_a_bootable_verified_slot(
                     security += int(bump)
                     img = image_bytes(2000 + 300 * seq, seq)
                     m = lab.release(img, version=f"1.0.{seq}", seq=seq, counter=security)
-                    sent = img if op == "install" else img[:-1] + b"\x00"
+                    sent = img if op == "install" else img[:-1] + bytes([img[-1] ^ 1])
                     try:
                         dev.install(MemoryTransport(m, sent, chunk=700))
                     except OtaError as err:

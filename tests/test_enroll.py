@@ -16,10 +16,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from otaguard.cli.main import main
 from otaguard.crypto.software import SoftwareSigner
 from otaguard.errors import ErrorCode, OtaError
-from otaguard.server import store
-from otaguard.server.ca import FleetCA, serial_of, spki_sha256, verify_forwarded_cert
-from otaguard.server.db import Database
-from otaguard.server.enroll import enroll_device, issue_server_cert
+from otaguard.server.pki.ca import FleetCA, serial_of, spki_sha256, verify_forwarded_cert
+from otaguard.server.pki.enroll import enroll_device, issue_server_cert
+from otaguard.server.storage import store
+from otaguard.server.storage.db import Database
 from tests.pg import CA_PASSPHRASE, db_url, fleet_ca, pg_cluster  # noqa: F401
 
 

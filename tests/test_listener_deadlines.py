@@ -23,13 +23,13 @@ from sqlalchemy import func
 from sqlalchemy import select as sql_select
 
 from otaguard.crypto.software import SoftwareSigner
-from otaguard.server import models
-from otaguard.server.authlog import AuthFailures
-from otaguard.server.ca import FleetCA
-from otaguard.server.db import sqlite_url
-from otaguard.server.listener import Deadlines
 from otaguard.server.metrics import parse_samples
-from otaguard.server.mtls import ThreadedServer, server_ssl_context
+from otaguard.server.pki.authlog import AuthFailures
+from otaguard.server.pki.ca import FleetCA
+from otaguard.server.pki.listener import Deadlines
+from otaguard.server.pki.mtls import ThreadedServer, server_ssl_context
+from otaguard.server.storage import models
+from otaguard.server.storage.db import sqlite_url
 from tests.pg import Harness, device_context, fleet_ca, harness, server_tls  # noqa: F401
 from tests.test_server_api import admin
 

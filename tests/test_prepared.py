@@ -1,4 +1,4 @@
-"""Prepared statements (server/prepared.py) behave exactly like SQLAlchemy Core executions.
+"""Prepared statements (server/storage/prepared.py) behave exactly like SQLAlchemy Core executions.
 
 The cross-check (tests/prepared_check.py): the full device flow and two phased-campaign
 flows run again here against a real server on SQLite and PostgreSQL, with every prepared
@@ -20,10 +20,10 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, insert, select, text
 
 from otaguard.errors import ErrorCode, ServerError
-from otaguard.server import models as m
-from otaguard.server import store
-from otaguard.server.db import Database, sqlite_url
-from otaguard.server.prepared import Prepared, in_consts
+from otaguard.server.storage import models as m
+from otaguard.server.storage import store
+from otaguard.server.storage.db import Database, sqlite_url
+from otaguard.server.storage.prepared import Prepared, in_consts
 from tests.pg import PgCluster, db_url, fleet_ca, harness, pg_cluster, server_tls  # noqa: F401
 from tests.prepared_check import cross_check  # noqa: F401  (autouse)
 from tests.test_campaign_server import (  # noqa: F401  (re-run under the cross-check)

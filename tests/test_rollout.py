@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from otaguard.clock import SimClock
 from otaguard.errors import ErrorCode, FormatError, OtaError
-from otaguard.server.rollout import (
+from otaguard.rollout import (
     ALL_FINISHED,
     Action,
     Campaign,

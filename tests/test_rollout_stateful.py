@@ -18,7 +18,7 @@ from hypothesis.stateful import (
 
 from otaguard.clock import SimClock
 from otaguard.errors import ErrorCode
-from otaguard.server.rollout import (
+from otaguard.rollout import (
     Action,
     Campaign,
     CampaignError,

@@ -30,11 +30,11 @@ from otaguard.device.lab import Lab, MemoryTransport, image_bytes
 from otaguard.device.layout import LayoutConfig
 from otaguard.device.updater import Updater, install_identity, write_identity_files
 from otaguard.errors import ErrorCode, OtaError
-from otaguard.server import store
-from otaguard.server.app import ServerSettings, TrustState
-from otaguard.server.ca import FleetCA
-from otaguard.server.enroll import Enrollment
+from otaguard.server.context import ServerSettings, TrustState
+from otaguard.server.pki.ca import FleetCA
+from otaguard.server.pki.enroll import Enrollment
 from otaguard.server.ratelimit import RateLimit
+from otaguard.server.storage import store
 from tests.pg import Harness, db_url, fleet_ca, harness, pg_cluster, server_tls  # noqa: F401
 
 N = 20
@@ -214,7 +214,7 @@ def test_incident_key_compromise_rotation_and_patch(
         warn = officer("status", "--warn-days", "400", "--json")["expiry_warnings"]
         assert [w["kid"] for w in warn] == [b_kid] and 290 < warn[0]["days_left"] < 300
         # every action is in the audit log, chained, and matches the DB history
-        from otaguard.server.rotation import audit_anchor
+        from otaguard.server.admin_api.rotation import audit_anchor
         from otaguard.signing.audit import read_records, verify_log
 
         log = h.srv.rotation_audit  # type: ignore[attr-defined]

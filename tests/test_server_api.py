@@ -25,11 +25,12 @@ from otaguard.crypto.software import SoftwareSigner
 from otaguard.manifest.build import build_envelope
 from otaguard.manifest.ids import class_id, vendor_id
 from otaguard.manifest.model import ManifestInfo
-from otaguard.server import models, store
-from otaguard.server.app import ServerSettings, TrustState, parse_range
-from otaguard.server.ca import FleetCA
-from otaguard.server.db import sqlite_url
+from otaguard.server.context import ServerSettings, TrustState
+from otaguard.server.device_api.endpoints import parse_range
+from otaguard.server.pki.ca import FleetCA
 from otaguard.server.ratelimit import RateLimit
+from otaguard.server.storage import models, store
+from otaguard.server.storage.db import sqlite_url
 from otaguard.trust.documents import issue_authorization, sign_keylist
 from otaguard.trust.model import Role, Scope, StaticKeys
 from otaguard.trust.store import TrustStore

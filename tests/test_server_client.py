@@ -11,11 +11,11 @@ import pytest
 
 from otaguard.device.https_transport import HttpsTransport
 from otaguard.errors import DeviceError, ErrorCode
-from otaguard.server import store
-from otaguard.server.app import ServerSettings, TrustState
-from otaguard.server.ca import FleetCA, spki_sha256
-from otaguard.server.enroll import Enrollment
+from otaguard.server.context import ServerSettings, TrustState
+from otaguard.server.pki.ca import FleetCA, spki_sha256
+from otaguard.server.pki.enroll import Enrollment
 from otaguard.server.ratelimit import RateLimit
+from otaguard.server.storage import store
 from otaguard.trust.model import StaticKeys
 from tests.pg import CA_PASSPHRASE, Harness, db_url, fleet_ca, harness, pg_cluster, server_tls  # noqa: F401
 from tests.test_server_api import SIGNER, admin_client, publish

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import httpx
 
-from otaguard.server import store
-from otaguard.server.ca import FleetCA
-from otaguard.server.db import Database
-from otaguard.server.enroll import Enrollment, enroll_device
+from otaguard.server.pki.ca import FleetCA
+from otaguard.server.pki.enroll import Enrollment, enroll_device
+from otaguard.server.storage import store
+from otaguard.server.storage.db import Database
 from tests.pg import db_url, device_context, fleet_ca, pg_cluster, server_tls  # noqa: F401
 from tests.support import server_run_argv
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from otaguard.server.db import Database, sqlite_url
+from otaguard.server.storage.db import Database, sqlite_url
 
 
 def _try_lock(path: str, q: mp.Queue) -> None:  # type: ignore[type-arg]

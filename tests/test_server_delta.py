@@ -19,9 +19,9 @@ from otaguard.device.layout import LayoutConfig
 from otaguard.manifest.build import build_envelope
 from otaguard.manifest.model import DeltaInfo
 from otaguard.manifest.verify import verify_envelope
-from otaguard.server.app import TrustState
-from otaguard.server.ca import FleetCA
-from otaguard.server.enroll import Enrollment
+from otaguard.server.context import TrustState
+from otaguard.server.pki.ca import FleetCA
+from otaguard.server.pki.enroll import Enrollment
 from otaguard.trust.model import StaticKeys
 from tests.pg import Harness, db_url, fleet_ca, harness, pg_cluster, server_tls  # noqa: F401
 from tests.test_server_api import SIGNER, admin_client, make_release, publish

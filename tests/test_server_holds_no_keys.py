@@ -47,10 +47,10 @@ from otaguard.crypto.software import SoftwareSigner
 from otaguard.manifest.build import build_envelope
 from otaguard.manifest.ids import class_id, vendor_id
 from otaguard.manifest.model import ManifestInfo
-from otaguard.server import store
-from otaguard.server.ca import FleetCA
-from otaguard.server.db import Database, sqlite_url
-from otaguard.server.enroll import Enrollment, enroll_device, issue_server_cert
+from otaguard.server.pki.ca import FleetCA
+from otaguard.server.pki.enroll import Enrollment, enroll_device, issue_server_cert
+from otaguard.server.storage import store
+from otaguard.server.storage.db import Database, sqlite_url
 from otaguard.trust.bundle import TrustBundle
 from otaguard.trust.documents import issue_authorization, sign_keylist
 from otaguard.trust.model import Role, Scope
@@ -377,8 +377,9 @@ def key_files_named_by_process(pid: int, needles: list[Needle]) -> tuple[set[Pat
 
 
 # The only private keys the server may hold: its TUF repository's online snapshot and timestamp
-# keys (server/tufrepo.py), generated at first start. Root names them for those two roles only,
-# so they cannot sign a target, a firmware manifest, a key list or a root (threat model 4.3).
+# keys (server/storage/tufrepo.py), generated at first start. Root names them for those two
+# roles only, so they cannot sign a target, a firmware manifest, a key list or a root (threat
+# model 4.3).
 ONLINE_KEYS = ("tuf/keys/snapshot.pem", "tuf/keys/timestamp.pem")
 
 

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from otaguard.errors import OtaError
-from otaguard.server.app import parse_range
+from otaguard.server.device_api.endpoints import parse_range
 from otaguard.wire import decimal, loads_json
 from tests.pg import Harness, db_url, fleet_ca, hx, pg_cluster, server_tls  # noqa: F401
 from tests.test_server_api import admin, hxt  # noqa: F401

@@ -13,10 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
-from otaguard.server import store
-from otaguard.server.app import ServerSettings, TrustState
-from otaguard.server.ca import FleetCA
+from otaguard.server.context import ServerSettings, TrustState
+from otaguard.server.pki.ca import FleetCA
 from otaguard.server.ratelimit import ProbeDetector, RateLimit
+from otaguard.server.storage import store
 from otaguard.trust.model import StaticKeys
 from tests.pg import Harness, db_url, fleet_ca, harness, pg_cluster, server_tls  # noqa: F401
 from tests.test_server_api import SIGNER, admin_client, publish

@@ -21,13 +21,13 @@ from hypothesis import strategies as st
 from otaguard.cli.main import main as cli_main
 from otaguard.cli.server import _KEY_OPTIONS
 from otaguard.errors import ErrorCode, OtaError
-from otaguard.server import models, store
-from otaguard.server.app import TrustState
-from otaguard.server.ca import FleetCA
 from otaguard.server.config import _FIELDS, load_server_config, parse_server_config
-from otaguard.server.db import sqlite_url
+from otaguard.server.context import TrustState
 from otaguard.server.metrics import parse_samples
+from otaguard.server.pki.ca import FleetCA
 from otaguard.server.runtime import RunOptions
+from otaguard.server.storage import models, store
+from otaguard.server.storage.db import sqlite_url
 from otaguard.trust.model import StaticKeys
 from tests.pg import Harness, fleet_ca, harness, server_tls  # noqa: F401
 from tests.support import require_binary

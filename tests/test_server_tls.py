@@ -18,8 +18,8 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from otaguard.server.app import ServerSettings
-from otaguard.server.ca import FleetCA, write_private_key
+from otaguard.server.context import ServerSettings
+from otaguard.server.pki.ca import FleetCA, write_private_key
 from otaguard.server.ratelimit import RateLimit
 from tests.pg import (  # noqa: F401
     CA_PASSPHRASE,
@@ -103,7 +103,7 @@ def test_handshake_refusals(hx: Harness, tmp_path: Path) -> None:
         ctx.maximum_version = version
         assert _raw_request(hx, ctx).startswith(b"HTTP/1.1 200")
     # Nothing of the refused attempts reached the application.
-    from otaguard.server import store
+    from otaguard.server.storage import store
 
     with hx.db.read() as conn:
         dev = store.device_by_serial(conn, "SN-1")
@@ -126,7 +126,7 @@ def test_revoked_and_superseded(hx: Harness) -> None:
     e = hx.enroll("SN-3")
     c = hx.client(e)
     assert c.post("/v1/checkin", json={"version": "1.0.0"}).status_code == 200
-    from otaguard.server import store
+    from otaguard.server.storage import store
 
     with hx.db.write() as conn:
         store.revoke_device(conn, "SN-3")
@@ -176,7 +176,7 @@ def test_forwarded_header_only_from_proxies(
         trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),),
         device_rate=RateLimit(1000, 1000),
     )
-    from otaguard.server.db import sqlite_url
+    from otaguard.server.storage.db import sqlite_url
 
     with harness(sqlite_url(tmp_path / "b.db"), fleet_ca, server_tls, db2, settings=settings) as h:
         dev = h.enroll("SN-P")
@@ -188,7 +188,7 @@ def test_forwarded_header_only_from_proxies(
             headers={"X-Client-Cert": hdr},
         )
         assert r.status_code == 200, r.text
-        from otaguard.server import store
+        from otaguard.server.storage import store
 
         with h.db.read() as conn:
             row = store.device_by_serial(conn, "SN-P")

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from otaguard.server.db import Database
 from otaguard.server.ratelimit import RateLimit, TokenBuckets
 from otaguard.server.sharedlimits import SharedBuckets, SharedProbeDetector, SharedState
+from otaguard.server.storage.db import Database
 from tests.pg import PgCluster, pg_cluster  # noqa: F401
 
 

@@ -27,8 +27,8 @@ from otaguard.device.device import Device
 from otaguard.device.flash import Flash, Geometry
 from otaguard.device.https_transport import HttpsTransport
 from otaguard.device.lab import chunks
-from otaguard.server.ca import FleetCA, write_private_key
-from otaguard.server.mtls import running, server_ssl_context
+from otaguard.server.pki.ca import FleetCA, write_private_key
+from otaguard.server.pki.mtls import running, server_ssl_context
 from otaguard.sim import world as W
 from otaguard.sim.runner import reboot_check, reboot_fleet
 from tests.pg import fleet_ca, server_tls  # noqa: F401

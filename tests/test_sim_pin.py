@@ -16,9 +16,9 @@ from cryptography import x509
 
 from otaguard.device.https_transport import HttpsTransport
 from otaguard.errors import DeviceError, ErrorCode
-from otaguard.server.ca import FleetCA, spki_sha256
-from otaguard.server.enroll import issue_server_cert
-from otaguard.server.mtls import ThreadedServer, server_ssl_context
+from otaguard.server.pki.ca import FleetCA, spki_sha256
+from otaguard.server.pki.enroll import issue_server_cert
+from otaguard.server.pki.mtls import ThreadedServer, server_ssl_context
 from otaguard.sim import world as W
 from otaguard.sim.model import SimOptions
 from otaguard.sim.shard import AttackKit, ShardConfig, device_transport

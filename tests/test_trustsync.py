@@ -15,10 +15,11 @@ import pytest
 
 from otaguard.crypto.software import SoftwareSigner, generate_private_key
 from otaguard.device.lab import Lab
-from otaguard.server import store
-from otaguard.server.app import TrustState
-from otaguard.server.db import Database
-from otaguard.server.trustsync import CAMPAIGNS, TrustSync, announce
+from otaguard.server.context import TrustState
+from otaguard.server.storage import store
+from otaguard.server.storage.db import Database
+from otaguard.server.storage.notify import CAMPAIGNS, announce
+from otaguard.server.trustsync import TrustSync
 from otaguard.trust.store import TrustStore
 from tests.pg import PgCluster, db_url, pg_cluster  # noqa: F401
 

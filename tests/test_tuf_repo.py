@@ -34,10 +34,10 @@ from otaguard.crypto.keys import PublicKey
 from otaguard.crypto.pkcs11 import Pkcs11Signer, generate_keypair
 from otaguard.crypto.software import SoftwareSigner
 from otaguard.errors import ErrorCode, OtaError, PolicyError
-from otaguard.server import store
-from otaguard.server.ca import FleetCA
-from otaguard.server.db import sqlite_url
-from otaguard.server.tufrepo import DAY, TufRepository, TufSettings
+from otaguard.server.pki.ca import FleetCA
+from otaguard.server.storage import store
+from otaguard.server.storage.db import sqlite_url
+from otaguard.server.storage.tufrepo import DAY, TufRepository, TufSettings
 from otaguard.signing.audit import AuditLog, read_records
 from otaguard.signing.policy import Grant, Policy, Requester, Role, SigningRequest
 from otaguard.signing.service import SigningService

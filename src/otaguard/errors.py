@@ -73,6 +73,10 @@ class ErrorCode(StrEnum):
     CONFIG = "E_CONFIG"  # configuration missing, unreadable or invalid (agent, services)
     SLOT_DEVICE = "E_SLOT_DEVICE"  # a slot's block device is missing or unusable
     BOOT_ENV = "E_BOOT_ENV"  # bootloader environment unreadable in every copy, or not ours
+    TPM = "E_TPM"  # the configured TPM is absent, unreachable or failed a command
+    TPM_LOCKOUT = "E_TPM_LOCKOUT"  # the TPM is in dictionary-attack lockout
+    TPM_AUTH = "E_TPM_AUTH"  # the TPM refused an authorization (wrong owner password)
+    TPM_NV = "E_TPM_NV"  # a TPM NV index or key at our handle is missing or not as defined
     REBOOT = "E_REBOOT"  # the agent asked the system to reboot (not a failure)
     # --- delta -------------------------------------------------------------------------------
     DELTA_BASE = "E_DELTA_BASE"  # patch is for another base image

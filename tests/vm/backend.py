@@ -30,15 +30,16 @@ from otaguard.adminclient import AdminClient
 from otaguard.delta import create_patch
 from otaguard.device.lab import Lab
 from otaguard.device.linux.grubenv import decode_block
-from otaguard.server import models as m
-from otaguard.server import store
-from otaguard.server.app import ServerSettings, TrustState, UpdateServer
-from otaguard.server.blobs import LocalBlobStore
-from otaguard.server.ca import FleetCA
-from otaguard.server.db import Database, sqlite_url
-from otaguard.server.enroll import Enrollment, enroll_device, issue_server_cert
-from otaguard.server.mtls import ThreadedServer, server_ssl_context
+from otaguard.server.app import UpdateServer
+from otaguard.server.context import ServerSettings, TrustState
+from otaguard.server.pki.ca import FleetCA
+from otaguard.server.pki.enroll import Enrollment, enroll_device, issue_server_cert
+from otaguard.server.pki.mtls import ThreadedServer, server_ssl_context
 from otaguard.server.ratelimit import RateLimit
+from otaguard.server.storage import models as m
+from otaguard.server.storage import store
+from otaguard.server.storage.blobs import LocalBlobStore
+from otaguard.server.storage.db import Database, sqlite_url
 from otaguard.trust.model import StaticKeys
 
 from . import build

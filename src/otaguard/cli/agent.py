@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ..device.device import Provisioning
 from ..device.linux.config import AgentConfig
 from ..device.linux.service import log, reboot, run, self_test_of
-from ..device.linux.system import LinuxDevice, RebootRequested, write_outbox
+from ..device.linux.system import LinuxDevice, RebootRequested, open_storage, write_outbox
 from ..device.storage import Identity
 from ..device.transport import LocalFileTransport, Transport
 from ..device.url_transport import UrlTransport
@@ -29,6 +31,8 @@ from ..trust.bundle import MAX_BUNDLE, TrustBundle
 from .common import emit
 
 MAX_PEM = 16 * 1024
+MAX_AUTH = 64  # a TPM password: at most the name-algorithm digest size
+TPM_KEY_FILE = "identity-key.tss2"  # the TPM-wrapped key until its certificate is stored
 
 config_option = click.option(
     "--config",
@@ -77,6 +81,22 @@ def agent() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Override the two env copy paths (an ESP being built).",
 )
+@click.option(
+    "--tpm-owner-auth",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File with the TPM owner password (device.store = tpm; default: empty).",
+)
+@click.option(
+    "--tpm-new-owner-auth",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Take ownership: set the TPM owner password to this file's contents first.",
+)
+@click.option("--serial", help="Device serial for the CSR (device.store = tpm).")
+@click.option(
+    "--csr-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the CSR of the TPM-generated identity key here (device.store = tpm).",
+)
 @click.option("--json", "as_json", is_flag=True)
 def provision_cmd(
     config_path: Path,
@@ -93,9 +113,18 @@ def provision_cmd(
     slot_a: str | None,
     slot_b: str | None,
     grubenv: tuple[Path, Path] | None,
+    tpm_owner_auth: Path | None,
+    tpm_new_owner_auth: Path | None,
+    serial: str | None,
+    csr_out: Path | None,
     as_json: bool,
 ) -> None:
-    """Factory step: identity facts, trust store, counters, the factory image in slot A."""
+    """Factory step: identity facts, trust store, counters, the factory image in slot A.
+
+    With ``device.store = "tpm"``: takes ownership (``--tpm-new-owner-auth``) or uses the
+    owner password given, creates the storage root key and the identity key inside the TPM,
+    writes and locks the root anchor, creates the counters, and writes the CSR for enrollment
+    (``--serial``, ``--csr-out``); `agent install-cert` stores the certificate."""
     cfg = AgentConfig.load(config_path)
     over: dict[str, Any] = {}
     if state_dir is not None:
@@ -110,6 +139,15 @@ def provision_cmd(
     bundle = TrustBundle.load(read_limited(trust_path, MAX_BUNDLE))
     vid = vendor_id(vendor)
     identity = None
+    tpm = cfg.store == "tpm"
+    if tpm and (identity_key or identity_cert):
+        raise UsageError(ErrorCode.USAGE, "a TPM device makes its own key: use --csr-out")
+    if tpm and not (serial and csr_out):
+        raise UsageError(ErrorCode.USAGE, "device.store = tpm needs --serial and --csr-out")
+    if not tpm and (tpm_owner_auth or tpm_new_owner_auth or csr_out):
+        raise UsageError(
+            ErrorCode.USAGE, "the --tpm-* and --csr-out options need device.store = tpm"
+        )
     if identity_key or identity_cert:
         if not (identity_key and identity_cert):
             raise UsageError(ErrorCode.USAGE, "give both --identity-key and --identity-cert")
@@ -126,16 +164,70 @@ def provision_cmd(
         identity,
     )
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    dev = LinuxDevice(cfg, running=0, provisioning=True)
+    owner = read_limited(tpm_owner_auth, MAX_AUTH) if tpm_owner_auth else b""
+    dev = LinuxDevice(cfg, running=0, provisioning=True, tpm_owner_auth=owner)
     if dev.storage.otp() is not None:
         raise DeviceError(ErrorCode.OTP_WRITTEN, f"{cfg.state_dir} is already provisioned")
+    if dev.tpm is not None:
+        from ..device.linux.tpm import ensure_srk
+
+        dev.tpm.set_owner_auth(owner)
+        if tpm_new_owner_auth is not None:
+            owner = read_limited(tpm_new_owner_auth, MAX_AUTH)
+            dev.tpm.take_ownership(owner)
+            assert dev.tpm_store is not None
+            dev.tpm_store.owner_auth = owner
+        ensure_srk(dev.tpm, owner)
     dev.provision(prov, _chunks(factory_image))
+    if dev.tpm is not None and serial and csr_out:
+        from ..device.linux.tpm import create_identity_key
+        from ..device.linux.tpmtls import TpmKey, tpm_csr
+
+        blob = create_identity_key(dev.tpm)
+        atomic_write(cfg.state_dir / TPM_KEY_FILE, blob, mode=0o600)
+        key = TpmKey(dev.tpm, blob)
+        try:
+            atomic_write(csr_out, tpm_csr(key, serial))
+        finally:
+            key.close()
     if server_ca is not None:
         atomic_write(
             state_dir / "server-ca.pem" if state_dir else cfg.server_ca,
             read_limited(server_ca, MAX_PEM),
         )
     emit(dev.status(), as_json)
+
+
+@agent.command("install-cert")
+@config_option
+@click.option("--cert", "cert_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def install_cert_cmd(config_path: Path, cert_path: Path) -> None:
+    """Factory step after enrollment: store the certificate issued for the TPM key's CSR."""
+    cfg = AgentConfig.load(config_path)
+    if cfg.store != "tpm":
+        raise UsageError(ErrorCode.USAGE, "install-cert is for device.store = tpm")
+    from ..device.linux.tpm import Tpm, TpmStore
+    from ..device.linux.tpmtls import blob_spki
+
+    tpm = Tpm(cfg.tpm_tcti)
+    try:
+        storage = open_storage(cfg.state_dir, TpmStore(tpm))
+        storage.require_otp()  # provisioned, and the TPM's anchor is as provisioning left it
+        blob = read_limited(cfg.state_dir / TPM_KEY_FILE, MAX_PEM)
+        cert_pem = read_limited(cert_path, MAX_PEM)
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+        except ValueError:
+            raise DeviceError(
+                ErrorCode.MALFORMED, f"{cert_path} is not a PEM certificate"
+            ) from None
+        spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        if spki != blob_spki(blob):
+            raise DeviceError(ErrorCode.CERT, "the certificate is not for the TPM identity key")
+        storage.write_identity(Identity(blob, cert_pem))
+    finally:
+        tpm.close()
+    emit({"identity": cert.subject.rfc4514_string(), "storage": "tpm"}, False)
 
 
 @agent.command("boot-check")

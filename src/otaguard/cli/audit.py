@@ -189,8 +189,8 @@ def _anchor(
             st.close()
         return head
     if server_db_url or server_data_dir:
-        from ..server.db import Database, sqlite_url
-        from ..server.rotation import audit_anchor
+        from ..server.admin_api.rotation import audit_anchor
+        from ..server.storage.db import Database, sqlite_url
 
         url = server_db_url or sqlite_url((server_data_dir or Path(".")) / "otaguard.db")
         db = Database(url)

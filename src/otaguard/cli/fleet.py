@@ -27,7 +27,7 @@ _data_dir_option = click.option(
 
 
 def _load_ca(ca_dir: Path, pkcs11_module: str | None = None):  # type: ignore[no-untyped-def]
-    from ..server.ca import FleetCA
+    from ..server.pki.ca import FleetCA
 
     meta = FleetCA.meta(ca_dir)
     if meta.get("key") == "pkcs11":
@@ -68,7 +68,7 @@ def init_ca(
     as_json: bool,
 ) -> None:
     """Create the fleet CA (key: encrypted file, passphrase from $OTAGUARD_CA_PASSPHRASE)."""
-    from ..server.ca import FleetCA, spki_sha256
+    from ..server.pki.ca import FleetCA, spki_sha256
 
     if pkcs11_uri:
         from ..crypto.pkcs11 import Pkcs11Signer
@@ -119,7 +119,7 @@ def enroll(
     as_json: bool,
 ) -> None:
     """Issue a device certificate and register the device."""
-    from ..server.enroll import enroll_device
+    from ..server.pki.enroll import enroll_device
 
     ca = _load_ca(ca_dir, pkcs11_module)
     db = _open_db(data_dir, db_url)
@@ -184,7 +184,7 @@ def revoke(
         with AdminClient.connect(server, ca_file=ca_file) as client:
             client.revoke_device(serial)
     else:
-        from ..server import store
+        from ..server.storage import store
 
         db = _open_db(data_dir, db_url)
         with db.write() as conn:
@@ -210,8 +210,8 @@ def server_cert(
     as_json: bool,
 ) -> None:
     """Issue the update endpoint's TLS certificate (serverAuth only) from the fleet CA."""
-    from ..server.ca import spki_sha256
-    from ..server.enroll import issue_server_cert
+    from ..server.pki.ca import spki_sha256
+    from ..server.pki.enroll import issue_server_cert
 
     ca = _load_ca(ca_dir, pkcs11_module)
     issued = issue_server_cert(

@@ -15,7 +15,7 @@ from .fleet import _data_dir_option, _db_option, _open_db
 
 if TYPE_CHECKING:
     from ..crypto.cose import Signer
-    from ..server.renewal import CertIssuer
+    from ..server.pki.renewal import CertIssuer
     from ..server.runtime import RunOptions
 
 
@@ -187,7 +187,7 @@ def _audit_sealer(keys: dict[str, Any]) -> Signer | None:
 
 
 def _issuer(keys: dict[str, Any]) -> CertIssuer | None:
-    from ..server.renewal import CertIssuer
+    from ..server.pki.renewal import CertIssuer
     from .common import parse_duration
     from .fleet import _load_ca
 
@@ -230,7 +230,7 @@ def token_create(
     stdout's first line is the token (scripts read it); the expiry goes to stderr. Tokens are
     managed on the server host, in its database, not through the admin API (docs/server.md).
     """
-    from ..server import store
+    from ..server.storage import store
     from ..signing.http import format_utc
 
     lifetime = lifetime_seconds(valid_for, no_expiry)  # before the database: no row on error
@@ -259,7 +259,7 @@ def token_list(as_json: bool, data_dir: Path, db_url: str | None) -> None:
     Tokens expiring within 14 days are marked ``expiring`` and named on stderr: renew one by
     creating a new token, then revoking the old one.
     """
-    from ..server import store
+    from ..server.storage import store
     from ..signing.http import format_utc
 
     db = _open_db(data_dir, db_url)
@@ -290,7 +290,7 @@ def token_list(as_json: bool, data_dir: Path, db_url: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="{name, revoked, changed}.")
 def token_revoke(name: str, data_dir: Path, db_url: str | None, as_json: bool) -> None:
     """Revoke an admin token now: every request with it gets 401 from then on."""
-    from ..server import store
+    from ..server.storage import store
 
     db = _open_db(data_dir, db_url)
     with db.write() as conn:

@@ -59,7 +59,7 @@ def serve(
     """Serve POST /v1/sign until interrupted; the audit log is sealed on shutdown."""
     import uvicorn
 
-    from ..server.listener import DeadlineProtocol, Deadlines, with_deadlines
+    from ..server.pki.listener import DeadlineProtocol, Deadlines, with_deadlines
 
     if bool(tls_cert) != bool(tls_key):
         raise UsageError(ErrorCode.USAGE, "--tls-cert and --tls-key go together")

@@ -3,14 +3,15 @@
 The verification sequence (manifest signature → applicability → streamed image hash →
 pending → first-boot verification → self-test → confirm, or fall back) lives once, in
 :mod:`.agent` and :mod:`.bootloader`. They reach storage and boot hardware only through
-these four small interfaces, each with two implementations:
+these small interfaces, each with its implementations:
 
 | interface | simulated NOR flash (simulator, power-cut proofs) | Linux (``linux/``) |
 |---|---|---|
 | :class:`SlotMedia` | ``slots.FlashSlots`` | ``blockslots.BlockSlots`` |
 | :class:`RecordMedia` | ``records.Record`` | ``filestore.FileRecord`` |
-| :class:`OtpMedia` | ``storage.FlashOtp`` | ``filestore.FileOtp`` |
+| :class:`OtpMedia` | ``storage.FlashOtp`` | ``filestore.FileOtp``, or ``tpm.TpmStore`` (NV index) |
 | :class:`BootControl` | ``bootloader.SelfBootControl`` | ``grub.GrubBootControl`` |
+| :class:`CounterFloor` | none | none, or ``tpm.TpmStore`` (TPM NV counters) |
 
 A backend decides *where* bytes go and how a write survives a power cut; it never decides
 whether something is trusted. That is why nothing here returns a verdict.
@@ -103,6 +104,21 @@ class OtpMedia(Protocol):
     def read_otp(self) -> bytes | None: ...  # None: blank; E_STORAGE when corrupt
 
     def program_otp(self, body: bytes) -> None: ...  # E_OTP_WRITTEN on a second write
+
+
+class CounterFloor(Protocol):
+    """Counters that hardware keeps monotonic (TPM NV counters): a floor under the counter record.
+
+    The counter record stays the one place counters are read and written
+    (:meth:`~.storage.SecureStorage.counters`); a floor only makes sure that what it returns
+    can never be lower than what the hardware counted, even if the record's storage was
+    rewritten with an older copy. It is raised *before* the record is written, so a power cut
+    between the two leaves the floor ahead, never behind.
+    """
+
+    def floor(self) -> tuple[int, int]: ...  # (security counter, key-list version)
+
+    def raise_to(self, security: int, keylist_version: int) -> None: ...
 
 
 class BootControl(Protocol):

@@ -64,11 +64,22 @@ NET_ERRORS = (OSError, http.client.HTTPException)
 Origin = tuple[str, int]
 
 
-def pinned_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
+# Installs the client certificate and key into a context; the default is a key file. A device
+# whose key lives in a TPM passes one that signs in the TPM (linux/tpmtls.py).
+KeyLoader = Callable[[ssl.SSLContext, Path, Path], None]
+
+
+def load_key_file(ctx: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
+    ctx.load_cert_chain(str(cert_file), str(key_file))
+
+
+def pinned_context(
+    ca_file: Path, cert_file: Path, key_file: Path, key_loader: KeyLoader = load_key_file
+) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verify + hostname check on, no system CAs
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_verify_locations(cafile=str(ca_file))
-    ctx.load_cert_chain(str(cert_file), str(key_file))
+    key_loader(ctx, cert_file, key_file)
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 
@@ -107,6 +118,7 @@ class HttpsTransport:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         keepalive_expiry: float | None = 5.0,
+        key_loader: KeyLoader = load_key_file,
     ) -> None:
         """``keepalive_expiry``: seconds (on ``clock``) an idle connection is kept for reuse
         (5 s by default; None keeps it until the server closes it, as a device polling over
@@ -130,7 +142,8 @@ class HttpsTransport:
         self._timeout = timeout
         self._keepalive = keepalive_expiry
         self._ca_file, self._cert_file, self._key_file = ca_file, cert_file, key_file
-        self._ctx = pinned_context(ca_file, cert_file, key_file)
+        self._key_loader = key_loader
+        self._ctx = pinned_context(ca_file, cert_file, key_file, key_loader)
         self._conns: dict[Origin, _Conn] = {}
         self.update: dict[str, Any] | None = None
         self.last_checkin: dict[str, Any] | None = None
@@ -398,7 +411,7 @@ class HttpsTransport:
             return
         atomic_write(self._key_file, key_pem, mode=0o600)
         atomic_write(self._cert_file, cert_pem)
-        self._ctx = pinned_context(self._ca_file, self._cert_file, self._key_file)
+        self._ctx = pinned_context(self._ca_file, self._cert_file, self._key_file, self._key_loader)
         self.close()  # an open connection keeps the identity of its handshake
 
     def keylist(self, etag: str | None = None) -> tuple[bytes, str] | None:

@@ -118,6 +118,30 @@ def _spki(key: object) -> bytes:
     )
 
 
+@dataclass(frozen=True)
+class NewKey:
+    """A fresh key for a renewal: what the identity record keeps for it (a PKCS#8 PEM, or a
+    TPM-wrapped blob whose private part never leaves the TPM), its SubjectPublicKeyInfo, and
+    a CSR it signed."""
+
+    key_pem: bytes
+    spki: bytes
+    csr_pem: bytes
+
+
+KeyMaker = Callable[[str], NewKey]
+
+
+def software_key(serial: str) -> NewKey:
+    key, csr = make_csr(serial)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return NewKey(pem, _spki(key.public_key()), csr)
+
+
 def make_csr(serial: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     """A fresh P-256 key and a PEM CSR naming ``serial`` (CN and serialNumber)."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -139,7 +163,11 @@ class CertRenewal:
         *,
         fraction: float = DEFAULT_RENEW_FRACTION,
         clock: Clock = SYSTEM_CLOCK,
+        new_key: KeyMaker = software_key,
     ) -> None:
+        """``new_key``: where a renewal's key is made (in software; a TPM device makes it in
+        its TPM: ``linux/tpmtls.py``)."""
+        self.new_key = new_key
         self.store = store
         self.transport = transport
         self.fraction = check_fraction(fraction)
@@ -218,22 +246,19 @@ class CertRenewal:
         ident = self.store.identity()
         assert ident is not None
         serial = _serial(_load(ident.certificate))
-        key, csr = make_csr(serial)
+        new = self.new_key(serial)
         try:
-            cert_pem = self.transport.request_certificate(csr)
+            cert_pem = self.transport.request_certificate(new.csr_pem)
             cert = _load(cert_pem)
-            if _spki(cert.public_key()) != _spki(key.public_key()) or _serial(cert) != serial:
+            if _spki(cert.public_key()) != new.spki or _serial(cert) != serial:
                 raise DeviceError(ErrorCode.CERT, "renewed certificate is not for our key/serial")
         except OtaError as err:
             if err.code != ErrorCode.POWER_CUT:
                 self.counts.refused += 1
                 self.counts.last_error = err.code.value
             raise
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
+        self.store.write_identity(
+            Identity(ident.device_key, ident.certificate, new.key_pem, cert_pem)
         )
-        self.store.write_identity(Identity(ident.device_key, ident.certificate, key_pem, cert_pem))
         self.counts.requested += 1
         return True

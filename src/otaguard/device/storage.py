@@ -37,7 +37,7 @@ from ..errors import DeviceError, ErrorCode, OtaError
 from ..trust.documents import decode_keylist_unverified
 from ..trust.store import TrustStore
 from .flash import Flash
-from .hal import OtpMedia, RecordMedia
+from .hal import CounterFloor, OtpMedia, RecordMedia
 from .layout import DEFAULT_RECORDS, Layout
 from .records import KeySource, Record
 
@@ -205,9 +205,17 @@ class SecureStorage:
     """
 
     def __init__(
-        self, otp: OtpMedia, open_record: RecordOpener, names: Iterable[str] = DEFAULT_RECORDS
+        self,
+        otp: OtpMedia,
+        open_record: RecordOpener,
+        names: Iterable[str] = DEFAULT_RECORDS,
+        *,
+        floor: CounterFloor | None = None,
     ) -> None:
+        """``floor``: hardware counters the security counter and key-list version can never
+        drop below (a TPM); None where the record alone is all there is."""
         self.otp_media = otp
+        self.floor = floor
         self.open_record = open_record
         self._keys: dict[str, bytes] = {}
         # (trust record, OTP root hash, the store verified from them) since power-on: RAM
@@ -275,7 +283,15 @@ class SecureStorage:
                 )
             return Counters()
         m = _loads(raw, 256)
-        return Counters(int(m[1]), int(m[2]), int(m[3]))
+        rec = Counters(int(m[1]), int(m[2]), int(m[3]))
+        if self.floor is None:
+            return rec
+        # The record may be an old copy put back (a restored disk); the hardware counters
+        # cannot have gone back, so they win.
+        security, keylist_version = self.floor.floor()
+        return Counters(
+            max(rec.security, security), rec.sequence, max(rec.keylist_version, keylist_version)
+        )
 
     def advance(
         self,
@@ -301,6 +317,8 @@ class SecureStorage:
         return new
 
     def _write_counters(self, c: Counters) -> None:
+        if self.floor is not None:
+            self.floor.raise_to(c.security, c.keylist_version)  # first: the floor leads
         self.rec["counters"].write(cbor.dumps({1: c.security, 2: c.sequence, 3: c.keylist_version}))
 
     def catch_up(

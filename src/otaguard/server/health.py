@@ -21,12 +21,12 @@ from starlette.responses import JSONResponse, Response
 from ..errors import OtaError
 
 if TYPE_CHECKING:
-    from .app import UpdateServer
+    from .context import ServerContext
 
 log = logging.getLogger("otaguard.server")
 
 
-def run_checks(srv: UpdateServer) -> dict[str, str]:
+def run_checks(srv: ServerContext) -> dict[str, str]:
     checks: dict[str, str] = {}
     try:
         with srv.db.read() as conn:
@@ -44,7 +44,7 @@ def run_checks(srv: UpdateServer) -> dict[str, str]:
     return checks
 
 
-async def healthz(srv: UpdateServer, request: Request) -> Response:
+async def healthz(srv: ServerContext, request: Request) -> Response:
     checks = await run_in_threadpool(run_checks, srv)
     ok = all(v == "ok" for v in checks.values())
     return JSONResponse(

@@ -23,20 +23,17 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 from sqlalchemy import case, func, select
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ErrorCode, OtaError
-from . import models as m
-from .db import Database
+from .storage import models as m
+from .storage.db import Database
 
 if TYPE_CHECKING:
-    from .app import UpdateServer
+    pass
 
 log = logging.getLogger("otaguard.server")
 
@@ -255,18 +252,6 @@ class MetricsMiddleware:
             if status >= 400:
                 label = code if code in _CODES else "other"
                 self.metrics.refusals.labels(self.listener, label).inc()
-
-
-def metrics_endpoint(srv: UpdateServer) -> Any:
-    async def metrics(request: Request) -> Response:
-        """Prometheus text format (any admin role)."""
-        from .admin import authorize
-
-        await authorize(srv, request, "read")
-        body = await run_in_threadpool(srv.metrics.render)
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
-
-    return metrics
 
 
 def parse_samples(text: str) -> dict[str, float]:

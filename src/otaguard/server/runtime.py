@@ -20,15 +20,18 @@ from ..crypto.keys import PublicKey
 from ..errors import ErrorCode, UsageError
 from ..fsutil import private_file, read_limited
 from ..trust.model import KeyResolver, StaticKeys
-from . import store
-from .app import IpNet, ServerSettings, TrustState, UpdateServer
-from .blobs import LocalBlobStore
-from .ca import MAX_PEM, load_cert_pem
-from .db import Database, sqlite_url
-from .listener import Deadlines
-from .mtls import bind_socket, run_loop, server_ssl_context, uvicorn_config
+from .app import UpdateServer
+from .context import IpNet, ServerSettings, TrustState
+from .pki.ca import MAX_PEM, load_cert_pem
+from .pki.listener import Deadlines
+from .pki.mtls import bind_socket, run_loop, server_ssl_context, uvicorn_config
+from .pki.renewal import CertIssuer
 from .ratelimit import RateLimit
-from .renewal import CertIssuer
+from .sharedlimits import SharedBuckets, SharedProbeDetector, SharedState
+from .storage import store
+from .storage.blobs import LocalBlobStore
+from .storage.db import Database, sqlite_url
+from .trustsync import TrustSync
 
 log = logging.getLogger("otaguard.server")
 
@@ -55,10 +58,10 @@ class RunOptions:
     # The rotation log's sealing key (loaded by the CLI from --audit-seal-*).
     audit_sealer: Signer | None = None
     issuer: CertIssuer | None = None  # the fleet CA for certificate renewal (else E_NO_ISSUER)
-    header_timeout: float = 10.0  # listener deadlines (server/listener.py)
+    header_timeout: float = 10.0  # listener deadlines (server/pki/listener.py)
     body_timeout: float = 30.0
     body_min_rate: int = 16384
-    tuf_timestamp_hours: int = 24  # TUF timestamp expiry (server/tufrepo.py)
+    tuf_timestamp_hours: int = 24  # TUF timestamp expiry (server/storage/tufrepo.py)
     tuf_max_targets_days: int = 366  # uploaded TUF targets expiring later: E_POLICY
     # The TUF snapshot/timestamp keys when they are in an HSM (loaded by the CLI from
     # --tuf-snapshot-pkcs11-uri/--tuf-timestamp-pkcs11-uri); None: files in <data>/tuf/keys.
@@ -93,6 +96,16 @@ def load_resolver(bundle: Path | None, keys: list[Path], db: Database) -> KeyRes
     return None
 
 
+def share_limits(srv: UpdateServer, db: Database) -> None:
+    """Per-device buckets and probe detectors shared by every node on this PostgreSQL
+    (server/sharedlimits.py) instead of this process's own."""
+    shared = SharedState(db)
+    st = srv.settings
+    srv.device_buckets = SharedBuckets(shared, st.device_rate)
+    srv.probes = SharedProbeDetector(shared, "rate_limit", st.probe_threshold, st.probe_window)
+    srv.refusals = SharedProbeDetector(shared, "refusal", st.refusal_threshold, st.refusal_window)
+
+
 def parse_proxies(values: list[str]) -> tuple[IpNet, ...]:
     try:
         return tuple(ipaddress.ip_network(v, strict=False) for v in values)
@@ -124,15 +137,14 @@ def build_server(opts: RunOptions) -> UpdateServer:
         issuer=opts.issuer,
     )
     # Other nodes on this database publish key lists too: follow them (server/trustsync.py).
-    from .trustsync import TrustSync
-
     trust.refresh = TrustSync(db, trust, on_campaigns=srv.campaigns.wake).start().refresh
     if db.dialect == "postgresql":
-        # Per-device limits and probe counters hold across every node on this database.
-        from .sharedlimits import share_limits
-
         share_limits(srv, db)
-    from .tufrepo import DAY, TufRepository, TufSettings  # tuf's imports only where a server runs
+    from .storage.tufrepo import (  # tuf's imports only where a server runs
+        DAY,
+        TufRepository,
+        TufSettings,
+    )
 
     # The TUF repository's online snapshot/timestamp keys are generated here at first start.
     ts_ttl = opts.tuf_timestamp_hours * 3600
@@ -194,6 +206,6 @@ def run(opts: RunOptions) -> None:
     try:
         run_loop(main())
     finally:
-        from .rotation import close_audit_log
+        from .admin_api.rotation import close_audit_log
 
         close_audit_log(srv)

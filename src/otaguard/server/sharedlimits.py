@@ -32,13 +32,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .db import Database
 from .ratelimit import ProbeDetector, RateLimit, TokenBuckets
-
-if TYPE_CHECKING:
-    from .app import UpdateServer
+from .storage.db import Database
 
 log = logging.getLogger("otaguard.server")
 RETRY_SHARED_AFTER = 1.0  # seconds on local buckets after a database error
@@ -185,13 +182,3 @@ class SharedProbeDetector(ProbeDetector):
         if rows is None:
             return super().flagged(key)
         return bool(rows)
-
-
-def share_limits(srv: UpdateServer, db: Database) -> SharedState:
-    """Swap ``srv``'s per-device buckets and probe detectors for the cluster-wide ones."""
-    shared = SharedState(db)
-    st = srv.settings
-    srv.device_buckets = SharedBuckets(shared, st.device_rate)
-    srv.probes = SharedProbeDetector(shared, "rate_limit", st.probe_threshold, st.probe_window)
-    srv.refusals = SharedProbeDetector(shared, "refusal", st.refusal_threshold, st.refusal_window)
-    return shared

@@ -36,27 +36,20 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, select, text
+from sqlalchemy import select
 
 from ..errors import OtaError
 from ..trust.store import TrustStore
-from . import models as m
-from .db import Database
+from .storage import models as m
+from .storage.db import Database
+from .storage.notify import CAMPAIGNS, TRUST
 
 if TYPE_CHECKING:
-    from .app import TrustState
+    from .context import TrustState
 
 log = logging.getLogger("otaguard.server")
-CHANNEL = "otaguard_trust"
-CAMPAIGNS = "otaguard_campaigns"
+CHANNEL = TRUST
 DEFAULT_RECHECK = 2.0
-
-
-def announce(conn: Connection, channel: str = CHANNEL) -> None:
-    """Wake the other nodes once ``conn``'s transaction commits (PostgreSQL; a no-op on
-    SQLite, whose nodes rely on the re-check)."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(text(f"NOTIFY {channel}"))
 
 
 class TrustSync:

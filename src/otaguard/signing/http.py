@@ -51,7 +51,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import ErrorCode, FormatError, OtaError
-from ..server.authlog import AuthFailures
+from ..server.pki.authlog import AuthFailures
 from ..server.ratelimit import RateLimit, TokenBuckets, retry_after_header
 from ..wire import decimal, loads_json
 from .cosign import CosignService

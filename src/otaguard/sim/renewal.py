@@ -40,15 +40,16 @@ from ..device.renewal import CERT_REFUSALS, CertRenewal
 from ..device.storage import Identity
 from ..errors import ErrorCode, OtaError, PowerCut, UsageError
 from ..fsutil import atomic_write
-from ..server import store
-from ..server.app import ServerSettings, UpdateServer
-from ..server.blobs import LocalBlobStore
-from ..server.ca import FleetCA
-from ..server.db import Database, sqlite_url
-from ..server.enroll import enroll_device, issue_server_cert
-from ..server.mtls import ThreadedServer, server_ssl_context
+from ..server.app import UpdateServer
+from ..server.context import ServerSettings
+from ..server.pki.ca import FleetCA
+from ..server.pki.enroll import enroll_device, issue_server_cert
+from ..server.pki.mtls import ThreadedServer, server_ssl_context
+from ..server.pki.renewal import CertIssuer
 from ..server.ratelimit import RateLimit
-from ..server.renewal import CertIssuer
+from ..server.storage import store
+from ..server.storage.blobs import LocalBlobStore
+from ..server.storage.db import Database, sqlite_url
 
 NO_CHECK_TIME = 0x200000  # X509_V_FLAG_NO_CHECK_TIME (OpenSSL >= 1.1.0)
 CRASH_POINTS = ("before_store", "after_store", "before_commit")

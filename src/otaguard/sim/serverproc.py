@@ -3,7 +3,7 @@
 The server is stateless apart from its database and blob store, so the simulator prepares
 those (schema, CA, TLS certificates, enrolled devices) in its own process and then starts
 these children, which serve the device API (mTLS) and the admin API (TLS + bearer tokens)
-with :class:`~otaguard.server.mtls.ThreadedServer` exactly as in-process, on the simulator's
+with :class:`~otaguard.server.pki.mtls.ThreadedServer` exactly as in-process, on the simulator's
 :class:`~.sharedclock.SharedClock` (rate limiter, probe detector, campaign engine and store
 timestamps all read it). The parent talks to them only over HTTPS (devices, admin API) and
 the shared database; pipes carry the readiness back and the stop request in.
@@ -45,13 +45,14 @@ class ServerSpec:
 def _serve(spec: ServerSpec, dev_fd: int, adm_fd: int | None) -> None:
     import socket
 
-    from ..server import store
-    from ..server.app import ServerSettings, TrustState, UpdateServer
-    from ..server.blobs import LocalBlobStore
-    from ..server.ca import load_cert_pem
-    from ..server.db import Database
-    from ..server.mtls import ThreadedServer, server_ssl_context
+    from ..server.app import UpdateServer
+    from ..server.context import ServerSettings, TrustState
+    from ..server.pki.ca import load_cert_pem
+    from ..server.pki.mtls import ThreadedServer, server_ssl_context
     from ..server.ratelimit import RateLimit
+    from ..server.storage import store
+    from ..server.storage.blobs import LocalBlobStore
+    from ..server.storage.db import Database
     from ..trust.bundle import TrustBundle
     from .sharedclock import SharedClock
 
@@ -115,7 +116,7 @@ class ServerProcess:
         self.admin_url = ""
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
-        from ..server.mtls import bind_socket
+        from ..server.pki.mtls import bind_socket
 
         s = self.spec
         if s.procs < 1:

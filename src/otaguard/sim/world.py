@@ -42,10 +42,10 @@ from ..errors import ErrorCode, OtaError, UsageError
 from ..manifest.build import build_envelope
 from ..manifest.ids import class_id, vendor_id
 from ..manifest.model import DeltaInfo, ManifestInfo
-from ..server import store
-from ..server.ca import FleetCA, spki_sha256
-from ..server.db import Database, sqlite_url
-from ..server.enroll import issue_server_cert
+from ..server.pki.ca import FleetCA, spki_sha256
+from ..server.pki.enroll import issue_server_cert
+from ..server.storage import store
+from ..server.storage.db import Database, sqlite_url
 from ..trust.bundle import TrustBundle
 from ..trust.documents import issue_authorization, sign_keylist
 from ..trust.model import Role, Scope

@@ -41,6 +41,8 @@ class AgentConfig:
     slot_b: str = "PARTLABEL=rootfs-b"
     max_tries: int = 3
     checkpoint: int = 1024 * 1024
+    store: str = "file"  # "tpm": counters, root hash and identity key in a TPM 2.0 (tpm.py)
+    tpm_tcti: str = "device:/dev/tpmrm0"
     # [bootloader]
     grubenv: tuple[Path, Path] = (
         Path("/boot/efi/otaguard/grubenv.0"),
@@ -115,6 +117,8 @@ class AgentConfig:
             slot_b=r.text("device", "slot_b", cls.slot_b),
             max_tries=r.integer("device", "max_tries", cls.max_tries, 1, 9),
             checkpoint=r.integer("device", "checkpoint", cls.checkpoint, 4096, 1 << 30),
+            store=r.text("device", "store", cls.store),
+            tpm_tcti=r.text("device", "tpm_tcti", cls.tpm_tcti),
             grubenv=(Path(grubenv[0]), Path(grubenv[1])),
             cmdline=Path(r.text("bootloader", "cmdline", str(cls.cmdline))),
             self_test=tuple(tests),
@@ -122,6 +126,8 @@ class AgentConfig:
             reboot=reboot,
         )
         r.finish()
+        if cfg.store not in ("file", "tpm"):
+            raise _fail("device.store must be 'file' or 'tpm'")
         if cfg.checkpoint % 4096:
             raise _fail("device.checkpoint must be a multiple of 4096")
         return cfg

@@ -95,6 +95,7 @@ def transport_for(cfg: AgentConfig, dev: LinuxDevice) -> HttpsTransport:
         status=dev.checkin_facts,
         timeout=cfg.timeout,
         keepalive_expiry=None,
+        key_loader=dev.key_loader(),
     )
 
 
@@ -104,7 +105,12 @@ def run(cfg: AgentConfig, *, once: bool = False, rng: random.Random | None = Non
     transport = transport_for(cfg, dev)
     renewal = None
     if cfg.renew_fraction > 0:
-        renewal = CertRenewal(dev.storage, transport, fraction=cfg.renew_fraction)
+        renewal = CertRenewal(
+            dev.storage,
+            transport,
+            fraction=cfg.renew_fraction,
+            new_key=dev.renewal_key_maker(),  # a TPM device renews with a new TPM key
+        )
     updater = Updater(
         dev,
         transport,

@@ -18,7 +18,7 @@ import json
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...errors import DeviceError, ErrorCode, OtaError
 from ...fsutil import atomic_write
@@ -27,6 +27,8 @@ from ..agent import Clock, InstallResult, UpdateAgent, system_clock
 from ..bootloader import Bootloader, BootResult
 from ..device import Provisioning, checkin_facts, device_status, provision
 from ..hal import Slot
+from ..https_transport import KeyLoader, load_key_file
+from ..renewal import KeyMaker, software_key
 from ..selftest import SelfTest, settle_test_boot
 from ..slots import envelope_ref
 from ..storage import SecureStorage
@@ -36,6 +38,9 @@ from .config import AgentConfig
 from .filestore import FileOtp, FileRecord, check_state_dir
 from .grub import GrubBootControl, read_booted_slot
 from .grubenv import GrubEnvStore, initial_env
+
+if TYPE_CHECKING:  # tpm2-pytss is the optional extra `tpm`: imported only for a TPM store
+    from .tpm import Tpm, TpmStore
 
 BOOT_RECORD = "boot.json"
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -54,11 +59,17 @@ def _boot_id() -> str:
         return "unknown"
 
 
-def open_storage(state_dir: Path) -> SecureStorage:
+def open_storage(state_dir: Path, tpm: TpmStore | None = None) -> SecureStorage:
+    """Records are files either way; with a TPM, OTP is its locked NV index and its NV
+    counters are the floor of the counter record (tpm.py)."""
     return SecureStorage(
-        FileOtp(state_dir / "otp"),
+        FileOtp(state_dir / "otp") if tpm is None else tpm,
         lambda name, key: FileRecord(state_dir / f"{name}.rec", key=key),
+        floor=tpm,
     )
+
+
+FILE_STORE_NOTE = "no TPM: counters, root-key hash and identity key are files on the data partition"
 
 
 class LinuxDevice:
@@ -70,10 +81,21 @@ class LinuxDevice:
         running: int | None = None,
         provisioning: bool = False,
         progress: Callable[[Slot, int, int], None] | None = None,
+        tpm_owner_auth: bytes | None = None,
     ) -> None:
         """``running``: the slot GRUB started (default: from the kernel command line).
-        ``provisioning``: the factory writes slot A from outside, so nothing is protected."""
+        ``provisioning``: the factory writes slot A from outside, so nothing is protected.
+        ``tpm_owner_auth``: the TPM owner password, for provisioning only."""
         check_state_dir(cfg.state_dir)
+        self.tpm: Tpm | None = None
+        self.tpm_store: TpmStore | None = None
+        if cfg.store == "tpm":
+            from .tpm import Tpm, TpmStore
+
+            # Configured on the (verified) root file system, never found on the data
+            # partition: a device set up for a TPM refuses to run without it (E_TPM*).
+            self.tpm = Tpm(cfg.tpm_tcti)
+            self.tpm_store = TpmStore(self.tpm, owner_auth=tpm_owner_auth)
         self.cfg = cfg
         self.running = read_booted_slot(cfg.cmdline) if running is None else running
         self.env = GrubEnvStore(cfg.grubenv)
@@ -82,7 +104,9 @@ class LinuxDevice:
         )
         if not provisioning:
             self.slots.protect(self.running)
-        self.storage = open_storage(cfg.state_dir)
+        self.storage = open_storage(cfg.state_dir, self.tpm_store)
+        if self.tpm_store is not None and not provisioning:
+            self.tpm_store.floor()  # anchor and counters as provisioned, or E_TPM_NV now
         self.control = GrubBootControl(
             self.env,
             running=self.running,
@@ -167,7 +191,12 @@ class LinuxDevice:
         cur = self.bootloader.current
         out["running_slot"] = "AB"[self.running]
         out["boot"] = None if cur is None else {"slot": cur.slot_name, "mode": cur.mode}
-        out["storage"] = "file"  # no TPM backend yet: counters and keys are files
+        if self.tpm is None:
+            out["storage"] = "file"
+            out["storage_note"] = FILE_STORE_NOTE
+        else:
+            out["storage"] = "tpm"
+            out["tpm"] = {"tcti": self.tpm.tcti, "identity_key": self._identity_in_tpm()}
         try:
             env = self.env.read(repair=False)
             out["bootloader"] = {
@@ -179,6 +208,30 @@ class LinuxDevice:
         except OtaError as err:
             out["bootloader"] = {"type": "grub", "error": err.code.value}
         return out
+
+    # --- the TPM-held identity ----------------------------------------------------------------
+    def _identity_in_tpm(self) -> bool:
+        from .tpm import is_tpm_key
+
+        ident = self.storage.identity()
+        return ident is not None and is_tpm_key(ident.device_key)
+
+    def key_loader(self) -> KeyLoader:
+        """How the TLS client gets this device's key: a key file, or signatures from the TPM.
+        A TPM device never presents a key that is not TPM-held."""
+        if self.tpm is None:
+            return load_key_file
+        from .tpmtls import tpm_key_loader
+
+        return tpm_key_loader(self.tpm)
+
+    def renewal_key_maker(self) -> KeyMaker:
+        """Renewed keys are made where the identity key lives: in software, or in the TPM."""
+        if self.tpm is None:
+            return software_key
+        from .tpmtls import tpm_key_maker
+
+        return tpm_key_maker(self.tpm)
 
     # --- what this power-on's boot check decided -----------------------------------------------
     def _save_boot_record(self, result: BootResult) -> None:
