@@ -3,6 +3,7 @@ PostgreSQL), and image download throughput next to nginx serving the same file o
 
     .venv/bin/python bench/server.py            # full run (~1.5 min)
     .venv/bin/python bench/server.py --quick    # 20k registry, 128 devices, 3 s windows (~35 s)
+    .venv/bin/python bench/server.py --cluster  # nodes and fleet sizes (~8 min, below)
 
 Everything is real and on loopback: a fleet CA, a server certificate, one client certificate
 per connecting device; the server runs in its own processes (``runtime.build_server`` +
@@ -16,6 +17,12 @@ each driving its share of keep-alive TLS connections from one epoll loop over no
 number of requests in flight and rotating through the connections, so every device identity
 is used. Client and server CPU are measured (``getrusage`` / ``/proc``) so the table shows
 whether the client was the bottleneck.
+
+Cluster mode (``--cluster``, issue #20): one server process per node; 1 node on SQLite, 1
+node on PostgreSQL (with the shared per-device limiter, and with the node's own buckets for
+reference), 3 nodes behind haproxy in TLS pass-through; then server and PostgreSQL CPU per
+check-in and buffer pages per lookup at 10k, 100k and 1M registered devices (registries by
+``COPY``). Results in docs/benchmarks.md.
 
 Rate limits are raised for the run: all bench identities share 127.0.0.1 and each polls
 ~10x/s (a real device polls every few minutes); the buckets still run on every request.
