@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: all demo test test-vm lint typecheck unit bench soak powercut fuzz clean sysdeps venv
+.PHONY: all demo demo-serve test test-vm lint typecheck unit bench soak powercut fuzz clean sysdeps venv
 
 all: test
 
@@ -43,6 +43,10 @@ test-vm: venv sysdeps
 
 demo: venv sysdeps
 	$(BIN)/otaguard demo --out demo-out
+
+# The demo, then its server's admin listener with the web dashboard until Ctrl-C (docs/dashboard.md).
+demo-serve: venv sysdeps
+	$(BIN)/otaguard demo --out demo-out --serve
 
 bench: venv sysdeps
 	$(BIN)/python bench/crypto.py

@@ -44,6 +44,7 @@ ls /usr/lib/x86_64-linux-gnu/ossl-modules/tpm2.so >/dev/null 2>&1 || need+=(tpm2
 # U-Boot boot control (make test-vm) and its environment tools.
 [ -e /usr/lib/u-boot/qemu-x86/u-boot.rom ]    || need+=(u-boot-qemu)
 command -v fw_setenv >/dev/null 2>&1          || need+=(libubootenv-tool)
+command -v mkimage >/dev/null 2>&1            || need+=(u-boot-tools)
 # The cluster test: haproxy in TLS pass-through in front of several server nodes.
 command -v haproxy >/dev/null 2>&1            || need+=(haproxy)
 # The dashboard's browser tests: Debian's chromium driven through chromium-driver.

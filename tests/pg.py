@@ -32,7 +32,7 @@ from otaguard.server.pki.ca import FleetCA
 from otaguard.server.pki.enroll import Enrollment, enroll_device, issue_server_cert
 from otaguard.server.pki.mtls import ThreadedServer, server_ssl_context
 from otaguard.server.ratelimit import RateLimit
-from otaguard.server.storage.blobs import LocalBlobStore
+from otaguard.server.storage.blobs import BlobStore, LocalBlobStore
 from otaguard.server.storage.db import Database, sqlite_url
 from tests.support import missing, require_binary
 
@@ -182,6 +182,7 @@ def make_harness(
     *,
     settings: ServerSettings | None = None,
     trust: TrustState | None = None,
+    blobs: BlobStore | None = None,
 ) -> Harness:
     db = Database(db_url)
     db.upgrade()
@@ -190,7 +191,7 @@ def make_harness(
         device_rate=RateLimit(rate=1000.0, burst=1000),
         ip_rate=RateLimit(rate=10000.0, burst=10000),
     )
-    srv = UpdateServer(db, LocalBlobStore(tmp / "blobs"), st, trust)
+    srv = UpdateServer(db, blobs or LocalBlobStore(tmp / "blobs"), st, trust, data_dir=tmp)
     ctx = server_ssl_context(tls_dir / "server.pem", tls_dir / "server.key", tls_dir / "ca.pem")
     server = ThreadedServer(srv.asgi("device"), ctx).start()
     adm_ctx = server_ssl_context(

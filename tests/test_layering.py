@@ -28,6 +28,7 @@ SERVER_LAYERS: list[tuple[str, ...]] = [
     ("context", "sharedlimits"),
     ("health", "trustsync"),
     ("device_api", "admin_api"),
+    ("dashboard",),  # the web pages: over the admin API's decisions, composed by app
     ("app",),
     ("runtime", "config"),
 ]

@@ -54,6 +54,7 @@ class ErrorCode(StrEnum):
     DOWNGRADE = "E_DOWNGRADE"  # version not monotonic without authorization
     AUTH = "E_AUTH"  # missing/invalid credential
     FORBIDDEN = "E_FORBIDDEN"  # credential valid but role insufficient
+    CSRF = "E_CSRF"  # a dashboard form without this session's anti-forgery token
     AUDIT_CHAIN = "E_AUDIT_CHAIN"  # audit record edited/removed/reordered
     AUDIT_SEAL = "E_AUDIT_SEAL"  # seal signature invalid or tail truncated after a seal
     AUDIT_ANCHOR = "E_AUDIT_ANCHOR"  # verification asked to say OK without an anchor
@@ -62,7 +63,9 @@ class ErrorCode(StrEnum):
     POWER_CUT = "E_POWER_CUT"  # injected power loss (simulation only)
     SLOT_FULL = "E_SLOT_FULL"  # image does not fit the slot
     NO_VALID_SLOT = "E_NO_VALID_SLOT"
-    STORAGE = "E_STORAGE"  # secure-storage record unreadable in both copies
+    # Storage unusable: a device's secure-storage record unreadable in both copies; on the
+    # server, the blob store unreachable or failing (503, retry later).
+    STORAGE = "E_STORAGE"
     OTP_WRITTEN = "E_OTP_WRITTEN"  # write-once area already programmed
     COUNTER_DECREASE = "E_COUNTER_DECREASE"
     SELF_TEST = "E_SELF_TEST"

@@ -26,6 +26,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+import otaguard
 from otaguard.adminclient import AdminClient
 from otaguard.delta import create_patch
 from otaguard.device.lab import Lab
@@ -42,7 +43,7 @@ from otaguard.server.storage.blobs import LocalBlobStore
 from otaguard.server.storage.db import Database, sqlite_url
 from otaguard.trust.model import StaticKeys
 
-from . import build
+from . import build, ubootvm
 
 GUEST_SERVER = "10.0.2.100"
 GUEST_PORT = 8443
@@ -237,7 +238,11 @@ class Backend:
             return [dict(r._mapping) for r in rows]
 
 
-def agent_config(pin: str, *, max_tries: int = 2) -> str:
+GRUB_SECTION = 'grubenv = ["/srv/otaguard/grubenv.0", "/srv/otaguard/grubenv.1"]'
+UBOOT_SECTION = 'type = "uboot"\nfw_env_config = "/mnt/fw_env.config"'
+
+
+def agent_config(pin: str, *, max_tries: int = 2, bootloader: str = GRUB_SECTION) -> str:
     return f"""\
 [server]
 url = "https://{GUEST_SERVER}:{GUEST_PORT}"
@@ -256,7 +261,7 @@ max_tries = {max_tries}
 checkpoint = 1048576
 
 [bootloader]
-grubenv = ["/srv/otaguard/grubenv.0", "/srv/otaguard/grubenv.1"]
+{bootloader}
 
 [self_test]
 commands = [["/media/usr/lib/otaguard/self-test"]]
@@ -271,16 +276,26 @@ def otaguard_bin() -> Path:
     return Path(sys.executable).parent / "otaguard"
 
 
-def provision_disk(be: Backend, out: Path, factory: Release, *, max_tries: int = 2) -> Path:
-    """Factory: ``agent provision`` (the real CLI) into a data-partition tree, then the disk."""
+def provision_disk(
+    be: Backend, out: Path, factory: Release, *, max_tries: int = 2, uboot: bool = False
+) -> Path:
+    """Factory: ``agent provision`` (the real CLI) into a data-partition tree, then the disk.
+    ``uboot``: U-Boot's boot partition and env (tests/vm/ubootvm.py) instead of GRUB's."""
     work = out.parent / f"{out.name}.factory"
     shutil.rmtree(work, ignore_errors=True)
     data = work / "data"
     (data / "otaguard").mkdir(parents=True)
     pin = spki_pin((be.tls / "server.pem").read_bytes())
-    (data / "agent.toml").write_text(agent_config(pin, max_tries=max_tries))
+    section = UBOOT_SECTION if uboot else GRUB_SECTION
+    (data / "agent.toml").write_text(agent_config(pin, max_tries=max_tries, bootloader=section))
+    # The guest runs the agent from the package this test imported (a worktree's src/ comes
+    # before the venv's own install), through a wrapper on the data partition (/mnt).
+    src = Path(otaguard.__file__).resolve().parents[1]
+    wrapper = data / "otaguard.sh"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={src} exec {otaguard_bin()} "$@"\n')
+    wrapper.chmod(0o755)
     (data / "boot.env").write_text(
-        f"OTAGUARD_BIN={otaguard_bin()}\nOTAGUARD_CONFIG=/mnt/agent.toml\n"
+        "OTAGUARD_BIN=/mnt/otaguard.sh\nOTAGUARD_CONFIG=/mnt/agent.toml\n"
     )
     slot_a = work / "slot-a.img"
     shutil.copyfile(factory.image, slot_a)
@@ -301,8 +316,20 @@ def provision_disk(be: Backend, out: Path, factory: Release, *, max_tries: int =
         "--server-ca", str(be.tls / "ca.pem"), "--state-dir", str(data / "otaguard"),
         "--slot-a", str(slot_a), "--slot-b", str(slot_b), "--grubenv", str(env0), str(env1),
     ]  # fmt: skip
+    if uboot:
+        # the factory writes the env with fw_setenv into a file laid out like the disk's start
+        (data / "fw_env.config").write_text(ubootvm.fw_env_config(ubootvm.GUEST_DISK))
+        start = work / "disk-start.img"
+        with start.open("wb") as f:
+            f.truncate(build.FIRST_LBA * build.SECTOR)
+        (work / "fw_env.config").write_text(ubootvm.fw_env_config(start))
+        argv += ["--fw-env-config", str(work / "fw_env.config")]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
+    if uboot:
+        return ubootvm.disk(
+            out, slot_a=slot_a, slot_b=None, data_dir=data, env=ubootvm.read_copies(start)
+        )
     env = decode_block(env0.read_bytes())
     env.pop("OG_VALID", None)
     disk = build.disk(out, slot_a=slot_a, slot_b=None, data_dir=data, env=env)

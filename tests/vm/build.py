@@ -648,10 +648,12 @@ def disk(
     slot_b: Path | None,
     data_dir: Path | None,
     env: Mapping[str, str],
+    esp: Path | None = None,
 ) -> Path:
     """Assemble the guest disk at ``out``: GPT, ESP (with both env copies made from ``env`` plus
     OG_VALID=1), slot A, slot B (left empty when None), data (ext4 populated from
-    ``data_dir``)."""
+    ``data_dir``). ``esp``: another image for partition 1 (U-Boot's boot partition, which
+    gets no GRUB env copies: tests/vm/ubootvm.py)."""
     out.unlink(missing_ok=True)
     with out.open("wb") as f:
         f.truncate(DISK_SIZE)
@@ -668,7 +670,7 @@ def disk(
     _run([*argv, str(out)])
     parts = gpt_partitions(out)
     assert [p[2] for p in parts] == list(PART_LABELS), parts
-    _dd(esp_image(), out, parts[0][0])
+    _dd(esp or esp_image(), out, parts[0][0])
     write_slot(out, "A", slot_a)
     if slot_b is not None:
         write_slot(out, "B", slot_b)
@@ -676,8 +678,9 @@ def disk(
         data = Path(t) / "data.img"
         mkfs_ext4(data, DATA_SIZE, data_dir, journal=True, fixed=False)
         _dd(data, out, parts[3][0])
-    for copy in (0, 1):
-        write_env(out, copy, {"OG_VALID": "1", **env})
+    if esp is None:
+        for copy in (0, 1):
+            write_env(out, copy, {"OG_VALID": "1", **env})
     return out
 
 

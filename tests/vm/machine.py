@@ -134,6 +134,7 @@ class Machine:
         vars_file: Path | None = None,
         name: str | None = None,
         extra_args: tuple[str, ...] = (),
+        bios: Path | None = None,
     ) -> None:
         Machine._counter += 1
         self.disk = disk
@@ -145,6 +146,7 @@ class Machine:
         self.vars_file = vars_file or workdir / f"{self.name}-OVMF_VARS.fd"
         self.log_path = workdir / f"{self.name}-serial.log"
         self.extra_args = extra_args
+        self.bios = bios  # firmware image instead of OVMF (U-Boot: tests/vm/ubootvm.py)
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self._text = ""
@@ -180,10 +182,7 @@ class Machine:
             "-no-reboot",
             "-serial",
             f"file:{self.log_path}",
-            "-drive",
-            f"if=pflash,format=raw,readonly=on,file={build.OVMF_CODE}",
-            "-drive",
-            f"if=pflash,format=raw,file={self.vars_file}",
+            *self.firmware_args(),
             "-drive",
             f"file={self.disk},format=raw,if=none,id=d0,cache=writeback",
             "-device",
@@ -200,9 +199,19 @@ class Machine:
             *self.extra_args,
         ]
 
+    def firmware_args(self) -> list[str]:
+        if self.bios is not None:
+            return ["-bios", str(self.bios)]
+        return [
+            "-drive",
+            f"if=pflash,format=raw,readonly=on,file={build.OVMF_CODE}",
+            "-drive",
+            f"if=pflash,format=raw,file={self.vars_file}",
+        ]
+
     def start(self) -> Machine:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if not self.vars_file.exists():
+        if self.bios is None and not self.vars_file.exists():
             shutil.copyfile(build.OVMF_VARS, self.vars_file)
         self.log_path.write_bytes(b"")
         self._text, self._raw, self._pos = "", b"", 0

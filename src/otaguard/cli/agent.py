@@ -52,7 +52,7 @@ def _chunks(path: Path, n: int = 1024 * 1024) -> Any:
 
 @click.group()
 def agent() -> None:
-    """The device agent for Linux devices with A/B partitions and GRUB."""
+    """The device agent for Linux devices with A/B partitions and GRUB or U-Boot."""
 
 
 @agent.command("provision")
@@ -97,6 +97,11 @@ def agent() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the CSR of the TPM-generated identity key here (device.store = tpm).",
 )
+@click.option(
+    "--fw-env-config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Override the config's fw_env.config (U-Boot: env copies in files being built).",
+)
 @click.option("--json", "as_json", is_flag=True)
 def provision_cmd(
     config_path: Path,
@@ -117,6 +122,7 @@ def provision_cmd(
     tpm_new_owner_auth: Path | None,
     serial: str | None,
     csr_out: Path | None,
+    fw_env_config: Path | None,
     as_json: bool,
 ) -> None:
     """Factory step: identity facts, trust store, counters, the factory image in slot A.
@@ -135,6 +141,8 @@ def provision_cmd(
         over["slot_b"] = slot_b
     if grubenv:
         over["grubenv"] = (Path(grubenv[0]), Path(grubenv[1]))
+    if fw_env_config is not None:
+        over["fw_env_config"] = fw_env_config
     cfg = dataclasses.replace(cfg, **over)
     bundle = TrustBundle.load(read_limited(trust_path, MAX_BUNDLE))
     vid = vendor_id(vendor)

@@ -71,6 +71,18 @@ def server() -> None:
     help="Development only: an encrypted key file instead of the HSM key.",
 )
 @click.option(
+    "--signing-audit-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The signing service's audit log (or a copy): verified and shown by the dashboard.",
+)
+@click.option(
+    "--signing-audit-key",
+    "signing_audit_keys",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="PEM public key that seals the signing audit log; repeat for rotated keys.",
+)
+@click.option(
     "--issuing-ca-dir",
     type=click.Path(file_okay=False, path_type=Path),
     help="Fleet CA directory: renew device certificates (POST /v1/certificate). The CA key "
@@ -120,6 +132,19 @@ def server() -> None:
     type=click.IntRange(1, 3660),
     help="TUF repository: uploaded targets expiring further ahead are refused (E_POLICY).",
 )
+@click.option(
+    "--storage-backend",
+    type=click.Choice(["local", "s3"]),
+    help="Blob store: DATA_DIR/blobs (local, the default) or an S3-compatible bucket (s3; "
+    "credentials from boto3's chain: $AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY, a profile, an "
+    "instance role).",
+)
+@click.option("--s3-bucket", help="S3 blob store: the bucket.")
+@click.option(
+    "--s3-endpoint-url", metavar="URL", help="S3 blob store: MinIO, Ceph RGW, ... (default AWS)."
+)
+@click.option("--s3-region", help="S3 blob store: the region.")
+@click.option("--s3-prefix", help="S3 blob store: key prefix inside the bucket.")
 @click.pass_context
 def run(ctx: click.Context, /, config_file: Path | None, **flags: object) -> None:
     """Migrate the database and serve until interrupted."""
@@ -201,6 +226,66 @@ def _issuer(keys: dict[str, Any]) -> CertIssuer | None:
     if keys["issuing_ca_dir"] is None:
         return None
     return CertIssuer(_load_ca(keys["issuing_ca_dir"], keys["pkcs11_module"]), lifetime)
+
+
+_S3_KEYS = ("s3_bucket", "s3_endpoint_url", "s3_region", "s3_prefix")
+
+
+@server.command("migrate-blobs")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The server's TOML file: data_dir and [storage] (flags given here override it).",
+)
+@_data_dir_option
+@click.option("--s3-bucket", help="Destination bucket.")
+@click.option("--s3-endpoint-url", metavar="URL", help="MinIO, Ceph RGW, ... (default AWS).")
+@click.option("--s3-region")
+@click.option("--s3-prefix", help="Key prefix inside the bucket.")
+@click.pass_context
+def migrate_blobs(ctx: click.Context, /, config_file: Path | None, **flags: object) -> None:
+    """Copy DATA_DIR/blobs into an S3-compatible bucket, each blob verified on the way.
+
+    Idempotent: run it again after an interruption, then switch the server to
+    [storage] backend = "s3". Credentials from boto3's chain ($AWS_ACCESS_KEY_ID, ...).
+    A blob whose bytes no longer match its name is not copied and is named (E_NOT_FOUND).
+    """
+    from ..errors import OtaError
+    from ..server.config import load_server_config
+    from ..server.runtime import RunOptions, open_blob_store
+    from ..server.storage.blobs import LocalBlobStore, copy_blobs
+
+    values = load_server_config(config_file) if config_file is not None else {}
+    for name, value in flags.items():
+        source = ctx.get_parameter_source(name)
+        given = source not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
+        if given or name not in values:
+            values[name] = value
+    text = {k: None if values.get(k) is None else str(values[k]) for k in _S3_KEYS}
+    opts = RunOptions(
+        data_dir=Path(values["data_dir"]),
+        ca_cert=Path("-"),
+        storage_backend="s3",
+        s3_bucket=text["s3_bucket"],
+        s3_endpoint_url=text["s3_endpoint_url"],
+        s3_region=text["s3_region"],
+        s3_prefix=text["s3_prefix"],
+    )
+    src_root = opts.data_dir / "blobs"
+    if not src_root.is_dir():
+        raise OtaError(ErrorCode.CONFIG, f"no local blob store at {src_root}")
+    dst = open_blob_store(opts)
+    count, total, present, damaged = copy_blobs(LocalBlobStore(src_root), dst)
+    click.echo(
+        f"copied {count} blobs ({total} bytes) to s3://{opts.s3_bucket}, {present} already there"
+    )
+    if damaged:
+        raise OtaError(
+            ErrorCode.NOT_FOUND,
+            f"{len(damaged)} local blobs no longer match their names, not copied: "
+            + ", ".join(damaged),
+        )
 
 
 @server.command("token-create")

@@ -23,8 +23,11 @@ def _check_deps() -> None:
             ) from None
 
 
-def run_simulation(opts: SimOptions, out: Path, *, quiet: bool = False) -> dict[str, Any]:
-    """Set up, run and report; Ctrl-C stops the run and still writes the partial report."""
+def run_simulation(
+    opts: SimOptions, out: Path, *, quiet: bool = False, keep_server: Path | None = None
+) -> dict[str, Any]:
+    """Set up, run and report; Ctrl-C stops the run and still writes the partial report.
+    ``keep_server``: keep the server's data there (for ``--serve``) instead of deleting it."""
     from ..sim.report import build_report, render_text, write_outputs
     from ..sim.runner import Simulation
 
@@ -33,6 +36,7 @@ def run_simulation(opts: SimOptions, out: Path, *, quiet: bool = False) -> dict[
     tty = sys.stdout.isatty() and not quiet
     echo = (lambda s: None) if quiet else click.echo
     sim = Simulation(opts, out, log=echo)
+    sim.keep_server = keep_server
     interrupted = False
     progress_ctx: Any = None
     try:
@@ -105,6 +109,12 @@ def _finish(report: dict[str, Any]) -> None:
     click.echo("all checks passed: no attack accepted, no device bricked, fleet converged")
 
 
+SERVE_HELP = (
+    "afterwards, keep the server's data in OUT/server and serve its admin listener with the "
+    "web dashboard on 127.0.0.1 (prints the URL and a login token; Ctrl-C stops it)"
+)
+
+
 @click.command()
 @click.option("--scenario", type=click.Choice(sorted(SCENARIOS)), default=None)
 @click.option("--devices", type=int, default=None, help="fleet size")
@@ -124,11 +134,26 @@ def _finish(report: dict[str, Any]) -> None:
 @click.option("--full-window", is_flag=True, help="keep polling after the fleet converged")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("sim-out"))
 @click.option("--quiet", is_flag=True)
-def simulate(out: Path, quiet: bool, full_window: bool, **kw: Any) -> None:
+@click.option("--serve", is_flag=True, help=SERVE_HELP)
+@click.option("--port", type=int, default=8444, show_default=True, help="port for --serve")
+def simulate(out: Path, quiet: bool, full_window: bool, serve: bool, port: int, **kw: Any) -> None:
     """Simulate a fleet update campaign over real HTTPS on simulated time."""
     base = SCENARIOS[kw.pop("scenario") or "demo"]
     opts = options_from(base, full_window=full_window, **kw)
-    _finish(run_simulation(opts, out, quiet=quiet))
+    _run_and_serve(opts, out, serve, port, quiet=quiet)
+
+
+def _run_and_serve(opts: SimOptions, out: Path, serve: bool, port: int, **kw: Any) -> None:
+    if not 0 <= port <= 65535:
+        raise UsageError(ErrorCode.USAGE, f"port must be 0-65535, got {port}")
+    keep = out / "server" if serve else None
+    report = run_simulation(opts, out, keep_server=keep, **kw)
+    if keep is not None:
+        from ..sim.serve import serve as serve_dashboard
+
+        click.echo(_fail_line(report) or "all checks passed")
+        serve_dashboard(keep, "127.0.0.1", port, echo=lambda s: click.echo(s))
+    _finish(report)
 
 
 def options_from(base: SimOptions, *, full_window: bool = False, **kw: Any) -> SimOptions:
@@ -170,10 +195,14 @@ def options_from(base: SimOptions, *, full_window: bool = False, **kw: Any) -> S
 @click.option("--devices", type=int, default=None, help="fleet size (default 1000)")
 @click.option("--seed", type=int, default=None)
 @click.option("--keys", "hsm", type=click.Choice(["auto", "softhsm", "software"]), default=None)
-def demo(out: Path, devices: int | None, seed: int | None, hsm: str | None) -> None:
+@click.option("--serve", is_flag=True, help=SERVE_HELP)
+@click.option("--port", type=int, default=8444, show_default=True, help="port for --serve")
+def demo(
+    out: Path, devices: int | None, seed: int | None, hsm: str | None, serve: bool, port: int
+) -> None:
     """The whole pipeline on ~1,000 simulated devices (what `make demo` runs)."""
     opts = options_from(SCENARIOS["demo"], devices=devices, seed=seed, hsm=hsm)
-    _finish(run_simulation(opts, out))
+    _run_and_serve(opts, out, serve, port)
 
 
 @click.command("simulate-renewal")

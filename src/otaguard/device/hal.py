@@ -10,7 +10,7 @@ these small interfaces, each with its implementations:
 | :class:`SlotMedia` | ``slots.FlashSlots`` | ``blockslots.BlockSlots`` |
 | :class:`RecordMedia` | ``records.Record`` | ``filestore.FileRecord`` |
 | :class:`OtpMedia` | ``storage.FlashOtp`` | ``filestore.FileOtp``, or ``tpm.TpmStore`` (NV index) |
-| :class:`BootControl` | ``bootloader.SelfBootControl`` | ``grub.GrubBootControl`` |
+| :class:`BootControl` | ``bootloader.SelfBootControl`` | ``grub.GrubBootControl`` (GRUB, U-Boot) |
 | :class:`CounterFloor` | none | none, or ``tpm.TpmStore`` (TPM NV counters) |
 
 A backend decides *where* bytes go and how a write survives a power cut; it never decides

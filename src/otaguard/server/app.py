@@ -22,6 +22,7 @@ from .admin_api.metrics import metrics_endpoint
 from .admin_api.routes import admin_routes
 from .admin_api.tuf import admin_tuf_routes
 from .context import RateLimited, error_response
+from .dashboard.routes import dashboard_routes
 from .device_api.endpoints import DeviceApi
 from .metrics import MetricsMiddleware
 from .ratelimit import TokenBuckets, retry_after_header
@@ -91,6 +92,7 @@ class UpdateServer(DeviceApi):
                 *admin_tuf_routes(self),
                 Route("/healthz", self.health, methods=["GET"]),
                 Route("/metrics", metrics_endpoint(self), methods=["GET"]),
+                *dashboard_routes(self),  # the operators' web pages under /ui/
             ]
         else:
             raise ValueError(part)

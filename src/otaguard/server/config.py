@@ -8,9 +8,10 @@ before the server binds a socket or touches the database. Relative paths are rel
 file's directory.
 
 No secret goes into the file: the server's flags take none either (the TLS key and the fleet
-CA are paths to files). The one value that could carry one is the database URL; a URL with a
-password is refused here (give it in ``$OTAGUARD_DB_URL``, or use a ``PGPASSFILE`` or peer
-authentication).
+CA are paths to files). The values that could carry one are the database URL, refused with a
+password (give it in ``$OTAGUARD_DB_URL``, or use a ``PGPASSFILE`` or peer authentication),
+and the S3 endpoint URL, refused with a user or password (S3 credentials come from boto3's
+chain: the environment, a profile, an instance role).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from ..errors import ErrorCode, OtaError
+from .storage.blob_settings import STORAGE_KEYS, storage_value
 
 MAX_CONFIG = 64 * 1024
 
@@ -49,6 +51,8 @@ _FIELDS: dict[tuple[str, str], str] = {
     ("listener", "body_min_rate"): "body_min_rate",
     ("audit", "seal_pkcs11_uri"): "audit_seal_pkcs11_uri",
     ("audit", "seal_key_file"): "audit_seal_key_file",
+    ("audit", "signing_log"): "signing_audit_log",
+    ("audit", "signing_keys"): "signing_audit_keys",
     ("renewal", "issuing_ca_dir"): "issuing_ca_dir",
     ("renewal", "cert_lifetime"): "cert_lifetime",
     ("pkcs11", "module"): "pkcs11_module",
@@ -56,6 +60,11 @@ _FIELDS: dict[tuple[str, str], str] = {
     ("tuf", "max_targets_days"): "tuf_max_targets_days",
     ("tuf", "snapshot_pkcs11_uri"): "tuf_snapshot_pkcs11_uri",
     ("tuf", "timestamp_pkcs11_uri"): "tuf_timestamp_pkcs11_uri",
+    ("storage", "backend"): "storage_backend",
+    ("storage", "s3_bucket"): "s3_bucket",
+    ("storage", "s3_endpoint_url"): "s3_endpoint_url",
+    ("storage", "s3_region"): "s3_region",
+    ("storage", "s3_prefix"): "s3_prefix",
 }
 _SECTIONS = {s for s, _ in _FIELDS if s}
 _PATHS = {
@@ -66,6 +75,7 @@ _PATHS = {
     "trust_bundle",
     "audit_seal_key_file",
     "issuing_ca_dir",
+    "signing_audit_log",
 }
 _TEXTS = {"host", "admin_host", "db_url", "audit_seal_pkcs11_uri", "cert_lifetime", "pkcs11_module"}
 _TEXTS |= {"tuf_snapshot_pkcs11_uri", "tuf_timestamp_pkcs11_uri"}
@@ -119,11 +129,13 @@ def parse_server_config(doc: dict[str, Any], base: Path) -> dict[str, Any]:
 
 
 def _value(field: str, name: str, v: Any, base: Path) -> Any:
+    if field in STORAGE_KEYS:
+        return storage_value(field, name, v)
     if field in _PATHS:
         if not isinstance(v, str) or not v:
             raise _fail(f"{name} must be a non-empty path string")
         return base / v
-    if field == "trusted_keys":
+    if field in ("trusted_keys", "signing_audit_keys"):
         if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
             raise _fail(f"{name} must be a list of path strings")
         return [base / x for x in v]

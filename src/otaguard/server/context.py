@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from cryptography import x509
@@ -29,7 +30,7 @@ from .metrics import ServerMetrics
 from .pki.authlog import AuthFailures
 from .pki.renewal import CertIssuer
 from .ratelimit import ProbeDetector, RateLimit, TokenBuckets
-from .storage.blobs import LocalBlobStore
+from .storage.blobs import BlobStore, LocalBlobStore
 from .storage.campaigns import CampaignService
 from .storage.db import Database
 
@@ -127,16 +128,21 @@ class ServerContext:
     def __init__(
         self,
         db: Database,
-        blobs: LocalBlobStore,
+        blobs: BlobStore,
         settings: ServerSettings,
         trust: TrustState | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
         issuer: CertIssuer | None = None,
+        data_dir: Path | None = None,
     ) -> None:
         """``issuer``: the fleet CA for certificate renewal (``POST /v1/certificate``); None
-        answers renewal with E_NO_ISSUER."""
+        answers renewal with E_NO_ISSUER. ``data_dir``: where local state other than blobs
+        lives (the rotation audit log); by default the local blob store's parent."""
         self.db = db
+        if data_dir is None and isinstance(blobs, LocalBlobStore):
+            data_dir = blobs.root.parent
+        self.data_dir = data_dir
         self.issuer = issuer
         self.blobs = blobs
         self.settings = settings

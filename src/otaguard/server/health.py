@@ -38,7 +38,7 @@ def run_checks(srv: ServerContext) -> dict[str, str]:
     try:
         srv.blobs.probe()
         checks["blobs"] = "ok"
-    except OSError as exc:
+    except (OtaError, OSError) as exc:
         log.warning("healthz: blob store check failed: %s", exc)
         checks["blobs"] = "failed"
     return checks

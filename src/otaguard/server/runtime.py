@@ -2,7 +2,8 @@
 
 Data directory layout: ``otaguard.db`` (default SQLite database, with SQLite's ``-wal`` and
 ``-shm`` files and ``otaguard.db-writelock``, the writers' lock file: :mod:`.db`), ``blobs/``
-(content-addressed store). The schema is migrated to the newest revision on every start.
+(content-addressed store; with ``[storage] backend = "s3"`` a bucket instead, and ``spool/`` for
+uploads on their way to it). The schema is migrated to the newest revision on every start.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import uvicorn
 
 from ..crypto.cose import Signer
 from ..crypto.keys import PublicKey
-from ..errors import ErrorCode, UsageError
+from ..errors import ErrorCode, OtaError, UsageError
 from ..fsutil import private_file, read_limited
 from ..trust.model import KeyResolver, StaticKeys
 from .app import UpdateServer
 from .context import IpNet, ServerSettings, TrustState
+from .dashboard.audit import configure_signing_audit
 from .pki.ca import MAX_PEM, load_cert_pem
 from .pki.listener import Deadlines
 from .pki.mtls import bind_socket, run_loop, server_ssl_context, uvicorn_config
@@ -29,7 +31,8 @@ from .pki.renewal import CertIssuer
 from .ratelimit import RateLimit
 from .sharedlimits import SharedBuckets, SharedProbeDetector, SharedState
 from .storage import store
-from .storage.blobs import LocalBlobStore
+from .storage.blob_settings import STORAGE_KEYS, storage_value
+from .storage.blobs import BlobStore, LocalBlobStore
 from .storage.db import Database, sqlite_url
 from .trustsync import TrustSync
 
@@ -57,6 +60,9 @@ class RunOptions:
     ip_burst: int = 1000
     # The rotation log's sealing key (loaded by the CLI from --audit-seal-*).
     audit_sealer: Signer | None = None
+    # The signing service's audit log (or a copy) and its seal keys, for the dashboard.
+    signing_audit_log: Path | None = None
+    signing_audit_keys: list[Path] = field(default_factory=list)
     issuer: CertIssuer | None = None  # the fleet CA for certificate renewal (else E_NO_ISSUER)
     header_timeout: float = 10.0  # listener deadlines (server/pki/listener.py)
     body_timeout: float = 30.0
@@ -66,6 +72,12 @@ class RunOptions:
     # The TUF snapshot/timestamp keys when they are in an HSM (loaded by the CLI from
     # --tuf-snapshot-pkcs11-uri/--tuf-timestamp-pkcs11-uri); None: files in <data>/tuf/keys.
     tuf_online: dict[str, Signer] | None = None
+    # The blob store ([storage]): "local" (<data>/blobs) or "s3" (server/blobs_s3.py).
+    storage_backend: str | None = None  # None: local
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_prefix: str | None = None
 
 
 def open_database(data_dir: Path, db_url: str | None) -> Database:
@@ -75,6 +87,44 @@ def open_database(data_dir: Path, db_url: str | None) -> Database:
     db = Database(db_url or sqlite_url(data_dir / "otaguard.db"))
     db.upgrade()
     return db
+
+
+def storage_options(opts: RunOptions) -> dict[str, str | None]:
+    """The blob store's options, checked: E_CONFIG naming the key (and its flag)."""
+
+    values: dict[str, str | None] = {}
+    for fld, key in STORAGE_KEYS.items():
+        v = getattr(opts, fld)
+        flag = "--" + fld.replace("_", "-")
+        values[fld] = None if v is None else storage_value(fld, f"{key} ({flag})", v)
+    if values["storage_backend"] in (None, "local"):
+        given = [STORAGE_KEYS[f] for f, v in values.items() if v and f != "storage_backend"]
+        if given:
+            raise OtaError(ErrorCode.CONFIG, f'{given[0]} needs storage.backend = "s3"')
+    elif values["s3_bucket"] is None:
+        raise OtaError(
+            ErrorCode.CONFIG, 'storage.s3_bucket (--s3-bucket) is required with backend "s3"'
+        )
+    return values
+
+
+def open_blob_store(opts: RunOptions) -> BlobStore:
+    """The configured blob store: ``<data>/blobs``, or the bucket (nothing is asked of it
+    yet: a server starts while its store is down, and answers 503 E_STORAGE until it is up)."""
+    values = storage_options(opts)
+    if values["storage_backend"] in (None, "local"):
+        return LocalBlobStore(opts.data_dir / "blobs")
+    from .storage.blobs_s3 import S3BlobStore  # boto3 only where it is used
+
+    assert values["s3_bucket"] is not None
+
+    return S3BlobStore(
+        values["s3_bucket"],
+        spool_dir=opts.data_dir / "spool",
+        prefix=values["s3_prefix"] or "",
+        endpoint_url=values["s3_endpoint_url"],
+        region=values["s3_region"],
+    )
 
 
 def load_resolver(bundle: Path | None, keys: list[Path], db: Database) -> KeyResolver | None:
@@ -114,6 +164,16 @@ def parse_proxies(values: list[str]) -> tuple[IpNet, ...]:
 
 
 def build_server(opts: RunOptions) -> UpdateServer:
+    storage = storage_options(opts)  # a bad [storage] value stops the server before it migrates
+    if storage["storage_backend"] == "s3":
+        log.warning(
+            "otaguard server: blobs in s3://%s/%s%s",
+            storage["s3_bucket"],
+            storage["s3_prefix"] or "",
+            f" at {storage['s3_endpoint_url']}" if storage["s3_endpoint_url"] else "",
+        )
+    if opts.signing_audit_keys and opts.signing_audit_log is None:
+        raise UsageError(ErrorCode.USAGE, "--signing-audit-key needs --signing-audit-log")
     db = open_database(opts.data_dir, opts.db_url)
     settings = ServerSettings(
         ca_cert=load_cert_pem(read_limited(opts.ca_cert, MAX_PEM)),
@@ -131,15 +191,19 @@ def build_server(opts: RunOptions) -> UpdateServer:
     trust = TrustState(resolver)
     srv = UpdateServer(
         db,
-        LocalBlobStore(opts.data_dir / "blobs"),
+        open_blob_store(opts),
         settings,
         trust,
         issuer=opts.issuer,
+        data_dir=opts.data_dir,
     )
     # Other nodes on this database publish key lists too: follow them (server/trustsync.py).
     trust.refresh = TrustSync(db, trust, on_campaigns=srv.campaigns.wake).start().refresh
     if db.dialect == "postgresql":
         share_limits(srv, db)
+    if opts.signing_audit_log is not None:
+        seal_keys = [PublicKey.from_pem(read_limited(k, MAX_PEM)) for k in opts.signing_audit_keys]
+        configure_signing_audit(srv, opts.signing_audit_log, seal_keys)
     from .storage.tufrepo import (  # tuf's imports only where a server runs
         DAY,
         TufRepository,

@@ -150,6 +150,8 @@ class Simulation:
         self._paused_at: float | None = None
         self.rid = 0
         self.world: W.ServerWorld | None = None
+        # Where finish() keeps the server's data for `--serve` (sim/serve.py); None: deleted.
+        self.keep_server: Path | None = None
 
     # --- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -547,6 +549,10 @@ class Simulation:
             self.world = None
         now = self.clock.now()
         self.clock.close()
+        if self.keep_server is not None:
+            from .serve import keep_server_files
+
+            keep_server_files(self.work, self.keep_server, self.rel.bundle.to_bytes(), now)
         results = reboot_fleet([sd.files for sd in self.devices], now)
         bricked: list[str] = []
         versions: Counter[str] = Counter()

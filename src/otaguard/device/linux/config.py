@@ -16,6 +16,7 @@ from typing import Any
 from ...errors import DeviceError, ErrorCode
 
 MAX_CONFIG = 64 * 1024
+BOOTLOADERS = ("grub", "uboot")
 _PIN = re.compile(r"[0-9a-f]{64}")
 
 
@@ -44,6 +45,8 @@ class AgentConfig:
     store: str = "file"  # "tpm": counters, root hash and identity key in a TPM 2.0 (tpm.py)
     tpm_tcti: str = "device:/dev/tpmrm0"
     # [bootloader]
+    bootloader: str = "grub"  # "grub" (files/grub.cfg) or "uboot" (files/boot.cmd)
+    fw_env_config: Path = Path("/etc/otaguard/fw_env.config")  # libubootenv's, for "uboot"
     grubenv: tuple[Path, Path] = (
         Path("/boot/efi/otaguard/grubenv.0"),
         Path("/boot/efi/otaguard/grubenv.1"),
@@ -89,8 +92,9 @@ class AgentConfig:
                 raise _fail(f"server.spki_pins: {p!r} is not a hex SHA-256")
         state_dir = Path(r.text("device", "state_dir", str(cls.state_dir)))
         grubenv = r.texts("bootloader", "grubenv", [str(p) for p in cls.grubenv])
-        if r.text("bootloader", "type", "grub") != "grub":
-            raise _fail("bootloader.type: only 'grub' is supported")
+        bootloader = r.text("bootloader", "type", cls.bootloader)
+        if bootloader not in BOOTLOADERS:
+            raise _fail(f"bootloader.type must be one of {', '.join(BOOTLOADERS)}")
         if len(grubenv) != 2:
             raise _fail("bootloader.grubenv must name exactly two env copies")
         commands = r.items("self_test", "commands", [])
@@ -119,6 +123,8 @@ class AgentConfig:
             checkpoint=r.integer("device", "checkpoint", cls.checkpoint, 4096, 1 << 30),
             store=r.text("device", "store", cls.store),
             tpm_tcti=r.text("device", "tpm_tcti", cls.tpm_tcti),
+            bootloader=bootloader,
+            fw_env_config=Path(r.text("bootloader", "fw_env_config", str(cls.fw_env_config))),
             grubenv=(Path(grubenv[0]), Path(grubenv[1])),
             cmdline=Path(r.text("bootloader", "cmdline", str(cls.cmdline))),
             self_test=tuple(tests),

@@ -2,6 +2,10 @@
 reads the two env copies of :mod:`.grubenv`, counts a pending slot's tries down itself, and
 falls back to the other slot when they run out, with no help from a running system.
 
+The same class drives U-Boot (``files/boot.cmd``): it is given a :class:`~.uboot.UBootEnvStore`
+instead of a :class:`~.grubenv.GrubEnvStore` (both :class:`~.envstore.EnvStore`); the
+variables, and so every decision, are the same.
+
 Every decision is one :meth:`~.grubenv.GrubEnvStore.write` (all variables of a switch in one
 block per copy). The slot GRUB actually started is read from the kernel command line
 (``otaguard.slot=A|B``, set by grub.cfg), so :mod:`..bootloader` judges what really runs.
@@ -14,7 +18,8 @@ from pathlib import Path
 
 from ...errors import DeviceError, ErrorCode
 from ..bootstate import BootState
-from .grubenv import SLOTS, BootEnv, GrubEnvStore, initial_env
+from .envstore import EnvStore
+from .grubenv import SLOTS, BootEnv, initial_env
 
 CMDLINE_KEY = "otaguard.slot="
 
@@ -25,7 +30,7 @@ def booted_slot(cmdline: str) -> int:
     if len(found) != 1 or found[0] not in SLOTS:
         raise DeviceError(
             ErrorCode.BOOT_ENV,
-            "kernel command line names no otaguard slot (not booted by grub.cfg)",
+            "kernel command line names no otaguard slot (not booted by grub.cfg or boot.cmd)",
         )
     return SLOTS.index(found[0])
 
@@ -41,7 +46,7 @@ def read_booted_slot(path: Path = Path("/proc/cmdline")) -> int:
 class GrubBootControl:
     def __init__(
         self,
-        store: GrubEnvStore,
+        store: EnvStore,
         *,
         running: int,
         max_tries: int,

@@ -1,4 +1,5 @@
-"""A Linux device assembled from its config: block-device slots, state files, GRUB control.
+"""A Linux device assembled from its config: block-device slots, state files, boot control
+(GRUB or U-Boot, :func:`open_env`).
 
 It offers what :class:`~..updater.Updater` uses of the simulated :class:`~..device.Device`
 (``boot``, ``run_self_test``, ``install``, ...), so the same polling cycle drives both. The
@@ -35,9 +36,11 @@ from ..storage import SecureStorage
 from ..transport import Transport
 from .blockslots import BlockSlots
 from .config import AgentConfig
+from .envstore import EnvStore
 from .filestore import FileOtp, FileRecord, check_state_dir
 from .grub import GrubBootControl, read_booted_slot
 from .grubenv import GrubEnvStore, initial_env
+from .uboot import UBootEnvStore
 
 if TYPE_CHECKING:  # tpm2-pytss is the optional extra `tpm`: imported only for a TPM store
     from .tpm import Tpm, TpmStore
@@ -57,6 +60,13 @@ def _boot_id() -> str:
         return BOOT_ID.read_text().strip()
     except OSError:
         return "unknown"
+
+
+def open_env(cfg: AgentConfig) -> EnvStore:
+    """The boot state's home for the configured bootloader (one control logic for both)."""
+    if cfg.bootloader == "uboot":
+        return UBootEnvStore(cfg.fw_env_config)
+    return GrubEnvStore(cfg.grubenv)
 
 
 def open_storage(state_dir: Path, tpm: TpmStore | None = None) -> SecureStorage:
@@ -98,7 +108,7 @@ class LinuxDevice:
             self.tpm_store = TpmStore(self.tpm, owner_auth=tpm_owner_auth)
         self.cfg = cfg
         self.running = read_booted_slot(cfg.cmdline) if running is None else running
-        self.env = GrubEnvStore(cfg.grubenv)
+        self.env = open_env(cfg)
         self.slots = BlockSlots.from_specs(
             cfg.slot_a, cfg.slot_b, cfg.state_dir, on_invalidate=self._disable
         )
@@ -197,16 +207,17 @@ class LinuxDevice:
         else:
             out["storage"] = "tpm"
             out["tpm"] = {"tcti": self.tpm.tcti, "identity_key": self._identity_in_tpm()}
+        kind = self.cfg.bootloader
         try:
             env = self.env.read(repair=False)
             out["bootloader"] = {
-                "type": "grub",
+                "type": kind,
                 "order": list(env.order),
                 "states": list(env.states),
                 "tries": list(env.tries),
             }
         except OtaError as err:
-            out["bootloader"] = {"type": "grub", "error": err.code.value}
+            out["bootloader"] = {"type": kind, "error": err.code.value}
         return out
 
     # --- the TPM-held identity ----------------------------------------------------------------

@@ -45,9 +45,15 @@ async def require_role(
 ) -> tuple[str, str]:
     """The caller's identity if its role is in ``roles``, else 403 E_FORBIDDEN."""
     name, role = await token_identity(srv, request)
+    check_role(role, roles, what)
+    return name, role
+
+
+def check_role(role: str, roles: frozenset[str], what: str) -> None:
+    """403 E_FORBIDDEN unless ``role`` is in ``roles``: the one role decision of the admin API
+    and the dashboard (whose identity comes from a session instead of a bearer header)."""
     if role not in roles:
         raise ServerError(ErrorCode.FORBIDDEN, f"role {role!r} may not {what}", 403)
-    return name, role
 
 
 # security-officer may do everything (docs/server.md, admin API roles).

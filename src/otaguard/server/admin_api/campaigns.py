@@ -40,6 +40,15 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
     return n
 
 
+def check_reason(r: object) -> str | None:
+    """A campaign action's optional reason (API and dashboard): 1-200 characters."""
+    if r is None:
+        return None
+    if not isinstance(r, str) or not 0 < len(r) <= 200:
+        raise ServerError(ErrorCode.MALFORMED, "reason: 1-200 characters", 400)
+    return r
+
+
 def campaign_routes(srv: ServerContext) -> list[Route]:
     svc = srv.campaigns
 
@@ -72,10 +81,7 @@ def campaign_routes(srv: ServerContext) -> list[Route]:
         reason = None
         if request.headers.get("content-length", "0") != "0":
             body = await srv.read_json(request)
-            r = body.get("reason")
-            if r is not None and (not isinstance(r, str) or not 0 < len(r) <= 200):
-                raise ServerError(ErrorCode.MALFORMED, "reason: 1-200 characters", 400)
-            reason = r
+            reason = check_reason(body.get("reason"))
         name = request.path_params["name"]
         return JSONResponse(await run_in_threadpool(svc.transition, name, action, reason))
 

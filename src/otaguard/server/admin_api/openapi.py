@@ -538,7 +538,10 @@ def _errors(kind: str, role: str | None) -> dict[str, Any]:
         "405": {"description": "E_USAGE: method not allowed", **_ERR},
         "413": {"description": "E_TOO_LARGE: body over the limit", **_ERR},
         "429": {"description": "E_RATE_LIMITED (Retry-After)", **_ERR},
-        "503": {"description": "E_DATABASE / E_UNAVAILABLE: retry later (Retry-After)", **_ERR},
+        "503": {
+            "description": "E_DATABASE / E_STORAGE / E_UNAVAILABLE: retry later (Retry-After)",
+            **_ERR,
+        },
     }
     if kind == "device":
         out["401"] = {"description": "E_AUTH: no usable client certificate", **_ERR}

@@ -22,6 +22,7 @@ import base64
 import binascii
 import json
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Row, insert, select, update
@@ -52,6 +53,14 @@ _audit_lock = threading.Lock()
 
 
 # --- audit ---------------------------------------------------------------------------------------
+def audit_log_path(srv: ServerContext) -> Path:
+    """One place that knows where the rotation log lives (the API writes it, the dashboard
+    verifies it); E_CONFIG when the server has no local data directory."""
+    if srv.data_dir is None:
+        raise OtaError(ErrorCode.CONFIG, "no data directory for the rotation audit log")
+    return srv.data_dir / "audit" / "rotation-audit.log"
+
+
 def audit_log(srv: ServerContext) -> AuditLog:
     """The server's rotation audit log (``<data dir>/audit/rotation-audit.log`` by default).
 
@@ -63,8 +72,7 @@ def audit_log(srv: ServerContext) -> AuditLog:
     with _audit_lock:
         log: AuditLog | None = getattr(srv, "rotation_audit", None)
         if log is None:
-            path = srv.blobs.root.parent / "audit" / "rotation-audit.log"
-            log = AuditLog.open(path, srv.settings.audit_sealer, seal_every=1)
+            log = AuditLog.open(audit_log_path(srv), srv.settings.audit_sealer, seal_every=1)
             srv.rotation_audit = log  # type: ignore[attr-defined]
         return log
 

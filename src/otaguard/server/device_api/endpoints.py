@@ -207,15 +207,16 @@ class DeviceApi(DeviceGate):
         etag = f'"{digest}"'
         if _etag_matches(request.headers.get("if-none-match"), etag):
             return Response(status_code=304, headers={"ETag": etag})
-        data = self.blobs.read(digest, self.settings.max_envelope)
+        data = await self._db(self.blobs.read, digest, self.settings.max_envelope)
         return Response(data, media_type=ENVELOPE_TYPE, headers={"ETag": etag})
 
     async def image(self, request: Request) -> Response:
         digest = check_name(request.path_params["digest"])
         if not await self._may_fetch(request, "image_blob", digest):
             raise ServerError(ErrorCode.NOT_FOUND, "no such image for this device", 404)
-        size = self.blobs.size(digest)
+        size = await self._db(self.blobs.size, digest)
         if size is None:
+            log.error("blob %s not served: an offered image or patch is not in the store", digest)
             raise ServerError(ErrorCode.NOT_FOUND, "image blob missing", 404)
         etag = f'"{digest}"'
         headers = {"ETag": etag, "Accept-Ranges": "bytes"}
@@ -234,22 +235,28 @@ class DeviceApi(DeviceGate):
                 headers["Content-Range"] = f"bytes {start}-{end}/{size}"
                 headers["Content-Length"] = str(end - start + 1)
                 return StreamingResponse(
-                    self._chunks(digest, start, end),
+                    await self._chunks(digest, start, end),
                     status_code=206,
                     media_type="application/octet-stream",
                     headers=headers,
                 )
         headers["Content-Length"] = str(size)
         return StreamingResponse(
-            self._chunks(digest, 0, size - 1),
+            await self._chunks(digest, 0, size - 1),
             media_type="application/octet-stream",
             headers=headers,
         )
 
-    def _chunks(self, digest: str, start: int, end: int) -> Iterator[bytes] | AsyncIterator[bytes]:
-        """The blob's bytes: a plain iterator is read on worker threads by the response, one
-        hop per chunk; with ``inline_io`` it is read on the event loop."""
-        chunks = self.blobs.open_range(digest, start, end) if end >= start else iter(())
+    async def _chunks(
+        self, digest: str, start: int, end: int
+    ) -> Iterator[bytes] | AsyncIterator[bytes]:
+        """The blob's bytes, opened (and verified) before the response starts, so a missing
+        blob or an unreachable store is a 404/503 rather than a cut body: a plain iterator is
+        read on worker threads by the response, one hop per chunk; with ``inline_io`` it is
+        read on the event loop."""
+        chunks: Iterator[bytes] = iter(())
+        if end >= start:
+            chunks = await self._db(self.blobs.open_range, digest, start, end)
         if not self.settings.inline_io:
             return chunks
 

@@ -3,6 +3,8 @@ check); the admin side is :mod:`..admin_api.tuf`."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -29,11 +31,14 @@ def device_tuf_routes(srv: DeviceGate) -> list[Route]:
     async def target(request: Request) -> Response:
         await srv.identify(request)
         digest = tuf_repo(srv).target_blob(request.path_params["path"])
-        size = srv.blobs.size(digest)
+        size = await run_in_threadpool(srv.blobs.size, digest)
         if size is None:
             raise ServerError(ErrorCode.NOT_FOUND, "target blob missing", 404)
+        chunks: Iterator[bytes] = iter(())
+        if size:  # opened (and verified) before the response starts: a 404/503, not a cut body
+            chunks = await run_in_threadpool(srv.blobs.open_range, digest, 0, size - 1)
         return StreamingResponse(
-            srv.blobs.open_range(digest, 0, size - 1) if size else iter(()),
+            chunks,
             media_type="application/octet-stream",
             headers={"Content-Length": str(size)},
         )
