@@ -1,8 +1,8 @@
 """Several real ``otaguard server run`` processes on one database, for the multi-node suites.
 
-A :class:`Node` is one server process with its own data directory (TUF keys, audit log) whose
-``blobs`` is a symlink to one directory all nodes share: the blob store of the cluster (the S3
-backend replaces it by giving every node the same ``[storage]`` settings in ``extra``).
+A :class:`Node` is one server process with its own data directory (TUF keys, audit log). The
+blob store all nodes share is either one directory (each node's ``blobs`` a symlink to it) or,
+with :func:`s3_blobs`, one bucket of the S3 test server (moto) that every node is pointed at.
 :func:`haproxy` puts Debian's haproxy in front of the nodes' device listeners in TCP mode (TLS
 pass-through: the mTLS handshake still ends at a node, which sees the device's certificate).
 """
@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -43,7 +44,8 @@ class Node:
     tls: Path
     db_url: str
     extra: list[str]
-    shared_blobs: Path
+    shared_blobs: Path | None  # None: the blob store is in ``extra`` (S3)
+    env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[str] | None = None
@@ -59,14 +61,14 @@ class Node:
     def start(self) -> Node:
         self.data.mkdir(parents=True, exist_ok=True, mode=0o700)
         link = self.data / "blobs"
-        if not link.exists():
+        if self.shared_blobs is not None and not link.exists():
             link.symlink_to(self.shared_blobs, target_is_directory=True)
         argv = server_run_argv(self.data, self.tls, "--db", self.db_url, *self.extra)
         argv[argv.index("--port") + 1] = str(self.port)
         argv[argv.index("--admin-port") + 1] = str(self.admin_port)
         log = open(self.data / "server.log", "a")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ}
+            argv, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **self.env}
         )
         log.close()
         assert self.proc.stdout is not None
@@ -106,14 +108,44 @@ class Node:
         )
 
 
+@dataclass
+class BlobStore:
+    """How every node of a cluster reaches the one blob store: server flags and environment."""
+
+    args: list[str]
+    env: dict[str, str]
+    bucket: str = ""
+
+
+def s3_blobs(moto: Any) -> BlobStore:
+    """A fresh bucket on the S3 test server (tests/s3server.py), credentials in the env."""
+    from tests.s3server import S3_ENV
+
+    bucket = moto.new_bucket()
+    return BlobStore(
+        ["--storage-backend", "s3", "--s3-bucket", bucket, "--s3-endpoint-url", moto.url,
+         "--s3-region", "us-east-1"],
+        dict(S3_ENV),
+        bucket,
+    )  # fmt: skip
+
+
 @contextmanager
-def nodes(n: int, tmp: Path, tls: Path, db_url: str, *extra: str) -> Iterator[list[Node]]:
-    shared = tmp / "shared-blobs"
-    shared.mkdir(exist_ok=True, mode=0o700)
+def nodes(
+    n: int, tmp: Path, tls: Path, db_url: str, *extra: str, blobs: BlobStore | None = None
+) -> Iterator[list[Node]]:
+    """``n`` nodes on ``db_url``; blobs in one shared directory unless ``blobs`` says else."""
+    shared: Path | None = None
+    args, env = list(extra), {}
+    if blobs is None:
+        shared = tmp / "shared-blobs"
+        shared.mkdir(exist_ok=True, mode=0o700)
+    else:
+        args, env = [*args, *blobs.args], blobs.env
     started: list[Node] = []
     try:
         for i in range(n):
-            node = Node(f"node{i + 1}", tmp / f"node{i + 1}", tls, db_url, list(extra), shared)
+            node = Node(f"node{i + 1}", tmp / f"node{i + 1}", tls, db_url, args, shared, env)
             started.append(node.start())
         yield started
     finally:

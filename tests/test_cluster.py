@@ -1,7 +1,7 @@
 """A real cluster: three ``otaguard server run`` nodes on one PostgreSQL, haproxy in front of
-their device listeners in TLS pass-through (mTLS ends at the nodes), a shared blob store, and
-simulated devices (the campaign suites' real devices: flash, bootloader, updater) talking to
-the balancer.
+their device listeners in TLS pass-through (mTLS ends at the nodes), the S3 server (moto) as
+their one blob store, and simulated devices (the campaign suites' real devices: flash,
+bootloader, updater) talking to the balancer.
 
 During a running campaign node 2 is SIGKILLed and later restarted. Asserted: the devices
 carry on through the other nodes and all reach the release; every acknowledged report is in
@@ -32,8 +32,9 @@ from otaguard.server.pki.enroll import Enrollment, enroll_device
 from otaguard.server.storage import models as m
 from otaguard.server.storage.db import Database
 from tests.campaign_fleet import Fleet, token
-from tests.cluster import haproxy, nodes
+from tests.cluster import haproxy, nodes, s3_blobs
 from tests.pg import PgCluster, fleet_ca, pg_cluster, server_tls  # noqa: F401
+from tests.s3server import MotoServer, moto_server, s3_env  # noqa: F401
 
 N_DEVICES = 6
 RATE, BURST = 0.1, 60  # per device, on every node (the fleet needs < 30 requests each)
@@ -68,7 +69,12 @@ def _hammer(urls: list[str], e: Enrollment, rounds: int) -> tuple[int, int]:
 
 
 def test_three_nodes_behind_haproxy_survive_a_sigkill(
-    pg_cluster: PgCluster, fleet_ca: FleetCA, server_tls: Path, tmp_path: Path
+    pg_cluster: PgCluster,
+    fleet_ca: FleetCA,
+    server_tls: Path,
+    tmp_path: Path,
+    moto_server: MotoServer,
+    s3_env: dict[str, str],
 ) -> None:
     url = pg_cluster.create_database()
     db = Database(url)
@@ -96,7 +102,11 @@ def test_three_nodes_behind_haproxy_survive_a_sigkill(
         *("--ip-rate", "100000", "--ip-burst", "100000"),
     )
     new_key = SoftwareSigner(generate_private_key("ed25519"))
-    with nodes(3, tmp_path, server_tls, url, *extra) as cluster, haproxy(tmp_path, cluster) as lb:
+    blobs = s3_blobs(moto_server)  # one bucket for all nodes (the S3 server, moto)
+    with (
+        nodes(3, tmp_path, server_tls, url, *extra, blobs=blobs) as cluster,
+        haproxy(tmp_path, cluster) as lb,
+    ):
         n1, n2, n3 = cluster
         fleet = Fleet(lab, db, enrolled.__getitem__, lb.url, tmp_path)
         results: list[Any] = []
@@ -204,4 +214,8 @@ def test_three_nodes_behind_haproxy_survive_a_sigkill(
         assert states == {"succeeded": N_DEVICES}
         # Node 2 serves again after its restart (directly, and behind the balancer).
         assert n2.proc is not None and n2.proc.poll() is None
+        # The blobs (image, envelope) are in the one bucket, not on any node's disk.
+        keys = moto_server.client().list_objects_v2(Bucket=blobs.bucket).get("Contents", [])
+        assert len(keys) >= 2
+        assert not any((n.data / "blobs").exists() for n in cluster)
     db.dispose()
