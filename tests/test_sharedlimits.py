@@ -127,3 +127,33 @@ def test_database_away_falls_back_to_local_buckets(pg_cluster: PgCluster) -> Non
 def test_shared_limits_refuse_sqlite(tmp_path: object) -> None:
     with pytest.raises(ValueError):
         SharedState(Database(f"sqlite:///{tmp_path}/o.db"))
+
+
+def test_a_flood_on_one_node_stops_reaching_the_database(pg_db: Database) -> None:
+    """Once a node alone granted the whole limit, its own bucket refuses without a round
+    trip; refusals of a flagged identity write nothing more."""
+    clock = Clock()
+    shared = SharedState(pg_db, clock=clock)
+    b = SharedBuckets(shared, RateLimit(rate=0.001, burst=5))
+    probes = SharedProbeDetector(shared, "rate_limit", 3, 60.0)
+    assert [b.take("SN-F") == 0.0 for _ in range(5)] == [True] * 5
+    before = shared.statements
+    assert all(b.take("SN-F") > 0 for _ in range(50))
+    assert shared.statements == before  # refused locally
+    assert [probes.hit("SN-F") for _ in range(3)] == [False, False, True]
+    before = shared.statements
+    assert not any(probes.hit("SN-F") for _ in range(50))
+    assert shared.statements == before
+
+
+def test_a_cluster_refusal_gives_the_local_token_back(pg_db: Database) -> None:
+    """Node A's own bucket counts only what the cluster granted through A: refusals there
+    (the device spent its limit on node B) must not make A refuse once the cluster refills."""
+    clock = Clock()
+    limit = RateLimit(rate=1.0, burst=3)
+    a, b = (SharedBuckets(s, limit) for s in _nodes(pg_db, clock, 2))
+    assert all(b.take("SN-R") == 0.0 for _ in range(3))
+    assert all(a.take("SN-R") > 0 for _ in range(5))  # the cluster refuses, A refunds
+    clock.t += 1.0
+    assert a.take("SN-R") == 0.0  # one token refilled, and A's own bucket agrees
+    assert b.take("SN-R") > 0

@@ -10,9 +10,12 @@ fraction of its refusals. Here the state lives in PostgreSQL (UNLOGGED tables, m
   takes on several nodes serialize on that row. A device gets **exactly** its limit across
   the cluster: at most ``burst + rate × t`` requests in any ``t`` seconds, however many nodes
   it spreads them over (the one inexactness is clock skew between nodes: the refill uses each
-  node's wall clock, never moving a bucket's time backwards).
+  node's wall clock, never moving a bucket's time backwards). The node's own bucket runs
+  first and refuses without a round trip once this node alone granted the whole limit, so a
+  flood against one node does not become a flood against the database.
 * :class:`SharedProbeDetector`: one row per counted refusal and one flag row per identity;
-  the flag is an ``INSERT ... ON CONFLICT DO NOTHING``, so the cluster flags an identity once.
+  the flag is an ``INSERT ... ON CONFLICT DO NOTHING``, so the cluster flags an identity once,
+  and a flagged identity's refusals write nothing more.
 
 Why PostgreSQL and not Redis/Valkey: a PostgreSQL cluster needs PostgreSQL anyway, so no
 second stateful service to run, secure and monitor, and no second failure domain (a node
@@ -77,6 +80,7 @@ class SharedState:
         self._down_until = 0.0
         self._last_prune = 0.0
         self.errors = 0
+        self.statements = 0  # sent to the database (observability, tests)
 
     def _conn(self) -> Any:
         conn = getattr(self._local, "conn", None)
@@ -103,6 +107,7 @@ class SharedState:
             return None
         import psycopg
 
+        self.statements += 1
         try:
             cur = self._conn().execute(sql, params, prepare=True)
             return cur.fetchall() if cur.description is not None else []
@@ -127,15 +132,25 @@ class SharedState:
 
 
 class SharedBuckets(TokenBuckets):
-    """:class:`TokenBuckets` whose state is the cluster's (the local one is the fallback)."""
+    """:class:`TokenBuckets` whose state is the cluster's.
+
+    The node's own bucket (the parent class, on the same clock) runs first and counts only
+    what the cluster granted through this node: when it is empty the cluster's is too (it
+    holds at least these grants), so the request is refused without asking the database —
+    a device flooding one node costs no round trips once its limit is spent. It is also the
+    fallback while the database is away."""
 
     def __init__(self, shared: SharedState, limit: RateLimit, **kw: Any) -> None:
+        kw.setdefault("clock", shared.clock)
         super().__init__(limit, **kw)
         self.shared = shared
         # A bucket untouched this long is full again: its row can go.
         self._full_after = limit.burst / limit.rate + 1.0
 
     def take(self, key: str) -> float:
+        local_wait = super().take(key)
+        if local_wait > 0:
+            return local_wait  # this node alone has granted the device's whole limit
         rows = self.shared.run(
             _TAKE,
             {
@@ -146,16 +161,25 @@ class SharedBuckets(TokenBuckets):
             },
         )
         if rows is None:
-            return super().take(key)
+            return 0.0  # database away: the local bucket (which granted it) decides
         ok, tokens = rows[0]
         self.shared.prune(max(self._full_after, 3600.0))
         if ok:
             return 0.0
+        self._refund(key)  # the cluster refused: this node granted nothing
         return (1.0 - float(tokens)) / self.limit.rate
+
+    def _refund(self, key: str) -> None:
+        state = self._state.get(key)
+        if state is not None:
+            self._state[key] = (min(float(self.limit.burst), state[0] + 1.0), state[1])
 
 
 class SharedProbeDetector(ProbeDetector):
-    """:class:`ProbeDetector` counting every node's refusals; ``kind`` names the detector."""
+    """:class:`ProbeDetector` counting every node's refusals; ``kind`` names the detector.
+
+    An identity this node knows to be flagged costs no more database writes: a prober writes
+    at most ``threshold`` rows per window before the cluster flags it, then none."""
 
     def __init__(
         self, shared: SharedState, kind: str, threshold: int, window: float, **kw: Any
@@ -165,6 +189,8 @@ class SharedProbeDetector(ProbeDetector):
         self.kind = kind
 
     def hit(self, key: str) -> bool:
+        if key in self._flagged:
+            return False  # flagged already (here or, as this node learned, elsewhere)
         now = self.shared.clock()
         p = {"kind": self.kind, "key": key, "now": now, "since": now - self.window}
         rows = self.shared.run(_HIT, p)
@@ -175,6 +201,7 @@ class SharedProbeDetector(ProbeDetector):
         flagged = self.shared.run(_FLAG, p)
         if flagged is None:
             return super().hit(key)
+        self._flagged.add(key)  # by this node now, or by another before: either way, done
         return bool(flagged)
 
     def flagged(self, key: str) -> bool:
