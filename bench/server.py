@@ -3,6 +3,7 @@ PostgreSQL), and image download throughput next to nginx serving the same file o
 
     .venv/bin/python bench/server.py            # full run (~1.5 min)
     .venv/bin/python bench/server.py --quick    # 20k registry, 128 devices, 3 s windows (~35 s)
+    .venv/bin/python bench/server.py --cluster  # nodes and fleet sizes (~8 min, below)
 
 Everything is real and on loopback: a fleet CA, a server certificate, one client certificate
 per connecting device; the server runs in its own processes (``runtime.build_server`` +
@@ -16,6 +17,12 @@ each driving its share of keep-alive TLS connections from one epoll loop over no
 number of requests in flight and rotating through the connections, so every device identity
 is used. Client and server CPU are measured (``getrusage`` / ``/proc``) so the table shows
 whether the client was the bottleneck.
+
+Cluster mode (``--cluster``, issue #20): one server process per node; 1 node on SQLite, 1
+node on PostgreSQL (with the shared per-device limiter, and with the node's own buckets for
+reference), 3 nodes behind haproxy in TLS pass-through; then server and PostgreSQL CPU per
+check-in and buffer pages per lookup at 10k, 100k and 1M registered devices (registries by
+``COPY``). Results in docs/benchmarks.md.
 
 Rate limits are raised for the run: all bench identities share 127.0.0.1 and each polls
 ~10x/s (a real device polls every few minutes); the buckets still run on every request.
@@ -85,6 +92,11 @@ def serve_worker(cfg: dict[str, Any]) -> None:
     )
     srv = build_server(opts)
     srv.settings.lastseen_interval = int(cfg["lastseen_interval"])
+    if cfg.get("local_limits"):
+        # The reference point for the shared limiter's cost: this process's own buckets.
+        from otaguard.server.ratelimit import TokenBuckets
+
+        srv.device_buckets = TokenBuckets(srv.settings.device_rate)
     ctx = mtls.server_ssl_context(opts.tls_cert, opts.tls_key, opts.ca_cert)  # type: ignore[arg-type]
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -152,9 +164,11 @@ def free_port() -> tuple[socket.socket, int]:
     return s, s.getsockname()[1]
 
 
-def start_servers(base: dict[str, Any], workers: int, lastseen_interval: int) -> ServerGroup:
+def start_servers(
+    base: dict[str, Any], workers: int, lastseen_interval: int, **extra: Any
+) -> ServerGroup:
     hold, port = free_port()
-    cfg = dict(base, port=port, lastseen_interval=lastseen_interval)
+    cfg = dict(base, port=port, lastseen_interval=lastseen_interval, **extra)
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "--serve-worker", json.dumps(cfg)],
@@ -470,10 +484,17 @@ class LoadResult:
     client_cores: float
     server_cores: float
     other_cores: float
+    db_cores: float = 0.0  # PostgreSQL's processes (cluster mode), part of other_cores
 
 
 def run_load(
-    group: ServerGroup, pki: Pki, procs: int, inflight: int, warmup: float, duration: float
+    group: ServerGroup,
+    pki: Pki,
+    procs: int,
+    inflight: int,
+    warmup: float,
+    duration: float,
+    db_cpu: Any = None,
 ) -> LoadResult:
     ctx = mp.get_context("fork")
     shares = [pki.clients[i::procs] for i in range(procs)]
@@ -518,9 +539,11 @@ def run_load(
     while time.monotonic() < measure_from:
         time.sleep(0.005)
     s0, b0 = group.cpu_seconds(), system_busy()[0]
+    d0 = db_cpu() if db_cpu else 0.0
     while time.monotonic() < until:
         time.sleep(0.005)
     s1, b1 = group.cpu_seconds(), system_busy()[0]
+    d1 = db_cpu() if db_cpu else 0.0
     results = [pp.recv() for pp in pipes]
     for p in workers:
         p.join()
@@ -541,6 +564,7 @@ def run_load(
         client_cores=client_cpu / elapsed,
         server_cores=server_cpu / duration,
         other_cores=max(0.0, busy - client_cpu - server_cpu) / duration,
+        db_cores=(d1 - d0) / duration,
     )
 
 
@@ -715,11 +739,24 @@ def main() -> int:
     ap.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
     ap.add_argument("--image-mib", type=int, default=64)
     ap.add_argument("--no-download", action="store_true")
+    ap.add_argument(
+        "--cluster",
+        action="store_true",
+        help="cluster mode: 1 node SQLite / 1 node PostgreSQL / 3 nodes behind haproxy, and "
+        "server CPU per check-in against the registry size (--fleet-sizes)",
+    )
+    ap.add_argument(
+        "--fleet-sizes",
+        default="10000,100000,1000000",
+        help="cluster mode: registry sizes for the CPU-per-check-in rows",
+    )
     ap.add_argument("--serve-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_worker:
         serve_worker(json.loads(args.serve_worker))
         return 0
+    if args.cluster:
+        return cluster_main(args)
     registry = args.registry or (20_000 if args.quick else 100_000)
     n_dev = args.devices or (128 if args.quick else 256)
     duration = args.duration or (3.0 if args.quick else 8.0)
@@ -858,6 +895,263 @@ def _downloads(
         speeds.append(download(port, ctx, path, size, None))
     cores = (cpu() - c0) / (time.perf_counter() - t0)
     return statistics.median(speeds), cores
+
+
+# --- cluster mode (--cluster) --------------------------------------------------------------------
+def pg_database(url: str, name: str) -> str:
+    """A new database in the cluster of ``url`` (same host socket), returned as a URL."""
+    import psycopg
+
+    host = url.split("?host=")[1]
+    with psycopg.connect(host=host, user="postgres", dbname="postgres", autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    return f"postgresql+psycopg://postgres@/{name}?host={host}"
+
+
+def populate_copy(db_url: str, registry: int, pki: Pki) -> float:
+    """PostgreSQL registry of ``registry`` devices by COPY (a million rows in seconds, not via
+    the API): ``bench-0000000``..., real fingerprints for the devices that connect; every
+    device in a group and with a rate-limit bucket row, as a fleet that polls has."""
+    import psycopg
+
+    from otaguard.server.storage.db import Database
+
+    t0 = time.perf_counter()
+    db = Database(db_url)
+    db.upgrade()
+    cargs, cparams = db.engine.dialect.create_connect_args(db.engine.url)
+    db.dispose()
+    fps = {serial: fp for serial, _c, _k, fp in pki.clients}
+    now = int(time.time())
+    with psycopg.connect(*cargs, **cparams) as conn:
+        with conn.cursor().copy(
+            "COPY devices (serial, model, hw_rev, cert_fingerprint, cert_not_after, revoked,"
+            " enrolled_at, suspect) FROM STDIN"
+        ) as cp:
+            for i in range(registry):
+                serial = f"bench-{i:07d}"
+                fp = fps.get(serial) or secrets.token_hex(32)
+                cp.write_row((serial, "gw", "r1", fp, now + 86400, False, now, False))
+        conn.execute("INSERT INTO device_groups (device_id, name) SELECT id, 'fleet' FROM devices")
+        conn.execute(
+            "INSERT INTO rate_buckets (key, tokens, at, ok) "
+            "SELECT serial, 1000.0, %s, true FROM devices",
+            (float(now),),
+        )
+        n = conn.execute("SELECT count(*) FROM devices").fetchone()
+        conn.commit()
+        conn.autocommit = True
+        conn.execute("VACUUM ANALYZE")
+    if n is None or n[0] != registry:
+        raise RuntimeError(f"registry has {n} devices, wanted {registry}")
+    return time.perf_counter() - t0
+
+
+def lookup_pages(db_url: str, serial: str) -> tuple[int, int]:
+    """Buffer pages PostgreSQL touches to find one device row and its rate-limit bucket
+    (EXPLAIN ANALYZE BUFFERS): the machine-independent part of how a check-in's cost grows
+    with the registry (B-tree depth)."""
+    import psycopg
+
+    from otaguard.server.storage.db import Database
+
+    db = Database(db_url)
+    cargs, cparams = db.engine.dialect.create_connect_args(db.engine.url)
+    db.dispose()
+    out = []
+    with psycopg.connect(*cargs, **cparams) as c:
+        for sql in (
+            "SELECT * FROM devices WHERE serial = %s",
+            "SELECT * FROM rate_buckets WHERE key = %s",
+        ):
+            c.execute(sql, (serial,))  # warm
+            row = c.execute(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", (serial,)).fetchone()
+            assert row is not None
+            plan = row[0][0]["Plan"]
+            out.append(int(plan["Shared Hit Blocks"]) + int(plan["Shared Read Blocks"]))
+    return out[0], out[1]
+
+
+HAPROXY_BENCH = """global
+    maxconn 4000
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+frontend devices
+    bind 127.0.0.1:{port}
+    default_backend nodes
+backend nodes
+    balance roundrobin
+{servers}
+"""
+
+
+@contextlib.contextmanager
+def cluster_group(base: dict[str, Any], nodes: int, tmp: Path) -> Any:
+    """``nodes`` server processes (one ``otaguard server run`` worker each, own port) behind
+    haproxy in TCP mode (TLS pass-through). Yields a ServerGroup whose port is haproxy's
+    and whose CPU is the nodes' (haproxy's goes to "other"), and haproxy's process."""
+    exe = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    groups = [start_servers(base, 1, 60) for _ in range(nodes)]
+    hold, port = free_port()
+    hold.close()
+    servers = "\n".join(f"    server n{i} 127.0.0.1:{g.port}" for i, g in enumerate(groups))
+    cfg = tmp / "haproxy.cfg"
+    cfg.write_text(HAPROXY_BENCH.format(port=port, servers=servers))
+    proc = subprocess.Popen([exe, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(500):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
+                break
+            time.sleep(0.01)
+        yield ServerGroup([p for g in groups for p in g.procs], port), proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for g in groups:
+            g.stop()
+
+
+def cluster_main(args: Any) -> int:
+    n_dev = args.devices or 256
+    registry = args.registry or 100_000
+    duration = args.duration or 8.0
+    warmup = args.warmup if args.warmup is not None else 2.0
+    sizes = [int(x) for x in args.fleet_sizes.split(",") if x]
+    # The connecting devices are spread over the smallest registry, so they exist in all.
+    smallest = min([registry, *sizes])
+    step = max(1, smallest // n_dev)
+    connecting = [f"bench-{i * step:07d}" for i in range(n_dev)]
+    print(
+        f"cluster mode: {n_dev} connecting devices, {args.inflight} in flight, "
+        f"{args.client_procs} client processes, {os.cpu_count()} CPUs; re-poll check-ins; "
+        f"warm-up {warmup:g} s, measured {duration:g} s",
+        flush=True,
+    )
+    b0, t0 = system_busy()
+    time.sleep(1.0)
+    b1, t1 = system_busy()
+    print(f"background load: {(b1 - b0) / (t1 - t0) * (os.cpu_count() or 1):.2f} cores busy")
+    rows: list[list[str]] = []
+    scale: list[list[str]] = []
+
+    db_cpu: Any = None
+
+    def measure(label: str, group: ServerGroup) -> LoadResult:
+        r = run_load(group, pki, args.client_procs, args.inflight, warmup, duration, db_cpu)
+        us = 1e6 * r.server_cores / r.rate if r.rate else 0.0
+        db_us = 1e6 * r.db_cores / r.rate if r.rate and db_cpu else 0.0
+        rows.append(
+            [
+                label,
+                f"{r.rate:,.0f}",
+                f"{r.p50_ms:.1f}",
+                f"{r.p99_ms:.1f}",
+                str(r.errors),
+                f"{r.server_cores:.2f}",
+                f"{r.client_cores:.2f}",
+                f"{r.other_cores:.2f}",
+                f"{us:,.0f}",
+                f"{db_us:,.0f}" if db_cpu else "-",
+            ]
+        )
+        print("  " + " | ".join(rows[-1]), flush=True)
+        return r
+
+    from otaguard.server.storage.db import sqlite_url
+
+    with tempfile.TemporaryDirectory(prefix="otaguard-bench-") as tmp_s:
+        tmp = Path(tmp_s)
+        pki = make_pki(tmp, n_dev, connecting)
+        pki.clients.sort(key=lambda c: c[0])
+        tls = {
+            "ca_cert": str(pki.ca_pem),
+            "tls_cert": str(pki.server_pem),
+            "tls_key": str(pki.server_key),
+            "http": None,
+        }
+        # 1 node on SQLite.
+        data = tmp / "data-sqlite"
+        data.mkdir()
+        url = sqlite_url(data / "otaguard.db")
+        secs = populate(url, registry, pki, [f"bench-{i:07d}" for i in range(registry)])
+        print(f"sqlite: {registry} devices in {secs:.1f} s", flush=True)
+        base = dict(tls, data_dir=str(data), db_url=url)
+        group = start_servers(base, 1, 60)
+        try:
+            measure(f"1 node, SQLite, {registry:,} devices", group)
+        finally:
+            group.stop()
+        with pg_cluster() as pg_url:
+            if pg_url is None:
+                print("PostgreSQL binaries not found: skipping", flush=True)
+                return 0
+            pid_file = Path(pg_url.split("?host=")[1]) / "data" / "postmaster.pid"
+            postmaster = int(pid_file.read_text().split()[0])
+
+            def db_cpu() -> float:  # the postmaster and its backends
+                return tree_cpu(postmaster)
+
+            url = pg_database(pg_url, "reg_main")
+            secs = populate_copy(url, registry, pki)
+            print(f"postgresql: {registry} devices by COPY in {secs:.1f} s", flush=True)
+            base = dict(tls, data_dir=str(tmp / "data-pg"), db_url=url)
+            for label, extra in (
+                ("1 node, PostgreSQL, shared limits", {}),
+                ("1 node, PostgreSQL, local limits (reference)", {"local_limits": True}),
+            ):
+                group = start_servers(base, 1, 60, **extra)
+                try:
+                    measure(f"{label}, {registry:,} devices", group)
+                finally:
+                    group.stop()
+            with cluster_group(base, 3, tmp) as (group, _haproxy):
+                measure(f"3 nodes + haproxy, PostgreSQL, {registry:,} devices", group)
+            for size in sizes:
+                url = pg_database(pg_url, f"reg_{size}")
+                secs = populate_copy(url, size, pki)
+                print(f"postgresql: {size} devices by COPY in {secs:.1f} s", flush=True)
+                base = dict(tls, data_dir=str(tmp / f"data-pg-{size}"), db_url=url)
+                group = start_servers(base, 1, 60)
+                try:
+                    r = measure(f"1 node, PostgreSQL, {size:,} devices", group)
+                finally:
+                    group.stop()
+                us = 1e6 * r.server_cores / r.rate if r.rate else 0.0
+                pg_us = 1e6 * r.db_cores / r.rate if r.rate else 0.0
+                dev_pages, bucket_pages = lookup_pages(url, connecting[-1])
+                scale.append(
+                    [
+                        f"{size:,}",
+                        f"{r.rate:,.0f}",
+                        f"{us:,.0f}",
+                        f"{pg_us:,.0f}",
+                        str(dev_pages),
+                        str(bucket_pages),
+                    ]
+                )
+    print()
+    print(
+        "| configuration | check-ins/s | p50 ms | p99 ms | errors | server cores | client cores "
+        "| other cores | server CPU µs/check-in | PostgreSQL CPU µs/check-in |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    if scale:
+        print()
+        print(
+            "| registered devices | check-ins/s | server µs/check-in | PostgreSQL µs/check-in "
+            "| pages per device lookup | pages per bucket lookup |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|")
+        for row in scale:
+            print("| " + " | ".join(row) + " |")
+        first, last = float(scale[0][2].replace(",", "")), float(scale[-1][2].replace(",", ""))
+        print(f"\nserver CPU per check-in, largest / smallest registry: {last / first:.2f}x")
+    return 0
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ SERVER_LAYERS: list[tuple[str, ...]] = [
     ("storage",),
     ("pki",),
     ("ratelimit", "metrics"),
-    ("context",),
-    ("health",),
+    ("context", "sharedlimits"),
+    ("health", "trustsync"),
     ("device_api", "admin_api"),
     ("dashboard",),  # the web pages: over the admin API's decisions, composed by app
     ("app",),

@@ -85,14 +85,28 @@ class TrustState:
     def __init__(self, resolver: KeyResolver | None) -> None:
         self._resolver = resolver
         self._lock = threading.Lock()
+        # Re-reads the database's key lists (trustsync.TrustSync.refresh, set where a node
+        # shares its database with others); None: this object is the only truth.
+        self.refresh: Callable[[], None] | None = None
 
     @property
     def resolver(self) -> KeyResolver | None:
         return self._resolver
 
+    def fresh(self) -> KeyResolver | None:
+        """The anchors, first brought up to the database's newest key list (before a
+        security decision; does a database read, so call it off the event loop)."""
+        if self.refresh is not None:
+            self.refresh()
+        return self._resolver
+
     def replace(self, resolver: KeyResolver) -> None:
         with self._lock:
-            self._resolver = resolver
+            old_v = getattr(self._resolver, "version", None)
+            new_v = getattr(resolver, "version", None)
+            # Never back: a reload from the database may have overtaken a publication.
+            if not (isinstance(old_v, int) and isinstance(new_v, int) and new_v < old_v):
+                self._resolver = resolver
 
 
 class RateLimited(ServerError):

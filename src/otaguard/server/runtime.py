@@ -29,10 +29,12 @@ from .pki.listener import Deadlines
 from .pki.mtls import bind_socket, run_loop, server_ssl_context, uvicorn_config
 from .pki.renewal import CertIssuer
 from .ratelimit import RateLimit
+from .sharedlimits import SharedBuckets, SharedProbeDetector, SharedState
 from .storage import store
 from .storage.blob_settings import STORAGE_KEYS, storage_value
 from .storage.blobs import BlobStore, LocalBlobStore
 from .storage.db import Database, sqlite_url
+from .trustsync import TrustSync
 
 log = logging.getLogger("otaguard.server")
 
@@ -147,6 +149,16 @@ def load_resolver(bundle: Path | None, keys: list[Path], db: Database) -> KeyRes
     return None
 
 
+def share_limits(srv: UpdateServer, db: Database) -> None:
+    """Per-device buckets and probe detectors shared by every node on this PostgreSQL
+    (server/sharedlimits.py) instead of this process's own."""
+    shared = SharedState(db)
+    st = srv.settings
+    srv.device_buckets = SharedBuckets(shared, st.device_rate)
+    srv.probes = SharedProbeDetector(shared, "rate_limit", st.probe_threshold, st.probe_window)
+    srv.refusals = SharedProbeDetector(shared, "refusal", st.refusal_threshold, st.refusal_window)
+
+
 def parse_proxies(values: list[str]) -> tuple[IpNet, ...]:
     try:
         return tuple(ipaddress.ip_network(v, strict=False) for v in values)
@@ -180,14 +192,19 @@ def build_server(opts: RunOptions) -> UpdateServer:
             "hash-chained and anchored in the database, but not sealed"
         )
     resolver = load_resolver(opts.trust_bundle, opts.trusted_keys, db)
+    trust = TrustState(resolver)
     srv = UpdateServer(
         db,
         open_blob_store(opts),
         settings,
-        TrustState(resolver),
+        trust,
         issuer=opts.issuer,
         data_dir=opts.data_dir,
     )
+    # Other nodes on this database publish key lists too: follow them (server/trustsync.py).
+    trust.refresh = TrustSync(db, trust, on_campaigns=srv.campaigns.wake).start().refresh
+    if db.dialect == "postgresql":
+        share_limits(srv, db)
     if opts.signing_audit_log is not None:
         seal_keys = [PublicKey.from_pem(read_limited(k, MAX_PEM)) for k in opts.signing_audit_keys]
         configure_signing_audit(srv, opts.signing_audit_log, seal_keys)

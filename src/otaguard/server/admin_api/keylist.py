@@ -35,7 +35,7 @@ def keylist_routes(srv: ServerContext) -> list[Route]:
 def _publish_keylist(srv: ServerContext, doc: bytes) -> int:
     from ...trust.store import TrustStore
 
-    current = srv.trust.resolver
+    current = srv.trust.fresh()
     if not isinstance(current, TrustStore):
         raise ServerError(ErrorCode.UNTRUSTED_KEY, "key lists need a trust bundle (root)", 409)
     try:

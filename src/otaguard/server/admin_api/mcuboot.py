@@ -101,7 +101,7 @@ def mcuboot_routes(srv: ServerContext) -> list[Route]:
         who = await authorize(srv, request, "release")
         release_id = int(request.path_params["release_id"])
         blob = check_name(request.query_params.get("image", ""))
-        resolver = srv.trust.resolver
+        resolver = await run_in_threadpool(srv.trust.fresh)  # the database's newest anchors
         if resolver is None:
             raise ServerError(
                 ErrorCode.UNTRUSTED_KEY, "server has no trust anchors configured", 409

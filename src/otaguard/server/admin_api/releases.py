@@ -49,7 +49,7 @@ def release_routes(srv: ServerContext) -> list[Route]:
         who = await authorize(srv, request, "release")
         image_blob = check_name(request.query_params.get("image", ""))
         envelope = await srv.read_body(request, srv.settings.max_envelope)
-        resolver = srv.trust.resolver
+        resolver = await run_in_threadpool(srv.trust.fresh)  # the database's newest anchors
         if resolver is None:
             raise ServerError(
                 ErrorCode.UNTRUSTED_KEY, "server has no trust anchors configured", 409
@@ -71,7 +71,7 @@ def release_routes(srv: ServerContext) -> list[Route]:
         release_id = int(request.path_params["release_id"])
         patch_blob = check_name(request.query_params.get("patch", ""))
         envelope = await srv.read_body(request, srv.settings.max_envelope)
-        resolver = srv.trust.resolver
+        resolver = await run_in_threadpool(srv.trust.fresh)  # the database's newest anchors
         if resolver is None:
             raise ServerError(
                 ErrorCode.UNTRUSTED_KEY, "server has no trust anchors configured", 409

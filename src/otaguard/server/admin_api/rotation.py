@@ -291,7 +291,7 @@ def _event(
 
 
 def _apply_keylist(srv: ServerContext, doc: bytes) -> TrustStore:
-    current = srv.trust.resolver
+    current = srv.trust.fresh()
     if not isinstance(current, TrustStore):
         raise ServerError(ErrorCode.UNTRUSTED_KEY, "key lists need a trust bundle (root)", 409)
     try:
@@ -324,7 +324,7 @@ def start(srv: ServerContext, actor: str, body: dict[str, Any], doc: bytes) -> i
         raise ServerError(ErrorCode.MALFORMED, "threshold must be in (0, 1]", 400)
     if not isinstance(unreachable, int) or unreachable <= 0:
         raise ServerError(ErrorCode.MALFORMED, "unreachable_after must be seconds > 0", 400)
-    current = srv.trust.resolver
+    current = srv.trust.fresh()
     if not isinstance(current, TrustStore) or not _usable(current, old):
         raise ServerError(ErrorCode.UNTRUSTED_KEY, "old_kid is not a usable key today", 400)
     new_store = _apply_keylist(srv, doc)

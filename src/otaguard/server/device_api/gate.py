@@ -245,7 +245,7 @@ class DeviceGate(ServerContext):
     def _device_read(self, ident: Identity, fn: Callable[[Connection, Record], T]) -> T | None:
         """Read-only fast path: ``fn``'s result for a valid device, or None when the request
         must take the full path (``_device_work``: refusals are recorded there)."""
-        with self.db.read() as conn:
+        with self.db.read(snapshot=False) as conn:
             dev = store.device_by_serial(conn, ident.serial)
             if (
                 dev is None

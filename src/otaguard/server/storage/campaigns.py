@@ -64,6 +64,7 @@ from ...rollout import (
 from ...rollout.model import version_key
 from . import models as m
 from . import store
+from .notify import CAMPAIGNS, announce
 from .prepared import Prepared, Record, in_consts
 
 log = logging.getLogger("otaguard.server.campaigns")
@@ -308,6 +309,11 @@ class CampaignService:
             else:
                 self._cache.pop(e.db_id, None)
 
+    def wake(self) -> None:
+        """Another node changed a campaign: refresh from the database at the next request."""
+        with self._lock:
+            self._next_tick = float("-inf")
+
     def forget(self, db_id: int) -> None:
         """Drop a cached campaign (after a failed transaction: reload it next time)."""
         with self._lock:
@@ -506,6 +512,7 @@ class CampaignService:
             self._save(conn, e, d.campaign)
             if d.action.value != "none":
                 log.warning("campaign %s: %s %s", d.campaign.id, d.action.value, d.reason)
+                announce(conn, CAMPAIGNS)  # other nodes refresh their cache now
         return d
 
     # --- admin operations --------------------------------------------------------------------
@@ -665,6 +672,7 @@ class CampaignService:
             else:
                 raise ServerError(ErrorCode.USAGE, f"unknown action {action}", 400)
             self._save(conn, e, new)
+            announce(conn, CAMPAIGNS)  # other nodes refresh their cache (server/trustsync.py)
         return self.describe(new, counts, None)
 
     def status(self, name: str, *, stale_after: float) -> dict[str, Any]:

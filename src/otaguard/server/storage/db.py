@@ -129,7 +129,18 @@ class Database:
 
     # --- transactions --------------------------------------------------------------------------
     @contextlib.contextmanager
-    def read(self) -> Iterator[Connection]:
+    def read(self, *, snapshot: bool = True) -> Iterator[Connection]:
+        """A read transaction. ``snapshot=False``: on PostgreSQL, statements in autocommit
+        instead (no ``BEGIN`` and ``COMMIT`` round trips); what they see is the same as in a
+        READ COMMITTED transaction, where every statement takes its own snapshot anyway.
+        SQLite keeps its transaction (one snapshot for all the reads, and no round trips)."""
+        if not snapshot and self.dialect == "postgresql":
+            try:
+                with self.engine.connect() as conn:
+                    yield conn.execution_options(isolation_level="AUTOCOMMIT")
+            except SQLAlchemyError as exc:
+                raise ServerError(ErrorCode.DATABASE, type(exc).__name__, 503) from exc
+            return
         try:
             with self.engine.connect() as conn, conn.begin():
                 yield conn

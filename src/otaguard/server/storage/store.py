@@ -20,6 +20,7 @@ from ...clock import SYSTEM_CLOCK, Clock
 from ...errors import ErrorCode, OtaError, ServerError
 from . import models as m
 from .mcuboot import device_may_fetch_mcuboot  # a release's MCUboot image is an image too
+from .notify import announce
 from .prepared import Prepared, Record, in_consts
 
 log = logging.getLogger(__name__)
@@ -418,6 +419,7 @@ def put_keylist(conn: Connection, version: int, document: bytes) -> None:
             created_at=now_s(),
         )
     )
+    announce(conn)  # the other nodes reload their anchors when this commits
 
 
 _LATEST_KEYLIST = Prepared(select(m.keylists).order_by(m.keylists.c.version.desc()).limit(1))
