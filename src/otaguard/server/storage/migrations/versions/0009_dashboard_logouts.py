@@ -4,7 +4,7 @@ A session cookie is signed and checked without a server-side session store; a lo
 still end it on every node, so its id is kept here until the cookie would have expired.
 
 Revision ID: 0009_dashboard_logouts
-Revises: 0007_mcuboot
+Revises: 0008_shared_limits
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0009_dashboard_logouts"
-down_revision = "0007_mcuboot"
+down_revision = "0008_shared_limits"
 branch_labels = None
 depends_on = None
 
