@@ -56,62 +56,15 @@ from otaguard.device.storage import Identity
 from otaguard.errors import ErrorCode, OtaError
 from otaguard.sim.renewal import MemoryIdentityStore
 from tests.pg import Harness, fleet_ca, server_tls  # noqa: F401
+from tests.swtpm import SoftTpm, free_port_pair
 from tests.test_cert_renewal import DAY, hr  # noqa: F401
 from tests.test_linux_agent import Rig, image, write_config
 
-pytestmark = pytest.mark.skipif(shutil.which("swtpm") is None, reason="swtpm not installed")
-
-
-def _free_port_pair() -> int:
-    while True:
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-        if port < 65000:
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return int(port)
-
-
-class Swtpm:
-    def __init__(self, d: Path) -> None:
-        d.mkdir(parents=True, exist_ok=True)
-        for _ in range(5):  # a port taken between the probe and swtpm's bind: another pair
-            self.port = _free_port_pair()
-            self.proc = subprocess.Popen(
-                [
-                    "swtpm", "socket", "--tpm2",
-                    "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-                    "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
-                    "--tpmstate", f"dir={d}", "--flags", "not-need-init,startup-clear",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            self.tcti = f"swtpm:host=127.0.0.1,port={self.port}"
-            for _ in range(250):
-                if self.proc.poll() is not None:
-                    break
-                try:
-                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                    return
-                except OSError:
-                    time.sleep(0.02)
-            self.stop()
-        raise RuntimeError("swtpm did not start")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        self.proc.wait(10)
-
 
 @pytest.fixture
-def swtpm(tmp_path: Path) -> Iterator[Swtpm]:
-    t = Swtpm(tmp_path / "swtpm")
+def swtpm(tmp_path: Path) -> Iterator[SoftTpm]:
+    t = SoftTpm(tmp_path / "swtpm")
+    t.serve_tcp()
     yield t
     t.stop()
 
@@ -161,7 +114,7 @@ class TpmRig(Rig):
 
 
 @pytest.fixture
-def trig(tmp_path: Path, swtpm: Swtpm) -> Iterator[TpmRig]:
+def trig(tmp_path: Path, swtpm: SoftTpm) -> Iterator[TpmRig]:
     r = TpmRig(tmp_path / "dev", Lab(now=int(time.time())), swtpm.tcti)
     r.provision_tpm(image("1.0.0"))
     yield r
@@ -225,7 +178,7 @@ def test_counter_raised_before_record_survives_a_cut(trig: TpmRig) -> None:
     assert ei.value.code == ErrorCode.COUNTER_DECREASE
 
 
-def test_tpm_key_in_a_real_tls_handshake_and_csr(swtpm: Swtpm, tmp_path: Path) -> None:
+def test_tpm_key_in_a_real_tls_handshake_and_csr(swtpm: SoftTpm, tmp_path: Path) -> None:
     tpm = Tpm(swtpm.tcti)
     try:
         ensure_srk(tpm, b"")
@@ -271,7 +224,7 @@ def test_tpm_key_in_a_real_tls_handshake_and_csr(swtpm: Swtpm, tmp_path: Path) -
         tpm.close()
 
 
-def test_identity_key_cannot_be_exported(swtpm: Swtpm, tmp_path: Path) -> None:
+def test_identity_key_cannot_be_exported(swtpm: SoftTpm, tmp_path: Path) -> None:
     from tpm2_pytss import TSS2_Exception
     from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CC, TPM2_RC, TPM2_SE, TPMA_OBJECT
     from tpm2_pytss.types import TPM2B_DATA, TPMT_SYM_DEF, TPMT_SYM_DEF_OBJECT
@@ -318,7 +271,7 @@ def test_no_tpm_is_refused(tmp_path: Path) -> None:
     with pytest.raises(OtaError) as ei:
         Tpm(f"device:{tmp_path / 'tpmrm0'}")
     assert ei.value.code == ErrorCode.TPM
-    port = _free_port_pair()  # nothing listens there
+    port = free_port_pair()  # nothing listens there
     with pytest.raises(OtaError) as ei:
         Tpm(f"swtpm:host=127.0.0.1,port={port}")
     assert ei.value.code == ErrorCode.TPM
@@ -359,7 +312,7 @@ def test_lockout_is_refused(trig: TpmRig) -> None:
     assert ei.value.code == ErrorCode.TPM_LOCKOUT
 
 
-def test_unknown_owner_password_is_refused_at_provisioning(swtpm: Swtpm, tmp_path: Path) -> None:
+def test_unknown_owner_password_is_refused_at_provisioning(swtpm: SoftTpm, tmp_path: Path) -> None:
     tpm = Tpm(swtpm.tcti)
     tpm.take_ownership(b"factory-secret")
     tpm.close()
@@ -373,7 +326,7 @@ def test_unknown_owner_password_is_refused_at_provisioning(swtpm: Swtpm, tmp_pat
 
 
 @pytest.mark.parametrize("which", ["counter-not-a-counter", "anchor-not-locked"])
-def test_unexpected_nv_attributes_are_refused(swtpm: Swtpm, tmp_path: Path, which: str) -> None:
+def test_unexpected_nv_attributes_are_refused(swtpm: SoftTpm, tmp_path: Path, which: str) -> None:
     from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_NV
     from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
 
@@ -511,7 +464,7 @@ def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]
 
 
 def test_cli_provision_install_cert_and_status(
-    swtpm: Swtpm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    swtpm: SoftTpm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rig = TpmRig(tmp_path / "dev", Lab(now=int(time.time())), swtpm.tcti)
     tpm = Tpm(swtpm.tcti)
@@ -621,7 +574,7 @@ def test_counters_never_go_below_anything_ever_raised(
 
 # --- the real server: mTLS check-in and certificate renewal with TPM keys ---------------------
 def test_tpm_device_checks_in_and_renews_with_tpm_keys(
-    swtpm: Swtpm, hr: Harness, tmp_path: Path
+    swtpm: SoftTpm, hr: Harness, tmp_path: Path
 ) -> None:
     """Enrollment from the TPM's CSR, a check-in over mTLS with the TPM key against the real
     device listener, then a renewal whose new key is made in the TPM too."""

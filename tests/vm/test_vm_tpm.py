@@ -15,10 +15,8 @@ fails with E_SECURITY_COUNTER because the TPM counter did not go back.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from otaguard.device.linux.grubenv import decode_block
 from otaguard.device.linux.tpm import Tpm, TpmStore
 from otaguard.server.pki.enroll import enroll_device
 
+from ..swtpm import SoftTpm
 from . import build
 from .backend import (
     HW_REV,
@@ -44,94 +43,10 @@ from .backend import (
 from .machine import Machine
 from .test_vm_update import BOOT, MAX_TRIES, Rig
 
-pytestmark = [
-    pytest.mark.vm,
-    pytest.mark.skipif(shutil.which("swtpm") is None, reason="swtpm not installed"),
-]
+pytestmark = pytest.mark.vm
 
 
-def _free_port_pair() -> int:
-    while True:
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = int(a.getsockname()[1])
-        if port < 65000:
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-
-
-class SoftTpm:
-    """One swtpm process over a persistent state directory (the TPM's NV survives restarts,
-    as a chip's does across power cycles); stopped by its PID."""
-
-    def __init__(self, state: Path) -> None:
-        self.state = state
-        state.mkdir(parents=True, exist_ok=True)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.tcti = ""
-
-    def _start(self, argv: list[str]) -> None:
-        assert self.proc is None
-        self.proc = subprocess.Popen(
-            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state}", *argv],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    def serve_tcp(self) -> str:
-        """For the factory and for reading the counters on the host."""
-        for _ in range(5):  # a port taken between the probe and swtpm's bind: another pair
-            port = _free_port_pair()
-            self._start(
-                [
-                    "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
-                    "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
-                    "--flags", "not-need-init,startup-clear",
-                ]
-            )  # fmt: skip
-            assert self.proc is not None
-            for _ in range(250):
-                if self.proc.poll() is not None:
-                    break
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                except OSError:
-                    time.sleep(0.02)
-                    continue
-                self.tcti = f"swtpm:host=127.0.0.1,port={port}"
-                return self.tcti
-            self.stop()
-        raise RuntimeError("swtpm did not start")
-
-    def serve_qemu(self, sock: Path) -> tuple[str, ...]:
-        """For a VM: QEMU's TPM emulator backend on a unix socket; the firmware and kernel
-        drive the TPM from its power-on."""
-        sock.unlink(missing_ok=True)
-        self._start(["--ctrl", f"type=unixio,path={sock}", "--flags", "startup-clear"])
-        for _ in range(200):
-            if sock.exists():
-                break
-            time.sleep(0.02)
-        return (
-            "-chardev", f"socket,id=chrtpm,path={sock}",
-            "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
-            "-device", "tpm-tis,tpmdev=tpm0",
-        )  # fmt: skip
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-
+class VmTpm(SoftTpm):
     def counters(self) -> tuple[int, int]:
         """(security counter, key-list version) as the TPM counts them (the VM is off)."""
         tpm = Tpm(self.serve_tcp())
@@ -143,7 +58,7 @@ class SoftTpm:
 
 
 class TpmRig(Rig):
-    tpm: SoftTpm
+    tpm: VmTpm
 
     def start(self) -> Machine:
         assert self.vm is None or not self.vm.running
@@ -179,7 +94,7 @@ def _run(argv: list[str]) -> str:
     return proc.stdout
 
 
-def provision_tpm_disk(be: Backend, out: Path, factory: Release, tpm: SoftTpm) -> Path:
+def provision_tpm_disk(be: Backend, out: Path, factory: Release, tpm: VmTpm) -> Path:
     """The factory with a TPM: `agent provision` (TPM store) -> CSR -> enrollment ->
     `agent install-cert`, into a data-partition tree; then the disk."""
     work = out.parent / f"{out.name}.factory"
@@ -264,7 +179,7 @@ def images() -> dict[str, Path]:
 
 @pytest.fixture
 def rig(tmp_path: Path, images: dict[str, Path]) -> Iterator[TpmRig]:
-    tpm = SoftTpm(tmp_path / "tpm-state")
+    tpm = VmTpm(tmp_path / "tpm-state")
     with backend(tmp_path / "server") as be:
         factory = be.publish("1.0.0", images["1.0.0"], counter=1)
         disk = provision_tpm_disk(be, tmp_path / "disk.img", factory, tpm)
