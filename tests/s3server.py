@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import missing
+from tests.support import missing, stop_process
 
 # Dummy credentials, and nothing that could send boto3 anywhere but 127.0.0.1 (no shared
 # config files, no instance-metadata lookups).
@@ -72,12 +72,7 @@ class MotoServer:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
             self.proc = None
 
     def freeze(self) -> None:
