@@ -39,8 +39,6 @@ command -v gcc >/dev/null 2>&1                || need+=(gcc)
 [ -e /usr/include/python3.11/Python.h ]       || need+=(python3-dev)
 command -v swtpm >/dev/null 2>&1              || need+=(swtpm)
 command -v swtpm_setup >/dev/null 2>&1        || need+=(swtpm-tools)
-command -v tpm2_getcap >/dev/null 2>&1        || need+=(tpm2-tools)
-ls /usr/lib/x86_64-linux-gnu/ossl-modules/tpm2.so >/dev/null 2>&1 || need+=(tpm2-openssl)
 # U-Boot boot control (make test-vm) and its environment tools.
 [ -e /usr/lib/u-boot/qemu-x86/u-boot.rom ]    || need+=(u-boot-qemu)
 command -v fw_setenv >/dev/null 2>&1          || need+=(libubootenv-tool)
