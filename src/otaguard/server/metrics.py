@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ErrorCode, OtaError
 from .storage import models as m
+from .storage.admin_queries import rotation_targets
 from .storage.db import Database
 
 if TYPE_CHECKING:
@@ -175,14 +176,8 @@ def _keylist_families(conn: Any) -> Iterator[Metric]:
         func.count(),
         func.coalesce(func.sum(case((d.c.keylist_version >= rot.start_version, 1), else_=0)), 0),
         func.coalesce(func.sum(case((d.c.keylist_version >= target, 1), else_=0)), 0),
-    ).where(d.c.revoked.is_(False))
-    if rot.target_model:
-        q2 = q2.where(d.c.model == rot.target_model)
-    if rot.target_hw_rev:
-        q2 = q2.where(d.c.hw_rev == rot.target_hw_rev)
-    if rot.target_group:
-        g = m.device_groups
-        q2 = q2.where(d.c.id.in_(select(g.c.device_id).where(g.c.name == rot.target_group)))
+    )
+    q2 = rotation_targets(q2, rot)
     total, on_new, on_target = conn.execute(q2).one()
     labels = ["rotation", "state"]
     key = [str(rot.id), rot.state]

@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select
+from sqlalchemy import Connection, Select, delete, func, insert, select
 
 from ...errors import ErrorCode, ServerError
 from . import models as m
@@ -19,6 +19,22 @@ from . import models as m
 MAX_PAGE = 1000
 MAX_GROUPS_PER_DEVICE = 64
 GROUP_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
+
+
+def rotation_targets(q: Select[Any], rot: Any) -> Select[Any]:
+    """``q`` over ``devices`` narrowed to a key rotation's selection (model, hardware
+    revision, group; revoked devices left out): the one definition the rotation's progress,
+    the dashboard and /metrics count against."""
+    d = m.devices
+    q = q.where(d.c.revoked.is_(False))
+    if rot.target_model:
+        q = q.where(d.c.model == rot.target_model)
+    if rot.target_hw_rev:
+        q = q.where(d.c.hw_rev == rot.target_hw_rev)
+    if rot.target_group:
+        g = m.device_groups
+        q = q.where(d.c.id.in_(select(g.c.device_id).where(g.c.name == rot.target_group)))
+    return q
 
 
 def list_devices(
