@@ -38,6 +38,7 @@ from ...trust.store import TrustStore
 from ...wire import decimal, loads_json
 from ..storage import models as m
 from ..storage import store
+from ..storage.admin_queries import rotation_targets
 from .auth import require_role
 
 if TYPE_CHECKING:
@@ -135,24 +136,22 @@ def check_release_signers(conn: Connection, signers_json: str) -> None:
         )
 
 
-def _targeted(conn: Connection, rot: Row[Any]) -> list[Row[Any]]:
+def targeted(conn: Connection, rot: Row[Any]) -> list[Row[Any]]:
+    """The rotation's devices (its own selection, revoked ones left out), by serial."""
     d = m.devices
-    q = select(
-        d.c.serial, d.c.keylist_version, d.c.last_seen, d.c.last_error, d.c.current_version
-    ).where(d.c.revoked.is_(False))
-    if rot.target_model:
-        q = q.where(d.c.model == rot.target_model)
-    if rot.target_hw_rev:
-        q = q.where(d.c.hw_rev == rot.target_hw_rev)
-    if rot.target_group:
-        g = m.device_groups
-        q = q.where(d.c.id.in_(select(g.c.device_id).where(g.c.name == rot.target_group)))
+    q = rotation_targets(
+        select(d.c.serial, d.c.keylist_version, d.c.last_seen, d.c.last_error, d.c.current_version),
+        rot,
+    )
     rows: list[Row[Any]] = list(conn.execute(q.order_by(d.c.serial)))
     return rows
 
 
-def fleet_progress(conn: Connection, rot: Row[Any], now: int) -> dict[str, Any]:
-    devices = _targeted(conn, rot)
+def fleet_progress(
+    conn: Connection, rot: Row[Any], now: int, devices: list[Row[Any]] | None = None
+) -> dict[str, Any]:
+    """``devices``: :func:`targeted` when the caller already read it (one scan per page)."""
+    devices = targeted(conn, rot) if devices is None else devices
     on_new = [r for r in devices if (r.keylist_version or 0) >= rot.start_version]
     on_final = (
         [r for r in devices if (r.keylist_version or 0) >= rot.final_version]
@@ -215,7 +214,13 @@ def key_expiry(srv: ServerContext, now: int, warn_days: int) -> list[dict[str, A
     return out
 
 
-def rotation_view(srv: ServerContext, conn: Connection, rot: Row[Any], warn_days: int) -> Any:
+def rotation_view(
+    srv: ServerContext,
+    conn: Connection,
+    rot: Row[Any],
+    warn_days: int,
+    devices: list[Row[Any]] | None = None,
+) -> Any:
     now = store.now_s()
     events = conn.execute(
         select(m.rotation_events)
@@ -240,7 +245,7 @@ def rotation_view(srv: ServerContext, conn: Connection, rot: Row[Any], warn_days
         "started_at": rot.started_at,
         "advanced_at": rot.advanced_at,
         "finished_at": rot.finished_at,
-        **fleet_progress(conn, rot, now),
+        **fleet_progress(conn, rot, now, devices),
         "history": [
             {
                 "at": e.at,

@@ -4,12 +4,12 @@ over time). Decisions and writes go through the admin API's own service function
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import Connection, func, select
 
 from ...rollout.model import Campaign
-from ..admin_api.rotation import _targeted
 from ..storage import models as m
 
 MAX_HISTORY = 50
@@ -102,11 +102,11 @@ def campaign_finishes(conn: Connection, name: str) -> list[tuple[int, str]]:
     return [(int(r.updated_at), str(r.state)) for r in rows]
 
 
-def keylist_spread(conn: Connection, rot: Any) -> dict[int, int]:
-    """A rotation's targeted devices (the rotation's own selection) per key-list version
-    (0: never reported one)."""
+def keylist_spread(devices: Iterable[Any]) -> dict[int, int]:
+    """A rotation's targeted devices (:func:`targeted`) per key-list version (0: never
+    reported one)."""
     out: dict[int, int] = {}
-    for r in _targeted(conn, rot):
+    for r in devices:
         v = int(r.keylist_version or 0)
         out[v] = out.get(v, 0) + 1
     return dict(sorted(out.items()))

@@ -30,7 +30,13 @@ from ...trust.store import TrustStore
 from ...wire import decimal
 from ..admin_api.auth import PERMISSIONS, check_role
 from ..admin_api.campaigns import ACTIONS, check_reason
-from ..admin_api.rotation import DEFAULT_WARN_DAYS, current_rotation, release_key, rotation_view
+from ..admin_api.rotation import (
+    DEFAULT_WARN_DAYS,
+    current_rotation,
+    release_key,
+    rotation_view,
+    targeted,
+)
 from ..storage import admin_queries as q
 from ..storage import store
 from . import charts
@@ -330,8 +336,9 @@ class Dashboard:
             rot = current_rotation(conn)
             if rot is None:
                 return {"rot": None}
-            view = rotation_view(self.srv, conn, rot, DEFAULT_WARN_DAYS)
-            spread = dq.keylist_spread(conn, rot)
+            devices = targeted(conn, rot)  # read once: the view's progress and the spread
+            view = rotation_view(self.srv, conn, rot, DEFAULT_WARN_DAYS, devices)
+            spread = dq.keylist_spread(devices)
         now = store.now_s()
         with self._lock:
             samples = self._spread.setdefault(rot.id, [])
