@@ -837,23 +837,29 @@ def main() -> int:
                     print("  " + " | ".join(rows[-1]), flush=True)
                 if dbname == "sqlite" and not args.no_download:
                     dl_rows = image_bench(tmp, pki, base, url, args.image_mib, args.workers)
+    print_table(
+        ["database", "scenario", "check-ins/s", "p50 ms", "p99 ms", "errors", "server cores",
+         "client cores", "other cores", "server CPU µs/check-in"],
+        rows,
+        text_columns=2,
+    )  # fmt: skip
+    if dl_rows:
+        print_table(
+            [f"{args.image_mib} MiB image over mTLS", "MB/s (median of 3)", "server cores",
+             "vs nginx"],
+            dl_rows,
+        )  # fmt: skip
+    return 0
+
+
+def print_table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> None:
+    """A Markdown table (as docs/benchmarks.md shows it): the first ``text_columns`` columns
+    left-aligned, the numbers right-aligned."""
     print()
-    print(
-        "| database | scenario | check-ins/s | p50 ms | p99 ms | errors | server cores "
-        "| client cores | other cores | server CPU µs/check-in |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" if i < text_columns else "---:" for i in range(len(header))) + "|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    if dl_rows:
-        print()
-        print(
-            f"| {args.image_mib} MiB image over mTLS | MB/s (median of 3) | server cores | vs nginx |"
-        )
-        print("|---|---:|---:|---:|")
-        for row in dl_rows:
-            print("| " + " | ".join(row) + " |")
-    return 0
 
 
 def image_bench(
@@ -1132,23 +1138,18 @@ def cluster_main(args: Any) -> int:
                         str(bucket_pages),
                     ]
                 )
-    print()
-    print(
-        "| configuration | check-ins/s | p50 ms | p99 ms | errors | server cores | client cores "
-        "| other cores | server CPU µs/check-in | PostgreSQL CPU µs/check-in |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(
+        ["configuration", "check-ins/s", "p50 ms", "p99 ms", "errors", "server cores",
+         "client cores", "other cores", "server CPU µs/check-in", "PostgreSQL CPU µs/check-in"],
+        rows,
+    )  # fmt: skip
     if scale:
-        print()
-        print(
-            "| registered devices | check-ins/s | server µs/check-in | PostgreSQL µs/check-in "
-            "| pages per device lookup | pages per bucket lookup |"
-        )
-        print("|---:|---:|---:|---:|---:|---:|")
-        for row in scale:
-            print("| " + " | ".join(row) + " |")
+        print_table(
+            ["registered devices", "check-ins/s", "server µs/check-in", "PostgreSQL µs/check-in",
+             "pages per device lookup", "pages per bucket lookup"],
+            scale,
+            text_columns=0,
+        )  # fmt: skip
         first, last = float(scale[0][2].replace(",", "")), float(scale[-1][2].replace(",", ""))
         print(f"\nserver CPU per check-in, largest / smallest registry: {last / first:.2f}x")
     return 0
