@@ -75,10 +75,14 @@ class DeviceApi(DeviceGate):
         if self.campaigns.tick_due():  # refresh cached campaigns, timed phase advances
             await self._db(self.campaigns.tick)
 
-        def work(conn: Connection, dev: Record, dry: bool) -> dict[str, Any] | None:
-            # dry: inside a read-only transaction, returns None as soon as a write is needed
-            # (the caller then repeats this in a write transaction). Any write added here
-            # must be preceded by ``if dry: return None``.
+        def work(
+            conn: Connection, dev: Record, snap: store.CheckinSnapshot | None
+        ) -> dict[str, Any] | None:
+            # snap (the read-only fast path): the device's snapshot, read in one statement;
+            # returns None as soon as a write is needed (the caller then repeats this in a
+            # write transaction, snap None, reading afresh after its writes). Any write added
+            # here must be preceded by ``if dry: return None``.
+            dry = snap is not None
             if store.checkin_changes(dev, facts, lastseen_interval=self.settings.lastseen_interval):
                 if dry:
                     return None
@@ -89,7 +93,10 @@ class DeviceApi(DeviceGate):
             plan = self.campaigns.checkin(conn, dev, facts, dry=dry)
             if plan is None:
                 return None
-            rel = None if plan is Plan.HOLD else store.pending_update(conn, dev.id)
+            if plan is Plan.HOLD:
+                rel = None
+            else:  # nothing was written on the fast path: its snapshot is still current
+                rel = snap.pending if snap is not None else store.pending_update(conn, dev.id)
             update: dict[str, Any] | None = None
             if rel is not None:
                 if rel.version == facts.get("current_version") and (
@@ -112,19 +119,23 @@ class DeviceApi(DeviceGate):
                         delta = store.delta_ref(conn, rel.id, facts.get("running_digest"))
                         if delta is not None:
                             update["delta"] = delta
-            kl = store.latest_keylist(conn)
+            if snap is not None:
+                keylist_version = snap.keylist_version
+            else:
+                kl = store.latest_keylist(conn)
+                keylist_version = kl.version if kl is not None else None
             return {
                 "update": update,
-                "keylist_version": kl.version if kl is not None else None,
+                "keylist_version": keylist_version,
                 "poll_interval": self.settings.poll_interval,
             }
 
         # Most check-ins of an idle fleet change nothing: answer those from a read-only
         # transaction (no writer lock, no commit); anything else takes the full write path.
-        result = await self._read_only(ident, partial(work, dry=True))
+        result = await self._read_only(ident, lambda conn, snap: work(conn, snap.device, snap))
         if result is None:
             result = await self._db(
-                self._device_work, ident, request, partial(work, dry=False), write=True
+                self._device_work, ident, request, partial(work, snap=None), write=True
             )
         assert result is not None
         self.metrics.checkins.inc()

@@ -242,25 +242,30 @@ class DeviceGate(ServerContext):
             self._probe(device_id, ip, refusal.code.value, request.url.path, refusal.detail)
         raise refusal
 
-    def _device_read(self, ident: Identity, fn: Callable[[Connection, Record], T]) -> T | None:
+    def _device_read(
+        self, ident: Identity, fn: Callable[[Connection, store.CheckinSnapshot], T | None]
+    ) -> T | None:
         """Read-only fast path: ``fn``'s result for a valid device, or None when the request
-        must take the full path (``_device_work``: refusals are recorded there)."""
+        must take the full path (``_device_work``: refusals are recorded there). The device
+        row comes with what a check-in reads, in one statement (``store.checkin_snapshot``)."""
         with self.db.read(snapshot=False) as conn:
-            dev = store.device_by_serial(conn, ident.serial)
+            snap = store.checkin_snapshot(conn, ident.serial)
+            if snap is None:
+                return None
+            dev = snap.device
             if (
-                dev is None
-                or dev.revoked
+                dev.revoked
                 or dev.cert_fingerprint != ident.fingerprint
                 or dev.cert_not_after <= store.now_s()
             ):
                 return None
-            return fn(conn, dev)
+            return fn(conn, snap)
 
     async def _read_only(
-        self, ident: Identity, fn: Callable[[Connection, Record], T | None]
+        self, ident: Identity, fn: Callable[[Connection, store.CheckinSnapshot], T | None]
     ) -> T | None:
-        # Inline on the event loop, no thread hop: a few indexed reads (SQLite file, or a
-        # PostgreSQL on this host) cost less than handing the request to a worker thread and
+        # Inline on the event loop, no thread hop: one indexed read (SQLite file, or a
+        # PostgreSQL on this host) costs less than handing the request to a worker thread and
         # back (measured: bench/server.py). A distant database would argue for the threadpool.
         return self._device_read(ident, fn)
 

@@ -10,10 +10,12 @@ import hashlib
 import json
 import logging
 import secrets
+from collections import namedtuple
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ...clock import SYSTEM_CLOCK, Clock
@@ -186,12 +188,13 @@ def checkin_changes(
     return dict(changed, last_seen=t)
 
 
+_OPEN_STATES = ("assigned", "offered", "installing")  # an assignment still to be carried out
 _PENDING_UPDATE = Prepared(
     select(m.releases, m.assignments.c.state.label("assignment_state"))
     .select_from(m.assignments.join(m.releases, m.assignments.c.release_id == m.releases.c.id))
     .where(
         m.assignments.c.device_id == bindparam("device_id"),
-        in_consts(m.assignments.c.state, ("assigned", "offered", "installing")),
+        in_consts(m.assignments.c.state, _OPEN_STATES),
     )
 )
 
@@ -199,6 +202,58 @@ _PENDING_UPDATE = Prepared(
 def pending_update(conn: Connection, device_id: int) -> Record | None:
     """The release assigned to this device (joined), if its assignment is still open."""
     return _PENDING_UPDATE.execute(conn, {"device_id": device_id}).first()
+
+
+# --- a re-poll check-in in one statement -------------------------------------------------------
+# What a check-in that changes nothing reads: the device row, its open assignment's release (the
+# columns of ``pending_update``) and the newest key-list version. As three statements that is
+# three round trips on PostgreSQL, and the event loop waits through each of them; as one it is
+# one (docs/benchmarks.md, "What a check-in costs on PostgreSQL").
+_PENDING_COLS = list(_PENDING_UPDATE.stmt.exported_columns)  # type: ignore[attr-defined]
+_row_type: Any = namedtuple  # field names known at import time only
+_DeviceRow: Any = _row_type("Record", [c.key for c in m.devices.c])
+_PendingRow: Any = _row_type("Record", [c.key for c in _PENDING_COLS])
+_N_DEV, _N_PENDING = len(_DeviceRow._fields), len(_PendingRow._fields)
+_CHECKIN_SNAPSHOT = Prepared(
+    select(
+        *m.devices.c,
+        *(c.label(f"p_{c.key}") for c in _PENDING_COLS),
+        select(func.max(m.keylists.c.version)).scalar_subquery().label("newest_keylist"),
+    )
+    .select_from(
+        m.devices.outerjoin(
+            m.assignments.join(m.releases, m.assignments.c.release_id == m.releases.c.id),
+            and_(
+                m.assignments.c.device_id == m.devices.c.id,
+                in_consts(m.assignments.c.state, _OPEN_STATES),
+            ),
+        )
+    )
+    .where(m.devices.c.serial == bindparam("serial"))
+)
+
+
+@dataclass(frozen=True)
+class CheckinSnapshot:
+    """One statement's view of a device: its row, ``pending_update`` for it, and the newest
+    key-list version (None: no key list published)."""
+
+    device: Record
+    pending: Record | None
+    keylist_version: int | None
+
+
+def checkin_snapshot(conn: Connection, serial: str) -> CheckinSnapshot | None:
+    """The device ``serial`` with what a check-in reads, in one round trip; None: unknown."""
+    row: Any = _CHECKIN_SNAPSHOT.execute(conn, {"serial": serial}).first()
+    if row is None:
+        return None
+    pending = _PendingRow._make(row[_N_DEV : _N_DEV + _N_PENDING])
+    return CheckinSnapshot(
+        device=_DeviceRow._make(row[:_N_DEV]),
+        pending=pending if pending.id is not None else None,
+        keylist_version=row[_N_DEV + _N_PENDING],
+    )
 
 
 _UPDATE_ASSIGNMENT = Prepared(
