@@ -9,7 +9,7 @@ import shutil
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from otaguard.server.config import _FIELDS, load_server_config, parse_server_con
 from otaguard.server.context import TrustState
 from otaguard.server.metrics import parse_samples
 from otaguard.server.pki.ca import FleetCA
-from otaguard.server.runtime import RunOptions
+from otaguard.server.runtime import NodeLayout, RunOptions
 from otaguard.server.storage import models, store
 from otaguard.server.storage.db import sqlite_url
 from otaguard.trust.model import StaticKeys
@@ -97,6 +97,7 @@ _VALID: dict[str, st.SearchStrategy[Any]] = {
     "admin_port": st.integers(0, 65535),
     "device_burst": st.integers(1, 10**9),
     "ip_burst": st.integers(1, 10**9),
+    "workers": st.integers(1, 64),
     "body_min_rate": st.integers(1, 1 << 40),
     "device_rate": st.floats(1e-6, 1e9),
     "ip_rate": st.floats(1e-6, 1e9),
@@ -139,7 +140,13 @@ def test_config_parser_answers_with_values_or_e_config(
 
 def _captured_options(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> RunOptions:
     seen: list[RunOptions] = []
-    monkeypatch.setattr("otaguard.server.runtime.run", seen.append)
+
+    def run_node(load: Callable[[], RunOptions], layout: NodeLayout) -> None:
+        opts = load()
+        assert layout == NodeLayout.of(opts)  # listens where the options say
+        seen.append(opts)
+
+    monkeypatch.setattr("otaguard.server.runtime.run_node", run_node)
     assert cli_main(["server", "run", *argv]) == 0
     return seen[0]
 

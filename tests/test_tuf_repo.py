@@ -33,7 +33,7 @@ from otaguard.crypto.cose import Signer
 from otaguard.crypto.keys import PublicKey
 from otaguard.crypto.pkcs11 import Pkcs11Signer, generate_keypair
 from otaguard.crypto.software import SoftwareSigner
-from otaguard.errors import ErrorCode, OtaError, PolicyError
+from otaguard.errors import ErrorCode, OtaError, PolicyError, ServerError
 from otaguard.server.pki.ca import FleetCA
 from otaguard.server.storage import store
 from otaguard.server.storage.db import sqlite_url
@@ -730,3 +730,36 @@ def test_cli_publishes_through_the_admin_api(
     assert main(["tuf", "publish-targets", str(targets), *common]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("otaguard: error E_FORBIDDEN")
+
+
+def test_processes_sharing_the_directory_see_each_others_writes(world: World) -> None:
+    """The processes of one node (``server run --workers``) each hold a repository object on
+    the same directory: what one publishes or re-signs, the others serve, and a timestamp
+    due for re-signing is re-signed once, not once per process."""
+    w = world
+    other = TufRepository(w.repo.dir, clock=w.clock)  # a worker, started before the upload
+    w.publish(w.targets_1, "1.0.0", b"\x5a" * 64)  # through the first process
+    image = hashlib.sha256(b"\x5a" * 64).hexdigest()
+    served = w.repo.timestamp_bytes()
+    assert other.timestamp_bytes() == served
+    assert other.target_blob(_target_path(image)) == image
+    first = Metadata.from_bytes(served).signed.version
+    w.clock.t += DAY // 2 + 60  # due for re-signing: the worker is asked first
+    resigned = other.timestamp_bytes()
+    assert Metadata.from_bytes(resigned).signed.version == first + 1
+    assert w.repo.timestamp_bytes() == resigned  # the first process serves it, not its own
+    assert other.timestamp_bytes() == resigned
+    # A new targets version published by the first process replaces what the worker serves.
+    w.counter += 1
+    w.publish(w.targets_1, "1.1.0", b"\x5b" * 64)
+    newer = hashlib.sha256(b"\x5b" * 64).hexdigest()
+    assert other.target_blob(_target_path(newer)) == newer
+    with pytest.raises(ServerError):
+        other.target_blob(_target_path(image))
+    assert other.timestamp_bytes() == w.repo.timestamp_bytes()
+
+
+def _target_path(digest: str) -> str:
+    """A consistent-snapshot target path: ``dir/<sha256>.<name>``."""
+    head, _, name = TARGET.rpartition("/")
+    return f"{head}/{digest}.{name}"

@@ -151,21 +151,38 @@ def server() -> None:
 )
 @click.option("--s3-region", help="S3 blob store: the region.")
 @click.option("--s3-prefix", help="S3 blob store: key prefix inside the bucket.")
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Processes serving the device listener (above 1 needs PostgreSQL); e.g. the "
+    "number of cores. The admin listener stays in the first.",
+)
 @click.pass_context
 def run(ctx: click.Context, /, config_file: Path | None, **flags: object) -> None:
     """Migrate the database and serve until interrupted."""
-    from ..server.runtime import run as run_server
+    from ..server.runtime import NodeLayout, run_node
 
-    run_server(run_options(ctx, config_file, flags))
+    values = run_values(ctx, config_file, flags)
+    layout = NodeLayout(
+        host=values["host"],
+        port=values["port"],
+        admin_host=values["admin_host"],
+        admin_port=values["admin_port"],
+        workers=values["workers"],
+        db_url=values.get("db_url"),
+    )
+    # Keys are opened in each process of the node, after its workers are forked.
+    run_node(lambda: run_options(values), layout)
 
 
-def run_options(
+def run_values(
     ctx: click.Context, config_file: Path | None, flags: dict[str, object]
-) -> RunOptions:
+) -> dict[str, Any]:
     """The file's values, overridden by every flag given on the command line or through its
     environment variable; click's defaults fill in what neither gives."""
     from ..server.config import load_server_config
-    from ..server.runtime import RunOptions
 
     values = load_server_config(config_file) if config_file is not None else {}
     for name, value in flags.items():
@@ -173,6 +190,14 @@ def run_options(
         given = source not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
         if given or name not in values:
             values[name] = list(value) if isinstance(value, tuple) else value
+    return values
+
+
+def run_options(values: dict[str, Any]) -> RunOptions:
+    """The options with their keys opened (PINs and passphrases from the environment)."""
+    from ..server.runtime import RunOptions
+
+    values = dict(values)
     if values.get("ca_cert") is None:
         raise UsageError(ErrorCode.USAGE, "--ca-cert (or tls.ca_cert in --config) is required")
     keys = {k: values.pop(k, None) for k in _KEY_OPTIONS}

@@ -40,6 +40,7 @@ _FIELDS: dict[tuple[str, str], str] = {
     ("device", "proxy_only"): "proxy_only",
     ("device", "rate"): "device_rate",
     ("device", "burst"): "device_burst",
+    ("device", "workers"): "workers",
     ("admin", "host"): "admin_host",
     ("admin", "port"): "admin_port",
     ("limits", "ip_rate"): "ip_rate",
@@ -159,6 +160,8 @@ def _value(field: str, name: str, v: Any, base: Path) -> Any:
         return _integer(name, v, 0, 65535)
     if field in _COUNTS:
         return _integer(name, v, 1, 10**9)
+    if field == "workers":
+        return _integer(name, v, 1, 64)
     if field in _TUF:
         return _integer(name, v, 1, _TUF[field])
     if field == "body_min_rate":

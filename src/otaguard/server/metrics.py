@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -32,6 +32,7 @@ from ..errors import ErrorCode, OtaError
 from .storage import models as m
 from .storage.admin_queries import rotation_targets
 from .storage.db import Database
+from .workers import PeerMetrics
 
 if TYPE_CHECKING:
     pass
@@ -89,6 +90,18 @@ class ServerMetrics:
             ["listener", "method", "route"],
             registry=r,
         )
+        # This process's own counters (what a device worker sends to the first process).
+        self.own = [
+            self.checkins,
+            self.reports,
+            self.refusals,
+            self.probes,
+            self.auth_failures,
+            self.deadlines,
+            self.latency,
+        ]
+        # Set in the first process of a node with several workers (server/workers.py).
+        self.peers: PeerMetrics | None = None
         r.register(_FleetCollector(db))
 
     def on_report(self, state: str) -> None:
@@ -98,10 +111,23 @@ class ServerMetrics:
         self.probes.labels(kind if kind in _PROBE_KINDS or kind in _CODES else "other").inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.peers is None:
+            return generate_latest(self.registry)
+        peers = self.peers
+        return generate_latest(_Families(lambda: peers.merged(self.registry.collect())))
 
 
 _PROBE_KINDS = frozenset({"rate_limit", "forged_header", "not_offered"})
+
+
+class _Families:
+    """What ``generate_latest`` renders: anything with ``collect()``."""
+
+    def __init__(self, families: Callable[[], Iterable[Metric]]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families()
 
 
 class _FleetCollector(Collector):

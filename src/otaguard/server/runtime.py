@@ -11,14 +11,19 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import uvicorn
+from sqlalchemy.engine import make_url
 
 from ..crypto.cose import Signer
 from ..crypto.keys import PublicKey
-from ..errors import ErrorCode, OtaError, UsageError
+from ..errors import ErrorCode, OtaError, ServerError, UsageError
 from ..fsutil import private_file, read_limited
 from ..trust.model import KeyResolver, StaticKeys
 from .app import UpdateServer
@@ -35,6 +40,16 @@ from .storage.blob_settings import STORAGE_KEYS, storage_value
 from .storage.blobs import BlobStore, LocalBlobStore
 from .storage.db import Database, sqlite_url
 from .trustsync import TrustSync
+from .workers import (
+    DeviceWorker,
+    PeerMetrics,
+    collect_only,
+    fork_device_workers,
+    publish,
+    reap,
+    release,
+    stop,
+)
 
 log = logging.getLogger("otaguard.server")
 
@@ -50,6 +65,7 @@ class RunOptions:
     port: int = 8443
     admin_host: str = "127.0.0.1"
     admin_port: int = 8444
+    workers: int = 1  # processes serving the device listener (server/workers.py)
     trust_bundle: Path | None = None
     trusted_keys: list[Path] = field(default_factory=list)
     trusted_proxies: list[str] = field(default_factory=list)
@@ -238,9 +254,27 @@ def listener_deadlines(opts: RunOptions, srv: UpdateServer, listener: str) -> De
     )
 
 
-def run(opts: RunOptions) -> None:
-    """Serve the device API (mTLS) and the admin API (server TLS + tokens) until signalled."""
-    srv = build_server(opts)
+@dataclass(frozen=True)
+class NodeLayout:
+    """Where a node listens and how many processes serve its device listener: known before
+    any key is loaded (the workers are forked before that, see :mod:`.workers`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8443
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8444
+    workers: int = 1
+    db_url: str | None = None
+
+    @classmethod
+    def of(cls, opts: RunOptions) -> NodeLayout:
+        return cls(
+            opts.host, opts.port, opts.admin_host, opts.admin_port, opts.workers, opts.db_url
+        )
+
+
+def _contexts(opts: RunOptions) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """The device and admin listeners' TLS contexts (None: plain HTTP)."""
     if (opts.tls_cert is None or opts.tls_key is None) and not opts.proxy_only:
         raise UsageError(ErrorCode.USAGE, "--tls-cert and --tls-key are required")
     if opts.proxy_only:
@@ -253,27 +287,109 @@ def run(opts: RunOptions) -> None:
     adm_ctx = None
     if opts.tls_cert is not None and opts.tls_key is not None:
         adm_ctx = server_ssl_context(opts.tls_cert, opts.tls_key, None, require_client_cert=False)
-    dev_sock = bind_socket(opts.host, opts.port)
-    adm_sock = bind_socket(opts.admin_host, opts.admin_port)
-    dev_dl, adm_dl = (listener_deadlines(opts, srv, part) for part in ("device", "admin"))
-    dev = uvicorn.Server(uvicorn_config(srv.asgi("device"), dev_ctx, deadlines=dev_dl))
-    adm = uvicorn.Server(uvicorn_config(srv.asgi("admin"), adm_ctx, deadlines=adm_dl))
-    dport, aport = dev_sock.getsockname()[1], adm_sock.getsockname()[1]
-    log.warning(
-        "otaguard server: devices on %s:%d, admin on %s:%d",
-        opts.host,
-        dport,
-        opts.admin_host,
-        aport,
+    return dev_ctx, adm_ctx
+
+
+def run(opts: RunOptions) -> None:
+    """Serve the device API (mTLS) and the admin API (server TLS + tokens) until signalled.
+    With ``opts.workers`` above 1 the workers inherit the keys ``opts`` holds open: keys in
+    an HSM need :func:`run_node`, which opens them in each process (as the CLI does)."""
+    run_node(lambda: opts, NodeLayout.of(opts))
+
+
+def run_node(load: Callable[[], RunOptions], layout: NodeLayout) -> None:
+    """:func:`run` with ``layout.workers`` processes on the device listener; ``load`` builds
+    the options (opening keys) in each process, after the workers are forked."""
+    if layout.workers > 1:
+        dialect = make_url(layout.db_url).get_backend_name() if layout.db_url else "sqlite"
+        if dialect != "postgresql":
+            raise UsageError(
+                ErrorCode.USAGE,
+                "--workers above 1 needs PostgreSQL (--db): the processes share per-device "
+                "limits there, as the nodes of a cluster do",
+            )
+    dev_sock = bind_socket(layout.host, layout.port)
+    adm_sock = bind_socket(layout.admin_host, layout.admin_port)
+    children = fork_device_workers(
+        layout.workers - 1,
+        lambda _index, sender: _serve_device_worker(load, dev_sock, adm_sock, sender),
     )
-    print(f"listening device={opts.host}:{dport} admin={opts.admin_host}:{aport}", flush=True)
+    srv: UpdateServer | None = None
+    try:
+        opts = load()
+        srv = build_server(opts)
+        dev_ctx, adm_ctx = _contexts(opts)
+        dev_dl, adm_dl = (listener_deadlines(opts, srv, part) for part in ("device", "admin"))
+        dev = uvicorn.Server(uvicorn_config(srv.asgi("device"), dev_ctx, deadlines=dev_dl))
+        adm = uvicorn.Server(uvicorn_config(srv.asgi("admin"), adm_ctx, deadlines=adm_dl))
+        if children:
+            srv.metrics.peers = PeerMetrics()
+            srv.metrics.peers.follow(children)
+            release(children)
+        dport, aport = dev_sock.getsockname()[1], adm_sock.getsockname()[1]
+        log.warning(
+            "otaguard server: devices on %s:%d (%d process%s), admin on %s:%d",
+            layout.host,
+            dport,
+            layout.workers,
+            "es" if layout.workers > 1 else "",
+            layout.admin_host,
+            aport,
+        )
+        print(
+            f"listening device={layout.host}:{dport} admin={layout.admin_host}:{aport}",
+            flush=True,
+        )
+        failed: list[DeviceWorker] = []
+
+        async def supervise() -> None:
+            while not (dev.should_exit or adm.should_exit):
+                await asyncio.sleep(0.2)
+                gone = reap(children)
+                if gone is not None:
+                    failed.append(gone)
+                    dev.should_exit = adm.should_exit = True
+
+        async def main() -> None:
+            await asyncio.gather(
+                dev.serve(sockets=[dev_sock]), adm.serve(sockets=[adm_sock]), supervise()
+            )
+
+        run_loop(main())
+        if failed:
+            raise ServerError(
+                ErrorCode.INTERNAL,
+                f"device worker {failed[0].index} exited with status {failed[0].exit_status}:"
+                " this node stopped",
+                500,
+            )
+    finally:
+        stop(children)
+        if srv is not None:
+            from .admin_api.rotation import close_audit_log
+
+            close_audit_log(srv)
+
+
+def _serve_device_worker(
+    load: Callable[[], RunOptions],
+    dev_sock: socket.socket,
+    adm_sock: socket.socket,
+    sender: Connection,
+) -> None:
+    """A forked worker: the device listener only, its counters sent to the first process."""
+    adm_sock.close()
+    opts = load()
+    srv = build_server(opts)
+    dev_ctx, _ = _contexts(opts)
+    dl = listener_deadlines(opts, srv, "device")
+    dev = uvicorn.Server(uvicorn_config(srv.asgi("device"), dev_ctx, deadlines=dl))
 
     async def main() -> None:
-        await asyncio.gather(dev.serve(sockets=[dev_sock]), adm.serve(sockets=[adm_sock]))
+        task = asyncio.create_task(publish(collect_only(srv.metrics.own), sender))
+        try:
+            await dev.serve(sockets=[dev_sock])
+        finally:
+            task.cancel()
 
-    try:
-        run_loop(main())
-    finally:
-        from .admin_api.rotation import close_audit_log
-
-        close_audit_log(srv)
+    run_loop(main())

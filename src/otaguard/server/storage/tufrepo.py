@@ -12,15 +12,18 @@ owner-only; not used when the two keys are given as PKCS#11 signers),
 ``metadata/N.root.json`` (every version: clients walk the chain),
 ``metadata/N.targets.json``, ``metadata/N.snapshot.json`` (consistent snapshots) and
 ``metadata/timestamp.json``. Every file is written atomically, timestamp last, so a client
-never sees a timestamp naming a snapshot that is not there yet. One process writes (the lock
-below); the timestamp is re-signed lazily when a client asks and less than half of its
-lifetime is left.
+never sees a timestamp naming a snapshot that is not there yet. The timestamp is re-signed
+lazily when a client asks and less than half of its lifetime is left.
+
+The processes of one node (``server run --workers``) share the directory: one writes at a
+time (``lock``, threads then processes, as SQLite's writers), and each re-reads the files
+when ``generation`` (a counter every write moves, under the lock) says another has changed
+them, so no process re-signs from, or serves, a state another has replaced.
 """
 
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +41,7 @@ from ...fsutil import atomic_write, private_file, read_limited
 from ...tufrepo import metadata as tm
 from ...tufrepo.signer import TufSigner, tuf_key
 from . import store
+from .db import WriterLock
 
 DAY = 86400
 ONLINE_ROLES = ("snapshot", "timestamp")
@@ -84,7 +88,9 @@ class TufRepository:
         self.meta.mkdir(parents=True, exist_ok=True)
         self.settings = settings or TufSettings()
         self._clock = clock
-        self._lock = threading.Lock()
+        # Threads of this process, then the processes sharing this directory.
+        self._lock = WriterLock(self.dir / "lock")
+        self._generation = -1  # of the files last read
         self._public: dict[str, PublicKey] = {}
         self._signers: dict[str, SslibSigner] = {}
         if online is not None:
@@ -107,7 +113,26 @@ class TufRepository:
         self.timestamp: Metadata[Timestamp] | None = None
         self._timestamp_bytes = b""
         self._stale = False
-        self._load()
+        with self._lock:
+            self._sync()
+
+    def _disk_generation(self) -> int:
+        try:
+            return int((self.dir / "generation").read_text() or 0)
+        except FileNotFoundError:
+            return 0
+
+    def _sync(self) -> None:
+        """Re-read the files if another process has changed them (call under the lock)."""
+        gen = self._disk_generation()
+        if gen != self._generation:
+            self._load()
+            self._generation = gen
+
+    def _wrote(self) -> None:
+        """After a write (under the lock): tell the other processes to re-read."""
+        self._generation = self._disk_generation() + 1
+        atomic_write(self.dir / "generation", str(self._generation).encode())
 
     # --- state -------------------------------------------------------------------------------
     def _versions(self, role: str) -> list[int]:
@@ -158,6 +183,7 @@ class TufRepository:
         """Store the first root, or the next version (signed by old and new root keys)."""
         now = self._clock()
         with self._lock:
+            self._sync()
             if self.root is None:
                 new = tm.check_first_root(data, now)
             else:
@@ -168,6 +194,7 @@ class TufRepository:
             if self.targets is not None:
                 # re-signed at once: after a rotation a client checks them with this root
                 self._new_snapshot(now)
+            self._wrote()
             return new.signed.version
 
     def _check_online_roles(self, root: Metadata[Root]) -> None:
@@ -187,6 +214,7 @@ class TufRepository:
         store (uploaded first, as for SUIT releases), then sign snapshot + timestamp."""
         now = self._clock()
         with self._lock:
+            self._sync()
             if self.root is None:
                 raise ServerError(ErrorCode.UNTRUSTED_KEY, "no TUF root uploaded yet", 409)
             current = self.targets.signed.version if self.targets else 0
@@ -202,6 +230,7 @@ class TufRepository:
             atomic_write(self.meta / f"{version}.targets.json", data)
             self.targets = md
             self._new_snapshot(now)
+            self._wrote()
             return version
 
     def _new_snapshot(self, now: int) -> None:
@@ -231,17 +260,20 @@ class TufRepository:
         (and the snapshot too when it would expire before the new timestamp)."""
         now = self._clock()
         with self._lock:
+            self._sync()
             if self.timestamp is None or self.snapshot is None:
                 raise ServerError(ErrorCode.NOT_FOUND, "no TUF targets published yet", 404)
             left = tm.posix(self.timestamp.signed.expires) - now
             if self._stale:
                 self._new_snapshot(now)
                 self._stale = False
+                self._wrote()
             elif left < self.settings.timestamp_ttl // 2 and self._root_names_us():
                 if tm.posix(self.snapshot.signed.expires) - now < self.settings.timestamp_ttl:
                     self._new_snapshot(now)
                 else:
                     self._new_timestamp(now)
+                self._wrote()
             return self._timestamp_bytes
 
     def metadata_bytes(self, name: str) -> bytes:
@@ -254,7 +286,9 @@ class TufRepository:
         """The blob (sha256) for ``dir/<sha256>.<name>`` if the current targets list it."""
         head, _, base = path.rpartition("/")
         digest, dot, name = base.partition(".")
-        targets = self.targets
+        with self._lock:
+            self._sync()
+            targets = self.targets
         wanted = f"{head}/{name}" if head else name
         info = targets.signed.targets.get(wanted) if targets is not None and dot else None
         if info is None or info.hashes.get("sha256") != digest:
