@@ -76,7 +76,7 @@ def fork_device_workers(count: int, serve: Callable[[int, Connection], None]) ->
                 for w in workers:  # the first process's ends of earlier workers
                     w.metrics.close()
                     os.close(w.go)
-                if os.read(go_r, 1) == b"go":
+                if os.read(go_r, 1) == b"g":
                     serve(index, sender)
                 status = 0
             except SystemExit as exc:
@@ -104,7 +104,7 @@ def release(workers: Iterable[DeviceWorker]) -> None:
     """Let the workers build their servers (the first process has built its own)."""
     for w in workers:
         with contextlib.suppress(OSError):
-            os.write(w.go, b"go")
+            os.write(w.go, b"g")
         os.close(w.go)
 
 
