@@ -18,9 +18,10 @@ number of requests in flight and rotating through the connections, so every devi
 is used. Client and server CPU are measured (``getrusage`` / ``/proc``) so the table shows
 whether the client was the bottleneck.
 
-Cluster mode (``--cluster``, issue #20): one server process per node; 1 node on SQLite, 1
-node on PostgreSQL (with the shared per-device limiter, and with the node's own buckets for
-reference), 3 nodes behind haproxy in TLS pass-through; then server and PostgreSQL CPU per
+Cluster mode (``--cluster``, issue #20): 1 node on SQLite, 1 node on PostgreSQL (one process,
+with the shared per-device limiter, and with the node's own buckets for reference), 1 node on
+PostgreSQL as ``otaguard server run --workers N`` starts it (``--node-workers``), 3 one-process
+nodes behind haproxy in TLS pass-through; then server and PostgreSQL CPU per
 check-in and buffer pages per lookup at 10k, 100k and 1M registered devices (registries by
 ``COPY``). Results in docs/benchmarks.md.
 
@@ -750,6 +751,13 @@ def main() -> int:
         default="10000,100000,1000000",
         help="cluster mode: registry sizes for the CPU-per-check-in rows",
     )
+    ap.add_argument(
+        "--node-workers",
+        default="2",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        help="cluster mode: rows for one `server run --workers N` node on PostgreSQL, "
+        "comma-separated N",
+    )
     ap.add_argument("--serve-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_worker:
@@ -994,6 +1002,38 @@ backend nodes
 """
 
 
+class NodeGroup(ServerGroup):
+    """One ``otaguard server run --workers N`` node: its CPU is the first process's and its
+    forked workers'."""
+
+    def cpu_seconds(self) -> float:
+        return tree_cpu(self.procs[0].pid)
+
+
+def cli_node(base: dict[str, Any], workers: int) -> NodeGroup:
+    """A node as an operator starts it (``otaguard server run --workers N``), with the rate
+    limits raised as for the other rows."""
+    hold, port = free_port()
+    hold.close()
+    hold_a, admin_port = free_port()
+    hold_a.close()
+    argv = [
+        sys.executable, "-m", "otaguard.cli.main", "server", "run",
+        "--data-dir", base["data_dir"], "--db", base["db_url"],
+        "--ca-cert", base["ca_cert"], "--tls-cert", base["tls_cert"], "--tls-key", base["tls_key"],
+        "--port", str(port), "--admin-port", str(admin_port), "--workers", str(workers),
+        "--device-rate", "1000", "--device-burst", "1000",
+        "--ip-rate", "10000000", "--ip-burst", "1000000",
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    if not proc.stdout.readline().startswith(b"listening"):
+        proc.kill()
+        raise RuntimeError(f"server run --workers {workers} failed to start")
+    time.sleep(3.0)  # the workers build their servers once the first process has
+    return NodeGroup([proc], port)
+
+
 @contextlib.contextmanager
 def cluster_group(base: dict[str, Any], nodes: int, tmp: Path) -> Any:
     """``nodes`` server processes (one ``otaguard server run`` worker each, own port) behind
@@ -1111,6 +1151,12 @@ def cluster_main(args: Any) -> int:
                 group = start_servers(base, 1, 60, **extra)
                 try:
                     measure(f"{label}, {registry:,} devices", group)
+                finally:
+                    group.stop()
+            for n in args.node_workers:
+                group = cli_node(base, n)
+                try:
+                    measure(f"1 node, PostgreSQL, --workers {n}, {registry:,} devices", group)
                 finally:
                     group.stop()
             with cluster_group(base, 3, tmp) as (group, _haproxy):

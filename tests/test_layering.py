@@ -22,7 +22,7 @@ ROOT = Path(otaguard.__file__).parent
 # Lowest first. A server module may import modules of a lower layer, and modules of its own
 # subpackage; the device and admin APIs share a layer and may not import each other.
 SERVER_LAYERS: list[tuple[str, ...]] = [
-    ("storage",),
+    ("storage", "workers"),  # workers: process handling only, imports nothing of the server
     ("pki",),
     ("ratelimit", "metrics"),
     ("context", "sharedlimits"),

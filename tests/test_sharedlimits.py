@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from otaguard.server.ratelimit import RateLimit, TokenBuckets
 from otaguard.server.sharedlimits import SharedBuckets, SharedProbeDetector, SharedState
+from otaguard.server.storage import store
 from otaguard.server.storage.db import Database
 from tests.pg import PgCluster, pg_cluster  # noqa: F401
 
@@ -59,21 +60,80 @@ def test_a_device_gets_its_limit_once_across_three_nodes(pg_db: Database) -> Non
 )
 @given(
     st.lists(
-        st.tuples(st.integers(0, 2), st.sampled_from([0.0, 0.0, 0.25, 0.5, 1.0, 3.0])),
+        st.tuples(
+            st.integers(0, 2), st.sampled_from([0.0, 0.0, 0.25, 0.5, 1.0, 3.0]), st.booleans()
+        ),
         min_size=1,
         max_size=40,
     )
 )
-def test_shared_buckets_equal_one_bucket(pg_db: Database, ops: list[tuple[int, float]]) -> None:
-    """Whatever node each request reaches, the cluster decides as a single bucket would."""
+def test_shared_buckets_equal_one_bucket(
+    pg_db: Database, ops: list[tuple[int, float, bool]]
+) -> None:
+    """Whatever node each request reaches, the cluster decides as a single bucket would,
+    whether the take comes alone or with a check-in's read (``take_with``: the read's value
+    when allowed, the same value an ordinary read gives; nothing when refused)."""
     clock = Clock()
     limit = RateLimit(rate=2.0, burst=3)
     key = f"SN-{uuid.uuid4().hex}"  # a fresh bucket per example (one database for all)
     nodes = [SharedBuckets(s, limit) for s in _nodes(pg_db, clock)]
     model = TokenBuckets(limit, clock=clock)
-    for node, dt in ops:
+    _enroll(pg_db, key)
+    with pg_db.read() as conn:
+        expected = store.checkin_snapshot(conn, key)
+    assert expected is not None
+    dialect = pg_db.engine.dialect
+    for node, dt, with_read in ops:
         clock.t += dt
-        assert (nodes[node].take(key) == 0.0) == (model.take(key) == 0.0)
+        allowed = model.take(key) == 0.0
+        if not with_read:
+            assert (nodes[node].take(key) == 0.0) == allowed
+            continue
+        wait, fetched = nodes[node].take_with(
+            key, lambda: store.checkin_snapshot_prefetch(dialect, key)
+        )
+        assert (wait == 0.0) == allowed
+        if allowed:
+            assert fetched is not None and fetched.value == expected
+        else:
+            assert fetched is None
+
+
+def _enroll(db: Database, serial: str) -> None:
+    with db.write() as conn:
+        store.register_device(
+            conn,
+            serial=serial,
+            model="gw",
+            hw_rev="r1",
+            groups=[],
+            cert_fingerprint="ab" * 32,
+            cert_not_after=2_000_000_000,
+        )
+
+
+def test_take_with_reads_in_the_same_round_trip(pg_db: Database) -> None:
+    """One statement sent per allowed check-in (the take and the read in one pipeline), an
+    unknown device's read is None, and a device refused on this node alone costs nothing."""
+    clock = Clock()
+    shared = SharedState(pg_db, clock=clock)
+    b = SharedBuckets(shared, RateLimit(rate=0.001, burst=2))
+    dialect = pg_db.engine.dialect
+    _enroll(pg_db, "SN-P")
+    shared.prune(3600.0)  # due once a minute: done now, so only the takes count below
+    before = shared.statements
+    wait, fetched = b.take_with("SN-P", lambda: store.checkin_snapshot_prefetch(dialect, "SN-P"))
+    assert wait == 0.0 and fetched is not None and fetched.value is not None
+    assert fetched.value.device.serial == "SN-P" and fetched.value.pending is None
+    wait, fetched = b.take_with(
+        "SN-NONE", lambda: store.checkin_snapshot_prefetch(dialect, "SN-NONE")
+    )
+    assert wait == 0.0 and fetched is not None and fetched.value is None
+    assert shared.statements == before + 2
+    assert b.take_with("SN-P", lambda: store.checkin_snapshot_prefetch(dialect, "SN-P"))[0] == 0
+    wait, fetched = b.take_with("SN-P", lambda: store.checkin_snapshot_prefetch(dialect, "SN-P"))
+    assert wait > 0 and fetched is None
+    assert shared.statements == before + 3  # refused by this node's own bucket: no round trip
 
 
 def test_concurrent_takes_on_three_nodes_are_exact(pg_db: Database) -> None:
@@ -121,6 +181,12 @@ def test_database_away_falls_back_to_local_buckets(pg_cluster: PgCluster) -> Non
     b = SharedBuckets(shared, RateLimit(rate=0.001, burst=2))
     assert [b.take("SN-1") == 0.0 for _ in range(3)] == [True, True, False]
     assert shared.errors == 1  # one failed attempt, then local until RETRY_SHARED_AFTER
+    # With a read: the local bucket decides and nothing was read (the caller reads itself).
+    b2 = SharedBuckets(SharedState(db, clock=Clock()), RateLimit(rate=0.001, burst=1))
+    read = lambda: store.checkin_snapshot_prefetch(db.engine.dialect, "SN-2")  # noqa: E731
+    assert b2.take_with("SN-2", read) == (0.0, None)
+    wait, fetched = b2.take_with("SN-2", read)
+    assert wait > 0 and fetched is None
     db.dispose()
 
 

@@ -12,6 +12,11 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+from .storage.prepared import Fetched, Prefetch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,13 @@ class TokenBuckets:
         self._state[key] = (tokens, now)
         self._state.move_to_end(key)
         return (1.0 - tokens) / self.limit.rate
+
+    def take_with(
+        self, key: str, prefetch: Callable[[], Prefetch[T]]
+    ) -> tuple[float, Fetched[T] | None]:
+        """:meth:`take`, and where the limit's state is in a database, ``prefetch``'s read in
+        the same round trip (None here: the caller reads as usual)."""
+        return self.take(key), None
 
 
 def retry_after_header(wait: float) -> str:

@@ -37,8 +37,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .ratelimit import ProbeDetector, RateLimit, TokenBuckets
+from .ratelimit import ProbeDetector, RateLimit, T, TokenBuckets
 from .storage.db import Database
+from .storage.prepared import Fetched, Prefetch
 
 log = logging.getLogger("otaguard.server")
 RETRY_SHARED_AFTER = 1.0  # seconds on local buckets after a database error
@@ -112,13 +113,40 @@ class SharedState:
             cur = self._conn().execute(sql, params, prepare=True)
             return cur.fetchall() if cur.description is not None else []
         except psycopg.Error as exc:
-            self.errors += 1
-            self._down_until = now + RETRY_SHARED_AFTER
-            conn = getattr(self._local, "conn", None)
-            if conn is not None:
-                conn.close()
-            log.warning("shared limits unavailable (%s): local limits for now", exc)
+            self._failed(now, exc)
             return None
+
+    def run_with(
+        self, sql: str, params: dict[str, Any], read: Prefetch[Any]
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]] | None:
+        """:meth:`run`, and ``read`` sent behind it in one pipeline: one round trip and one
+        implicit transaction for both (the check-in's read, on PostgreSQL). None while the
+        database is unreachable, as :meth:`run`."""
+        now = time.monotonic()
+        if now < self._down_until:
+            return None
+        import psycopg
+
+        self.statements += 1
+        try:
+            conn = self._conn()
+            with conn.pipeline():
+                first = conn.cursor()
+                first.execute(sql, params, prepare=True)
+                second = conn.cursor()
+                second.execute(read.sql, read.args, prepare=True)
+            return first.fetchall(), second.fetchall()
+        except psycopg.Error as exc:
+            self._failed(now, exc)
+            return None
+
+    def _failed(self, now: float, exc: Exception) -> None:
+        self.errors += 1
+        self._down_until = now + RETRY_SHARED_AFTER
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+        log.warning("shared limits unavailable (%s): local limits for now", exc)
 
     def prune(self, keep: float) -> None:
         """Drop bucket rows full again and counted refusals older than ``keep`` seconds (at
@@ -151,17 +179,36 @@ class SharedBuckets(TokenBuckets):
         local_wait = super().take(key)
         if local_wait > 0:
             return local_wait  # this node alone has granted the device's whole limit
-        rows = self.shared.run(
-            _TAKE,
-            {
-                "key": key,
-                "burst": float(self.limit.burst),
-                "rate": self.limit.rate,
-                "now": self.shared.clock(),
-            },
-        )
+        rows = self.shared.run(_TAKE, self._params(key))
         if rows is None:
             return 0.0  # database away: the local bucket (which granted it) decides
+        return self._judge(key, rows)
+
+    def take_with(
+        self, key: str, prefetch: Callable[[], Prefetch[T]]
+    ) -> tuple[float, Fetched[T] | None]:
+        """:meth:`take` with ``prefetch``'s read in the same round trip. The read is
+        returned only when the request is allowed (a refused one reads nothing more)."""
+        local_wait = TokenBuckets.take(self, key)
+        if local_wait > 0:
+            return local_wait, None
+        read = prefetch()
+        both = self.shared.run_with(_TAKE, self._params(key), read)
+        if both is None:
+            return 0.0, None  # database away: the local bucket decides, the caller reads
+        wait = self._judge(key, both[0])
+        return wait, (Fetched(read.decode(both[1])) if wait == 0.0 else None)
+
+    def _params(self, key: str) -> dict[str, Any]:
+        return {
+            "key": key,
+            "burst": float(self.limit.burst),
+            "rate": self.limit.rate,
+            "now": self.shared.clock(),
+        }
+
+    def _judge(self, key: str, rows: list[tuple[Any, ...]]) -> float:
+        """The cluster's answer (the row the database computed) as a wait in seconds."""
         ok, tokens = rows[0]
         self.shared.prune(max(self._full_after, 3600.0))
         if ok:

@@ -68,12 +68,16 @@ class DeviceApi(DeviceGate):
 
     # --- device endpoints ----------------------------------------------------------------------
     async def checkin(self, request: Request) -> Response:
-        ident = await self.identify(request)
+        dialect = self.db.engine.dialect
+        ident, fetched = await self.identify_with(
+            request, lambda serial: store.checkin_snapshot_prefetch(dialect, serial)
+        )
         body = await self.read_json(request)
         _check_serial_claim(body, ident)
         facts = _checkin_facts(body)
         if self.campaigns.tick_due():  # refresh cached campaigns, timed phase advances
             await self._db(self.campaigns.tick)
+            fetched = None  # read before the tick: read again after it
 
         def work(
             conn: Connection, dev: Record, snap: store.CheckinSnapshot | None
@@ -132,7 +136,9 @@ class DeviceApi(DeviceGate):
 
         # Most check-ins of an idle fleet change nothing: answer those from a read-only
         # transaction (no writer lock, no commit); anything else takes the full write path.
-        result = await self._read_only(ident, lambda conn, snap: work(conn, snap.device, snap))
+        result = await self._read_only(
+            ident, lambda conn, snap: work(conn, snap.device, snap), fetched
+        )
         if result is None:
             result = await self._db(
                 self._device_work, ident, request, partial(work, snap=None), write=True

@@ -25,7 +25,7 @@ from ..context import Identity, RateLimited, ServerContext
 from ..pki.ca import fingerprint, serial_of, verify_forwarded_cert
 from ..pki.mtls import PEER_CERT_KEY
 from ..storage import store
-from ..storage.prepared import Record
+from ..storage.prepared import Fetched, Prefetch, Record
 
 log = logging.getLogger("otaguard.server")
 T = TypeVar("T")
@@ -85,6 +85,28 @@ class DeviceGate(ServerContext):
 
     async def identify(self, request: Request) -> Identity:
         """Who is calling: the verified certificate's serial, then the per-device limit."""
+        ident = await self._who(request)
+        await self._limited(request, ident, self.device_buckets.take(ident.serial))
+        return ident
+
+    async def identify_with(
+        self, request: Request, prefetch: Callable[[str], Prefetch[T]]
+    ) -> tuple[Identity, Fetched[T] | None]:
+        """:meth:`identify`, with ``prefetch(serial)`` read in the per-device limit's round
+        trip where the limit is in the database (None: read it as usual)."""
+        ident = await self._who(request)
+        wait, fetched = self.device_buckets.take_with(ident.serial, lambda: prefetch(ident.serial))
+        await self._limited(request, ident, wait)
+        return ident, fetched
+
+    async def _limited(self, request: Request, ident: Identity, wait: float) -> None:
+        if wait > 0:
+            ip = request.client.host if request.client else None
+            await self._rate_limited(ident, ip, request.url.path)
+            raise RateLimited(f"device over its request rate; retry after {wait:.1f} s", wait)
+
+    async def _who(self, request: Request) -> Identity:
+        """The verified certificate's identity (failures counted and recorded)."""
         ip = request.client.host if request.client else None
         header = request.headers.get("x-client-cert")
         der: bytes | None = request.scope.get(PEER_CERT_KEY)
@@ -109,10 +131,6 @@ class DeviceGate(ServerContext):
         else:
             self.auth_failures.note("device", "no_cert", ip)
             raise ServerError(ErrorCode.CERT, "client certificate required", 401)
-        wait = self.device_buckets.take(ident.serial)
-        if wait > 0:
-            await self._rate_limited(ident, ip, request.url.path)
-            raise RateLimited(f"device over its request rate; retry after {wait:.1f} s", wait)
         return ident
 
     async def _rate_limited(self, ident: Identity, ip: str | None, path: str) -> None:
@@ -243,31 +261,38 @@ class DeviceGate(ServerContext):
         raise refusal
 
     def _device_read(
-        self, ident: Identity, fn: Callable[[Connection, store.CheckinSnapshot], T | None]
+        self,
+        ident: Identity,
+        fn: Callable[[Connection, store.CheckinSnapshot], T | None],
+        fetched: Fetched[store.CheckinSnapshot | None] | None = None,
     ) -> T | None:
         """Read-only fast path: ``fn``'s result for a valid device, or None when the request
         must take the full path (``_device_work``: refusals are recorded there). The device
-        row comes with what a check-in reads, in one statement (``store.checkin_snapshot``)."""
+        row comes with what a check-in reads, in one statement (``store.checkin_snapshot``),
+        or ``fetched`` with the per-device limit (``identify_with``); ``fn``'s own reads then
+        check a connection out only if it makes any."""
+        if fetched is not None:
+            if not _valid(fetched.value, ident):
+                return None
+            with self.db.read_on_demand() as conn:
+                assert fetched.value is not None
+                return fn(conn, fetched.value)
         with self.db.read(snapshot=False) as conn:
             snap = store.checkin_snapshot(conn, ident.serial)
-            if snap is None:
-                return None
-            dev = snap.device
-            if (
-                dev.revoked
-                or dev.cert_fingerprint != ident.fingerprint
-                or dev.cert_not_after <= store.now_s()
-            ):
+            if snap is None or not _valid(snap, ident):
                 return None
             return fn(conn, snap)
 
     async def _read_only(
-        self, ident: Identity, fn: Callable[[Connection, store.CheckinSnapshot], T | None]
+        self,
+        ident: Identity,
+        fn: Callable[[Connection, store.CheckinSnapshot], T | None],
+        fetched: Fetched[store.CheckinSnapshot | None] | None = None,
     ) -> T | None:
         # Inline on the event loop, no thread hop: one indexed read (SQLite file, or a
         # PostgreSQL on this host) costs less than handing the request to a worker thread and
         # back (measured: bench/server.py). A distant database would argue for the threadpool.
-        return self._device_read(ident, fn)
+        return self._device_read(ident, fn, fetched)
 
     async def _run(
         self,
@@ -278,3 +303,16 @@ class DeviceGate(ServerContext):
     ) -> T:
         ident = await self.identify(request)
         return await self._db(self._device_work, ident, request, fn, write=write)
+
+
+def _valid(snap: store.CheckinSnapshot | None, ident: Identity) -> bool:
+    """Enrolled, not revoked, this certificate and not expired: the fast path may answer
+    (anything else goes the full path, which refuses and records it)."""
+    if snap is None:
+        return False
+    dev = snap.device
+    return bool(
+        not dev.revoked
+        and dev.cert_fingerprint == ident.fingerprint
+        and dev.cert_not_after > store.now_s()
+    )

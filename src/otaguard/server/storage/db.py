@@ -148,6 +148,21 @@ class Database:
             raise ServerError(ErrorCode.DATABASE, type(exc).__name__, 503) from exc
 
     @contextlib.contextmanager
+    def read_on_demand(self) -> Iterator[Connection]:
+        """``read(snapshot=False)``, checked out from the pool only if the body uses it (a
+        check-in whose rows came with its rate-limit statement usually needs no more)."""
+        lazy = _LazyRead(self)
+        try:
+            yield lazy  # type: ignore[misc]
+        except BaseException as exc:
+            if lazy.stack is not None:  # the read's own error handling (E_DATABASE) applies
+                lazy.stack.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        else:
+            if lazy.stack is not None:
+                lazy.stack.close()
+
+    @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
         lock = self._write_lock or contextlib.nullcontext()
         try:
@@ -187,3 +202,18 @@ class Database:
         self.engine.dispose()
         if self._write_lock is not None:
             self._write_lock.close()
+
+
+class _LazyRead:
+    """Stands in for a :class:`Connection` and checks one out on first attribute use."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._conn: Connection | None = None
+        self.stack: contextlib.ExitStack | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._conn is None:
+            self.stack = contextlib.ExitStack()
+            self._conn = self.stack.enter_context(self._db.read(snapshot=False))
+        return getattr(self._conn, name)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import threading
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from sqlalchemy import Connection, Select, literal
 from sqlalchemy.engine import Dialect
@@ -43,6 +43,7 @@ from sqlalchemy.sql.elements import ClauseElement
 from ...errors import ErrorCode, ServerError
 
 Processor = Callable[[Any], Any]
+T = TypeVar("T")
 
 
 class Record(Protocol):
@@ -194,3 +195,40 @@ class Prepared:
                 p.sql, args, exc, dialect.loaded_dbapi.Error, dialect=dialect
             ) from exc
         return Rows(rows, rowcount)
+
+
+class Prefetch(Generic[T]):
+    """A prepared read to be sent together with another statement on a raw DB-API connection
+    (one psycopg pipeline: one round trip for both), and how its rows become the caller's
+    value. The module that owns the statement uses the same ``decode`` for its ordinary
+    execution, so the two ways of reading give the same value."""
+
+    __slots__ = ("_decode", "args", "plan")
+
+    def __init__(
+        self,
+        stmt: Prepared,
+        dialect: Dialect,
+        params: Mapping[str, Any],
+        decode: Callable[[list[Any]], T],
+    ) -> None:
+        self.plan = stmt.plan(dialect, params)
+        self.args = self.plan.args(params)
+        self._decode = decode
+
+    @property
+    def sql(self) -> str:
+        return self.plan.sql
+
+    def decode(self, raw_rows: Iterable[Sequence[Any]]) -> T:
+        """The value from the driver's rows (as fetched from the cursor)."""
+        return self._decode([self.plan.record(r) for r in raw_rows])
+
+
+class Fetched(Generic[T]):
+    """A :class:`Prefetch`'s value, once it was read (``value`` may itself be None)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: T) -> None:
+        self.value = value

@@ -17,13 +17,14 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 
 from ...clock import SYSTEM_CLOCK, Clock
 from ...errors import ErrorCode, OtaError, ServerError
 from . import models as m
 from .mcuboot import device_may_fetch_mcuboot  # a release's MCUboot image is an image too
 from .notify import announce
-from .prepared import Prepared, Record, in_consts
+from .prepared import Prefetch, Prepared, Record, in_consts
 
 log = logging.getLogger(__name__)
 
@@ -245,9 +246,19 @@ class CheckinSnapshot:
 
 def checkin_snapshot(conn: Connection, serial: str) -> CheckinSnapshot | None:
     """The device ``serial`` with what a check-in reads, in one round trip; None: unknown."""
-    row: Any = _CHECKIN_SNAPSHOT.execute(conn, {"serial": serial}).first()
-    if row is None:
+    return _snapshot_of(_CHECKIN_SNAPSHOT.execute(conn, {"serial": serial}).all())
+
+
+def checkin_snapshot_prefetch(dialect: Dialect, serial: str) -> Prefetch[CheckinSnapshot | None]:
+    """:func:`checkin_snapshot` to be sent with the per-device limit's statement (one round
+    trip for both on PostgreSQL: ``sharedlimits.SharedBuckets.take_with``)."""
+    return Prefetch(_CHECKIN_SNAPSHOT, dialect, {"serial": serial}, _snapshot_of)
+
+
+def _snapshot_of(rows: list[Any]) -> CheckinSnapshot | None:
+    if not rows:
         return None
+    row = rows[0]
     pending = _PendingRow._make(row[_N_DEV : _N_DEV + _N_PENDING])
     return CheckinSnapshot(
         device=_DeviceRow._make(row[:_N_DEV]),
