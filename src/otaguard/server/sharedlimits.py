@@ -82,6 +82,7 @@ class SharedState:
         self._last_prune = 0.0
         self.errors = 0
         self.statements = 0  # sent to the database (observability, tests)
+        self._joined: dict[tuple[str, str], str] = {}  # (take, read) -> one statement
 
     def _conn(self) -> Any:
         conn = getattr(self._local, "conn", None)
@@ -117,28 +118,39 @@ class SharedState:
             return None
 
     def run_with(
-        self, sql: str, params: dict[str, Any], read: Prefetch[Any]
-    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]] | None:
-        """:meth:`run`, and ``read`` sent behind it in one pipeline: one round trip and one
-        implicit transaction for both (the check-in's read, on PostgreSQL). None while the
-        database is unreachable, as :meth:`run`."""
+        self, take: str, params: dict[str, Any], read: Prefetch[Any]
+    ) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]] | None:
+        """The take statement (``INSERT ... RETURNING``) and ``read`` as one statement:
+        ``WITH take AS (...) SELECT take.*, read.* FROM take LEFT JOIN (read) ON true`` —
+        one round trip, one implicit transaction, one cursor (a psycopg pipeline of the two
+        costs more Python per request). Returns the take's row and the read's rows; None
+        while the database is unreachable, as :meth:`run`."""
         now = time.monotonic()
         if now < self._down_until:
             return None
         import psycopg
 
+        sql = self._joined.get((take, read.sql))
+        if sql is None:
+            if set(read.args) & set(params):
+                raise ValueError("the take and the read share a parameter name")
+            sql = (
+                f"WITH take AS ({take.strip()}) SELECT take.*, r.* FROM take "
+                f"LEFT JOIN ({read.sql}) AS r ON true"
+            )
+            self._joined[(take, read.sql)] = sql
         self.statements += 1
         try:
-            conn = self._conn()
-            with conn.pipeline():
-                first = conn.cursor()
-                first.execute(sql, params, prepare=True)
-                second = conn.cursor()
-                second.execute(read.sql, read.args, prepare=True)
-            return first.fetchall(), second.fetchall()
+            rows = self._conn().execute(sql, {**read.args, **params}, prepare=True).fetchall()
         except psycopg.Error as exc:
             self._failed(now, exc)
             return None
+        width = len(rows[0]) - read.width
+        first = rows[0][:width]
+        # No row of the read: one row of NULLs from the outer join (its first column is a
+        # primary key, never NULL in a row that exists).
+        found = [r[width:] for r in rows if r[width] is not None]
+        return first, found
 
     def _failed(self, now: float, exc: Exception) -> None:
         self.errors += 1
@@ -196,7 +208,7 @@ class SharedBuckets(TokenBuckets):
         both = self.shared.run_with(_TAKE, self._params(key), read)
         if both is None:
             return 0.0, None  # database away: the local bucket decides, the caller reads
-        wait = self._judge(key, both[0])
+        wait = self._judge(key, [both[0]])
         return wait, (Fetched(read.decode(both[1])) if wait == 0.0 else None)
 
     def _params(self, key: str) -> dict[str, Any]:

@@ -220,6 +220,11 @@ class Prefetch(Generic[T]):
     def sql(self) -> str:
         return self.plan.sql
 
+    @property
+    def width(self) -> int:
+        """Columns per row (the first must be a key, never NULL in a row that exists)."""
+        return len(self.plan.row._fields)
+
     def decode(self, raw_rows: Iterable[Sequence[Any]]) -> T:
         """The value from the driver's rows (as fetched from the cursor)."""
         return self._decode([self.plan.record(r) for r in raw_rows])
