@@ -134,8 +134,10 @@ class SharedState:
         if sql is None:
             if set(read.args) & set(params):
                 raise ValueError("the take and the read share a parameter name")
+            # Both parts are this program's own statements (the take above, a compiled
+            # Prepared select); values travel only as parameters.
             sql = (
-                f"WITH take AS ({take.strip()}) SELECT take.*, r.* FROM take "
+                f"WITH take AS ({take.strip()}) SELECT take.*, r.* FROM take "  # noqa: S608
                 f"LEFT JOIN ({read.sql}) AS r ON true"
             )
             self._joined[(take, read.sql)] = sql
