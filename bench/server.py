@@ -758,6 +758,13 @@ def main() -> int:
         help="cluster mode: rows for one `server run --workers N` node on PostgreSQL, "
         "comma-separated N",
     )
+    ap.add_argument(
+        "--node-inflight",
+        default="32,16",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        help="cluster mode: requests in flight for the --node-workers rows (latency at "
+        "several loads: by Little's law p50 ≈ in flight / rate)",
+    )
     ap.add_argument("--serve-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_worker:
@@ -1085,8 +1092,11 @@ def cluster_main(args: Any) -> int:
 
     db_cpu: Any = None
 
-    def measure(label: str, group: ServerGroup) -> LoadResult:
-        r = run_load(group, pki, args.client_procs, args.inflight, warmup, duration, db_cpu)
+    def measure(label: str, group: ServerGroup, inflight: int | None = None) -> LoadResult:
+        n = inflight or args.inflight
+        if n != args.inflight:
+            label = f"{label}, {n} in flight"
+        r = run_load(group, pki, args.client_procs, n, warmup, duration, db_cpu)
         us = 1e6 * r.server_cores / r.rate if r.rate else 0.0
         db_us = 1e6 * r.db_cores / r.rate if r.rate and db_cpu else 0.0
         rows.append(
@@ -1156,7 +1166,12 @@ def cluster_main(args: Any) -> int:
             for n in args.node_workers:
                 group = cli_node(base, n)
                 try:
-                    measure(f"1 node, PostgreSQL, --workers {n}, {registry:,} devices", group)
+                    for inflight in args.node_inflight or [args.inflight]:
+                        measure(
+                            f"1 node, PostgreSQL, --workers {n}, {registry:,} devices",
+                            group,
+                            inflight,
+                        )
                 finally:
                     group.stop()
             with cluster_group(base, 3, tmp) as (group, _haproxy):
