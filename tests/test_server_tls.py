@@ -205,3 +205,37 @@ def test_forwarded_header_only_from_proxies(
             "/v1/checkin", json={"version": "2.0.0"}, headers={"X-Client-Cert": "%%garbage"}
         )
         assert r.status_code == 403 and r.json()["error"] == "E_CERT"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_x_forwarded_for_does_not_make_a_client_a_proxy(
+    db_url: str, fleet_ca: FleetCA, server_tls: Path, tmp_path: Path
+) -> None:
+    """Regression: uvicorn's proxy-headers middleware (on by default) rewrote the client
+    address from ``X-Forwarded-For`` for any peer on 127.0.0.1 — as every device is behind a
+    TCP balancer on the same host. A device could then claim to be a configured proxy and be
+    served as any other device through ``X-Client-Cert``. Only the TCP peer counts."""
+    import ipaddress
+
+    from otaguard.server.storage import store
+
+    settings = ServerSettings(
+        ca_cert=fleet_ca.cert,
+        trusted_proxies=(ipaddress.ip_network("192.0.2.10/32"),),  # a proxy elsewhere
+        device_rate=RateLimit(1000, 1000),
+    )
+    with harness(db_url, fleet_ca, server_tls, tmp_path, settings=settings) as h:
+        victim = h.enroll("SN-VICTIM")
+        attacker = h.enroll("SN-ATTACKER")
+        r = h.client(attacker).post(
+            "/v1/checkin",
+            json={"version": "6.6.6", "serial": "SN-VICTIM"},
+            headers={
+                "X-Forwarded-For": "192.0.2.10",
+                "X-Client-Cert": urllib.parse.quote(victim.cert.pem.decode()),
+            },
+        )
+        assert r.status_code == 403 and r.json()["error"] == "E_CERT", r.text
+        with h.db.read() as conn:
+            row = store.device_by_serial(conn, "SN-VICTIM")
+            assert row is not None and row.current_version != "6.6.6"

@@ -106,6 +106,8 @@ def serve(
                     log_level="warning",
                     ssl_certfile=str(tls_cert) if tls_cert else None,
                     ssl_keyfile=str(tls_key) if tls_key else None,
+                    # Failed logins are counted by the TCP peer's address, never a header's.
+                    proxy_headers=False,
                 ),
                 deadlines,
             )

@@ -190,6 +190,11 @@ def uvicorn_config(
         timeout_keep_alive=75,
         server_header=False,
         date_header=True,
+        # The client address is the TCP peer, always. uvicorn's default rewrites it from
+        # X-Forwarded-For for peers on 127.0.0.1 — every device behind a balancer on the
+        # same host — which let a device pass as a trusted proxy (X-Client-Cert) and as
+        # any other address for the per-IP limit. Proxies are handled by DeviceGate.
+        proxy_headers=False,
         **kwargs,
     )
     return with_deadlines(config, deadlines or Deadlines())
