@@ -21,18 +21,19 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import socket
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Row, insert, select, update
+from sqlalchemy import Connection, Row, insert, select, text, update
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ...errors import ErrorCode, OtaError, ServerError
-from ...signing.audit import AuditHead, AuditLog
+from ...signing.audit import AuditHead, AuditLog, read_records
 from ...trust.model import Role
 from ...trust.store import TrustStore
 from ...wire import decimal, loads_json
@@ -85,6 +86,56 @@ def close_audit_log(srv: ServerContext) -> None:
         if log is not None:
             log.close()
             srv.rotation_audit = None  # type: ignore[attr-defined]
+
+
+_PG_ROTATION_LOG_LOCK = 0x07A6_0002  # serializes rotation-log writers across nodes
+
+
+def local_log_id(srv: ServerContext) -> str | None:
+    """This node's rotation log's id (its genesis record), without creating the log."""
+    log: AuditLog | None = getattr(srv, "rotation_audit", None)
+    if log is not None:
+        return log.log_id
+    path = audit_log_path(srv)
+    if not path.exists():
+        return None
+    for rec in read_records(path):
+        value = rec.subject.get("log_id")
+        return str(value) if value else None
+    return None
+
+
+def log_owner(conn: Connection) -> tuple[str, str] | None:
+    """The rotation log the cluster's actions go to: (log id, where it is), from the newest
+    action that names one (None: no action yet, or none since migration 0010)."""
+    e = m.rotation_events.c
+    row = conn.execute(
+        select(e.audit_log_id, e.audit_node)
+        .where(e.audit_log_id.is_not(None))
+        .order_by(e.id.desc())
+        .limit(1)
+    ).first()
+    return (str(row[0]), str(row[1] or "?")) if row is not None else None
+
+
+def _claim_log(srv: ServerContext, conn: Connection) -> None:
+    """Refuse a rotation action on a node whose log is not the cluster's (E_CONFLICT, 409,
+    naming the node that keeps it): one chain, one writer. Serialized across nodes, so two
+    nodes' first actions cannot both start a chain."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_ROTATION_LOG_LOCK})
+    owner = log_owner(conn)
+    if owner is not None and owner[0] != local_log_id(srv):
+        raise ServerError(
+            ErrorCode.CONFLICT,
+            f"this cluster's rotation audit log (id {owner[0]}) is kept at {owner[1]}: send "
+            "key-rotation actions to that node's admin listener",
+            409,
+        )
+
+
+def _node_name(srv: ServerContext) -> str:
+    return f"{socket.gethostname()}:{audit_log_path(srv).parent.parent}"
 
 
 def audit_anchor(conn: Connection) -> AuditHead | None:
@@ -275,7 +326,9 @@ def _event(
     reason: str | None,
     subject: dict[str, Any],
 ) -> None:
-    head = audit_log(srv).append(
+    _claim_log(srv, conn)
+    log = audit_log(srv)
+    head = log.append(
         actor,
         f"rotation-{action}",
         {"rotation": rot_id, "forced": forced, "fraction": fraction, "reason": reason, **subject},
@@ -291,6 +344,8 @@ def _event(
             reason=reason,
             audit_seq=head.seq,
             audit_hash=head.hash,
+            audit_log_id=log.log_id,
+            audit_node=_node_name(srv)[:300],
         )
     )
 

@@ -23,7 +23,7 @@ from weakref import WeakKeyDictionary
 from ...crypto.keys import PublicKey
 from ...errors import AuditError
 from ...signing.audit import read_records, verify_log
-from ..admin_api.rotation import audit_anchor, audit_log_path
+from ..admin_api.rotation import audit_anchor, audit_log_path, local_log_id, log_owner
 
 if TYPE_CHECKING:
     from ..context import ServerContext
@@ -36,13 +36,18 @@ def rotation_audit(srv: ServerContext) -> dict[str, Any]:
     path = audit_log_path(srv)
     with srv.db.read() as conn:
         anchor = audit_anchor(conn)
+        owner = log_owner(conn)
     out: dict[str, Any] = {
         "log_path": str(path),
         "anchor": None if anchor is None else {"seq": anchor.seq, "hash": anchor.hash},
         "sealed": srv.settings.audit_sealer is not None,
         "records": [],
         "verify": None,
+        "kept_at": None,
     }
+    if owner is not None and owner[0] != local_log_id(srv):
+        out["kept_at"] = owner[1]  # another node's log: the anchor is not this node's to check
+        return out
     if not path.exists():
         return out
     sealer = srv.settings.audit_sealer

@@ -299,5 +299,7 @@ rotation_events = Table(
     Column("reason", String(500)),
     Column("audit_seq", BigInteger),  # the audit-log record of this action
     Column("audit_hash", String(64)),
+    Column("audit_log_id", String(64)),  # which log (its genesis id); migration 0010
+    Column("audit_node", String(300)),  # where that log is (host:data dir), for messages
     Index("ix_rotation_events_rotation", "rotation_id"),
 )
