@@ -240,7 +240,18 @@ class CampaignService:
         return e.runner if e is not None else None
 
     def tick_due(self) -> bool:
-        return self.clock.monotonic() >= self._next_tick
+        """Whether this caller should run :meth:`tick` now. The first caller to find it due
+        claims it: requests that arrive while that tick is still on its way to a worker
+        thread do not queue ticks of their own (at thousands of check-ins per second each
+        due moment otherwise started one tick, one database refresh, per request in flight)."""
+        now = self.clock.monotonic()
+        if now < self._next_tick:
+            return False
+        with self._lock:
+            if now < self._next_tick:
+                return False
+            self._next_tick = now + self.refresh_s
+            return True
 
     def tick(self) -> None:
         """Refresh the cache from the database and evaluate every running campaign (phase
