@@ -17,10 +17,14 @@ fraction of its refusals. Here the state lives in PostgreSQL (UNLOGGED tables, m
   the flag is an ``INSERT ... ON CONFLICT DO NOTHING``, so the cluster flags an identity once,
   and a flagged identity's refusals write nothing more.
 
+A check-in sends its reads with the take (:meth:`SharedBuckets.take_with`): the limit costs
+no round trip of its own, and the whole re-poll check-in is one statement.
+
 Why PostgreSQL and not Redis/Valkey: a PostgreSQL cluster needs PostgreSQL anyway, so no
 second stateful service to run, secure and monitor, and no second failure domain (a node
-without its database answers 503 whatever the limiter does). The statement costs one round
-trip per request (measured in bench/server.py, docs/benchmarks.md); UNLOGGED tables and
+without its database answers 503 whatever the limiter does), and the take can share the
+check-in's round trip, which a separate service could not (measured in bench/server.py,
+docs/benchmarks.md); UNLOGGED tables and
 ``synchronous_commit=off`` on the limiter's own connections keep it off the WAL and the disk.
 
 When the database is away the node falls back to its local buckets (the parent class) for a
