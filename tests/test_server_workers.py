@@ -166,3 +166,25 @@ def test_workers_need_postgresql(server_tls: Path, tmp_path: Path) -> None:
     assert "E_USAGE" in proc.stderr and "needs PostgreSQL" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "listening" not in proc.stdout
+
+
+def test_ctrl_c_stops_the_node_cleanly(
+    node_setup: tuple[Node, dict[str, Enrollment], str],
+) -> None:
+    """A terminal's Ctrl-C is a clean stop: it reaches the first process only (the workers
+    are in a process group of their own), which stops its workers — the CLI's exit status
+    for an interrupt, no worker counted as failed."""
+    node, _enrolled, _viewer = node_setup
+    assert node.proc is not None
+    first = node.proc.pid
+    workers = _children(first)
+    assert len(workers) == WORKERS - 1
+    assert all(os.getpgid(w) != os.getpgid(first) for w in workers)
+    os.kill(first, signal.SIGINT)
+    assert node.proc.wait(timeout=20) == 130, node.log_text()  # the CLI's "interrupted"
+    assert "interrupted" in node.log_text()
+    assert "this node stopped" not in node.log_text()
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers)

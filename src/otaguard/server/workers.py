@@ -92,7 +92,11 @@ def fork_device_workers(count: int, serve: Callable[[int, Connection], None]) ->
 
 
 def _die_with(parent: int) -> None:
-    """SIGTERM this worker when the first process dies (Linux), whatever killed it."""
+    """SIGTERM this worker when the first process dies (Linux), whatever killed it; and out
+    of the terminal's process group, so a Ctrl-C reaches the first process only, which then
+    stops its workers (a worker exiting on its own means a failure)."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
