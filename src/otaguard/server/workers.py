@@ -165,9 +165,12 @@ async def publish(families: Callable[[], Iterable[Metric]], sender: Connection) 
     """A worker's loop: its counters to the first process every :data:`PUBLISH_EVERY`."""
     import asyncio
 
+    loop = asyncio.get_running_loop()
     while True:
         try:
-            sender.send(snapshot(families()))
+            # On a thread: a first process that stopped reading (stopped, swapped out) fills
+            # the pipe, and a blocking send must not stop this worker's event loop with it.
+            await loop.run_in_executor(None, sender.send, snapshot(families()))
         except (OSError, ValueError):
             return  # the first process is gone: its death signal stops us
         await asyncio.sleep(PUBLISH_EVERY)
