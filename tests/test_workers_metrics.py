@@ -26,7 +26,7 @@ def test_workers_counters_add_up_in_the_first_process() -> None:
     c.labels("E_CERT").inc(2)
     h.labels("/v1/checkin").observe(0.01)
     peers = PeerMetrics()
-    worker_reg, wc, wh = _counters()
+    _worker_reg, wc, wh = _counters()
     wc.labels("E_CERT").inc(3)
     wc.labels("E_RATE_LIMIT").inc(5)  # a series only the worker has
     wh.labels("/v1/checkin").observe(0.2)
