@@ -68,4 +68,3 @@ def test_a_first_process_that_stops_reading_does_not_stall_a_worker() -> None:
     reader.close()  # the blocked send then fails and the thread ends
     t.join(5)
     assert served == 20
-
