@@ -122,12 +122,14 @@ def test_publish_is_idempotent_and_complete(
     code, text, err = run(capsys, "release", "show", str(rid), *common)
     assert code == 0 and "delta 1 from 1.0.0" in text
     # The same version signed again (another signing state) is another manifest: a real
-    # conflict, refused.
+    # conflict, refused. Another expiry makes it another manifest for sure: Ed25519 is
+    # deterministic and a fresh state's sequence number is the current second, so within the
+    # same second as the first, "+30d" again gave identical bytes ("already published").
     other = keys_dir / "rel-1.1.0-again"
     assert main([
         "release", "create", "--image", str(keys_dir / "fw-1.1.0.bin"),
         "--vendor", "hvac.example.com", "--model", MODEL, "--hw-rev", HW,
-        "--version", "1.1.0", "--security-counter", "2", "--expires", "+30d",
+        "--version", "1.1.0", "--security-counter", "2", "--expires", "+31d",
         "--key-file", str(keys_dir / "op.key"), "--audit-log", str(keys_dir / "audit-2.log"),
         "--out", str(other),
     ]) == 0  # fmt: skip
