@@ -65,6 +65,34 @@ def test_shard_process_failures_are_typed_and_never_hang(tmp_path: Path) -> None
         clock.close()
 
 
+def test_a_send_failing_as_the_reader_fails_everything_settles_once(tmp_path: Path) -> None:
+    """Regression (a CI dry run): the child died, a request's send hit the broken pipe while
+    the reader, seeing the pipe close at the same moment, failed every pending request —
+    this one included; the sender then settled the same future again (InvalidStateError
+    out of ``poll`` instead of a failed future)."""
+    clock = SharedClock.create(1_000.0)
+    shard = ProcessShard(_cfg(tmp_path, clock), "test-shard")
+    real = shard._conn
+
+    class Racing:
+        def send(self, _msg: object) -> None:
+            with shard._lock:  # what the reader does on EOF, just before this send fails
+                pending, shard._pending = shard._pending, {}
+            for fut in pending.values():
+                fut.set_exception(OtaError(ErrorCode.INTERNAL, "shard process exited"))
+            raise BrokenPipeError(32, "Broken pipe")
+
+    try:
+        shard._conn = Racing()  # type: ignore[assignment]
+        fut = shard.poll(3, 1_000.0)
+        exc = fut.exception(timeout=0)
+        assert isinstance(exc, OtaError) and exc.detail == "shard process exited"
+    finally:
+        shard._conn = real
+        shard.close()
+        clock.close()
+
+
 def test_all_of_waits_for_every_future_and_keeps_the_first_failure() -> None:
     a: Future[None] = Future()
     b: Future[None] = Future()

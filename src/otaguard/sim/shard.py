@@ -549,8 +549,11 @@ class ProcessShard:
                 self._conn.send((seq, *msg))
             except (OSError, ValueError) as exc:
                 with self._lock:
-                    self._pending.pop(seq, None)
-                fut.set_exception(OtaError(ErrorCode.INTERNAL, f"shard process gone: {exc}"))
+                    mine = self._pending.pop(seq, None) is not None
+                # Unless the reader, seeing the pipe close at the same moment, already failed
+                # every pending request, this one included (a future is settled once).
+                if mine:
+                    fut.set_exception(OtaError(ErrorCode.INTERNAL, f"shard process gone: {exc}"))
         return fut
 
     def _read(self) -> None:
