@@ -148,12 +148,27 @@ def proc_cpu(pid: int) -> float:
 
 def system_busy() -> tuple[float, float]:
     """(busy, total) CPU seconds from /proc/stat, all cores."""
+    busy, total, _steal = cpu_times()
+    return busy, total
+
+
+def cpu_times() -> tuple[float, float, float]:
+    """(busy, total, steal) CPU seconds from /proc/stat, all cores. Steal: time the VM's
+    host ran something else — on a shared host it moves every number of a run."""
     with open("/proc/stat") as f:
         parts = [int(x) for x in f.readline().split()[1:]]
     tck = os.sysconf("SC_CLK_TCK")
     idle = parts[3] + parts[4]
     total = sum(parts[:8])
-    return (total - idle) / tck, total / tck
+    return (total - idle) / tck, total / tck, parts[7] / tck
+
+
+def background_cores() -> float:
+    """Cores busy over one idle second before a run (other work skews every number)."""
+    b0, t0 = system_busy()
+    time.sleep(1.0)
+    b1, t1 = system_busy()
+    return (b1 - b0) / (t1 - t0) * (os.cpu_count() or 1)
 
 
 def free_port() -> tuple[socket.socket, int]:
@@ -795,11 +810,8 @@ def main() -> int:
         f"warm-up {warmup:g} s, measured {duration:g} s",
         flush=True,
     )
-    b0, t0 = system_busy()
-    time.sleep(1.0)
-    b1, t1 = system_busy()
     print(
-        f"background CPU load before the run: {(b1 - b0) / (t1 - t0) * (os.cpu_count() or 1):.2f}"
+        f"background CPU load before the run: {background_cores():.2f}"
         " cores busy (other work on the machine skews every number below)",
         flush=True,
     )
@@ -1086,10 +1098,8 @@ def cluster_main(args: Any) -> int:
         f"warm-up {warmup:g} s, measured {duration:g} s",
         flush=True,
     )
-    b0, t0 = system_busy()
-    time.sleep(1.0)
-    b1, t1 = system_busy()
-    print(f"background load: {(b1 - b0) / (t1 - t0) * (os.cpu_count() or 1):.2f} cores busy")
+    print(f"background load: {background_cores():.2f} cores busy")
+    _b, total0, steal0 = cpu_times()
     rows: list[list[str]] = []
     scale: list[list[str]] = []
 
@@ -1216,6 +1226,8 @@ def cluster_main(args: Any) -> int:
         )  # fmt: skip
         first, last = float(scale[0][2].replace(",", "")), float(scale[-1][2].replace(",", ""))
         print(f"\nserver CPU per check-in, largest / smallest registry: {last / first:.2f}x")
+    _b, total1, steal1 = cpu_times()
+    print(f"steal time over the run: {100 * (steal1 - steal0) / (total1 - total0):.2f}%")
     return 0
 
 
