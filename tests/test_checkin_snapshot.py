@@ -17,7 +17,7 @@ import itertools
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import delete
+from sqlalchemy import Connection, delete
 
 from otaguard.server.storage import models as m
 from otaguard.server.storage import store
@@ -54,6 +54,19 @@ def _release(conn: object, n: int) -> int:
     )
 
 
+def register(conn: Connection, serial: str) -> int:
+    """A bare enrolled device (model gw/r1, a certificate valid until 2033)."""
+    return store.register_device(
+        conn,
+        serial=serial,
+        model="gw",
+        hw_rev="r1",
+        groups=[],
+        cert_fingerprint="ab" * 32,
+        cert_not_after=2_000_000_000,
+    )
+
+
 # Per device: None (no assignment) or (index of its release, assignment state).
 fleets = st.lists(
     st.one_of(st.none(), st.tuples(st.integers(0, 2), st.sampled_from(STATES))),
@@ -87,15 +100,7 @@ def test_snapshot_says_what_the_three_reads_say(
         for plan in fleet:
             serial = f"dev-{next(_serial)}"
             serials.append(serial)
-            dev_id = store.register_device(
-                conn,
-                serial=serial,
-                model="gw",
-                hw_rev="r1",
-                groups=[],
-                cert_fingerprint="ab" * 32,
-                cert_not_after=2_000_000_000,
-            )
+            dev_id = register(conn, serial)
             if plan is not None:
                 store.assign(conn, dev_id, releases[plan[0]], None)
                 store.set_assignment_state(conn, dev_id, plan[1])

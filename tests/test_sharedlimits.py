@@ -19,6 +19,7 @@ from otaguard.server.sharedlimits import SharedBuckets, SharedProbeDetector, Sha
 from otaguard.server.storage import store
 from otaguard.server.storage.db import Database
 from tests.pg import PgCluster, pg_cluster  # noqa: F401
+from tests.test_checkin_snapshot import register
 
 
 class Clock:
@@ -101,15 +102,7 @@ def test_shared_buckets_equal_one_bucket(
 
 def _enroll(db: Database, serial: str) -> None:
     with db.write() as conn:
-        store.register_device(
-            conn,
-            serial=serial,
-            model="gw",
-            hw_rev="r1",
-            groups=[],
-            cert_fingerprint="ab" * 32,
-            cert_not_after=2_000_000_000,
-        )
+        register(conn, serial)
 
 
 def test_take_with_reads_in_the_same_round_trip(pg_db: Database) -> None:
